@@ -1,0 +1,130 @@
+//! The admin HTTP port: `/metrics`, `/healthz`, `/ready`, `/breakers`.
+//!
+//! `/ready` stays 200 while redfuse can serve, even with every upstream down (degraded mode
+//! is still service), unless `ready_requires_upstream` is set: a Redis outage should not pull
+//! every application pod out of its load balancer.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::server::Server;
+
+pub fn router(server: Arc<Server>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
+        .route("/breakers", get(breakers))
+        .route("/breakers/{name}/{action}", post(breaker_action))
+        .with_state(server)
+}
+
+pub async fn serve(server: Arc<Server>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    let app = router(server);
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.changed().await;
+        })
+        .await;
+}
+
+async fn metrics(State(server): State<Arc<Server>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], server.metrics.render()).into_response()
+}
+
+fn upstream_states(server: &Server) -> serde_json::Value {
+    let list: Vec<_> = server
+        .upstreams
+        .iter()
+        .map(|u| {
+            json!({
+                "name": &*u.ctx.name,
+                "addr": u.ctx.addr,
+                "role": match u.ctx.role { crate::config::Role::Primary => "primary", crate::config::Role::Replica => "replica" },
+                "connected": u.is_connected(),
+                "breaker": u.breaker.state().as_str(),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(list)
+}
+
+async fn ready(State(server): State<Arc<Server>>) -> Response {
+    let upstreams = upstream_states(&server);
+    let any_up = server.upstreams.iter().any(|u| u.is_connected());
+    let ok = any_up || !server.config.ready_requires_upstream;
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = json!({ "status": if ok { "ready" } else { "not ready" }, "upstreams": upstreams });
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+async fn breakers(State(server): State<Arc<Server>>) -> Response {
+    let map: serde_json::Map<String, serde_json::Value> = server
+        .upstreams
+        .iter()
+        .map(|u| (u.ctx.name.to_string(), serde_json::to_value(u.breaker.snapshot()).unwrap_or_default()))
+        .collect();
+    ([(header::CONTENT_TYPE, "application/json")], serde_json::Value::Object(map).to_string()).into_response()
+}
+
+async fn breaker_action(
+    State(server): State<Arc<Server>>,
+    Path((name, action)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(token) = server.config.admin_token.as_deref() else {
+        return (StatusCode::FORBIDDEN, "mutating admin endpoints are disabled: set admin_token\n").into_response();
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
+        return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
+    }
+    let Some(upstream) = server.upstreams.iter().find(|u| *u.ctx.name == *name) else {
+        return (StatusCode::NOT_FOUND, format!("no upstream named '{name}'\n")).into_response();
+    };
+    use crate::breaker::Mode;
+    let b = &upstream.breaker;
+    match action.as_str() {
+        "force-open" => {
+            b.set_mode(Mode::ForceOpen);
+        }
+        "force-closed" => {
+            b.set_mode(Mode::ForceClosed);
+        }
+        "disabled" => {
+            b.set_mode(Mode::Disabled);
+        }
+        "metrics-only" => {
+            b.set_mode(Mode::MetricsOnly);
+        }
+        "normal" => {
+            b.set_mode(Mode::Normal);
+        }
+        "reset" => {
+            b.reset();
+        }
+        other => {
+            let msg = format!(
+                "unknown action '{other}': use force-open, force-closed, disabled, metrics-only, normal or reset\n"
+            );
+            return (StatusCode::BAD_REQUEST, msg).into_response();
+        }
+    }
+    let snap = serde_json::to_value(b.snapshot()).unwrap_or_default();
+    ([(header::CONTENT_TYPE, "application/json")], snap.to_string()).into_response()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

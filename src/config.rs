@@ -1,0 +1,410 @@
+//! One validated [`Config`] from flags, environment, a TOML file and defaults.
+//!
+//! Precedence is flag > env > file > default. clap already folds env into flags
+//! (`REDFUSE_<NAME>`), so every flag is an `Option` with no clap default; the file is read next
+//! and defaults fill the rest. Validation happens once, here, and every message names the field
+//! so that an operator can fix a bad deployment from the log line alone.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::breaker::BreakerConfig;
+use crate::protocol::Limits;
+
+/// Command-line interface. Every flag has an env var `REDFUSE_<NAME>`.
+#[derive(Debug, Parser, Default)]
+#[command(name = "redfuse", version, about = "A RESP caching proxy that keeps serving when Redis fails")]
+pub struct Cli {
+    /// Address clients connect to (default 127.0.0.1:6380).
+    #[arg(long, env = "REDFUSE_LISTEN")]
+    pub listen: Option<String>,
+    /// Upstream Redis host:port; repeat for replicas (the first is the primary).
+    #[arg(long, env = "REDFUSE_UPSTREAM", value_delimiter = ',')]
+    pub upstream: Vec<String>,
+    /// Admin HTTP address serving /metrics, /healthz, /ready (default 127.0.0.1:9380).
+    #[arg(long, env = "REDFUSE_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// TOML configuration file.
+    #[arg(long, env = "REDFUSE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Validate this configuration file and exit.
+    #[arg(long, value_name = "FILE")]
+    pub check_config: Option<PathBuf>,
+    /// Log filter: error, warn, info, debug, trace (or a tracing directive).
+    #[arg(long, env = "REDFUSE_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, env = "REDFUSE_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// ACL user redfuse authenticates its upstream connections with.
+    #[arg(long, env = "REDFUSE_USERNAME")]
+    pub username: Option<String>,
+    /// Password redfuse authenticates its upstream connections with.
+    #[arg(long, env = "REDFUSE_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// Shared pipelined connections per upstream and protocol version.
+    #[arg(long, env = "REDFUSE_UPSTREAM_CONNECTIONS")]
+    pub upstream_connections: Option<usize>,
+    /// Upstream connect timeout in milliseconds.
+    #[arg(long, env = "REDFUSE_CONNECT_TIMEOUT_MS")]
+    pub connect_timeout_ms: Option<u64>,
+    /// Per-command upstream timeout in milliseconds (blocking commands are exempt).
+    #[arg(long, env = "REDFUSE_COMMAND_TIMEOUT_MS")]
+    pub command_timeout_ms: Option<u64>,
+    /// Maximum simultaneous client connections.
+    #[arg(long, env = "REDFUSE_MAX_CLIENTS")]
+    pub max_clients: Option<usize>,
+    /// Maximum bulk string length a client may send, in bytes.
+    #[arg(long, env = "REDFUSE_MAX_BULK_LEN")]
+    pub max_bulk_len: Option<usize>,
+    /// Maximum number of elements in a client's command array.
+    #[arg(long, env = "REDFUSE_MAX_ARRAY_LEN")]
+    pub max_array_len: Option<usize>,
+    /// Maximum nesting depth of an upstream reply.
+    #[arg(long, env = "REDFUSE_MAX_NESTING_DEPTH")]
+    pub max_nesting_depth: Option<usize>,
+    /// Close clients idle for this many milliseconds (0: never).
+    #[arg(long, env = "REDFUSE_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
+    /// How long in-flight replies may take to drain on SIGTERM, in milliseconds.
+    #[arg(long, env = "REDFUSE_SHUTDOWN_TIMEOUT_MS")]
+    pub shutdown_timeout_ms: Option<u64>,
+    /// Worker threads (0: one per core).
+    #[arg(long, env = "REDFUSE_THREADS")]
+    pub threads: Option<usize>,
+    /// Bearer token that enables the mutating admin endpoints (POST /breakers/...).
+    #[arg(long, env = "REDFUSE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+/// The configuration file, every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub log_level: Option<String>,
+    pub log_format: Option<String>,
+    /// Shorthand for a single primary upstream.
+    pub upstream: Option<String>,
+    pub upstreams: Option<Vec<UpstreamConfig>>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub upstream_connections: Option<usize>,
+    pub connect_timeout_ms: Option<u64>,
+    pub command_timeout_ms: Option<u64>,
+    pub max_clients: Option<usize>,
+    pub max_bulk_len: Option<usize>,
+    pub max_array_len: Option<usize>,
+    pub max_nesting_depth: Option<usize>,
+    pub idle_timeout_ms: Option<u64>,
+    pub shutdown_timeout_ms: Option<u64>,
+    pub threads: Option<usize>,
+    pub admin_token: Option<String>,
+    pub ready_requires_upstream: Option<bool>,
+    pub breaker: Option<BreakerConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    #[default]
+    Primary,
+    Replica,
+}
+
+/// One upstream Redis.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Name used in metrics, logs and error replies (defaults to the address).
+    #[serde(default)]
+    pub name: String,
+    pub addr: String,
+    #[serde(default)]
+    pub role: Role,
+    #[serde(default)]
+    pub priority: u32,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Credentials for `AUTH [username] password`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Credentials {
+    pub username: Option<String>,
+    pub password: String,
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub admin_listen: String,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub credentials: Option<Credentials>,
+    pub upstream_connections: usize,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+    pub max_clients: usize,
+    pub limits: Limits,
+    pub idle_timeout: Option<Duration>,
+    pub shutdown_timeout: Duration,
+    pub threads: usize,
+    pub admin_token: Option<String>,
+    pub ready_requires_upstream: bool,
+    pub breaker: BreakerConfig,
+}
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for `{field}`: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, message: message.into() }
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim().replace('\n', " "),
+        })
+    }
+}
+
+impl Config {
+    /// Loads the file named by `--config` (if any) and merges it under the flags.
+    pub fn from_cli(cli: &Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        Config::merge(cli, file)
+    }
+
+    /// Merges flags over a file over defaults, then validates.
+    pub fn merge(cli: &Cli, file: FileConfig) -> Result<Config, ConfigError> {
+        let upstreams = if !cli.upstream.is_empty() {
+            cli.upstream
+                .iter()
+                .enumerate()
+                .map(|(i, addr)| UpstreamConfig {
+                    name: addr.clone(),
+                    addr: addr.clone(),
+                    role: if i == 0 { Role::Primary } else { Role::Replica },
+                    priority: i as u32,
+                    weight: 1,
+                })
+                .collect()
+        } else if let Some(list) = file.upstreams {
+            if file.upstream.is_some() {
+                return Err(invalid("upstream", "set either `upstream` or `[[upstreams]]`, not both"));
+            }
+            list
+        } else {
+            let addr = file.upstream.unwrap_or_else(|| "127.0.0.1:6379".to_owned());
+            vec![UpstreamConfig { name: addr.clone(), addr, role: Role::Primary, priority: 0, weight: 1 }]
+        };
+
+        let password = cli.password.clone().or(file.password);
+        let username = cli.username.clone().or(file.username);
+        let credentials = match (username, password) {
+            (username, Some(password)) => Some(Credentials { username, password }),
+            (Some(_), None) => return Err(invalid("username", "a username needs a `password` too")),
+            (None, None) => None,
+        };
+        let log_format = match cli.log_format.clone().or(file.log_format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(invalid("log_format", format!("`{other}` is not `text` or `json`"))),
+        };
+        let defaults = Limits::default();
+        let config = Config {
+            listen: cli.listen.clone().or(file.listen).unwrap_or_else(|| "127.0.0.1:6380".to_owned()),
+            admin_listen: cli
+                .admin_listen
+                .clone()
+                .or(file.admin_listen)
+                .unwrap_or_else(|| "127.0.0.1:9380".to_owned()),
+            log_level: cli.log_level.clone().or(file.log_level).unwrap_or_else(|| "info".to_owned()),
+            log_format,
+            upstreams,
+            credentials,
+            upstream_connections: cli.upstream_connections.or(file.upstream_connections).unwrap_or(2),
+            connect_timeout: ms(cli.connect_timeout_ms.or(file.connect_timeout_ms).unwrap_or(1000)),
+            command_timeout: ms(cli.command_timeout_ms.or(file.command_timeout_ms).unwrap_or(5000)),
+            max_clients: cli.max_clients.or(file.max_clients).unwrap_or(10_000),
+            limits: Limits {
+                max_bulk_len: cli.max_bulk_len.or(file.max_bulk_len).unwrap_or(defaults.max_bulk_len),
+                max_array_len: cli.max_array_len.or(file.max_array_len).unwrap_or(defaults.max_array_len),
+                max_nesting_depth: cli
+                    .max_nesting_depth
+                    .or(file.max_nesting_depth)
+                    .unwrap_or(defaults.max_nesting_depth),
+                max_inline_len: defaults.max_inline_len,
+            },
+            idle_timeout: match cli.idle_timeout_ms.or(file.idle_timeout_ms).unwrap_or(0) {
+                0 => None,
+                n => Some(ms(n)),
+            },
+            shutdown_timeout: ms(cli.shutdown_timeout_ms.or(file.shutdown_timeout_ms).unwrap_or(10_000)),
+            threads: cli.threads.or(file.threads).unwrap_or(0),
+            admin_token: cli.admin_token.clone().or(file.admin_token).filter(|t| !t.is_empty()),
+            ready_requires_upstream: file.ready_requires_upstream.unwrap_or(false),
+            breaker: file.breaker.unwrap_or_default(),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_addr("listen", &self.listen)?;
+        check_addr("admin_listen", &self.admin_listen)?;
+        if self.upstreams.is_empty() {
+            return Err(invalid("upstreams", "at least one upstream is needed"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for u in &self.upstreams {
+            check_addr("upstreams.addr", &u.addr)?;
+            if !names.insert(u.name.as_str()) {
+                return Err(invalid("upstreams.name", format!("`{}` is used twice", u.name)));
+            }
+        }
+        let primaries = self.upstreams.iter().filter(|u| u.role == Role::Primary).count();
+        if primaries != 1 {
+            return Err(invalid("upstreams.role", format!("exactly one primary is needed, found {primaries}")));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            return Err(invalid("log_level", format!("`{}` is not a log level or filter", self.log_level)));
+        }
+        positive("upstream_connections", self.upstream_connections as u64)?;
+        positive("connect_timeout_ms", self.connect_timeout.as_millis() as u64)?;
+        positive("command_timeout_ms", self.command_timeout.as_millis() as u64)?;
+        positive("shutdown_timeout_ms", self.shutdown_timeout.as_millis() as u64)?;
+        positive("max_clients", self.max_clients as u64)?;
+        positive("max_bulk_len", self.limits.max_bulk_len as u64)?;
+        positive("max_array_len", self.limits.max_array_len as u64)?;
+        positive("max_nesting_depth", self.limits.max_nesting_depth as u64)?;
+        if let Err(message) = self.breaker.validate() {
+            return Err(ConfigError::Invalid { field: "breaker", message });
+        }
+        if self.upstream_connections > 64 {
+            return Err(invalid("upstream_connections", "at most 64"));
+        }
+        Ok(())
+    }
+
+    /// The primary upstream (validation guarantees exactly one).
+    pub fn primary(&self) -> &UpstreamConfig {
+        self.upstreams.iter().find(|u| u.role == Role::Primary).expect("validated: one primary")
+    }
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn positive(field: &'static str, v: u64) -> Result<(), ConfigError> {
+    if v == 0 { Err(invalid(field, "must be greater than 0")) } else { Ok(()) }
+}
+
+/// `host:port`, where host may be a name (resolved when connecting) or an IP literal.
+fn check_addr(field: &'static str, addr: &str) -> Result<(), ConfigError> {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(invalid(field, format!("`{addr}` is not host:port")));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(invalid(field, format!("`{addr}` is not host:port")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut all = vec!["redfuse"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).unwrap()
+    }
+
+    fn file(text: &str) -> FileConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn defaults_listen_on_6380_and_forward_to_6379() {
+        let c = Config::merge(&Cli::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:6380");
+        assert_eq!(c.admin_listen, "127.0.0.1:9380");
+        assert_eq!(c.primary().addr, "127.0.0.1:6379");
+        assert_eq!(c.limits.max_bulk_len, 512 * 1024 * 1024);
+        assert_eq!(c.idle_timeout, None);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let f = file("listen = \"0.0.0.0:7000\"\ncommand_timeout_ms = 250\nupstream = \"redis:6379\"");
+        let c = Config::merge(&cli(&["--listen", "127.0.0.1:7001"]), f).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7001");
+        assert_eq!(c.command_timeout, Duration::from_millis(250));
+        assert_eq!(c.primary().addr, "redis:6379");
+    }
+
+    #[test]
+    fn repeated_upstream_flags_make_replicas() {
+        let c = Config::merge(&cli(&["--upstream", "a:1", "--upstream", "b:2"]), FileConfig::default()).unwrap();
+        assert_eq!(c.upstreams.len(), 2);
+        assert_eq!(c.upstreams[0].role, Role::Primary);
+        assert_eq!(c.upstreams[1].role, Role::Replica);
+        assert_eq!(c.upstreams[1].name, "b:2");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let err = |c: Cli, f: FileConfig| Config::merge(&c, f).unwrap_err().to_string();
+        assert!(err(cli(&["--listen", "nope"]), FileConfig::default()).contains("`listen`"));
+        assert!(err(cli(&["--log-format", "xml"]), FileConfig::default()).contains("`log_format`"));
+        assert!(err(cli(&["--command-timeout-ms", "0"]), FileConfig::default()).contains("`command_timeout_ms`"));
+        assert!(err(Cli::default(), file("username = \"u\"")).contains("`username`"));
+        let two_primaries = file("[[upstreams]]\naddr = \"a:1\"\nname = \"a\"\n[[upstreams]]\naddr = \"b:1\"\nname = \"b\"");
+        assert!(err(Cli::default(), two_primaries).contains("upstreams.role"));
+    }
+
+    #[test]
+    fn unknown_file_fields_are_named() {
+        let dir = std::env::temp_dir().join(format!("redfuse-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "lissten = \"x\"\n").unwrap();
+        let e = FileConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("lissten"), "{e}");
+    }
+}

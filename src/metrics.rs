@@ -1,0 +1,151 @@
+//! One Prometheus registry for the process, with handles resolved up front.
+//!
+//! Label lookups hash and lock, so nothing on the per-command path calls
+//! `with_label_values`: per-command counters live in a vector indexed by the command
+//! table's dense id, and per-upstream handles are resolved once when the upstream is built.
+//! No globals: the registry is owned by [`Metrics`] and passed to whoever registers more.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+use crate::command;
+
+/// The result label of `redfuse_commands_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandResult {
+    Ok = 0,
+    Error = 1,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub client_connections: IntGauge,
+    pub client_connections_total: IntCounter,
+    pub client_rejected_total: IntCounter,
+    pub client_protocol_errors: IntCounter,
+    pub upstream_protocol_errors: IntCounter,
+    pub bytes_received: IntCounter,
+    pub bytes_sent: IntCounter,
+    /// `[command id][result]`; the last row is for names the table does not know.
+    commands: Vec<[IntCounter; 2]>,
+    upstream_latency: HistogramVec,
+    upstream_connections: IntGaugeVec,
+    upstream_errors: IntCounterVec,
+}
+
+/// Per-upstream handles, resolved once.
+#[derive(Clone)]
+pub struct UpstreamMetrics {
+    pub latency: Histogram,
+    pub connections: IntGauge,
+    pub connect_errors: IntCounter,
+    pub timeouts: IntCounter,
+    pub disconnects: IntCounter,
+    pub auth_errors: IntCounter,
+    pub protocol_errors: IntCounter,
+}
+
+/// Id used for commands the table does not know.
+pub fn unknown_command_id() -> usize {
+    command::COMMANDS.len()
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let client_connections = IntGauge::new("redfuse_client_connections", "Client connections open now")?;
+        let client_connections_total =
+            IntCounter::new("redfuse_client_connections_total", "Client connections accepted")?;
+        let client_rejected_total = IntCounter::new(
+            "redfuse_client_connections_rejected_total",
+            "Client connections refused because max_clients was reached",
+        )?;
+        let protocol_errors = IntCounterVec::new(
+            Opts::new("redfuse_protocol_errors_total", "Malformed RESP frames, by who sent them"),
+            &["source"],
+        )?;
+        let bytes = IntCounterVec::new(
+            Opts::new("redfuse_client_bytes_total", "Bytes exchanged with clients"),
+            &["direction"],
+        )?;
+        let commands_vec = IntCounterVec::new(
+            Opts::new("redfuse_commands_total", "Client commands by command name and result"),
+            &["command", "result"],
+        )?;
+        let upstream_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "redfuse_upstream_request_duration_seconds",
+                "Time from writing a command upstream to reading its reply",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["upstream"],
+        )?;
+        let upstream_connections = IntGaugeVec::new(
+            Opts::new("redfuse_upstream_connections", "Open upstream connections"),
+            &["upstream"],
+        )?;
+        let upstream_errors = IntCounterVec::new(
+            Opts::new("redfuse_upstream_errors_total", "Upstream connection problems by kind"),
+            &["upstream", "kind"],
+        )?;
+        registry.register(Box::new(client_connections.clone()))?;
+        registry.register(Box::new(client_connections_total.clone()))?;
+        registry.register(Box::new(client_rejected_total.clone()))?;
+        registry.register(Box::new(protocol_errors.clone()))?;
+        registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(commands_vec.clone()))?;
+        registry.register(Box::new(upstream_latency.clone()))?;
+        registry.register(Box::new(upstream_connections.clone()))?;
+        registry.register(Box::new(upstream_errors.clone()))?;
+
+        let names = command::COMMANDS.iter().map(|c| c.name).chain(std::iter::once("unknown"));
+        let commands = names
+            .map(|name| {
+                [commands_vec.with_label_values(&[name, "ok"]), commands_vec.with_label_values(&[name, "error"])]
+            })
+            .collect();
+        Ok(Metrics {
+            registry,
+            client_connections,
+            client_connections_total,
+            client_rejected_total,
+            client_protocol_errors: protocol_errors.with_label_values(&["client"]),
+            upstream_protocol_errors: protocol_errors.with_label_values(&["upstream"]),
+            bytes_received: bytes.with_label_values(&["in"]),
+            bytes_sent: bytes.with_label_values(&["out"]),
+            commands,
+            upstream_latency,
+            upstream_connections,
+            upstream_errors,
+        })
+    }
+
+    /// Counts one command reply. `id` comes from the command table (or [`unknown_command_id`]).
+    pub fn count_command(&self, id: usize, result: CommandResult) {
+        if let Some(row) = self.commands.get(id) {
+            row[result as usize].inc();
+        }
+    }
+
+    pub fn for_upstream(&self, name: &str) -> UpstreamMetrics {
+        let err = |kind: &str| self.upstream_errors.with_label_values(&[name, kind]);
+        UpstreamMetrics {
+            latency: self.upstream_latency.with_label_values(&[name]),
+            connections: self.upstream_connections.with_label_values(&[name]),
+            connect_errors: err("connect"),
+            timeouts: err("timeout"),
+            disconnects: err("disconnect"),
+            auth_errors: err("auth"),
+            protocol_errors: self.upstream_protocol_errors.clone(),
+        }
+    }
+
+    /// The registry in Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let families = self.registry.gather();
+        prometheus::TextEncoder::new().encode_to_string(&families).unwrap_or_else(|e| format!("# encode error: {e}\n"))
+    }
+}

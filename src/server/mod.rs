@@ -1,0 +1,140 @@
+//! The client listener and what every session shares.
+//!
+//! The accept loop enforces the connection limit with a semaphore (a refused client gets
+//! Redis's own `max number of clients reached` error), runs each client in its own task and
+//! tracing span, and on shutdown stops accepting, tells sessions to stop reading, and waits
+//! for their in-flight replies up to the drain deadline.
+
+pub mod session;
+pub mod writer;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::{Config, Credentials};
+use crate::error::{Error, UpstreamError, error_reply};
+use crate::metrics::Metrics;
+use crate::protocol::Request;
+use crate::upstream::Upstream;
+
+/// How long credentials checked against the upstream are trusted without asking again.
+const VERIFIED_CREDENTIALS_TTL: Duration = Duration::from_secs(60);
+
+/// State shared by all sessions.
+pub struct Server {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    /// Every upstream; `primary` indexes the primary.
+    pub upstreams: Vec<Arc<Upstream>>,
+    primary: usize,
+    next_client_id: AtomicU64,
+    verified: Mutex<HashMap<Credentials, Instant>>,
+}
+
+impl Server {
+    pub fn new(config: Config, metrics: Arc<Metrics>, upstreams: Vec<Arc<Upstream>>) -> Server {
+        let primary = upstreams
+            .iter()
+            .position(|u| u.ctx.role == crate::config::Role::Primary)
+            .unwrap_or(0);
+        Server {
+            config,
+            metrics,
+            upstreams,
+            primary,
+            next_client_id: AtomicU64::new(1),
+            verified: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn primary(&self) -> &Arc<Upstream> {
+        &self.upstreams[self.primary]
+    }
+
+    pub fn upstream_index(&self, upstream: &Arc<Upstream>) -> usize {
+        self.upstreams.iter().position(|u| Arc::ptr_eq(u, upstream)).unwrap_or(self.primary)
+    }
+
+    /// The reply for a request that an upstream cannot serve right now. Every such decision
+    /// goes through here, so degraded-mode answers have one place to live.
+    pub fn unavailable_reply(&self, _upstream: &Upstream, _request: &Request, err: UpstreamError) -> Bytes {
+        error_reply(&Error::Upstream(err))
+    }
+
+    fn credentials_recently_verified(&self, c: &Credentials) -> bool {
+        let map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(c).is_some_and(|at| at.elapsed() < VERIFIED_CREDENTIALS_TTL)
+    }
+
+    fn remember_verified(&self, c: Credentials) {
+        let mut map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 1024 {
+            map.retain(|_, at| at.elapsed() < VERIFIED_CREDENTIALS_TTL);
+        }
+        map.insert(c, Instant::now());
+    }
+}
+
+/// Accepts clients until `shutdown` turns true, then drains within the configured deadline.
+pub async fn serve(server: Arc<Server>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    let limit = Arc::new(Semaphore::new(server.config.max_clients));
+    let mut sessions = JoinSet::new();
+    loop {
+        while sessions.try_join_next().is_some() {}
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => break,
+        };
+        let (mut stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and similar: back off briefly instead of spinning.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            server.metrics.client_rejected_total.inc();
+            tokio::spawn(async move {
+                let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
+                let _ = stream.shutdown().await;
+            });
+            continue;
+        };
+        let id = server.next_client_id.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("client", id, %peer);
+        let server = server.clone();
+        let shutdown = shutdown.clone();
+        sessions.spawn(
+            async move {
+                server.metrics.client_connections.inc();
+                server.metrics.client_connections_total.inc();
+                session::run(server.clone(), stream, id, shutdown).await;
+                server.metrics.client_connections.dec();
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+    drop(listener);
+    let open = sessions.len();
+    info!(sessions = open, "shutting down: stopped accepting, draining in-flight replies");
+    let deadline = server.config.shutdown_timeout;
+    let drained = tokio::time::timeout(deadline, async { while sessions.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        warn!(remaining = sessions.len(), "drain deadline passed; closing remaining clients");
+        sessions.abort_all();
+    }
+}
