@@ -27,7 +27,11 @@ pub fn router(server: Arc<Server>) -> Router {
         .with_state(server)
 }
 
-pub async fn serve(server: Arc<Server>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    server: Arc<Server>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let app = router(server);
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -37,7 +41,11 @@ pub async fn serve(server: Arc<Server>, listener: TcpListener, mut shutdown: wat
 }
 
 async fn metrics(State(server): State<Arc<Server>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], server.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        server.metrics.render(),
+    )
+        .into_response()
 }
 
 fn upstream_states(server: &Server) -> serde_json::Value {
@@ -61,18 +69,36 @@ async fn ready(State(server): State<Arc<Server>>) -> Response {
     let upstreams = upstream_states(&server);
     let any_up = server.upstreams.iter().any(|u| u.is_connected());
     let ok = any_up || !server.config.ready_requires_upstream;
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = json!({ "status": if ok { "ready" } else { "not ready" }, "upstreams": upstreams });
-    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 async fn breakers(State(server): State<Arc<Server>>) -> Response {
     let map: serde_json::Map<String, serde_json::Value> = server
         .upstreams
         .iter()
-        .map(|u| (u.ctx.name.to_string(), serde_json::to_value(u.breaker.snapshot()).unwrap_or_default()))
+        .map(|u| {
+            (
+                u.ctx.name.to_string(),
+                serde_json::to_value(u.breaker.snapshot()).unwrap_or_default(),
+            )
+        })
         .collect();
-    ([(header::CONTENT_TYPE, "application/json")], serde_json::Value::Object(map).to_string()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::Value::Object(map).to_string(),
+    )
+        .into_response()
 }
 
 async fn breaker_action(
@@ -81,7 +107,11 @@ async fn breaker_action(
     headers: HeaderMap,
 ) -> Response {
     let Some(token) = server.config.admin_token.as_deref() else {
-        return (StatusCode::FORBIDDEN, "mutating admin endpoints are disabled: set admin_token\n").into_response();
+        return (
+            StatusCode::FORBIDDEN,
+            "mutating admin endpoints are disabled: set admin_token\n",
+        )
+            .into_response();
     };
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -91,7 +121,11 @@ async fn breaker_action(
         return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
     }
     let Some(upstream) = server.upstreams.iter().find(|u| *u.ctx.name == *name) else {
-        return (StatusCode::NOT_FOUND, format!("no upstream named '{name}'\n")).into_response();
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no upstream named '{name}'\n"),
+        )
+            .into_response();
     };
     use crate::breaker::Mode;
     let b = &upstream.breaker;
@@ -122,7 +156,11 @@ async fn breaker_action(
         }
     }
     let snap = serde_json::to_value(b.snapshot()).unwrap_or_default();
-    ([(header::CONTENT_TYPE, "application/json")], snap.to_string()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        snap.to_string(),
+    )
+        .into_response()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

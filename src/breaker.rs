@@ -249,7 +249,9 @@ fn blob_body(rest: &[u8]) -> Option<&[u8]> {
 /// The result of an admitted call, as classified by the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    Success { latency: Duration },
+    Success {
+        latency: Duration,
+    },
     Failure(FailureKind),
     /// Neither success nor failure: client cancellation, blocking-command wait.
     Ignored,
@@ -356,7 +358,7 @@ impl BreakerConfig {
         at_least_one("minimum_calls", self.minimum_calls.into())?;
         duration("window_ms", self.window_ms)?;
         duration("bucket_ms", self.bucket_ms)?;
-        if self.bucket_ms > self.window_ms || self.window_ms % self.bucket_ms != 0 {
+        if self.bucket_ms > self.window_ms || !self.window_ms.is_multiple_of(self.bucket_ms) {
             return Err(format!(
                 "bucket_ms must divide window_ms ({}), got {}",
                 self.window_ms, self.bucket_ms
@@ -530,15 +532,36 @@ pub enum ManualAction {
 /// `Display` adds the details for the log line.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Reason {
-    ConsecutiveFailures { count: u32, threshold: u32 },
-    FailureRate { rate: f64, threshold: f64, calls: u64 },
-    SlowCallRate { rate: f64, threshold: f64, calls: u64 },
+    ConsecutiveFailures {
+        count: u32,
+        threshold: u32,
+    },
+    FailureRate {
+        rate: f64,
+        threshold: f64,
+        calls: u64,
+    },
+    SlowCallRate {
+        rate: f64,
+        threshold: f64,
+        calls: u64,
+    },
     /// Open -> HalfOpen after the (jittered) open period.
-    OpenTimeout { after: Duration },
-    ProbeSuccess { successes: u32 },
-    ProbeFailure { kind: FailureKind },
-    HalfOpenTimeout { waited: Duration },
-    Manual { action: ManualAction },
+    OpenTimeout {
+        after: Duration,
+    },
+    ProbeSuccess {
+        successes: u32,
+    },
+    ProbeFailure {
+        kind: FailureKind,
+    },
+    HalfOpenTimeout {
+        waited: Duration,
+    },
+    Manual {
+        action: ManualAction,
+    },
 }
 
 impl Reason {
@@ -1046,9 +1069,8 @@ impl Breaker {
             State::HalfOpen => {
                 let since = self.half_open_since.unwrap_or(now);
                 let waited = now.saturating_duration_since(since);
-                (waited >= self.config.half_open_max_wait()).then(|| {
-                    self.transition(State::Open, Reason::HalfOpenTimeout { waited }, now)
-                })
+                (waited >= self.config.half_open_max_wait())
+                    .then(|| self.transition(State::Open, Reason::HalfOpenTimeout { waited }, now))
             }
         }
     }
@@ -1457,6 +1479,9 @@ impl fmt::Debug for SharedBreaker {
 }
 
 impl SharedBreaker {
+    /// `name` is used in logs; pass `metrics` from
+    /// `BreakerMetrics::for_upstream(name)` so both carry the same upstream.
+    ///
     /// # Panics
     ///
     /// If `config` is invalid, like [`Breaker::new`].
@@ -1490,10 +1515,7 @@ impl SharedBreaker {
         // A panic while the lock was held can only have come from this
         // module's arithmetic, after which the breaker is still a coherent
         // value; refusing every later request to the upstream would be worse.
-        self.inner
-            .breaker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.inner.breaker.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Starts the task that fires the breaker's timers (call it once, inside
@@ -1519,8 +1541,12 @@ impl SharedBreaker {
     pub fn try_acquire(&self) -> Result<CallGuard, Rejected> {
         let result = {
             let mut b = self.lock();
+            let before = b.next_deadline();
             // Read under the lock so the machine sees monotonic time.
-            b.try_acquire(Instant::now())
+            let result = b.try_acquire(Instant::now());
+            // Why the hot path need not wake the timer.
+            debug_assert_eq!(before, b.next_deadline());
+            result
         };
         match result {
             Ok(permit) => {
@@ -1614,7 +1640,10 @@ impl SharedBreaker {
         self.inner.state_tx.send_replace(t.to);
     }
 
-    fn manual(&self, f: impl FnOnce(&mut Breaker, Instant) -> Option<Transition>) -> Option<Transition> {
+    fn manual(
+        &self,
+        f: impl FnOnce(&mut Breaker, Instant) -> Option<Transition>,
+    ) -> Option<Transition> {
         let mut b = self.lock();
         let now = Instant::now();
         let old_mode = b.mode();
@@ -1677,7 +1706,7 @@ where
         };
         let sleep = async {
             match deadline {
-                Some(_) => std::future::pending().await,
+                Some(d) => tokio::time::sleep_until(d).await,
                 None => std::future::pending().await,
             }
         };
@@ -1890,7 +1919,10 @@ mod tests {
         }
         let s = b.snapshot(t0 + ms(190));
         assert_eq!((s.calls_in_window, s.failures_in_window), (19, 10));
-        assert!(s.failure_rate > 0.5, "above threshold yet below minimum_calls");
+        assert!(
+            s.failure_rate > 0.5,
+            "above threshold yet below minimum_calls"
+        );
         assert_eq!(b.state(), State::Closed);
         // 20th call: 10/20 reaches exactly 0.5.
         let t = call(&mut b, fast(), t0 + ms(200)).expect("trips at minimum_calls");
@@ -1911,7 +1943,11 @@ mod tests {
         let mut b = Breaker::new(no_jitter(), 1);
         // 9 failures in 20 calls (45%), never 5 in a row.
         for i in 0..20u64 {
-            let o = if i % 2 == 0 && i < 18 { TIMEOUT } else { fast() };
+            let o = if i % 2 == 0 && i < 18 {
+                TIMEOUT
+            } else {
+                fast()
+            };
             assert_eq!(call(&mut b, o, t0), None, "call {i}");
         }
         let s = b.snapshot(t0);
@@ -2031,16 +2067,16 @@ mod tests {
         assert!(b.try_acquire(t0 + secs(6)).is_err());
         assert_eq!(b.state(), State::Open);
         assert_eq!(b.next_deadline(), Some(t0 + secs(5)));
-        assert_eq!(
-            b.snapshot(t0 + secs(1)).next_probe_in_seconds,
-            Some(4.0)
-        );
+        assert_eq!(b.snapshot(t0 + secs(1)).next_probe_in_seconds, Some(4.0));
     }
 
     #[tokio::test(start_paused = true)]
     async fn open_to_half_open_fires_via_timer_task_without_requests() {
         let (sb, registry) = shared("primary", no_jitter());
         let timer = sb.spawn_timer(std::future::pending());
+        // Let the timer go to sleep with no deadline, so the trip below must
+        // wake it through the Notify.
+        settle().await;
         let mut rx = sb.subscribe();
         for _ in 0..5 {
             sb.try_acquire()
@@ -2071,7 +2107,10 @@ mod tests {
             metric(&registry, "redfuse_breaker_transitions_total", &labels),
             1.0
         );
-        assert_eq!(metric(&registry, "redfuse_breaker_rejected_total", &[]), 0.0);
+        assert_eq!(
+            metric(&registry, "redfuse_breaker_rejected_total", &[]),
+            0.0
+        );
         timer.abort();
     }
 
@@ -2089,7 +2128,10 @@ mod tests {
         for d in &durations {
             assert!(*d >= secs(5) && *d <= secs(6), "{d:?} outside [5s, 6s]");
         }
-        assert_ne!(durations[1], durations[2], "different seeds, different durations");
+        assert_ne!(
+            durations[1], durations[2],
+            "different seeds, different durations"
+        );
         let distinct: HashSet<_> = durations.iter().collect();
         assert!(distinct.len() > 32, "jitter is spread: {}", distinct.len());
         assert_eq!(open_for(1), durations[1], "same seed, same duration");
@@ -2170,7 +2212,9 @@ mod tests {
         const TASKS: usize = 64;
         let (sb, registry) = shared("conc", BreakerConfig::default());
         sb.set_mode(Mode::ForceOpen);
-        let t = sb.set_mode(Mode::Normal).expect("leaving force_open probes");
+        let t = sb
+            .set_mode(Mode::Normal)
+            .expect("leaving force_open probes");
         assert_eq!(t.to, State::HalfOpen);
 
         let start = Arc::new(tokio::sync::Barrier::new(TASKS));
@@ -2213,7 +2257,10 @@ mod tests {
         );
         let s = sb.snapshot();
         assert_eq!(s.state, State::HalfOpen);
-        assert_eq!(s.half_open_permits_in_use, 0, "dropped guards free their slots");
+        assert_eq!(
+            s.half_open_permits_in_use, 0,
+            "dropped guards free their slots"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -2222,9 +2269,7 @@ mod tests {
         let mut b = Breaker::new(no_jitter(), 1);
         trip(&mut b, t0);
         let now = to_half_open(&mut b);
-        let p: Vec<Permit> = (0..3)
-            .map(|_| b.try_acquire(now).expect("probe"))
-            .collect();
+        let p: Vec<Permit> = (0..3).map(|_| b.try_acquire(now).expect("probe")).collect();
         assert!(p.iter().all(Permit::is_probe));
         let r = b.try_acquire(now).expect_err("beyond permits");
         assert_eq!(r.state, State::HalfOpen);
@@ -2232,7 +2277,9 @@ mod tests {
         assert_eq!(b.record(p[1], slow(), now), None);
         let s = b.snapshot(now);
         assert_eq!((s.half_open_successes, s.half_open_permits_in_use), (2, 1));
-        let p4 = b.try_acquire(now).expect("a freed slot admits another probe");
+        let p4 = b
+            .try_acquire(now)
+            .expect("a freed slot admits another probe");
         let t = b.record(p[2], fast(), now).expect("third success closes");
         assert_eq!((t.from, t.to), (State::HalfOpen, State::Closed));
         assert_eq!(t.reason, Reason::ProbeSuccess { successes: 3 });
@@ -2286,7 +2333,11 @@ mod tests {
         tokio::time::advance(ms(1)).await;
         settle().await;
         assert_eq!(sb.state(), State::Open);
-        let labels = [("from", "half_open"), ("to", "open"), ("reason", "half_open_timeout")];
+        let labels = [
+            ("from", "half_open"),
+            ("to", "open"),
+            ("reason", "half_open_timeout"),
+        ];
         assert_eq!(
             metric(&registry, "redfuse_breaker_transitions_total", &labels),
             1.0
@@ -2297,7 +2348,11 @@ mod tests {
         drop(wedged);
         assert_eq!(sb.state(), State::Open);
         assert_eq!(
-            metric(&registry, "redfuse_breaker_calls_total", &[("outcome", "ignored")]),
+            metric(
+                &registry,
+                "redfuse_breaker_calls_total",
+                &[("outcome", "ignored")]
+            ),
             3.0
         );
         tokio::time::advance(secs(10)).await;
@@ -2343,7 +2398,9 @@ mod tests {
         let now = to_half_open(&mut b);
         let p = b.try_acquire(now).unwrap();
         // The probe answers after the max wait, before the timer ran.
-        let t = b.record(p, fast(), now + secs(6)).expect("timeout transition");
+        let t = b
+            .record(p, fast(), now + secs(6))
+            .expect("timeout transition");
         assert_eq!(t.reason.as_str(), "half_open_timeout");
         assert_eq!(b.state(), State::Open);
     }
@@ -2351,12 +2408,22 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn call_guard_drop_is_ignored_and_frees_probe_slot() {
         let (sb, registry) = shared("guard", no_jitter());
-        // Dropped in Closed: neither success nor failure.
+        // Dropped in Closed: neither success nor failure, so it neither
+        // counts in the window nor breaks a run of failures.
+        for _ in 0..4 {
+            sb.try_acquire()
+                .unwrap()
+                .failure(FailureKind::CommandTimeout);
+        }
         drop(sb.try_acquire().unwrap());
         let s = sb.snapshot();
-        assert_eq!((s.calls_in_window, s.consecutive_failures), (0, 0));
+        assert_eq!((s.calls_in_window, s.consecutive_failures), (4, 4));
         let ignored = [("outcome", "ignored")];
-        assert_eq!(metric(&registry, "redfuse_breaker_calls_total", &ignored), 1.0);
+        assert_eq!(
+            metric(&registry, "redfuse_breaker_calls_total", &ignored),
+            1.0
+        );
+        sb.reset();
 
         sb.set_mode(Mode::ForceOpen);
         sb.set_mode(Mode::Normal);
@@ -2365,7 +2432,10 @@ mod tests {
         assert!(guards.iter().all(CallGuard::is_probe));
         assert!(sb.try_acquire().is_err());
         drop(guards.pop());
-        assert_eq!(metric(&registry, "redfuse_breaker_calls_total", &ignored), 2.0);
+        assert_eq!(
+            metric(&registry, "redfuse_breaker_calls_total", &ignored),
+            2.0
+        );
         assert_eq!(sb.snapshot().half_open_permits_in_use, 2);
         assert_eq!(sb.state(), State::HalfOpen);
         let g = sb.try_acquire().expect("slot freed by the dropped guard");
@@ -2380,7 +2450,10 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Breaker::new(no_jitter(), 1);
         let t = b.set_mode(Mode::ForceOpen, t0).expect("closed -> open");
-        assert_eq!((t.from, t.to, t.open_for), (State::Closed, State::Open, None));
+        assert_eq!(
+            (t.from, t.to, t.open_for),
+            (State::Closed, State::Open, None)
+        );
         assert_eq!(
             t.reason,
             Reason::Manual {
@@ -2451,7 +2524,10 @@ mod tests {
         let s = sb.snapshot();
         assert_eq!((s.calls_in_window, s.failure_rate), (40, 1.0));
         let failures = [("outcome", "failure")];
-        assert_eq!(metric(&registry, "redfuse_breaker_calls_total", &failures), 40.0);
+        assert_eq!(
+            metric(&registry, "redfuse_breaker_calls_total", &failures),
+            40.0
+        );
         tokio::time::advance(secs(1)).await;
         settle().await;
         assert_eq!(metric(&registry, "redfuse_breaker_failure_rate", &[]), 1.0);
@@ -2499,7 +2575,10 @@ mod tests {
         for _ in 0..4 {
             sb.try_acquire().expect("never rejects").success();
         }
-        assert_eq!(metric(&registry, "redfuse_breaker_rejected_total", &[]), 0.0);
+        assert_eq!(
+            metric(&registry, "redfuse_breaker_rejected_total", &[]),
+            0.0
+        );
         assert_eq!(sb.snapshot().shadow_rejections, 4);
         assert_eq!(metric(&registry, "redfuse_breaker_state", &[]), 2.0);
     }
@@ -2596,7 +2675,10 @@ mod tests {
         let info = |s: &str| metric(&reg, "redfuse_breaker_state_info", &[up, ("state", s)]);
         let calls = |o: &str| metric(&reg, "redfuse_breaker_calls_total", &[up, ("outcome", o)]);
         assert_eq!(metric(&reg, "redfuse_breaker_state", &[up]), 0.0);
-        assert_eq!((info("closed"), info("half_open"), info("open")), (1.0, 0.0, 0.0));
+        assert_eq!(
+            (info("closed"), info("half_open"), info("open")),
+            (1.0, 0.0, 0.0)
+        );
         assert_eq!(calls("success"), 0.0);
 
         sb.try_acquire().unwrap().complete(slow());
@@ -2611,15 +2693,24 @@ mod tests {
 
         sb.try_acquire().unwrap().failure(FailureKind::MasterDown);
         assert_eq!(metric(&reg, "redfuse_breaker_state", &[up]), 2.0);
-        assert_eq!((info("closed"), info("half_open"), info("open")), (0.0, 0.0, 1.0));
+        assert_eq!(
+            (info("closed"), info("half_open"), info("open")),
+            (0.0, 0.0, 1.0)
+        );
         let trans = [
             up,
             ("from", "closed"),
             ("to", "open"),
             ("reason", "consecutive_failures"),
         ];
-        assert_eq!(metric(&reg, "redfuse_breaker_transitions_total", &trans), 1.0);
-        assert_eq!(metric(&reg, "redfuse_breaker_open_backoff_seconds", &[up]), 5.0);
+        assert_eq!(
+            metric(&reg, "redfuse_breaker_transitions_total", &trans),
+            1.0
+        );
+        assert_eq!(
+            metric(&reg, "redfuse_breaker_open_backoff_seconds", &[up]),
+            5.0
+        );
         assert_eq!(calls("failure"), 5.0);
         assert!(sb.try_acquire().is_err());
         assert_eq!(metric(&reg, "redfuse_breaker_rejected_total", &[up]), 1.0);
@@ -2643,11 +2734,26 @@ mod tests {
     #[test]
     fn classify_failure_replies() {
         let cases = [
-            ("-LOADING Redis is loading the dataset in memory\r\n", FailureKind::Loading),
-            ("-BUSY Redis is busy running a script.\r\n", FailureKind::Busy),
-            ("-MASTERDOWN Link with MASTER is down\r\n", FailureKind::MasterDown),
-            ("-CLUSTERDOWN The cluster is down\r\n", FailureKind::ClusterDown),
-            ("-TRYAGAIN Multiple keys request during rehashing\r\n", FailureKind::TryAgain),
+            (
+                "-LOADING Redis is loading the dataset in memory\r\n",
+                FailureKind::Loading,
+            ),
+            (
+                "-BUSY Redis is busy running a script.\r\n",
+                FailureKind::Busy,
+            ),
+            (
+                "-MASTERDOWN Link with MASTER is down\r\n",
+                FailureKind::MasterDown,
+            ),
+            (
+                "-CLUSTERDOWN The cluster is down\r\n",
+                FailureKind::ClusterDown,
+            ),
+            (
+                "-TRYAGAIN Multiple keys request during rehashing\r\n",
+                FailureKind::TryAgain,
+            ),
         ];
         for (reply, kind) in cases {
             for is_write in [false, true] {
@@ -2673,14 +2779,23 @@ mod tests {
     #[test]
     fn classify_write_only_failures() {
         for (reply, kind) in [
-            ("-READONLY You can't write against a read only replica.\r\n", FailureKind::ReadOnly),
-            ("-OOM command not allowed when used memory > 'maxmemory'.\r\n", FailureKind::Oom),
+            (
+                "-READONLY You can't write against a read only replica.\r\n",
+                FailureKind::ReadOnly,
+            ),
+            (
+                "-OOM command not allowed when used memory > 'maxmemory'.\r\n",
+                FailureKind::Oom,
+            ),
         ] {
             assert_eq!(
                 classify_error_reply(reply.as_bytes(), true),
                 ReplyClass::Failure(kind)
             );
-            assert_eq!(classify_error_reply(reply.as_bytes(), false), ReplyClass::Success);
+            assert_eq!(
+                classify_error_reply(reply.as_bytes(), false),
+                ReplyClass::Success
+            );
         }
     }
 
@@ -2767,7 +2882,10 @@ mod tests {
             (|c| c.consecutive_failures = 0, "consecutive_failures"),
             (|c| c.failure_rate_threshold = 0.0, "failure_rate_threshold"),
             (|c| c.failure_rate_threshold = 1.5, "failure_rate_threshold"),
-            (|c| c.slow_call_rate_threshold = f64::NAN, "slow_call_rate_threshold"),
+            (
+                |c| c.slow_call_rate_threshold = f64::NAN,
+                "slow_call_rate_threshold",
+            ),
             (|c| c.slow_call_threshold_ms = 0, "slow_call_threshold_ms"),
             (|c| c.minimum_calls = 0, "minimum_calls"),
             (|c| c.window_ms = 0, "window_ms"),
@@ -2777,7 +2895,10 @@ mod tests {
             (|c| c.open_max_ms = 1_000, "open_max_ms"),
             (|c| c.jitter = -0.1, "jitter"),
             (|c| c.half_open_permits = 0, "half_open_permits"),
-            (|c| c.half_open_max_wait_ms = u64::MAX, "half_open_max_wait_ms"),
+            (
+                |c| c.half_open_max_wait_ms = u64::MAX,
+                "half_open_max_wait_ms",
+            ),
         ];
         for (edit, field) in cases {
             let mut c = BreakerConfig::default();
@@ -2804,7 +2925,10 @@ mod tests {
 
     #[test]
     fn names_and_display() {
-        let states: Vec<_> = State::ALL.iter().map(|s| (s.as_str(), s.as_gauge())).collect();
+        let states: Vec<_> = State::ALL
+            .iter()
+            .map(|s| (s.as_str(), s.as_gauge()))
+            .collect();
         assert_eq!(states, [("closed", 0), ("half_open", 1), ("open", 2)]);
         for m in [
             Mode::Normal,
@@ -2818,14 +2942,29 @@ mod tests {
         assert!("open".parse::<Mode>().is_err());
 
         let labels: Vec<&str> = [
-            Reason::ConsecutiveFailures { count: 5, threshold: 5 },
-            Reason::FailureRate { rate: 0.55, threshold: 0.5, calls: 20 },
-            Reason::SlowCallRate { rate: 0.9, threshold: 0.8, calls: 30 },
+            Reason::ConsecutiveFailures {
+                count: 5,
+                threshold: 5,
+            },
+            Reason::FailureRate {
+                rate: 0.55,
+                threshold: 0.5,
+                calls: 20,
+            },
+            Reason::SlowCallRate {
+                rate: 0.9,
+                threshold: 0.8,
+                calls: 30,
+            },
             Reason::OpenTimeout { after: secs(5) },
             Reason::ProbeSuccess { successes: 3 },
-            Reason::ProbeFailure { kind: FailureKind::Busy },
+            Reason::ProbeFailure {
+                kind: FailureKind::Busy,
+            },
             Reason::HalfOpenTimeout { waited: secs(5) },
-            Reason::Manual { action: ManualAction::Reset },
+            Reason::Manual {
+                action: ManualAction::Reset,
+            },
         ]
         .iter()
         .map(Reason::as_str)
@@ -2843,7 +2982,11 @@ mod tests {
                 "manual"
             ]
         );
-        let r = Reason::FailureRate { rate: 0.55, threshold: 0.5, calls: 20 };
+        let r = Reason::FailureRate {
+            rate: 0.55,
+            threshold: 0.5,
+            calls: 20,
+        };
         assert_eq!(
             r.to_string(),
             "failure_rate: failure rate 55.0% over 20 calls (threshold 50.0%)"
@@ -2851,7 +2994,10 @@ mod tests {
         let t = Transition {
             from: State::Closed,
             to: State::Open,
-            reason: Reason::ConsecutiveFailures { count: 5, threshold: 5 },
+            reason: Reason::ConsecutiveFailures {
+                count: 5,
+                threshold: 5,
+            },
             generation: 1,
             open_for: Some(ms(5_250)),
         };
@@ -2859,7 +3005,9 @@ mod tests {
             t.to_string(),
             "closed -> open: consecutive_failures: 5 consecutive failures (threshold 5); next probe in 5.250s"
         );
-        let m = Reason::Manual { action: ManualAction::SetMode(Mode::ForceOpen) };
+        let m = Reason::Manual {
+            action: ManualAction::SetMode(Mode::ForceOpen),
+        };
         assert_eq!(m.to_string(), "manual: mode set to force_open");
     }
 

@@ -16,7 +16,11 @@ use crate::protocol::Limits;
 
 /// Command-line interface. Every flag has an env var `REDFUSE_<NAME>`.
 #[derive(Debug, Parser, Default)]
-#[command(name = "redfuse", version, about = "A RESP caching proxy that keeps serving when Redis fails")]
+#[command(
+    name = "redfuse",
+    version,
+    about = "A RESP caching proxy that keeps serving when Redis fails"
+)]
 pub struct Cli {
     /// Address clients connect to (default 127.0.0.1:6380).
     #[arg(long, env = "REDFUSE_LISTEN")]
@@ -106,6 +110,33 @@ pub struct FileConfig {
     pub admin_token: Option<String>,
     pub ready_requires_upstream: Option<bool>,
     pub breaker: Option<BreakerConfig>,
+    pub read_policy: Option<ReadPolicy>,
+    pub balance: Option<Balance>,
+    pub max_inflight_per_upstream: Option<usize>,
+    pub health_probe_interval_ms: Option<u64>,
+}
+
+/// Where reads go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReadPolicy {
+    /// Reads go to the primary; replicas only take them while the primary's breaker is open.
+    #[default]
+    Primary,
+    /// Reads go to a healthy replica, the primary when none is.
+    PreferReplica,
+    /// Reads go to any healthy upstream.
+    Any,
+}
+
+/// How a read picks among equally eligible upstreams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastOutstanding,
+    Weighted,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -169,27 +200,43 @@ pub struct Config {
     pub admin_token: Option<String>,
     pub ready_requires_upstream: bool,
     pub breaker: BreakerConfig,
+    pub read_policy: ReadPolicy,
+    pub balance: Balance,
+    pub max_inflight_per_upstream: usize,
+    /// 0 disables the active health probe.
+    pub health_probe_interval: Duration,
 }
 
 /// A configuration problem, naming the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid value for `{field}`: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field, message: message.into() }
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
 }
 
 impl FileConfig {
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string().trim().replace('\n', " "),
@@ -223,45 +270,84 @@ impl Config {
                 .collect()
         } else if let Some(list) = file.upstreams {
             if file.upstream.is_some() {
-                return Err(invalid("upstream", "set either `upstream` or `[[upstreams]]`, not both"));
+                return Err(invalid(
+                    "upstream",
+                    "set either `upstream` or `[[upstreams]]`, not both",
+                ));
             }
             list
         } else {
             let addr = file.upstream.unwrap_or_else(|| "127.0.0.1:6379".to_owned());
-            vec![UpstreamConfig { name: addr.clone(), addr, role: Role::Primary, priority: 0, weight: 1 }]
+            vec![UpstreamConfig {
+                name: addr.clone(),
+                addr,
+                role: Role::Primary,
+                priority: 0,
+                weight: 1,
+            }]
         };
 
         let password = cli.password.clone().or(file.password);
         let username = cli.username.clone().or(file.username);
         let credentials = match (username, password) {
             (username, Some(password)) => Some(Credentials { username, password }),
-            (Some(_), None) => return Err(invalid("username", "a username needs a `password` too")),
+            (Some(_), None) => {
+                return Err(invalid("username", "a username needs a `password` too"));
+            }
             (None, None) => None,
         };
         let log_format = match cli.log_format.clone().or(file.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
-            Some(other) => return Err(invalid("log_format", format!("`{other}` is not `text` or `json`"))),
+            Some(other) => {
+                return Err(invalid(
+                    "log_format",
+                    format!("`{other}` is not `text` or `json`"),
+                ));
+            }
         };
         let defaults = Limits::default();
         let config = Config {
-            listen: cli.listen.clone().or(file.listen).unwrap_or_else(|| "127.0.0.1:6380".to_owned()),
+            listen: cli
+                .listen
+                .clone()
+                .or(file.listen)
+                .unwrap_or_else(|| "127.0.0.1:6380".to_owned()),
             admin_listen: cli
                 .admin_listen
                 .clone()
                 .or(file.admin_listen)
                 .unwrap_or_else(|| "127.0.0.1:9380".to_owned()),
-            log_level: cli.log_level.clone().or(file.log_level).unwrap_or_else(|| "info".to_owned()),
+            log_level: cli
+                .log_level
+                .clone()
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".to_owned()),
             log_format,
             upstreams,
             credentials,
-            upstream_connections: cli.upstream_connections.or(file.upstream_connections).unwrap_or(2),
-            connect_timeout: ms(cli.connect_timeout_ms.or(file.connect_timeout_ms).unwrap_or(1000)),
-            command_timeout: ms(cli.command_timeout_ms.or(file.command_timeout_ms).unwrap_or(5000)),
+            upstream_connections: cli
+                .upstream_connections
+                .or(file.upstream_connections)
+                .unwrap_or(2),
+            connect_timeout: ms(cli
+                .connect_timeout_ms
+                .or(file.connect_timeout_ms)
+                .unwrap_or(1000)),
+            command_timeout: ms(cli
+                .command_timeout_ms
+                .or(file.command_timeout_ms)
+                .unwrap_or(5000)),
             max_clients: cli.max_clients.or(file.max_clients).unwrap_or(10_000),
             limits: Limits {
-                max_bulk_len: cli.max_bulk_len.or(file.max_bulk_len).unwrap_or(defaults.max_bulk_len),
-                max_array_len: cli.max_array_len.or(file.max_array_len).unwrap_or(defaults.max_array_len),
+                max_bulk_len: cli
+                    .max_bulk_len
+                    .or(file.max_bulk_len)
+                    .unwrap_or(defaults.max_bulk_len),
+                max_array_len: cli
+                    .max_array_len
+                    .or(file.max_array_len)
+                    .unwrap_or(defaults.max_array_len),
                 max_nesting_depth: cli
                     .max_nesting_depth
                     .or(file.max_nesting_depth)
@@ -272,11 +358,22 @@ impl Config {
                 0 => None,
                 n => Some(ms(n)),
             },
-            shutdown_timeout: ms(cli.shutdown_timeout_ms.or(file.shutdown_timeout_ms).unwrap_or(10_000)),
+            shutdown_timeout: ms(cli
+                .shutdown_timeout_ms
+                .or(file.shutdown_timeout_ms)
+                .unwrap_or(10_000)),
             threads: cli.threads.or(file.threads).unwrap_or(0),
-            admin_token: cli.admin_token.clone().or(file.admin_token).filter(|t| !t.is_empty()),
+            admin_token: cli
+                .admin_token
+                .clone()
+                .or(file.admin_token)
+                .filter(|t| !t.is_empty()),
             ready_requires_upstream: file.ready_requires_upstream.unwrap_or(false),
             breaker: file.breaker.unwrap_or_default(),
+            read_policy: file.read_policy.unwrap_or_default(),
+            balance: file.balance.unwrap_or_default(),
+            max_inflight_per_upstream: file.max_inflight_per_upstream.unwrap_or(10_000),
+            health_probe_interval: ms(file.health_probe_interval_ms.unwrap_or(1000)),
         };
         config.validate()?;
         Ok(config)
@@ -292,26 +389,55 @@ impl Config {
         for u in &self.upstreams {
             check_addr("upstreams.addr", &u.addr)?;
             if !names.insert(u.name.as_str()) {
-                return Err(invalid("upstreams.name", format!("`{}` is used twice", u.name)));
+                return Err(invalid(
+                    "upstreams.name",
+                    format!("`{}` is used twice", u.name),
+                ));
             }
         }
-        let primaries = self.upstreams.iter().filter(|u| u.role == Role::Primary).count();
+        let primaries = self
+            .upstreams
+            .iter()
+            .filter(|u| u.role == Role::Primary)
+            .count();
         if primaries != 1 {
-            return Err(invalid("upstreams.role", format!("exactly one primary is needed, found {primaries}")));
+            return Err(invalid(
+                "upstreams.role",
+                format!("exactly one primary is needed, found {primaries}"),
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
-            return Err(invalid("log_level", format!("`{}` is not a log level or filter", self.log_level)));
+            return Err(invalid(
+                "log_level",
+                format!("`{}` is not a log level or filter", self.log_level),
+            ));
         }
         positive("upstream_connections", self.upstream_connections as u64)?;
-        positive("connect_timeout_ms", self.connect_timeout.as_millis() as u64)?;
-        positive("command_timeout_ms", self.command_timeout.as_millis() as u64)?;
-        positive("shutdown_timeout_ms", self.shutdown_timeout.as_millis() as u64)?;
+        positive(
+            "connect_timeout_ms",
+            self.connect_timeout.as_millis() as u64,
+        )?;
+        positive(
+            "command_timeout_ms",
+            self.command_timeout.as_millis() as u64,
+        )?;
+        positive(
+            "shutdown_timeout_ms",
+            self.shutdown_timeout.as_millis() as u64,
+        )?;
         positive("max_clients", self.max_clients as u64)?;
+        positive(
+            "max_inflight_per_upstream",
+            self.max_inflight_per_upstream as u64,
+        )?;
         positive("max_bulk_len", self.limits.max_bulk_len as u64)?;
         positive("max_array_len", self.limits.max_array_len as u64)?;
         positive("max_nesting_depth", self.limits.max_nesting_depth as u64)?;
         if let Err(message) = self.breaker.validate() {
-            return Err(ConfigError::Invalid { field: "breaker", message });
+            return Err(ConfigError::Invalid {
+                field: "breaker",
+                message,
+            });
         }
         if self.upstream_connections > 64 {
             return Err(invalid("upstream_connections", "at most 64"));
@@ -321,7 +447,10 @@ impl Config {
 
     /// The primary upstream (validation guarantees exactly one).
     pub fn primary(&self) -> &UpstreamConfig {
-        self.upstreams.iter().find(|u| u.role == Role::Primary).expect("validated: one primary")
+        self.upstreams
+            .iter()
+            .find(|u| u.role == Role::Primary)
+            .expect("validated: one primary")
     }
 }
 
@@ -330,7 +459,11 @@ fn ms(n: u64) -> Duration {
 }
 
 fn positive(field: &'static str, v: u64) -> Result<(), ConfigError> {
-    if v == 0 { Err(invalid(field, "must be greater than 0")) } else { Ok(()) }
+    if v == 0 {
+        Err(invalid(field, "must be greater than 0"))
+    } else {
+        Ok(())
+    }
 }
 
 /// `host:port`, where host may be a name (resolved when connecting) or an IP literal.
@@ -371,7 +504,8 @@ mod tests {
 
     #[test]
     fn flags_win_over_file() {
-        let f = file("listen = \"0.0.0.0:7000\"\ncommand_timeout_ms = 250\nupstream = \"redis:6379\"");
+        let f =
+            file("listen = \"0.0.0.0:7000\"\ncommand_timeout_ms = 250\nupstream = \"redis:6379\"");
         let c = Config::merge(&cli(&["--listen", "127.0.0.1:7001"]), f).unwrap();
         assert_eq!(c.listen, "127.0.0.1:7001");
         assert_eq!(c.command_timeout, Duration::from_millis(250));
@@ -380,7 +514,11 @@ mod tests {
 
     #[test]
     fn repeated_upstream_flags_make_replicas() {
-        let c = Config::merge(&cli(&["--upstream", "a:1", "--upstream", "b:2"]), FileConfig::default()).unwrap();
+        let c = Config::merge(
+            &cli(&["--upstream", "a:1", "--upstream", "b:2"]),
+            FileConfig::default(),
+        )
+        .unwrap();
         assert_eq!(c.upstreams.len(), 2);
         assert_eq!(c.upstreams[0].role, Role::Primary);
         assert_eq!(c.upstreams[1].role, Role::Replica);
@@ -392,9 +530,14 @@ mod tests {
         let err = |c: Cli, f: FileConfig| Config::merge(&c, f).unwrap_err().to_string();
         assert!(err(cli(&["--listen", "nope"]), FileConfig::default()).contains("`listen`"));
         assert!(err(cli(&["--log-format", "xml"]), FileConfig::default()).contains("`log_format`"));
-        assert!(err(cli(&["--command-timeout-ms", "0"]), FileConfig::default()).contains("`command_timeout_ms`"));
+        assert!(
+            err(cli(&["--command-timeout-ms", "0"]), FileConfig::default())
+                .contains("`command_timeout_ms`")
+        );
         assert!(err(Cli::default(), file("username = \"u\"")).contains("`username`"));
-        let two_primaries = file("[[upstreams]]\naddr = \"a:1\"\nname = \"a\"\n[[upstreams]]\naddr = \"b:1\"\nname = \"b\"");
+        let two_primaries = file(
+            "[[upstreams]]\naddr = \"a:1\"\nname = \"a\"\n[[upstreams]]\naddr = \"b:1\"\nname = \"b\"",
+        );
         assert!(err(Cli::default(), two_primaries).contains("upstreams.role"));
     }
 

@@ -16,17 +16,26 @@ use crate::protocol::{ProtocolError, reply};
 pub enum UpstreamError {
     /// Could not connect, or the connection is down and reconnecting.
     #[error("upstream '{upstream}' unavailable: {reason}")]
-    Unavailable { upstream: Arc<str>, reason: Arc<str> },
+    Unavailable {
+        upstream: Arc<str>,
+        reason: Arc<str>,
+    },
     /// The per-command deadline passed; the connection is reset because a FIFO pipeline
     /// cannot skip a reply.
     #[error("upstream '{upstream}' timed out after {} ms", timeout.as_millis())]
-    Timeout { upstream: Arc<str>, timeout: Duration },
+    Timeout {
+        upstream: Arc<str>,
+        timeout: Duration,
+    },
     /// The connection closed while the reply was pending.
     #[error("upstream '{upstream}' closed the connection with the reply pending")]
     Closed { upstream: Arc<str> },
     /// The upstream sent bytes that are not RESP.
     #[error("upstream '{upstream}' sent a malformed reply: {reason}")]
-    Malformed { upstream: Arc<str>, reason: Arc<str> },
+    Malformed {
+        upstream: Arc<str>,
+        reason: Arc<str>,
+    },
     /// The upstream refused redfuse's own credentials (the raw error reply is kept).
     #[error("upstream '{upstream}' rejected redfuse's credentials: {reply}")]
     Auth { upstream: Arc<str>, reply: Arc<str> },
@@ -40,7 +49,10 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     pub fn unavailable(upstream: &Arc<str>, reason: impl std::fmt::Display) -> UpstreamError {
-        UpstreamError::Unavailable { upstream: upstream.clone(), reason: reason.to_string().into() }
+        UpstreamError::Unavailable {
+            upstream: upstream.clone(),
+            reason: reason.to_string().into(),
+        }
     }
 }
 
@@ -77,10 +89,16 @@ mod tests {
     fn replies_name_the_source() {
         let up: Arc<str> = "primary".into();
         let r = error_reply(&UpstreamError::unavailable(&up, "connection refused").into());
-        assert_eq!(&r[..], b"-ERR redfuse: upstream 'primary' unavailable: connection refused\r\n");
+        assert_eq!(
+            &r[..],
+            b"-ERR redfuse: upstream 'primary' unavailable: connection refused\r\n"
+        );
         let r = error_reply(&Error::Client(ProtocolError("invalid bulk length".into())));
         assert_eq!(&r[..], b"-ERR Protocol error: invalid bulk length\r\n");
         let r = error_reply(&UpstreamError::CircuitOpen { upstream: up }.into());
-        assert_eq!(&r[..], b"-ERR redfuse: upstream 'primary' unavailable (circuit open)\r\n");
+        assert_eq!(
+            &r[..],
+            b"-ERR redfuse: upstream 'primary' unavailable (circuit open)\r\n"
+        );
     }
 }

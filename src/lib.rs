@@ -50,7 +50,11 @@ use crate::upstream::{Upstream, UpstreamSettings};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr} (`{field}`): {source}")]
-    Bind { field: &'static str, addr: String, source: std::io::Error },
+    Bind {
+        field: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
 }
@@ -75,7 +79,13 @@ impl Running {
 }
 
 async fn bind(field: &'static str, addr: &str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { field, addr: addr.to_owned(), source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            field,
+            addr: addr.to_owned(),
+            source,
+        })
 }
 
 /// Binds the client and admin listeners and starts serving. Upstreams are connected in the
@@ -92,13 +102,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         command_timeout: config.command_timeout,
         max_nesting_depth: config.limits.max_nesting_depth,
         queue_depth: 4096,
+        max_inflight: config.max_inflight_per_upstream,
     };
     let upstreams: Vec<Arc<Upstream>> = config
         .upstreams
         .iter()
         .enumerate()
         .map(|(i, u)| {
-            let name = if u.name.is_empty() { u.addr.as_str() } else { u.name.as_str() };
+            let name = if u.name.is_empty() {
+                u.addr.as_str()
+            } else {
+                u.name.as_str()
+            };
             let breaker = SharedBreaker::new(
                 name,
                 config.breaker.clone(),
@@ -109,11 +124,25 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             breaker.spawn_timer(async move {
                 let _ = stop.changed().await;
             });
-            Arc::new(Upstream::new(u, settings.clone(), metrics.for_upstream(name), breaker))
+            Arc::new(Upstream::new(
+                u,
+                settings.clone(),
+                metrics.for_upstream(name),
+                breaker,
+            ))
         })
         .collect();
     for u in &upstreams {
         u.warm_up(&config.credentials);
+        if !config.health_probe_interval.is_zero() {
+            tokio::spawn(upstream::probe::run(
+                u.clone(),
+                config.credentials.clone(),
+                config.health_probe_interval,
+                u.ctx.metrics.probe.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
     }
     let server = Arc::new(Server::new(config, metrics, upstreams));
     let client_addr = clients.local_addr().map_err(|source| StartError::Bind {
@@ -128,5 +157,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     })?;
     let clients = tokio::spawn(server::serve(server.clone(), clients, shutdown_rx.clone()));
     let admin = tokio::spawn(admin::serve(server.clone(), admin, shutdown_rx));
-    Ok(Running { client_addr, admin_addr, server, shutdown: shutdown_tx, clients, admin })
+    Ok(Running {
+        client_addr,
+        admin_addr,
+        server,
+        shutdown: shutdown_tx,
+        clients,
+        admin,
+    })
 }

@@ -54,7 +54,10 @@ fn run(config: Config) -> anyhow::Result<()> {
     if config.threads > 0 {
         rt.worker_threads(config.threads);
     }
-    let rt = rt.enable_all().build().context("cannot start the tokio runtime")?;
+    let rt = rt
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
     rt.block_on(async move {
         let running = redfuse::start(config).await?;
         info!(client_addr = %running.client_addr, admin_addr = %running.admin_addr, "listening");

@@ -6,10 +6,12 @@
 //! No globals: the registry is owned by [`Metrics`] and passed to whoever registers more.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use crate::command;
+use crate::upstream::probe::ProbeMetrics;
 
 /// The result label of `redfuse_commands_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +34,8 @@ pub struct Metrics {
     upstream_latency: HistogramVec,
     upstream_connections: IntGaugeVec,
     upstream_errors: IntCounterVec,
+    health_probes: IntCounterVec,
+    bulkhead_overflow: IntCounterVec,
 }
 
 /// Per-upstream handles, resolved once.
@@ -44,6 +48,8 @@ pub struct UpstreamMetrics {
     pub disconnects: IntCounter,
     pub auth_errors: IntCounter,
     pub protocol_errors: IntCounter,
+    pub bulkhead_overflow: IntCounter,
+    pub probe: ProbeMetrics,
 }
 
 /// Id used for commands the table does not know.
@@ -54,15 +60,21 @@ pub fn unknown_command_id() -> usize {
 impl Metrics {
     pub fn new() -> prometheus::Result<Metrics> {
         let registry = Registry::new();
-        let client_connections = IntGauge::new("redfuse_client_connections", "Client connections open now")?;
-        let client_connections_total =
-            IntCounter::new("redfuse_client_connections_total", "Client connections accepted")?;
+        let client_connections =
+            IntGauge::new("redfuse_client_connections", "Client connections open now")?;
+        let client_connections_total = IntCounter::new(
+            "redfuse_client_connections_total",
+            "Client connections accepted",
+        )?;
         let client_rejected_total = IntCounter::new(
             "redfuse_client_connections_rejected_total",
             "Client connections refused because max_clients was reached",
         )?;
         let protocol_errors = IntCounterVec::new(
-            Opts::new("redfuse_protocol_errors_total", "Malformed RESP frames, by who sent them"),
+            Opts::new(
+                "redfuse_protocol_errors_total",
+                "Malformed RESP frames, by who sent them",
+            ),
             &["source"],
         )?;
         let bytes = IntCounterVec::new(
@@ -70,7 +82,10 @@ impl Metrics {
             &["direction"],
         )?;
         let commands_vec = IntCounterVec::new(
-            Opts::new("redfuse_commands_total", "Client commands by command name and result"),
+            Opts::new(
+                "redfuse_commands_total",
+                "Client commands by command name and result",
+            ),
             &["command", "result"],
         )?;
         let upstream_latency = HistogramVec::new(
@@ -79,7 +94,8 @@ impl Metrics {
                 "Time from writing a command upstream to reading its reply",
             )
             .buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0,
             ]),
             &["upstream"],
         )?;
@@ -88,9 +104,28 @@ impl Metrics {
             &["upstream"],
         )?;
         let upstream_errors = IntCounterVec::new(
-            Opts::new("redfuse_upstream_errors_total", "Upstream connection problems by kind"),
+            Opts::new(
+                "redfuse_upstream_errors_total",
+                "Upstream connection problems by kind",
+            ),
             &["upstream", "kind"],
         )?;
+        let health_probes = IntCounterVec::new(
+            Opts::new(
+                "redfuse_health_probe_total",
+                "Active health probes by result",
+            ),
+            &["upstream", "result"],
+        )?;
+        let bulkhead_overflow = IntCounterVec::new(
+            Opts::new(
+                "redfuse_bulkhead_overflow_total",
+                "Requests refused because an upstream had too many in flight",
+            ),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(health_probes.clone()))?;
+        registry.register(Box::new(bulkhead_overflow.clone()))?;
         registry.register(Box::new(client_connections.clone()))?;
         registry.register(Box::new(client_connections_total.clone()))?;
         registry.register(Box::new(client_rejected_total.clone()))?;
@@ -101,10 +136,16 @@ impl Metrics {
         registry.register(Box::new(upstream_connections.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
 
-        let names = command::COMMANDS.iter().map(|c| c.name).chain(std::iter::once("unknown"));
+        let names = command::COMMANDS
+            .iter()
+            .map(|c| c.name)
+            .chain(std::iter::once("unknown"));
         let commands = names
             .map(|name| {
-                [commands_vec.with_label_values(&[name, "ok"]), commands_vec.with_label_values(&[name, "error"])]
+                [
+                    commands_vec.with_label_values(&[name, "ok"]),
+                    commands_vec.with_label_values(&[name, "error"]),
+                ]
             })
             .collect();
         Ok(Metrics {
@@ -120,6 +161,8 @@ impl Metrics {
             upstream_latency,
             upstream_connections,
             upstream_errors,
+            health_probes,
+            bulkhead_overflow,
         })
     }
 
@@ -140,12 +183,20 @@ impl Metrics {
             disconnects: err("disconnect"),
             auth_errors: err("auth"),
             protocol_errors: self.upstream_protocol_errors.clone(),
+            bulkhead_overflow: self.bulkhead_overflow.with_label_values(&[name]),
+            probe: ProbeMetrics {
+                success: self.health_probes.with_label_values(&[name, "success"]),
+                failure: self.health_probes.with_label_values(&[name, "failure"]),
+                skipped: self.health_probes.with_label_values(&[name, "skipped"]),
+            },
         }
     }
 
     /// The registry in Prometheus text exposition format.
     pub fn render(&self) -> String {
         let families = self.registry.gather();
-        prometheus::TextEncoder::new().encode_to_string(&families).unwrap_or_else(|e| format!("# encode error: {e}\n"))
+        prometheus::TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap_or_else(|e| format!("# encode error: {e}\n"))
     }
 }

@@ -138,7 +138,10 @@ fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
 ///
 /// Returns `Ok(None)` when more bytes are needed (after reserving room for a large bulk whose
 /// length has been checked), and skips empty inline lines and `*0`/`*-1` arrays as Redis does.
-pub fn parse_request(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Request>, ProtocolError> {
+pub fn parse_request(
+    buf: &mut BytesMut,
+    limits: &Limits,
+) -> Result<Option<Request>, ProtocolError> {
     loop {
         if buf.is_empty() {
             return Ok(None);
@@ -256,7 +259,12 @@ pub fn split_inline_args(line: &[u8]) -> Option<Vec<Bytes>> {
                     return None;
                 }
                 let c = line[i];
-                if c == b'\\' && i + 3 < n && line[i + 1] == b'x' && is_hex(line[i + 2]) && is_hex(line[i + 3]) {
+                if c == b'\\'
+                    && i + 3 < n
+                    && line[i + 1] == b'x'
+                    && is_hex(line[i + 2])
+                    && is_hex(line[i + 3])
+                {
                     cur.push(hex(line[i + 2]) * 16 + hex(line[i + 3]));
                     i += 3;
                 } else if c == b'\\' && i + 1 < n {
@@ -365,7 +373,8 @@ impl ReplyScanner {
                     }
                 }
                 b'$' | b'!' | b'=' => {
-                    let len = parse_int(header).ok_or_else(|| perr("invalid bulk length in reply"))?;
+                    let len =
+                        parse_int(header).ok_or_else(|| perr("invalid bulk length in reply"))?;
                     if len < 0 {
                         self.pos = after;
                     } else {
@@ -380,7 +389,8 @@ impl ReplyScanner {
                     }
                 }
                 b'*' | b'~' | b'>' | b'%' | b'|' => {
-                    let n = parse_int(header).ok_or_else(|| perr("invalid multibulk length in reply"))?;
+                    let n = parse_int(header)
+                        .ok_or_else(|| perr("invalid multibulk length in reply"))?;
                     self.pos = after;
                     let children = match kind {
                         b'%' => n.max(0) as u64 * 2,
@@ -400,7 +410,10 @@ impl ReplyScanner {
                     }
                 }
                 other => {
-                    return Err(perr(format!("unexpected reply type byte '{}'", other.escape_ascii())));
+                    return Err(perr(format!(
+                        "unexpected reply type byte '{}'",
+                        other.escape_ascii()
+                    )));
                 }
             }
         }
@@ -518,12 +531,20 @@ mod tests {
     fn parses_pipelined_multibulk_and_keeps_raw_bytes() {
         let input = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$4\r\nPING\r\n";
         let mut buf = BytesMut::from(&input[..]);
-        let a = parse_request(&mut buf, &Limits::default()).unwrap().unwrap();
+        let a = parse_request(&mut buf, &Limits::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(&a.raw[..], b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
         assert_eq!(a.args, vec![Bytes::from("GET"), Bytes::from("k")]);
-        let b = parse_request(&mut buf, &Limits::default()).unwrap().unwrap();
+        let b = parse_request(&mut buf, &Limits::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(b.args, vec![Bytes::from("PING")]);
-        assert!(parse_request(&mut buf, &Limits::default()).unwrap().is_none());
+        assert!(
+            parse_request(&mut buf, &Limits::default())
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -531,9 +552,16 @@ mod tests {
         let input = b"*3\r\n$3\r\nSET\r\n$2\r\nk\n\r\n$4\r\nv\r\nx\r\n";
         for split in 0..input.len() {
             let mut buf = BytesMut::from(&input[..split]);
-            assert!(parse_request(&mut buf, &Limits::default()).unwrap().is_none(), "split {split}");
+            assert!(
+                parse_request(&mut buf, &Limits::default())
+                    .unwrap()
+                    .is_none(),
+                "split {split}"
+            );
             buf.extend_from_slice(&input[split..]);
-            let r = parse_request(&mut buf, &Limits::default()).unwrap().unwrap();
+            let r = parse_request(&mut buf, &Limits::default())
+                .unwrap()
+                .unwrap();
             assert_eq!(r.args[2], Bytes::from_static(b"v\r\nx"));
         }
     }
@@ -542,9 +570,15 @@ mod tests {
     fn inline_commands_split_like_redis() {
         let got = parse_all(b"PING\r\nSET a \"b c\\n\"\r\n\r\nGET 'it\\'s'\n").unwrap();
         assert_eq!(got[0], vec![b"PING".to_vec()]);
-        assert_eq!(got[1], vec![b"SET".to_vec(), b"a".to_vec(), b"b c\n".to_vec()]);
+        assert_eq!(
+            got[1],
+            vec![b"SET".to_vec(), b"a".to_vec(), b"b c\n".to_vec()]
+        );
         assert_eq!(got[2], vec![b"GET".to_vec(), b"it's".to_vec()]);
-        assert_eq!(parse_all(b"SET a \"b\r\n").unwrap_err().0, "unbalanced quotes in request");
+        assert_eq!(
+            parse_all(b"SET a \"b\r\n").unwrap_err().0,
+            "unbalanced quotes in request"
+        );
         assert_eq!(
             split_inline_args(b"\"\\x41\\x42\"").unwrap(),
             vec![Bytes::from_static(b"AB")]
@@ -553,10 +587,18 @@ mod tests {
 
     #[test]
     fn rejects_malformed_and_oversized_input_before_buffering() {
-        let limits = Limits { max_bulk_len: 10, max_array_len: 3, ..Limits::default() };
+        let limits = Limits {
+            max_bulk_len: 10,
+            max_array_len: 3,
+            ..Limits::default()
+        };
         let check = |input: &[u8], msg: &str| {
             let mut buf = BytesMut::from(input);
-            assert_eq!(parse_request(&mut buf, &limits).unwrap_err().0, msg, "{input:?}");
+            assert_eq!(
+                parse_request(&mut buf, &limits).unwrap_err().0,
+                msg,
+                "{input:?}"
+            );
         };
         check(b"*1\r\n$abc\r\n", "invalid bulk length");
         check(b"*2\r\n:1\r\n", "expected '$', got ':'");
@@ -573,7 +615,12 @@ mod tests {
 
     #[test]
     fn empty_arrays_are_skipped() {
-        assert_eq!(parse_all(b"*0\r\n*-1\r\n*1\r\n$4\r\nPING\r\n").unwrap().len(), 1);
+        assert_eq!(
+            parse_all(b"*0\r\n*-1\r\n*1\r\n$4\r\nPING\r\n")
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     fn scan_one(input: &[u8]) -> Option<usize> {
@@ -601,7 +648,12 @@ mod tests {
         for f in frames {
             let mut input = f.to_vec();
             input.extend_from_slice(b"+NEXT\r\n");
-            assert_eq!(scan_one(&input), Some(f.len()), "{:?}", String::from_utf8_lossy(f));
+            assert_eq!(
+                scan_one(&input),
+                Some(f.len()),
+                "{:?}",
+                String::from_utf8_lossy(f)
+            );
             for split in 0..f.len() {
                 assert_eq!(scan_one(&f[..split]), None);
             }
@@ -628,7 +680,10 @@ mod tests {
 
     #[test]
     fn encodes_commands_and_replies() {
-        assert_eq!(&encode_command(&["GET", "k"])[..], b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
+        assert_eq!(
+            &encode_command(&["GET", "k"])[..],
+            b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+        );
         assert_eq!(&reply::error("ERR a\r\nb")[..], b"-ERR a  b\r\n");
         assert_eq!(&reply::integer(-3)[..], b":-3\r\n");
         assert_eq!(&reply::null(Proto::Resp3)[..], b"_\r\n");

@@ -22,11 +22,14 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::config::{Config, Credentials};
+use crate::config::{Balance, Config, Credentials, ReadPolicy};
 use crate::error::{Error, UpstreamError, error_reply};
 use crate::metrics::Metrics;
 use crate::protocol::Request;
 use crate::upstream::Upstream;
+
+/// Upstream indexes in the order to try them.
+pub type RouteOrder = Vec<usize>;
 
 /// How long credentials checked against the upstream are trusted without asking again.
 const VERIFIED_CREDENTIALS_TTL: Duration = Duration::from_secs(60);
@@ -39,6 +42,7 @@ pub struct Server {
     pub upstreams: Vec<Arc<Upstream>>,
     primary: usize,
     next_client_id: AtomicU64,
+    round_robin: AtomicU64,
     verified: Mutex<HashMap<Credentials, Instant>>,
 }
 
@@ -54,6 +58,7 @@ impl Server {
             upstreams,
             primary,
             next_client_id: AtomicU64::new(1),
+            round_robin: AtomicU64::new(0),
             verified: Mutex::new(HashMap::new()),
         }
     }
@@ -62,19 +67,96 @@ impl Server {
         &self.upstreams[self.primary]
     }
 
-    pub fn upstream_index(&self, upstream: &Arc<Upstream>) -> usize {
-        self.upstreams.iter().position(|u| Arc::ptr_eq(u, upstream)).unwrap_or(self.primary)
+    pub fn primary_index(&self) -> usize {
+        self.primary
+    }
+
+    /// The upstreams to try for a command, best first (indexes into `upstreams`). Writes go
+    /// to the primary alone. Reads follow `read_policy` and `balance` among upstreams whose
+    /// breaker is not open, and fail over to replicas in priority order when the primary's
+    /// breaker rejects them.
+    pub fn route(&self, is_read: bool) -> RouteOrder {
+        let mut order = RouteOrder::new();
+        if !is_read || self.upstreams.len() == 1 {
+            order.push(self.primary);
+            return order;
+        }
+        let healthy = |i: &usize| self.upstreams[*i].breaker.state() != crate::breaker::State::Open;
+        let mut replicas: Vec<usize> = (0..self.upstreams.len())
+            .filter(|&i| i != self.primary)
+            .collect();
+        replicas.sort_by_key(|&i| self.upstreams[i].ctx.priority);
+        match self.config.read_policy {
+            ReadPolicy::Primary => {
+                order.push(self.primary);
+                order.extend(replicas);
+            }
+            ReadPolicy::PreferReplica => {
+                let (up, down): (Vec<usize>, Vec<usize>) = replicas.into_iter().partition(healthy);
+                order.extend(self.balance(up));
+                order.push(self.primary);
+                order.extend(down);
+            }
+            ReadPolicy::Any => {
+                let all: Vec<usize> = std::iter::once(self.primary).chain(replicas).collect();
+                let (up, down): (Vec<usize>, Vec<usize>) = all.into_iter().partition(healthy);
+                order.extend(self.balance(up));
+                order.extend(down);
+            }
+        }
+        order
+    }
+
+    /// Orders equally eligible upstreams by the configured balancing strategy.
+    fn balance(&self, mut group: Vec<usize>) -> Vec<usize> {
+        if group.len() < 2 {
+            return group;
+        }
+        match self.config.balance {
+            Balance::RoundRobin => {
+                let n = self.round_robin.fetch_add(1, Ordering::Relaxed) as usize % group.len();
+                group.rotate_left(n);
+            }
+            Balance::LeastOutstanding => group.sort_by_key(|&i| self.upstreams[i].inflight()),
+            Balance::Weighted => {
+                use rand::RngExt;
+                let total: u64 = group
+                    .iter()
+                    .map(|&i| self.upstreams[i].ctx.weight.max(1) as u64)
+                    .sum();
+                let mut pick = rand::rng().random_range(0..total);
+                let chosen = group
+                    .iter()
+                    .position(|&i| {
+                        let w = self.upstreams[i].ctx.weight.max(1) as u64;
+                        if pick < w {
+                            return true;
+                        }
+                        pick -= w;
+                        false
+                    })
+                    .unwrap_or(0);
+                group.swap(0, chosen);
+            }
+        }
+        group
     }
 
     /// The reply for a request that an upstream cannot serve right now. Every such decision
     /// goes through here, so degraded-mode answers have one place to live.
-    pub fn unavailable_reply(&self, _upstream: &Upstream, _request: &Request, err: UpstreamError) -> Bytes {
+    pub fn unavailable_reply(
+        &self,
+        _upstream: &Upstream,
+        _request: &Request,
+        err: UpstreamError,
+    ) -> Bytes {
         error_reply(&Error::Upstream(err))
     }
 
     fn credentials_recently_verified(&self, c: &Credentials) -> bool {
         let map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(c).is_some_and(|at| at.elapsed() < VERIFIED_CREDENTIALS_TTL)
+        map.get(c)
+            .is_some_and(|at| at.elapsed() < VERIFIED_CREDENTIALS_TTL)
     }
 
     fn remember_verified(&self, c: Credentials) {
@@ -87,7 +169,11 @@ impl Server {
 }
 
 /// Accepts clients until `shutdown` turns true, then drains within the configured deadline.
-pub async fn serve(server: Arc<Server>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    server: Arc<Server>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let limit = Arc::new(Semaphore::new(server.config.max_clients));
     let mut sessions = JoinSet::new();
     loop {
@@ -108,7 +194,9 @@ pub async fn serve(server: Arc<Server>, listener: TcpListener, mut shutdown: wat
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             server.metrics.client_rejected_total.inc();
             tokio::spawn(async move {
-                let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
+                let _ = stream
+                    .write_all(b"-ERR max number of clients reached\r\n")
+                    .await;
                 let _ = stream.shutdown().await;
             });
             continue;
@@ -130,11 +218,20 @@ pub async fn serve(server: Arc<Server>, listener: TcpListener, mut shutdown: wat
     }
     drop(listener);
     let open = sessions.len();
-    info!(sessions = open, "shutting down: stopped accepting, draining in-flight replies");
+    info!(
+        sessions = open,
+        "shutting down: stopped accepting, draining in-flight replies"
+    );
     let deadline = server.config.shutdown_timeout;
-    let drained = tokio::time::timeout(deadline, async { while sessions.join_next().await.is_some() {} }).await;
+    let drained = tokio::time::timeout(deadline, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
     if drained.is_err() {
-        warn!(remaining = sessions.len(), "drain deadline passed; closing remaining clients");
+        warn!(
+            remaining = sessions.len(),
+            "drain deadline passed; closing remaining clients"
+        );
         sessions.abort_all();
     }
 }

@@ -65,20 +65,26 @@ pub struct Session {
     tunnel: Option<Tunnel>,
     /// This client's shared connection per upstream (index as in `Server::upstreams`).
     shared: Vec<Option<ConnHandle>>,
-    /// The connection the previous upstream command went to, for fencing.
-    last_conn: Option<ConnHandle>,
+    /// The connection (and its upstream's index) the previous command went to, for fencing.
+    last_conn: Option<(usize, ConnHandle)>,
     slots: mpsc::Sender<Slot>,
 }
 
 const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 
 /// Serves one client until it quits, breaks the protocol, idles out or shutdown begins.
-pub async fn run(server: Arc<Server>, stream: TcpStream, id: u64, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    server: Arc<Server>,
+    stream: TcpStream,
+    id: u64,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
     let (slots_tx, slots_rx) = mpsc::channel(1024);
     let metrics = server.metrics.clone();
-    let writer = tokio::spawn(async move { super::writer::write_replies(wr, slots_rx, &metrics).await });
+    let writer =
+        tokio::spawn(async move { super::writer::write_replies(wr, slots_rx, &metrics).await });
     let mut session = Session {
         shared: vec![None; server.upstreams.len()],
         credentials: server.config.credentials.clone(),
@@ -120,8 +126,16 @@ impl Session {
                     Err(e) => {
                         self.server.metrics.client_protocol_errors.inc();
                         debug!(client = self.id, "protocol error: {e}");
-                        self.push(Slot::ready(unknown_command_id(), error_reply(&Error::Client(e)))).await;
-                        self.push(Slot { command: unknown_command_id(), kind: SlotKind::Close }).await;
+                        self.push(Slot::ready(
+                            unknown_command_id(),
+                            error_reply(&Error::Client(e)),
+                        ))
+                        .await;
+                        self.push(Slot {
+                            command: unknown_command_id(),
+                            kind: SlotKind::Close,
+                        })
+                        .await;
                         return;
                     }
                 }
@@ -183,31 +197,56 @@ impl Session {
             Route::Pin => self.stateful(req, spec).await,
             Route::Blocking => self.pinned_send(req, id, true).await,
             Route::Tunnel => self.enter_tunnel(req, id).await,
-            Route::Shared if command::is_blocking(spec, &req.args) => self.pinned_send(req, id, true).await,
+            Route::Shared if command::is_blocking(spec, &req.args) => {
+                self.pinned_send(req, id, true).await
+            }
             Route::Shared => self.forward(req, id, Some(spec)).await,
         }
     }
 
     /// A stateless command: to the pinned connection while there is one, else shared.
-    async fn forward(&mut self, req: Request, id: usize, spec: Option<&'static CommandSpec>) -> Flow {
+    async fn forward(
+        &mut self,
+        req: Request,
+        id: usize,
+        spec: Option<&'static CommandSpec>,
+    ) -> Flow {
         if self.pinned.is_some() {
             if self.db != 0 || self.watching {
                 return self.pinned_send(req, id, false).await;
             }
             self.unpin().await;
         }
-        let upstream = self.server.primary().clone();
         let is_write = spec.is_none_or(|s| command::is_write(s, &req.args));
-        let guard = match upstream.breaker.try_acquire() {
-            Ok(g) => g,
-            Err(_) => {
-                let err = UpstreamError::CircuitOpen { upstream: upstream.name().clone() };
-                let reply = self.server.unavailable_reply(&upstream, &req, err);
-                self.push_ready(id, reply).await;
-                return Flow::Continue;
+        let is_read = spec.is_some_and(|s| command::is_read(s, &req.args));
+        let mut admitted = None;
+        for index in self.server.route(is_read) {
+            let upstream = &self.server.upstreams[index];
+            if let Ok(guard) = upstream.breaker.try_acquire() {
+                admitted = Some((index, guard));
+                break;
             }
+        }
+        let Some((index, guard)) = admitted else {
+            let upstream = self.server.primary().clone();
+            let err = UpstreamError::CircuitOpen {
+                upstream: upstream.name().clone(),
+            };
+            let reply = self.server.unavailable_reply(&upstream, &req, err);
+            self.push_ready(id, reply).await;
+            return Flow::Continue;
         };
-        let index = self.server.upstream_index(&upstream);
+        let upstream = self.server.upstreams[index].clone();
+        let Some(inflight) = upstream.admit() else {
+            // Shed load here rather than pile onto a struggling Redis; not the server's fault.
+            drop(guard);
+            upstream.ctx.metrics.bulkhead_overflow.inc();
+            let err = UpstreamError::Overloaded {
+                upstream: upstream.name().clone(),
+            };
+            self.push_ready(id, error_reply(&err.into())).await;
+            return Flow::Continue;
+        };
         let conn = match &self.shared[index] {
             Some(c) => c.clone(),
             None => {
@@ -216,33 +255,46 @@ impl Session {
                 c
             }
         };
-        self.fence(&conn).await;
+        self.fence(index, &conn).await;
         let (mut call, rx) = Call::new(req.raw, false, is_write);
         call.guard = Some(guard);
+        call.inflight = Some(inflight);
         let name = upstream.name().clone();
-        conn.send(call, || UpstreamError::unavailable(&name, "connection task ended")).await;
-        self.push(Slot { command: id, kind: SlotKind::Waiting(rx) }).await;
+        conn.send(call, || {
+            UpstreamError::unavailable(&name, "connection task ended")
+        })
+        .await;
+        self.push(Slot {
+            command: id,
+            kind: SlotKind::Waiting(rx),
+        })
+        .await;
         Flow::Continue
     }
 
-    /// Waits until everything this client sent to another connection has executed.
-    async fn fence(&mut self, next: &ConnHandle) {
-        let prev = match &self.last_conn {
-            Some(prev) if prev.id == next.id => return,
-            Some(prev) => prev.clone(),
-            None => {
-                self.last_conn = Some(next.clone());
-                return;
-            }
+    /// Waits until everything this client sent to another connection of the same upstream
+    /// has executed. Across upstreams (replica reads) there is no order to keep: replication
+    /// lag already gives none.
+    async fn fence(&mut self, upstream: usize, next: &ConnHandle) {
+        let prev = match self.last_conn.replace((upstream, next.clone())) {
+            Some((u, prev)) if u == upstream && prev.id != next.id => prev,
+            _ => return,
         };
-        self.last_conn = Some(next.clone());
         let (call, rx) = Call::new(Bytes::from_static(PING), false, false);
-        prev.send(call, || UpstreamError::Closed { upstream: "fence".into() }).await;
+        prev.send(call, || UpstreamError::Closed {
+            upstream: "fence".into(),
+        })
+        .await;
         let _ = rx.await;
     }
 
     fn setup(&self) -> Setup {
-        Setup { proto: self.proto, credentials: self.credentials.clone(), db: self.db, client_name: None }
+        Setup {
+            proto: self.proto,
+            credentials: self.credentials.clone(),
+            db: self.db,
+            client_name: None,
+        }
     }
 
     /// Sends on this client's dedicated connection, opening one if needed.
@@ -250,7 +302,9 @@ impl Session {
         if self.pinned.is_none() {
             let upstream = self.server.primary().clone();
             let Ok(guard) = upstream.breaker.try_acquire() else {
-                let err = UpstreamError::CircuitOpen { upstream: upstream.name().clone() };
+                let err = UpstreamError::CircuitOpen {
+                    upstream: upstream.name().clone(),
+                };
                 let reply = self.server.unavailable_reply(&upstream, &req, err);
                 self.push_ready(id, reply).await;
                 return Flow::Continue;
@@ -275,13 +329,23 @@ impl Session {
             // The server-side state this client relied on is gone; Redis would have closed it.
             let err = UpstreamError::Closed { upstream: name };
             self.push_ready(id, error_reply(&err.into())).await;
-            self.push(Slot { command: id, kind: SlotKind::Close }).await;
+            self.push(Slot {
+                command: id,
+                kind: SlotKind::Close,
+            })
+            .await;
             return Flow::Stop;
         }
-        self.fence(&conn).await;
+        let primary = self.server.primary_index();
+        self.fence(primary, &conn).await;
         let (call, rx) = Call::new(req.raw, blocking, true);
-        conn.send(call, || UpstreamError::Closed { upstream: name }).await;
-        self.push(Slot { command: id, kind: SlotKind::Waiting(rx) }).await;
+        conn.send(call, || UpstreamError::Closed { upstream: name })
+            .await;
+        self.push(Slot {
+            command: id,
+            kind: SlotKind::Waiting(rx),
+        })
+        .await;
         Flow::Continue
     }
 
@@ -290,7 +354,11 @@ impl Session {
         if let Some(p) = self.pinned.take() {
             // The fence on the next send waits for the pinned commands; release after that.
             let (call, rx) = Call::new(Bytes::from_static(PING), false, false);
-            p.conn.send(call, || UpstreamError::Closed { upstream: p.upstream.name().clone() }).await;
+            p.conn
+                .send(call, || UpstreamError::Closed {
+                    upstream: p.upstream.name().clone(),
+                })
+                .await;
             if matches!(rx.await, Ok(Ok(_))) {
                 p.upstream.release_dedicated(self.setup(), p.conn);
             }
@@ -358,7 +426,11 @@ impl Session {
 
     async fn quit(&mut self, id: usize) -> Flow {
         self.push_ready(id, reply::ok()).await;
-        self.push(Slot { command: id, kind: SlotKind::Close }).await;
+        self.push(Slot {
+            command: id,
+            kind: SlotKind::Close,
+        })
+        .await;
         Flow::Stop
     }
 
@@ -390,11 +462,15 @@ impl Session {
         let args = &req.args;
         let mut proto = self.proto;
         if args.len() >= 2 {
-            match std::str::from_utf8(&args[1]).ok().and_then(|s| s.parse::<i64>().ok()) {
+            match std::str::from_utf8(&args[1])
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+            {
                 Some(2) => proto = Proto::Resp2,
                 Some(3) => proto = Proto::Resp3,
                 Some(_) => {
-                    self.push_ready(id, reply::error("NOPROTO unsupported protocol version")).await;
+                    self.push_ready(id, reply::error("NOPROTO unsupported protocol version"))
+                        .await;
                     return Flow::Continue;
                 }
                 None => {
@@ -419,7 +495,10 @@ impl Session {
                 name = Some(args[j + 1].clone());
                 j += 2;
             } else {
-                let msg = format!("ERR Syntax error in HELLO option '{}'", String::from_utf8_lossy(&args[j]));
+                let msg = format!(
+                    "ERR Syntax error in HELLO option '{}'",
+                    String::from_utf8_lossy(&args[j])
+                );
                 self.push_ready(id, reply::error(&msg)).await;
                 return Flow::Continue;
             }
@@ -428,7 +507,11 @@ impl Session {
         if let Some(candidate) = auth {
             let frame = encode_command(&[
                 b"AUTH".as_slice(),
-                candidate.username.as_deref().unwrap_or("default").as_bytes(),
+                candidate
+                    .username
+                    .as_deref()
+                    .unwrap_or("default")
+                    .as_bytes(),
                 candidate.password.as_bytes(),
             ]);
             match self.verify_auth(&candidate, &frame).await {
@@ -449,9 +532,16 @@ impl Session {
         if let Some(p) = &self.pinned {
             // The pinned connection must speak the client's protocol too.
             if proto != self.proto {
-                let hello = encode_command(&[b"HELLO".as_slice(), if proto == Proto::Resp3 { b"3" } else { b"2" }]);
+                let hello = encode_command(&[
+                    b"HELLO".as_slice(),
+                    if proto == Proto::Resp3 { b"3" } else { b"2" },
+                ]);
                 let (call, rx) = Call::new(hello, false, false);
-                p.conn.send(call, || UpstreamError::Closed { upstream: p.upstream.name().clone() }).await;
+                p.conn
+                    .send(call, || UpstreamError::Closed {
+                        upstream: p.upstream.name().clone(),
+                    })
+                    .await;
                 let _ = rx.await;
             }
         }
@@ -463,7 +553,10 @@ impl Session {
 
     async fn auth(&mut self, req: Request, id: usize) -> Flow {
         let candidate = match req.args.len() {
-            2 => Credentials { username: None, password: String::from_utf8_lossy(&req.args[1]).into_owned() },
+            2 => Credentials {
+                username: None,
+                password: String::from_utf8_lossy(&req.args[1]).into_owned(),
+            },
             3 => Credentials {
                 username: Some(String::from_utf8_lossy(&req.args[1]).into_owned()),
                 password: String::from_utf8_lossy(&req.args[2]).into_owned(),
@@ -500,9 +593,13 @@ impl Session {
         }
         let upstream = self.server.primary();
         let ctx = &upstream.ctx;
-        let mut stream = conn::connect(ctx).await.map_err(|e| error_reply(&e.into()))?;
+        let mut stream = conn::connect(ctx)
+            .await
+            .map_err(|e| error_reply(&e.into()))?;
         let mut buf = BytesMut::with_capacity(256);
-        let reply = roundtrip(ctx, &mut stream, frame, &mut buf).await.map_err(|e| error_reply(&e.into()))?;
+        let reply = roundtrip(ctx, &mut stream, frame, &mut buf)
+            .await
+            .map_err(|e| error_reply(&e.into()))?;
         if crate::protocol::is_error_reply(&reply) {
             return Err(reply);
         }
@@ -519,7 +616,11 @@ impl Session {
         let reply = match (sub.as_slice(), req.args.len()) {
             (b"setname", 3) => match check_client_name(&req.args[2]) {
                 Ok(()) => {
-                    self.name = if req.args[2].is_empty() { None } else { Some(req.args[2].clone()) };
+                    self.name = if req.args[2].is_empty() {
+                        None
+                    } else {
+                        Some(req.args[2].clone())
+                    };
                     reply::ok()
                 }
                 Err(e) => e,
@@ -544,18 +645,26 @@ impl Session {
     async fn enter_tunnel(&mut self, req: Request, id: usize) -> Flow {
         let upstream = self.server.primary().clone();
         let Ok(guard) = upstream.breaker.try_acquire() else {
-            let err = UpstreamError::CircuitOpen { upstream: upstream.name().clone() };
+            let err = UpstreamError::CircuitOpen {
+                upstream: upstream.name().clone(),
+            };
             let reply = self.server.unavailable_reply(&upstream, &req, err);
             self.push_ready(id, reply).await;
             return Flow::Continue;
         };
         // Everything sent before must have run before the pipe's first command does.
-        if let Some(prev) = self.last_conn.take() {
+        if let Some((_, prev)) = self.last_conn.take() {
             let (call, rx) = Call::new(Bytes::from_static(PING), false, false);
-            prev.send(call, || UpstreamError::Closed { upstream: upstream.name().clone() }).await;
+            prev.send(call, || UpstreamError::Closed {
+                upstream: upstream.name().clone(),
+            })
+            .await;
             let _ = rx.await;
         }
-        let setup = Setup { client_name: self.name.clone(), ..self.setup() };
+        let setup = Setup {
+            client_name: self.name.clone(),
+            ..self.setup()
+        };
         self.pinned = None;
         let stream = match conn::open(&upstream.ctx, &setup).await {
             Ok(s) => {
@@ -591,7 +700,11 @@ impl Session {
                 }
             }
         });
-        self.push(Slot { command: id, kind: SlotKind::Stream(rx) }).await;
+        self.push(Slot {
+            command: id,
+            kind: SlotKind::Stream(rx),
+        })
+        .await;
         self.tunnel = Some(Tunnel { wr, pipe });
         Flow::Continue
     }
@@ -602,7 +715,11 @@ impl Session {
             return Flow::Stop;
         }
         // Redis answers QUIT and closes; the pipe then ends and so does the session.
-        if req.name().eq_ignore_ascii_case(b"quit") { Flow::Stop } else { Flow::Continue }
+        if req.name().eq_ignore_ascii_case(b"quit") {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        }
     }
 }
 
@@ -614,12 +731,16 @@ async fn sleep_or_forever(d: Option<std::time::Duration>) {
 }
 
 fn wrong_arity(name: &str) -> Bytes {
-    reply::error(&format!("ERR wrong number of arguments for '{name}' command"))
+    reply::error(&format!(
+        "ERR wrong number of arguments for '{name}' command"
+    ))
 }
 
 fn check_client_name(name: &[u8]) -> Result<(), Bytes> {
     if name.iter().any(|&c| !(b'!'..=b'~').contains(&c)) {
-        return Err(reply::error("ERR Client names cannot contain spaces, newlines or special characters."));
+        return Err(reply::error(
+            "ERR Client names cannot contain spaces, newlines or special characters.",
+        ));
     }
     Ok(())
 }
@@ -630,10 +751,15 @@ fn client_setinfo(attr: &[u8], value: &[u8]) -> Bytes {
     } else if attr.eq_ignore_ascii_case(b"lib-ver") {
         "lib-ver"
     } else {
-        return reply::error(&format!("ERR Unrecognized option '{}'", String::from_utf8_lossy(attr)));
+        return reply::error(&format!(
+            "ERR Unrecognized option '{}'",
+            String::from_utf8_lossy(attr)
+        ));
     };
     if value.iter().any(|&c| !(b'!'..=b'~').contains(&c)) {
-        return reply::error(&format!("ERR {label} cannot contain spaces, newlines or special characters."));
+        return reply::error(&format!(
+            "ERR {label} cannot contain spaces, newlines or special characters."
+        ));
     }
     reply::ok()
 }

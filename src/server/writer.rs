@@ -32,13 +32,20 @@ pub struct Slot {
 
 impl Slot {
     pub fn ready(command: usize, reply: Bytes) -> Slot {
-        Slot { command, kind: SlotKind::Ready(reply) }
+        Slot {
+            command,
+            kind: SlotKind::Ready(reply),
+        }
     }
 }
 
 const BATCH_BYTES: usize = 64 * 1024;
 
-pub async fn write_replies(mut wr: OwnedWriteHalf, mut slots: mpsc::Receiver<Slot>, metrics: &Metrics) {
+pub async fn write_replies(
+    mut wr: OwnedWriteHalf,
+    mut slots: mpsc::Receiver<Slot>,
+    metrics: &Metrics,
+) {
     let mut out = BytesMut::with_capacity(16 * 1024);
     loop {
         let slot = match slots.try_recv() {
@@ -86,7 +93,11 @@ pub async fn write_replies(mut wr: OwnedWriteHalf, mut slots: mpsc::Receiver<Slo
             }
             SlotKind::Close => break,
         };
-        let result = if is_error_reply(&reply) { CommandResult::Error } else { CommandResult::Ok };
+        let result = if is_error_reply(&reply) {
+            CommandResult::Error
+        } else {
+            CommandResult::Ok
+        };
         metrics.count_command(slot.command, result);
         if reply.len() >= BATCH_BYTES {
             if flush(&mut wr, &mut out, metrics).await.is_err() {
@@ -107,7 +118,11 @@ pub async fn write_replies(mut wr: OwnedWriteHalf, mut slots: mpsc::Receiver<Slo
     let _ = wr.shutdown().await;
 }
 
-async fn flush(wr: &mut OwnedWriteHalf, out: &mut BytesMut, metrics: &Metrics) -> std::io::Result<()> {
+async fn flush(
+    wr: &mut OwnedWriteHalf,
+    out: &mut BytesMut,
+    metrics: &Metrics,
+) -> std::io::Result<()> {
     if out.is_empty() {
         return Ok(());
     }

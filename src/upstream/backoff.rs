@@ -17,7 +17,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, max: Duration) -> Backoff {
-        Backoff { base, max, current: base }
+        Backoff {
+            base,
+            max,
+            current: base,
+        }
     }
 
     /// The delay before the next attempt; each call doubles the nominal delay up to the cap.

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::backoff::Backoff;
-use super::{ServerInfo, UpstreamCtx};
+use super::{Inflight, ServerInfo, UpstreamCtx};
 use crate::breaker::{CallGuard, Outcome, ReplyClass, classify_error_reply};
 use crate::config::Credentials;
 use crate::error::UpstreamError;
@@ -41,12 +41,24 @@ pub struct Call {
     pub is_write: bool,
     /// The breaker permit this call was admitted with; completed when the reply arrives.
     pub guard: Option<CallGuard>,
+    /// The bulkhead slot, held until the reply arrives.
+    pub inflight: Option<Inflight>,
 }
 
 impl Call {
     pub fn new(frame: Bytes, blocking: bool, is_write: bool) -> (Call, oneshot::Receiver<Reply>) {
         let (tx, rx) = oneshot::channel();
-        (Call { frame, reply: tx, blocking, is_write, guard: None }, rx)
+        (
+            Call {
+                frame,
+                reply: tx,
+                blocking,
+                is_write,
+                guard: None,
+                inflight: None,
+            },
+            rx,
+        )
     }
 
     /// Answers the call with an error without sending it.
@@ -66,9 +78,9 @@ pub fn outcome_of_error(err: &UpstreamError) -> Outcome {
         UpstreamError::Malformed { .. } => Outcome::Failure(FailureKind::MalformedReply),
         UpstreamError::Unavailable { .. } => Outcome::Failure(FailureKind::ConnectRefused),
         // Not the server's fault, or never tried.
-        UpstreamError::Auth { .. } | UpstreamError::CircuitOpen { .. } | UpstreamError::Overloaded { .. } => {
-            Outcome::Ignored
-        }
+        UpstreamError::Auth { .. }
+        | UpstreamError::CircuitOpen { .. }
+        | UpstreamError::Overloaded { .. } => Outcome::Ignored,
     }
 }
 
@@ -109,20 +121,29 @@ pub struct Setup {
 
 impl Setup {
     pub fn new(proto: Proto, credentials: Option<Credentials>) -> Setup {
-        Setup { proto, credentials, db: 0, client_name: None }
+        Setup {
+            proto,
+            credentials,
+            db: 0,
+            client_name: None,
+        }
     }
 }
 
 /// Connects within the connect timeout.
 pub async fn connect(ctx: &UpstreamCtx) -> Result<TcpStream, UpstreamError> {
-    let attempt = tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(ctx.addr.as_str())).await;
+    let attempt =
+        tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(ctx.addr.as_str())).await;
     let stream = match attempt {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(UpstreamError::unavailable(&ctx.name, e)),
         Err(_) => {
             return Err(UpstreamError::unavailable(
                 &ctx.name,
-                format!("connect timed out after {} ms", ctx.connect_timeout.as_millis()),
+                format!(
+                    "connect timed out after {} ms",
+                    ctx.connect_timeout.as_millis()
+                ),
             ));
         }
     };
@@ -138,19 +159,29 @@ pub async fn roundtrip(
     buf: &mut BytesMut,
 ) -> Result<Bytes, UpstreamError> {
     let fut = async {
-        stream.write_all(frame).await.map_err(|e| UpstreamError::unavailable(&ctx.name, e))?;
+        stream
+            .write_all(frame)
+            .await
+            .map_err(|e| UpstreamError::unavailable(&ctx.name, e))?;
         let mut scanner = ReplyScanner::new();
         loop {
             match scanner.scan(buf, ctx.max_nesting_depth) {
                 Ok(Some(n)) => return Ok(buf.split_to(n).freeze()),
                 Ok(None) => {}
                 Err(e) => {
-                    return Err(UpstreamError::Malformed { upstream: ctx.name.clone(), reason: e.0.into() });
+                    return Err(UpstreamError::Malformed {
+                        upstream: ctx.name.clone(),
+                        reason: e.0.into(),
+                    });
                 }
             }
             buf.reserve(4096);
             match stream.read_buf(buf).await {
-                Ok(0) => return Err(UpstreamError::Closed { upstream: ctx.name.clone() }),
+                Ok(0) => {
+                    return Err(UpstreamError::Closed {
+                        upstream: ctx.name.clone(),
+                    });
+                }
                 Ok(_) => {}
                 Err(e) => return Err(UpstreamError::unavailable(&ctx.name, e)),
             }
@@ -158,7 +189,10 @@ pub async fn roundtrip(
     };
     match tokio::time::timeout(ctx.connect_timeout.max(ctx.command_timeout), fut).await {
         Ok(r) => r,
-        Err(_) => Err(UpstreamError::Timeout { upstream: ctx.name.clone(), timeout: ctx.command_timeout }),
+        Err(_) => Err(UpstreamError::Timeout {
+            upstream: ctx.name.clone(),
+            timeout: ctx.command_timeout,
+        }),
     }
 }
 
@@ -173,7 +207,9 @@ pub async fn open(ctx: &UpstreamCtx, setup: &Setup) -> Result<TcpStream, Upstrea
     }
     if let Some(c) = &setup.credentials {
         hello.push(Bytes::from_static(b"AUTH"));
-        hello.push(Bytes::from(c.username.clone().unwrap_or_else(|| "default".to_owned())));
+        hello.push(Bytes::from(
+            c.username.clone().unwrap_or_else(|| "default".to_owned()),
+        ));
         hello.push(Bytes::from(c.password.clone()));
     }
     let reply = roundtrip(ctx, &mut stream, &encode_command(&hello), &mut buf).await?;
@@ -182,9 +218,15 @@ pub async fn open(ctx: &UpstreamCtx, setup: &Setup) -> Result<TcpStream, Upstrea
         if matches!(classify_error_reply(&reply, false), ReplyClass::AuthProblem) {
             ctx.metrics.auth_errors.inc();
             warn!(upstream = %ctx.name, reply = %text, "upstream rejected redfuse's credentials; check username/password");
-            return Err(UpstreamError::Auth { upstream: ctx.name.clone(), reply: text });
+            return Err(UpstreamError::Auth {
+                upstream: ctx.name.clone(),
+                reply: text,
+            });
         }
-        return Err(UpstreamError::unavailable(&ctx.name, format!("handshake failed: {text}")));
+        return Err(UpstreamError::unavailable(
+            &ctx.name,
+            format!("handshake failed: {text}"),
+        ));
     }
     if let Some(info) = ServerInfo::parse(&reply) {
         ctx.remember_server_info(info);
@@ -193,7 +235,10 @@ pub async fn open(ctx: &UpstreamCtx, setup: &Setup) -> Result<TcpStream, Upstrea
         let select = encode_command(&[b"SELECT".as_slice(), setup.db.to_string().as_bytes()]);
         let reply = roundtrip(ctx, &mut stream, &select, &mut buf).await?;
         if is_error_reply(&reply) {
-            return Err(UpstreamError::unavailable(&ctx.name, "SELECT failed during handshake"));
+            return Err(UpstreamError::unavailable(
+                &ctx.name,
+                "SELECT failed during handshake",
+            ));
         }
     }
     if let Some(name) = &setup.client_name {
@@ -217,7 +262,7 @@ pub fn spawn_dedicated(ctx: Arc<UpstreamCtx>, stream: TcpStream, depth: usize) -
     let id = next_conn_id();
     tokio::spawn(async move {
         ctx.metrics.connections.inc();
-        let end = pipeline(&ctx, stream, &mut rx).await;
+        let end = pipeline(&ctx, stream, &mut rx, None).await;
         ctx.metrics.connections.dec();
         debug!(upstream = %ctx.name, conn = id, "dedicated connection ended: {end:?}");
         rx.close();
@@ -232,16 +277,24 @@ pub fn spawn_dedicated(ctx: Arc<UpstreamCtx>, stream: TcpStream, depth: usize) -
 async fn run_shared(ctx: Arc<UpstreamCtx>, setup: Setup, mut rx: mpsc::Receiver<Call>, id: u64) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut logged_down = false;
+    // A request that arrived during back-off and triggered this attempt.
+    let mut first: Option<Call> = None;
     loop {
-        match open(&ctx, &setup).await {
+        let attempt = open(&ctx, &setup).await;
+        if let (Err(err), Some(call)) = (&attempt, first.take()) {
+            call.fail(err.clone());
+        }
+        match attempt {
             Ok(stream) => {
                 info!(upstream = %ctx.name, addr = %ctx.addr, conn = id, proto = setup.proto.as_u8(), "upstream connected");
                 logged_down = false;
                 backoff.reset();
                 ctx.metrics.connections.inc();
-                ctx.connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let end = pipeline(&ctx, stream, &mut rx).await;
-                ctx.connected.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                ctx.connected
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let end = pipeline(&ctx, stream, &mut rx, first.take()).await;
+                ctx.connected
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 ctx.metrics.connections.dec();
                 if let Ended::HandlesDropped = end {
                     return;
@@ -255,13 +308,24 @@ async fn run_shared(ctx: Arc<UpstreamCtx>, setup: Setup, mut rx: mpsc::Receiver<
                     warn!(upstream = %ctx.name, addr = %ctx.addr, conn = id, "cannot connect to upstream: {err}; retrying with back-off");
                     logged_down = true;
                 }
-                // Until the next attempt, requests get a prompt error instead of waiting.
+                // Until the next attempt, requests get a prompt error instead of waiting; a
+                // request arriving once the minimum gap has passed triggers an attempt at once,
+                // so recovery does not wait out a long back-off, yet a down Redis sees at most
+                // one connect per gap per connection.
                 let retry = tokio::time::sleep(backoff.next_delay());
-                tokio::pin!(retry);
+                let min_gap = tokio::time::sleep(Duration::from_millis(100));
+                tokio::pin!(retry, min_gap);
+                let mut gap_passed = false;
                 loop {
                     tokio::select! {
                         _ = &mut retry => break,
+                        _ = ctx.reconnect.notified() => break,
+                        _ = &mut min_gap, if !gap_passed => gap_passed = true,
                         call = rx.recv() => match call {
+                            Some(call) if gap_passed => {
+                                first = Some(call);
+                                break;
+                            }
                             Some(call) => call.fail(err.clone()),
                             None => return,
                         },
@@ -298,10 +362,19 @@ impl Ended {
     fn error(&self, ctx: &UpstreamCtx) -> UpstreamError {
         let upstream = ctx.name.clone();
         match self {
-            Ended::Timeout => UpstreamError::Timeout { upstream, timeout: ctx.command_timeout },
-            Ended::Malformed(m) => UpstreamError::Malformed { upstream, reason: m.as_str().into() },
+            Ended::Timeout => UpstreamError::Timeout {
+                upstream,
+                timeout: ctx.command_timeout,
+            },
+            Ended::Malformed(m) => UpstreamError::Malformed {
+                upstream,
+                reason: m.as_str().into(),
+            },
             Ended::Closed => UpstreamError::Closed { upstream },
-            Ended::Io(e) => UpstreamError::Unavailable { upstream, reason: e.to_string().into() },
+            Ended::Io(e) => UpstreamError::Unavailable {
+                upstream,
+                reason: e.to_string().into(),
+            },
             Ended::HandlesDropped => UpstreamError::Closed { upstream },
         }
     }
@@ -313,12 +386,18 @@ struct Pending {
     deadline: Option<Instant>,
     is_write: bool,
     guard: Option<CallGuard>,
+    _inflight: Option<Inflight>,
 }
 
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 const DIRECT_WRITE_BYTES: usize = 64 * 1024;
 
-async fn pipeline(ctx: &UpstreamCtx, mut stream: TcpStream, rx: &mut mpsc::Receiver<Call>) -> Ended {
+async fn pipeline(
+    ctx: &UpstreamCtx,
+    mut stream: TcpStream,
+    rx: &mut mpsc::Receiver<Call>,
+    mut first: Option<Call>,
+) -> Ended {
     let (mut rd, mut wr) = stream.split();
     let pending: Mutex<VecDeque<Pending>> = Mutex::new(VecDeque::new());
     let armed = Notify::new();
@@ -326,10 +405,14 @@ async fn pipeline(ctx: &UpstreamCtx, mut stream: TcpStream, rx: &mut mpsc::Recei
     let writer = async {
         let mut out = BytesMut::with_capacity(16 * 1024);
         loop {
-            let Some(first) = rx.recv().await else {
-                return Ended::HandlesDropped;
+            let call = match first.take() {
+                Some(c) => c,
+                None => match rx.recv().await {
+                    Some(c) => c,
+                    None => return Ended::HandlesDropped,
+                },
             };
-            let mut next = Some(first);
+            let mut next = Some(call);
             while let Some(call) = next.take() {
                 let now = Instant::now();
                 let deadline = (!call.blocking).then(|| now + ctx.command_timeout);
@@ -345,6 +428,7 @@ async fn pipeline(ctx: &UpstreamCtx, mut stream: TcpStream, rx: &mut mpsc::Recei
                         deadline,
                         is_write: call.is_write,
                         guard: call.guard,
+                        _inflight: call.inflight,
                     });
                 }
                 if frame.len() >= DIRECT_WRITE_BYTES {
@@ -392,8 +476,14 @@ async fn pipeline(ctx: &UpstreamCtx, mut stream: TcpStream, rx: &mut mpsc::Recei
                     Err(e) => return Ended::Malformed(e.0),
                 }
             }
-            let deadline = pending.lock().unwrap_or_else(|e| e.into_inner()).front().and_then(|p| p.deadline);
-            timer.as_mut().reset(deadline.unwrap_or_else(|| Instant::now() + far));
+            let deadline = pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .front()
+                .and_then(|p| p.deadline);
+            timer
+                .as_mut()
+                .reset(deadline.unwrap_or_else(|| Instant::now() + far));
             if buf.capacity() - buf.len() < 8 * 1024 {
                 buf.reserve(64 * 1024);
             }
@@ -419,7 +509,11 @@ async fn pipeline(ctx: &UpstreamCtx, mut stream: TcpStream, rx: &mut mpsc::Recei
         _ => {}
     }
     let err = end.error(ctx);
-    let drained: Vec<Pending> = pending.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
+    let drained: Vec<Pending> = pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .drain(..)
+        .collect();
     for p in drained {
         if let Some(g) = p.guard {
             g.complete(outcome_of_error(&err));
@@ -430,12 +524,20 @@ async fn pipeline(ctx: &UpstreamCtx, mut stream: TcpStream, rx: &mut mpsc::Recei
 }
 
 /// Hands a reply frame to the oldest pending request.
-fn complete(ctx: &UpstreamCtx, pending: &Mutex<VecDeque<Pending>>, frame: Bytes) -> Result<(), Ended> {
+fn complete(
+    ctx: &UpstreamCtx,
+    pending: &Mutex<VecDeque<Pending>>,
+    frame: Bytes,
+) -> Result<(), Ended> {
     // Out-of-band RESP3 pushes belong to no request.
     if frame.first() == Some(&b'>') {
         return Ok(());
     }
-    let Some(p) = pending.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
+    let Some(p) = pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .pop_front()
+    else {
         return Err(Ended::Malformed("reply without a request".to_owned()));
     };
     let latency = p.sent.elapsed();

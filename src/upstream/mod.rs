@@ -9,6 +9,7 @@
 
 pub mod backoff;
 pub mod conn;
+pub mod probe;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,6 +38,10 @@ pub struct UpstreamCtx {
     pub metrics: UpstreamMetrics,
     /// Shared connections currently connected.
     pub connected: AtomicUsize,
+    /// Requests written or queued and not yet answered (the bulkhead counts these).
+    pub inflight: AtomicUsize,
+    /// Wakes shared connections out of their reconnect back-off (the probe saw Redis back).
+    pub reconnect: tokio::sync::Notify,
     server_info: RwLock<Option<Arc<ServerInfo>>>,
 }
 
@@ -49,7 +54,10 @@ impl UpstreamCtx {
     }
 
     pub fn server_info(&self) -> Option<Arc<ServerInfo>> {
-        self.server_info.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.server_info
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -61,6 +69,8 @@ pub struct UpstreamSettings {
     pub command_timeout: Duration,
     pub max_nesting_depth: usize,
     pub queue_depth: usize,
+    /// Bulkhead: the most requests in flight or queued for one upstream.
+    pub max_inflight: usize,
 }
 
 /// What `HELLO` told us about the server, for answering clients' `HELLO` locally.
@@ -103,7 +113,9 @@ fn decode_string(raw: &[u8]) -> Option<Bytes> {
     use redis_protocol::resp3::decode::complete::decode;
     use redis_protocol::resp3::types::OwnedFrame;
     match decode(raw).ok()??.0 {
-        OwnedFrame::BlobString { data, .. } | OwnedFrame::SimpleString { data, .. } => Some(Bytes::from(data)),
+        OwnedFrame::BlobString { data, .. } | OwnedFrame::SimpleString { data, .. } => {
+            Some(Bytes::from(data))
+        }
         OwnedFrame::VerbatimString { data, .. } => Some(Bytes::from(data)),
         _ => None,
     }
@@ -156,6 +168,15 @@ impl ServerInfo {
     }
 }
 
+/// One request's bulkhead slot, released when the request is answered or dropped.
+pub struct Inflight(Arc<UpstreamCtx>);
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
     proto: Proto,
@@ -186,7 +207,11 @@ impl Upstream {
         metrics: UpstreamMetrics,
         breaker: SharedBreaker,
     ) -> Upstream {
-        let name: Arc<str> = if config.name.is_empty() { config.addr.as_str().into() } else { config.name.as_str().into() };
+        let name: Arc<str> = if config.name.is_empty() {
+            config.addr.as_str().into()
+        } else {
+            config.name.as_str().into()
+        };
         let ctx = Arc::new(UpstreamCtx {
             name,
             addr: config.addr.clone(),
@@ -198,18 +223,43 @@ impl Upstream {
             max_nesting_depth: settings.max_nesting_depth,
             metrics,
             connected: AtomicUsize::new(0),
+            inflight: AtomicUsize::new(0),
+            reconnect: tokio::sync::Notify::new(),
             server_info: RwLock::new(None),
         });
-        Upstream { ctx, breaker, settings, pools: Mutex::new(HashMap::new()), idle: Mutex::new(HashMap::new()) }
+        Upstream {
+            ctx,
+            breaker,
+            settings,
+            pools: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn name(&self) -> &Arc<str> {
         &self.ctx.name
     }
 
+    /// Takes a bulkhead slot for one request, or None when the upstream has too many.
+    pub fn admit(&self) -> Option<Inflight> {
+        let prev = self.ctx.inflight.fetch_add(1, Ordering::Relaxed);
+        if prev >= self.settings.max_inflight {
+            self.ctx.inflight.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Inflight(self.ctx.clone()))
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.ctx.inflight.load(Ordering::Relaxed)
+    }
+
     /// A shared connection for this protocol and credentials; starts the pool on first use.
     pub fn shared_conn(&self, proto: Proto, credentials: &Option<Credentials>) -> ConnHandle {
-        let key = PoolKey { proto, credentials: credentials.clone() };
+        let key = PoolKey {
+            proto,
+            credentials: credentials.clone(),
+        };
         let pool = {
             let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
             pools
@@ -217,9 +267,18 @@ impl Upstream {
                 .or_insert_with(|| {
                     let setup = Setup::new(proto, credentials.clone());
                     let conns = (0..self.settings.connections)
-                        .map(|_| conn::spawn_shared(self.ctx.clone(), setup.clone(), self.settings.queue_depth))
+                        .map(|_| {
+                            conn::spawn_shared(
+                                self.ctx.clone(),
+                                setup.clone(),
+                                self.settings.queue_depth,
+                            )
+                        })
                         .collect();
-                    Arc::new(Pool { conns, next: AtomicUsize::new(0) })
+                    Arc::new(Pool {
+                        conns,
+                        next: AtomicUsize::new(0),
+                    })
                 })
                 .clone()
         };

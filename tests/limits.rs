@@ -1,0 +1,344 @@
+//! Client-facing limits and protocol hygiene: malformed input, oversized
+//! bulk strings and arrays, the connection limit, and the idle timeout.
+
+mod support;
+
+use std::thread;
+use std::time::Instant;
+
+use support::*;
+
+fn setup(extra: &[&str]) -> (RedisServer, Redfuse) {
+    let redis = RedisServer::start();
+    let rf = Redfuse::start(&redis.addr(), extra);
+    (redis, rf)
+}
+
+#[track_caller]
+fn assert_frame(got: &[u8], want: &[u8], what: &str) {
+    assert!(
+        got == want,
+        "{what}: expected {} but got {}",
+        esc(want),
+        esc(got)
+    );
+}
+
+/// Send `input` on a fresh connection; expect a `-ERR Protocol error...` reply
+/// and then the connection closed. Returns the error line.
+#[track_caller]
+fn expect_protocol_error_and_close(rf: &Redfuse, input: &[u8]) -> String {
+    let mut c = rf.client();
+    c.send(input);
+    let reply = match c.try_read_frame(secs(5)) {
+        Ok(f) => f,
+        Err(e) => panic!(
+            "input {}: expected a protocol error reply, got {e:?}",
+            esc(input)
+        ),
+    };
+    assert!(
+        reply.starts_with(b"-ERR Protocol error"),
+        "input {}: expected `-ERR Protocol error...`, got {}",
+        esc(input),
+        esc(&reply)
+    );
+    assert!(
+        c.wait_closed(secs(5)),
+        "input {}: connection not closed after the protocol error (unread: {})",
+        esc(input),
+        esc(c.pending_bytes())
+    );
+    assert!(
+        c.pending_bytes().is_empty(),
+        "input {}: unexpected bytes after the protocol error: {}",
+        esc(input),
+        esc(c.pending_bytes())
+    );
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[test]
+fn malformed_input_gets_protocol_error_and_close_others_unaffected() {
+    let (redis, rf) = setup(&[]);
+    let mut bystander = rf.client();
+    assert_frame(
+        &bystander.cmd(&["SET", "by", "1"]),
+        b"+OK\r\n",
+        "bystander SET",
+    );
+    let cases: &[&[u8]] = &[
+        b"*1\r\n$abc\r\n",
+        b"*2\r\n:1\r\n",
+        b"*abc\r\n",
+        b"*1\r\n$-5\r\n",
+        b"*2\r\n$3\r\nGET\r\n+x\r\n",
+    ];
+    for input in cases {
+        let err = expect_protocol_error_and_close(&rf, input);
+        // Redis's own reply to the same bytes, for reference in failures.
+        let mut d = redis.client();
+        d.send(input);
+        let direct = d.read_frame();
+        eprintln!(
+            "{}: redfuse={:?} redis={:?}",
+            esc(input),
+            err,
+            String::from_utf8_lossy(&direct)
+        );
+        assert_frame(
+            &bystander.cmd(&["INCR", "by"]),
+            b":2\r\n",
+            "bystander keeps working",
+        );
+        assert_frame(
+            &bystander.cmd(&["SET", "by", "1"]),
+            b"+OK\r\n",
+            "bystander reset",
+        );
+    }
+    // Garbage after a valid command in the same write: the valid one is answered first.
+    let mut c = rf.client();
+    let mut input = resp_cmd(&["SET", "valid", "yes"]);
+    input.extend(b"*1\r\n$x\r\n");
+    c.send(&input);
+    assert_frame(
+        &c.read_frame(),
+        b"+OK\r\n",
+        "valid command before the garbage",
+    );
+    let err = c.read_frame();
+    assert!(
+        err.starts_with(b"-ERR Protocol error"),
+        "garbage after a valid command: {}",
+        esc(&err)
+    );
+    assert!(
+        c.wait_closed(secs(5)),
+        "connection not closed after protocol error"
+    );
+    assert_frame(
+        &bystander.cmd(&["GET", "valid"]),
+        b"$3\r\nyes\r\n",
+        "the valid command ran",
+    );
+    // The proxy itself is still fine.
+    let mut fresh = rf.client();
+    assert_frame(
+        &fresh.cmd(&["PING"]),
+        b"+PONG\r\n",
+        "new client after protocol errors",
+    );
+}
+
+#[test]
+fn oversized_bulk_rejected_without_buffering_payload() {
+    let (redis, rf) = setup(&["--max-bulk-len", "1024"]);
+    let mut ok = rf.client();
+    let v = vec![b'v'; 1000];
+    assert_frame(
+        &ok.cmd(&[&b"SET"[..], b"k", &v]),
+        b"+OK\r\n",
+        "SET with a 1000-byte value under a 1024 limit",
+    );
+
+    // Only the header of a 2000-byte bulk: the payload is never sent, so an
+    // answer proves the proxy rejected it without waiting to buffer it.
+    let mut c = rf.client();
+    let started = Instant::now();
+    c.send(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2000\r\n");
+    let reply = match c.try_read_frame(secs(5)) {
+        Ok(f) => f,
+        Err(e) => panic!(
+            "a 2000-byte bulk header with --max-bulk-len 1024 got no reply within 5s \
+             (is the proxy waiting for the payload?): {e:?}"
+        ),
+    };
+    assert!(
+        reply.starts_with(b"-ERR Protocol error"),
+        "oversized bulk: expected `-ERR Protocol error...` (as Redis answers for proto-max-bulk-len), got {}",
+        esc(&reply)
+    );
+    assert!(
+        c.wait_closed(secs(5)),
+        "connection must be closed after an oversized bulk"
+    );
+    eprintln!(
+        "oversized bulk rejected in {:?}: {}",
+        started.elapsed(),
+        esc(&reply)
+    );
+    assert_frame(
+        &redis.cmd(&["STRLEN", "k"]),
+        b":1000\r\n",
+        "k keeps its previous value",
+    );
+
+    // Same for a bulk arriving as the key of a GET, with the payload streaming in.
+    let mut c = rf.client();
+    c.send(b"*2\r\n$3\r\nGET\r\n$5000\r\n");
+    let _ = c.try_send(&[b'x'; 100]);
+    let reply = c.read_frame();
+    assert!(
+        reply.starts_with(b"-ERR Protocol error"),
+        "oversized GET key: {}",
+        esc(&reply)
+    );
+    assert!(
+        c.wait_closed(secs(5)),
+        "connection must be closed after an oversized bulk"
+    );
+
+    assert_frame(&ok.cmd(&["PING"]), b"+PONG\r\n", "other client unaffected");
+}
+
+#[test]
+fn oversized_array_rejected() {
+    let (_redis, rf) = setup(&["--max-array-len", "10"]);
+    let mut ok = rf.client();
+    let mut args = vec!["DEL".to_string()];
+    args.extend((0..9).map(|i| format!("k{i}")));
+    assert_frame(
+        &ok.cmd(&args),
+        b":0\r\n",
+        "a 10-element command under --max-array-len 10",
+    );
+
+    let mut c = rf.client();
+    c.send(b"*11\r\n");
+    let reply = match c.try_read_frame(secs(5)) {
+        Ok(f) => f,
+        Err(e) => panic!("`*11` with --max-array-len 10 got no reply within 5s: {e:?}"),
+    };
+    assert!(
+        reply.starts_with(b"-ERR Protocol error"),
+        "oversized array: expected `-ERR Protocol error...`, got {}",
+        esc(&reply)
+    );
+    assert!(
+        c.wait_closed(secs(5)),
+        "connection must be closed after an oversized array"
+    );
+
+    let mut c = rf.client();
+    c.send(b"*1000000\r\n$3\r\nDEL\r\n");
+    let reply = c.read_frame();
+    assert!(
+        reply.starts_with(b"-ERR Protocol error"),
+        "*1000000: {}",
+        esc(&reply)
+    );
+    assert!(
+        c.wait_closed(secs(5)),
+        "connection must be closed after an oversized array"
+    );
+
+    assert_frame(&ok.cmd(&["PING"]), b"+PONG\r\n", "other client unaffected");
+}
+
+#[test]
+fn max_clients_rejects_extra_connection_like_redis() {
+    let (_redis, rf) = setup(&["--max-clients", "5"]);
+    let mut clients: Vec<RawClient> = (0..5).map(|_| rf.client()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_frame(&c.cmd(&["PING"]), b"+PONG\r\n", &format!("client {i} of 5"));
+    }
+    // The 6th: Redis sends the error right away (without waiting for a command) and closes.
+    let mut sixth = match RawClient::try_connect(&rf.addr()) {
+        Ok(c) => c,
+        Err(e) => panic!("6th client: connect failed ({e}); expected an error reply, then close"),
+    };
+    let reply = match sixth.try_read_frame(secs(5)) {
+        Ok(f) => f,
+        Err(e) => panic!("6th client: expected `-ERR max number of clients reached`, got {e:?}"),
+    };
+    assert_frame(
+        &reply,
+        b"-ERR max number of clients reached\r\n",
+        "6th client",
+    );
+    assert!(
+        sixth.wait_closed(secs(5)),
+        "6th client must be disconnected"
+    );
+
+    // The 5 existing clients are unaffected.
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_frame(
+            &c.cmd(&["ECHO", "still"]),
+            b"$5\r\nstill\r\n",
+            &format!("client {i} after rejection"),
+        );
+    }
+
+    // Free a slot; a new client gets in (bounded wait for the proxy to notice).
+    drop(clients.pop());
+    let mut last = String::new();
+    let admitted = wait_until(secs(5), || {
+        let Ok(mut c) = RawClient::try_connect(&rf.addr()) else {
+            return false;
+        };
+        c.send_cmd(&["PING"]);
+        match c.try_read_frame(secs(2)) {
+            Ok(f) if f == b"+PONG\r\n" => {
+                clients.push(c);
+                true
+            }
+            other => {
+                last = format!("{other:?}");
+                false
+            }
+        }
+    });
+    assert!(
+        admitted,
+        "no client admitted within 5s after one of 5 disconnected; last: {last}"
+    );
+}
+
+#[test]
+fn idle_timeout_closes_idle_client_but_not_active_one() {
+    let (_redis, rf) = setup(&["--idle-timeout-ms", "300"]);
+    let mut idle = rf.client();
+    let mut active = rf.client();
+    assert_frame(
+        &idle.cmd(&["PING"]),
+        b"+PONG\r\n",
+        "idle client's only command",
+    );
+    let last_activity = Instant::now();
+    assert_frame(&active.cmd(&["PING"]), b"+PONG\r\n", "active client");
+    let deadline = Instant::now() + secs(5);
+    let mut idle_closed_after = None;
+    // The active client keeps talking every 100ms (pacing, not synchronisation).
+    while Instant::now() < deadline {
+        if idle_closed_after.is_none() && idle.is_closed() {
+            idle_closed_after = Some(last_activity.elapsed());
+        }
+        if idle_closed_after.is_some() && last_activity.elapsed() >= ms(900) {
+            break;
+        }
+        thread::sleep(ms(100));
+        assert_frame(
+            &active.cmd(&["PING"]),
+            b"+PONG\r\n",
+            &format!("active client after {:?}", last_activity.elapsed()),
+        );
+    }
+    let closed_after = idle_closed_after
+        .expect("idle client was not disconnected within 5s (--idle-timeout-ms 300)");
+    assert!(
+        closed_after >= ms(250),
+        "idle client closed too early, after {closed_after:?} (timeout is 300ms)"
+    );
+    assert!(
+        idle.pending_bytes().is_empty(),
+        "idle client got unexpected bytes: {}",
+        esc(idle.pending_bytes())
+    );
+    assert_frame(
+        &active.cmd(&["PING"]),
+        b"+PONG\r\n",
+        "active client still connected",
+    );
+}

@@ -1,0 +1,39 @@
+//! Shared integration-test harness for redfuse.
+//!
+//! Every integration test file does `mod support;` and uses what it needs:
+//! - [`RedisServer`]: a real `redis-server` on an ephemeral port.
+//! - [`Redfuse`]: the binary under test, started on ephemeral ports.
+//! - [`RawClient`] + [`resp_cmd`]: byte-exact RESP2/RESP3 client.
+//! - [`FaultRelay`]: TCP relay with switchable faults, to put between redfuse and Redis.
+//! - [`http_get`] / [`http_post`] + [`metric_value`] / [`metric_sum`]: admin endpoint helpers.
+#![allow(dead_code, unused_imports)]
+
+pub mod client;
+pub mod http;
+pub mod procs;
+pub mod relay;
+pub mod resp;
+
+pub use client::{RawClient, ReadError};
+pub use http::{
+    Sample, http_get, http_post, http_request, http_request_full, metric_exists, metric_sum,
+    metric_value, parse_metrics,
+};
+pub use procs::{
+    LogLines, Redfuse, RedisServer, TempDir, eventually, free_port, log_field, redfuse_bin,
+    run_redfuse, wait_until,
+};
+pub use relay::{FaultMode, FaultRelay};
+pub use resp::{Resp, bulk, esc, frame_len, parse_resp, resp_cmd, split_frames};
+
+use std::time::Duration;
+
+/// Shorthand for `Duration::from_millis`.
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Shorthand for `Duration::from_secs`.
+pub fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
