@@ -19,11 +19,7 @@ fn assert_frame(got: &[u8], want: &[u8], what: &str) {
 
 #[track_caller]
 fn wait_blocked_clients(redis: &RedisServer, n: usize) {
-    eventually(
-        &format!("redis INFO blocked_clients == {n}"),
-        secs(5),
-        || redis.info_field("blocked_clients").as_deref() == Some(n.to_string().as_str()),
-    );
+    redis.wait_blocked_clients(n);
 }
 
 /// Poll `SET probe 1` (reconnecting on errors) until it succeeds.

@@ -268,6 +268,17 @@ impl RedisServer {
         self.client().cmd(args)
     }
 
+    /// Wait (bounded, 5s) until Redis itself reports `n` blocked clients, i.e.
+    /// a blocking command sent through the proxy is in flight upstream.
+    #[track_caller]
+    pub fn wait_blocked_clients(&self, n: usize) {
+        eventually(
+            &format!("redis INFO blocked_clients == {n}"),
+            Duration::from_secs(5),
+            || self.info_field("blocked_clients").as_deref() == Some(n.to_string().as_str()),
+        );
+    }
+
     /// Read one field from `INFO` (e.g. `blocked_clients`), directly from Redis.
     pub fn info_field(&self, field: &str) -> Option<String> {
         let raw = self.cmd(&["INFO"]);
