@@ -295,14 +295,26 @@ requests_for() {
     if ((p == 1)); then echo "$N_P1"; else echo "${!var:-$N_P16}"; fi
 }
 
-# run_bench OUTFILE PORT N PIPELINE TESTS: redis-benchmark in the background so
-# that a signal reaches cleanup at once; returns its exit status.
+# run_bench OUTFILE TARGET N PIPELINE TESTS: redis-benchmark in the background,
+# polled, so that a signal reaches cleanup at once and a crashed server does not
+# leave redis-benchmark spinning until BENCH_TIMEOUT (it retries refused
+# connections forever). Returns its exit status, 125 when the server died.
 run_bench() {
-    local out=$1 port=$2 n=$3 p=$4 tests=$5 rc=0
-    timeout "$BENCH_TIMEOUT" redis-benchmark -h 127.0.0.1 -p "$port" -t "$tests" \
+    local out=$1 t=$2 n=$3 p=$4 tests=$5 rc=0
+    local spid=${PID_OF[$t]:-${PID_OF[redis]}}
+    kill -0 "$spid" 2>/dev/null || return 125
+    timeout "$BENCH_TIMEOUT" redis-benchmark -h 127.0.0.1 -p "${PORT_OF[$t]}" -t "$tests" \
         -c "$CLIENTS" -n "$n" -r "$KEYSPACE" -d "$DATA_SIZE" -P "$p" --csv \
         >"$out" 2>"$out.err" </dev/null &
     BENCH_PID=$!
+    while kill -0 "$BENCH_PID" 2>/dev/null; do
+        if ! kill -0 "$spid" 2>/dev/null || ! kill -0 "${PID_OF[redis]}" 2>/dev/null; then
+            stop_pid "$BENCH_PID"
+            BENCH_PID=""
+            return 125
+        fi
+        sleep 0.2
+    done
     wait "$BENCH_PID" || rc=$?
     BENCH_PID=""
     return "$rc"
@@ -310,7 +322,7 @@ run_bench() {
 
 for t in "${ORDERED[@]}"; do
     log "warming up $t"
-    run_bench "$WORKDIR/warmup-$t.csv" "${PORT_OF[$t]}" "$WARMUP_N" 16 get ||
+    run_bench "$WORKDIR/warmup-$t.csv" "$t" "$WARMUP_N" 16 get ||
         log "WARNING: warm-up of $t failed"
 done
 
@@ -326,7 +338,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
             out="$WORKDIR/r$r-P$p-$t.csv"
             log "round $r/$ROUNDS  P$p  $t  (-n $n)"
             rc=0
-            run_bench "$out" "${PORT_OF[$t]}" "$n" "$p" get,set || rc=$?
+            run_bench "$out" "$t" "$n" "$p" get,set || rc=$?
             # Pick columns by header name; older redis-benchmark prints only test,rps.
             parsed=$(awk -F, -v r="$r" -v t="$t" -v p="$p" '
                 { for (i = 1; i <= NF; i++) gsub(/"/, "", $i) }
@@ -346,7 +358,9 @@ for ((r = 1; r <= ROUNDS; r++)); do
                 fi
             done
             if ((rc != 0)); then
-                if ((rc == 124)); then
+                if ((rc == 125)); then
+                    log "$t P$p: server gone, redis-benchmark stopped"
+                elif ((rc == 124)); then
                     log "$t P$p: redis-benchmark timed out after ${BENCH_TIMEOUT}s"
                 else
                     log "$t P$p: redis-benchmark exited with $rc: $(tail -n 3 "$out.err" | tr '\n' ' ')"
@@ -401,7 +415,7 @@ ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a >= b) }'; }
 
 redis_ver=$(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p')
 nc_ver=$(command -v nutcracker >/dev/null && nutcracker -V 2>&1 | sed -n 's/.*nutcracker-\([0-9.]*\).*/\1/p' | head -n 1 || true)
-rf_rev=$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo "uncommitted")
+rf_rev=$(git -C "$REPO_DIR" describe --always --dirty 2>/dev/null || echo "uncommitted")
 
 REPORT="$WORKDIR/results.md"
 MISSED=0

@@ -153,6 +153,22 @@ impl Server {
         error_reply(&Error::Upstream(err))
     }
 
+    /// What the primary said about itself in its last handshake. Before any handshake has
+    /// succeeded (a client's HELLO racing start-up), one connection is made to learn it;
+    /// with Redis down, a generic answer beats failing the client's handshake.
+    pub async fn server_info(&self) -> Arc<crate::upstream::ServerInfo> {
+        let ctx = &self.primary().ctx;
+        if let Some(info) = ctx.server_info() {
+            return info;
+        }
+        let setup = crate::upstream::Setup::new(
+            crate::protocol::Proto::Resp2,
+            self.config.credentials.clone(),
+        );
+        let _ = crate::upstream::conn::open(ctx, &setup).await;
+        ctx.server_info().unwrap_or_default()
+    }
+
     fn credentials_recently_verified(&self, c: &Credentials) -> bool {
         let map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
         map.get(c)

@@ -546,7 +546,7 @@ impl Session {
             }
         }
         self.set_session_keys(proto, credentials);
-        let info = self.server.primary().ctx.server_info().unwrap_or_default();
+        let info = self.server.server_info().await;
         self.push_ready(id, info.hello_reply(proto, self.id)).await;
         Flow::Continue
     }

@@ -287,6 +287,10 @@ async fn run_shared(ctx: Arc<UpstreamCtx>, setup: Setup, mut rx: mpsc::Receiver<
         match attempt {
             Ok(stream) => {
                 info!(upstream = %ctx.name, addr = %ctx.addr, conn = id, proto = setup.proto.as_u8(), "upstream connected");
+                if logged_down {
+                    // Redis is back: the sibling connections need not wait out their back-off.
+                    ctx.reconnect.notify_waiters();
+                }
                 logged_down = false;
                 backoff.reset();
                 ctx.metrics.connections.inc();
@@ -322,7 +326,8 @@ async fn run_shared(ctx: Arc<UpstreamCtx>, setup: Setup, mut rx: mpsc::Receiver<
                         _ = ctx.reconnect.notified() => break,
                         _ = &mut min_gap, if !gap_passed => gap_passed = true,
                         call = rx.recv() => match call {
-                            Some(call) if gap_passed => {
+                            // Another connection to this upstream is up: Redis is back.
+                            Some(call) if gap_passed || ctx.connected.load(std::sync::atomic::Ordering::Relaxed) > 0 => {
                                 first = Some(call);
                                 break;
                             }
@@ -401,6 +406,9 @@ async fn pipeline(
     let (mut rd, mut wr) = stream.split();
     let pending: Mutex<VecDeque<Pending>> = Mutex::new(VecDeque::new());
     let armed = Notify::new();
+    // Set when every handle is gone: replies still pending (a client's last BLPOP during a
+    // graceful shutdown) are read before the connection ends.
+    let closing = std::sync::atomic::AtomicBool::new(false);
 
     let writer = async {
         let mut out = BytesMut::with_capacity(16 * 1024);
@@ -409,7 +417,11 @@ async fn pipeline(
                 Some(c) => c,
                 None => match rx.recv().await {
                     Some(c) => c,
-                    None => return Ended::HandlesDropped,
+                    None => {
+                        closing.store(true, std::sync::atomic::Ordering::SeqCst);
+                        armed.notify_one();
+                        return std::future::pending::<Ended>().await;
+                    }
                 },
             };
             let mut next = Some(call);
@@ -476,11 +488,13 @@ async fn pipeline(
                     Err(e) => return Ended::Malformed(e.0),
                 }
             }
-            let deadline = pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .front()
-                .and_then(|p| p.deadline);
+            let (deadline, idle) = {
+                let q = pending.lock().unwrap_or_else(|e| e.into_inner());
+                (q.front().and_then(|p| p.deadline), q.is_empty())
+            };
+            if idle && closing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ended::HandlesDropped;
+            }
             timer
                 .as_mut()
                 .reset(deadline.unwrap_or_else(|| Instant::now() + far));

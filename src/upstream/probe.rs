@@ -21,6 +21,7 @@ use super::Upstream;
 use super::conn::{self, Setup, outcome_of_error, roundtrip};
 use crate::breaker::{ReplyClass, State, classify_error_reply};
 use crate::config::Credentials;
+use crate::error::UpstreamError;
 use crate::protocol::{Proto, is_error_reply};
 
 /// Per-upstream probe counters: `redfuse_health_probe_total{upstream,result}`.
@@ -67,10 +68,19 @@ pub async fn run(
             continue;
         };
         let result = async {
-            if stream.is_none() {
-                stream = Some(conn::open(&ctx, &setup).await?);
+            // A kept connection may have died with the old server: one retry on a new one, so
+            // a restarted Redis is not judged by its predecessor's socket.
+            if let Some(s) = stream.as_mut() {
+                buf.clear();
+                match roundtrip(&ctx, s, PING, &mut buf).await {
+                    Ok(reply) => return Ok(reply),
+                    Err(UpstreamError::Timeout { upstream, timeout }) => {
+                        return Err(UpstreamError::Timeout { upstream, timeout });
+                    }
+                    Err(_) => stream = None,
+                }
             }
-            let s = stream.as_mut().expect("opened above");
+            let s = stream.insert(conn::open(&ctx, &setup).await?);
             buf.clear();
             roundtrip(&ctx, s, PING, &mut buf).await
         }
