@@ -5,7 +5,7 @@
 # Usage:
 #   bench/run.sh                      # build redfuse (release), run all targets
 #   REDFUSE_BIN=/path/redfuse bench/run.sh
-#   ROUNDS=3 N_P1=100000 N_P16=500000 bench/run.sh
+#   ROUNDS=1 N_P1=50000 N_P16=200000 bench/run.sh   # quick look
 #   TARGETS="direct twemproxy" bench/run.sh    # skip redfuse (no build)
 #
 # Every target runs against one redis-server. For each round, for each pipeline
@@ -16,11 +16,13 @@
 # Environment (defaults in brackets):
 #   REDFUSE_BIN      redfuse binary; if unset: `cargo build --release` here and use
 #                    ${CARGO_TARGET_DIR:-<repo>/target}/release/redfuse
+#   REDFUSE_ARGS     extra redfuse flags, word-split, e.g. "--threads 1" [none];
+#                    REDFUSE_* variables in the environment reach redfuse as usual
 #   TARGETS          subset of "direct redfuse twemproxy" [all three]; twemproxy is
 #                    dropped with a warning when nutcracker is not installed
-#   ROUNDS           repetitions, median reported [1]
-#   N_P1             requests per test, unpipelined [200000]
-#   N_P16            requests per test, pipelined [1000000]
+#   ROUNDS           repetitions, median reported [3]
+#   N_P1             requests per test, unpipelined [150000]
+#   N_P16            requests per test, pipelined [750000]
 #   PIPELINES        pipeline depths to run [1 16]; N_P<depth> sets -n, falling back
 #                    to N_P16 for any depth > 1
 #   CLIENTS          redis-benchmark -c [50]
@@ -46,9 +48,9 @@ set -euo pipefail
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd)
 
-ROUNDS=${ROUNDS:-1}
-N_P1=${N_P1:-200000}
-N_P16=${N_P16:-1000000}
+ROUNDS=${ROUNDS:-3}
+N_P1=${N_P1:-150000}
+N_P16=${N_P16:-750000}
 PIPELINES=${PIPELINES:-"1 16"}
 CLIENTS=${CLIENTS:-50}
 DATA_SIZE=${DATA_SIZE:-64}
@@ -63,6 +65,7 @@ STRICT=${STRICT:-0}
 RESULTS_FILE=${RESULTS_FILE:-$SCRIPT_DIR/results.md}
 KEEP_WORKDIR=${KEEP_WORKDIR:-0}
 TARGETS=${TARGETS:-"direct redfuse twemproxy"}
+REDFUSE_ARGS=${REDFUSE_ARGS:-}
 TESTS=(GET SET)
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -195,8 +198,9 @@ start_server() {
             local admin
             free_port || return 1
             admin=$FREE_PORT
+            # shellcheck disable=SC2086 # REDFUSE_ARGS is split on purpose
             "$REDFUSE_BIN" --listen "127.0.0.1:$port" --upstream "127.0.0.1:${PORT_OF[direct]}" \
-                --admin-listen "127.0.0.1:$admin" --log-level warn >"$WORKDIR/redfuse.log" 2>&1 &
+                --admin-listen "127.0.0.1:$admin" --log-level warn $REDFUSE_ARGS >"$WORKDIR/redfuse.log" 2>&1 &
             ;;
         twemproxy)
             local stats
@@ -401,6 +405,15 @@ median() {
             print m
         }' "$RAW"
 }
+# spread TARGET PIPELINE TEST: "min-max" requests/s over the rounds.
+spread() {
+    awk -F'\t' -v t="$1" -v p="$2" -v x="$3" '
+        $2 == t && $3 == p && $4 == x && $5 != "FAIL" {
+            if (n++ == 0 || $5 + 0 < lo) lo = $5 + 0
+            if (n == 1 || $5 + 0 > hi) hi = $5 + 0
+        }
+        END { if (n) printf "%.0f-%.0f", lo, hi; else printf "n/a" }' "$RAW"
+}
 isnum() { [[ $1 =~ ^[0-9]+(\.[0-9]+)?$ ]]; }
 fmt_rps() { isnum "$1" && printf '%.0f' "$1" || printf '%s' "$1"; }
 fmt_ms() { isnum "$1" && printf '%.3f' "$1" || printf '%s' "$1"; }
@@ -423,19 +436,21 @@ MISSED=0
     echo "## redfuse benchmark"
     echo
     echo "$(date -u +'%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)), load average before start $LOAD_BEFORE."
-    echo "redis-server $redis_ver; redfuse $rf_rev; twemproxy ${nc_ver:-not installed}."
+    echo "redis-server $redis_ver; redfuse $rf_rev${REDFUSE_ARGS:+ ($REDFUSE_ARGS)}; twemproxy ${nc_ver:-not installed}."
     echo "redis-benchmark -t get,set -c $CLIENTS -r $KEYSPACE -d $DATA_SIZE, -n $N_P1 unpipelined and $N_P16 pipelined;"
-    echo "$ROUNDS round(s), median reported; key space prefilled; client, proxy and Redis share the machine over loopback."
+    echo "$ROUNDS round(s), each figure the median over rounds (min-max of requests/s shown); key space prefilled;"
+    echo "client, proxy and Redis share the machine over loopback. Ratios are of median requests/s."
     echo
-    echo "| mode | target | requests/s | p50 ms | p99 ms |"
-    echo "|---|---|---:|---:|---:|"
+    echo "| mode | target | requests/s | p50 ms | p99 ms | requests/s min-max |"
+    echo "|---|---|---:|---:|---:|---:|"
     for p in "${PIPE_LIST[@]}"; do
         for test in "${TESTS[@]}"; do
             for t in "${ORDERED[@]}"; do
-                printf '| %s P%s | %s | %s | %s | %s |\n' "$test" "$p" "$t" \
+                printf '| %s P%s | %s | %s | %s | %s | %s |\n' "$test" "$p" "$t" \
                     "$(fmt_rps "$(median "$t" "$p" "$test" 5)")" \
                     "$(fmt_ms "$(median "$t" "$p" "$test" 6)")" \
-                    "$(fmt_ms "$(median "$t" "$p" "$test" 7)")"
+                    "$(fmt_ms "$(median "$t" "$p" "$test" 7)")" \
+                    "$(spread "$t" "$p" "$test")"
             done
         done
     done

@@ -12,7 +12,12 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::breaker::BreakerConfig;
+use crate::cache::CacheConfig;
+use crate::journal::WriteQueueConfig;
 use crate::protocol::Limits;
+use crate::rules::{
+    CachePolicy, CachePolicyConfig, FailOpen, FailOpenConfig, MissReply, PatternConfig,
+};
 
 /// Command-line interface. Every flag has an env var `REDFUSE_<NAME>`.
 #[derive(Debug, Parser, Default)]
@@ -114,6 +119,74 @@ pub struct FileConfig {
     pub balance: Option<Balance>,
     pub max_inflight_per_upstream: Option<usize>,
     pub health_probe_interval_ms: Option<u64>,
+    pub cache: Option<CacheSection>,
+    pub fail_open: Option<FailOpenConfig>,
+    pub write_queue: Option<WriteQueueConfig>,
+}
+
+/// `[cache]`: the degraded-mode reply cache: its bounds and which keys it serves how.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSection {
+    /// Off: nothing is cached and degraded reads get the miss reply.
+    pub enabled: bool,
+    pub max_bytes: usize,
+    pub max_entries: usize,
+    /// Replies larger than this are not cached.
+    pub max_entry_bytes: usize,
+    pub max_stale_ms: u64,
+    pub cache_nil: bool,
+    pub miss: MissReply,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub patterns: Vec<PatternConfig>,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        let limits = CacheConfig::default();
+        let policy = CachePolicyConfig::default();
+        CacheSection {
+            enabled: true,
+            max_bytes: limits.max_bytes,
+            max_entries: limits.max_entries,
+            max_entry_bytes: limits.max_entry_bytes,
+            max_stale_ms: policy.max_stale_ms,
+            cache_nil: policy.cache_nil,
+            miss: policy.miss,
+            include: policy.include,
+            exclude: policy.exclude,
+            patterns: policy.patterns,
+        }
+    }
+}
+
+impl CacheSection {
+    pub fn limits(&self) -> CacheConfig {
+        if !self.enabled {
+            return CacheConfig {
+                max_bytes: 0,
+                max_entries: 0,
+                max_entry_bytes: 0,
+            };
+        }
+        CacheConfig {
+            max_bytes: self.max_bytes,
+            max_entries: self.max_entries,
+            max_entry_bytes: self.max_entry_bytes,
+        }
+    }
+
+    pub fn policy(&self) -> CachePolicyConfig {
+        CachePolicyConfig {
+            max_stale_ms: self.max_stale_ms,
+            cache_nil: self.cache_nil,
+            miss: self.miss.clone(),
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+            patterns: self.patterns.clone(),
+        }
+    }
 }
 
 /// Where reads go.
@@ -205,6 +278,9 @@ pub struct Config {
     pub max_inflight_per_upstream: usize,
     /// 0 disables the active health probe.
     pub health_probe_interval: Duration,
+    pub cache: CacheSection,
+    pub fail_open: FailOpenConfig,
+    pub write_queue: WriteQueueConfig,
 }
 
 /// A configuration problem, naming the field.
@@ -374,6 +450,9 @@ impl Config {
             balance: file.balance.unwrap_or_default(),
             max_inflight_per_upstream: file.max_inflight_per_upstream.unwrap_or(10_000),
             health_probe_interval: ms(file.health_probe_interval_ms.unwrap_or(1000)),
+            cache: file.cache.unwrap_or_default(),
+            fail_open: file.fail_open.unwrap_or_default(),
+            write_queue: file.write_queue.unwrap_or_default(),
         };
         config.validate()?;
         Ok(config)
@@ -436,6 +515,26 @@ impl Config {
         if let Err(message) = self.breaker.validate() {
             return Err(ConfigError::Invalid {
                 field: "breaker",
+                message,
+            });
+        }
+        if let Err(message) = CachePolicy::compile(&self.cache.policy()) {
+            return Err(ConfigError::Invalid {
+                field: "cache",
+                message,
+            });
+        }
+        if let Err(message) = FailOpen::compile_checked(&self.fail_open, |n| {
+            crate::command::lookup(n.as_bytes()).is_some()
+        }) {
+            return Err(ConfigError::Invalid {
+                field: "fail_open",
+                message,
+            });
+        }
+        if let Err(message) = self.write_queue.validate() {
+            return Err(ConfigError::Invalid {
+                field: "write_queue",
                 message,
             });
         }

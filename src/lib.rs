@@ -13,23 +13,35 @@
 //!  -> server::session   read bytes; protocol::parse_request splits frames (zero-copy)
 //!  -> command::lookup   classify by the name's bytes: local / shared / pinned / blocking / pipe
 //!  -> route             local reply | dedicated connection | shared pipelined connection
+//!  -> cache fill plan   degrade::plan_fill (cacheable reads), single-flight join;
+//!                       writes invalidate their keys before they are sent
 //!  -> breaker           SharedBreaker::try_acquire -> CallGuard | rejected
-//!                         rejected -> Server::unavailable_reply (the one degraded-mode hook)
+//!                         rejected -> Server::unavailable_reply -> degrade::Degrade::reply:
+//!                         cache hit | miss reply | fail-open rule (reply, error, queue->journal)
 //!  -> upstream::conn    FIFO pipeline, batched writes, per-command timeout,
 //!                       protocol::ReplyScanner finds reply ends; guard records the outcome
-//!  -> server::writer    replies in request order, many frames per write
+//!  -> server::writer    replies in request order, many frames per write; fills the cache,
+//!                       answers failed cacheable reads in degraded mode
 //! ```
+//!
+//! `replay` drains the write journal to the primary when its breaker closes, before newer
+//! client writes.
 //!
 //! `config` turns flags, env and TOML into one validated `Config`; `metrics` owns the
 //! Prometheus registry; `admin` serves `/metrics`, `/healthz`, `/ready` and `/breakers`.
 
 pub mod admin;
 pub mod breaker;
+pub mod cache;
 pub mod command;
 pub mod config;
+pub mod degrade;
 pub mod error;
+pub mod journal;
 pub mod metrics;
 pub mod protocol;
+pub mod replay;
+pub mod rules;
 pub mod server;
 pub mod upstream;
 
@@ -41,8 +53,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::breaker::{BreakerMetrics, SharedBreaker};
+use crate::cache::{Cache, CacheMetrics, SingleFlight};
 use crate::config::Config;
+use crate::degrade::Degrade;
+use crate::journal::{Journal, WriteQueueMetrics};
 use crate::metrics::Metrics;
+use crate::rules::{CachePolicy, FailOpen};
 use crate::server::Server;
 use crate::upstream::{Upstream, UpstreamSettings};
 
@@ -57,6 +73,13 @@ pub enum StartError {
     },
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("cannot open the write queue journal (`write_queue.journal_path`): {0}")]
+    Journal(#[from] journal::JournalError),
+    #[error("invalid `{field}`: {message}")]
+    Config {
+        field: &'static str,
+        message: String,
+    },
 }
 
 /// A started redfuse: its bound addresses and a way to stop it.
@@ -144,7 +167,31 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             ));
         }
     }
-    let server = Arc::new(Server::new(config, metrics, upstreams));
+    let cache_metrics = CacheMetrics::register(&metrics.registry)?;
+    let cache = Cache::with_metrics(config.cache.limits(), cache_metrics.clone());
+    let policy =
+        CachePolicy::compile(&config.cache.policy()).map_err(|message| StartError::Config {
+            field: "cache",
+            message,
+        })?;
+    let fail_open = FailOpen::compile_checked(&config.fail_open, |n| {
+        command::lookup(n.as_bytes()).is_some()
+    })
+    .map_err(|message| StartError::Config {
+        field: "fail_open",
+        message,
+    })?;
+    let queue_metrics = WriteQueueMetrics::register(&metrics.registry)?;
+    let journal = Arc::new(Journal::open(&config.write_queue)?.with_metrics(queue_metrics.clone()));
+    Journal::spawn_sync_task(&journal);
+    let degrade = Degrade::new(cache, policy, fail_open, journal, &metrics.registry)?;
+    let flights = SingleFlight::new(Some(cache_metrics.singleflight_shared.clone()));
+    let server = Arc::new(Server::new(config, metrics, upstreams, degrade, flights));
+    tokio::spawn(replay::run(
+        server.clone(),
+        Some(queue_metrics),
+        shutdown_rx.clone(),
+    ));
     let client_addr = clients.local_addr().map_err(|source| StartError::Bind {
         field: "listen",
         addr: server.config.listen.clone(),

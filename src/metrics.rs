@@ -10,7 +10,10 @@ use prometheus::{
     Registry,
 };
 
+use std::sync::OnceLock;
+
 use crate::command;
+use crate::degrade::Origin;
 use crate::upstream::probe::ProbeMetrics;
 
 /// The result label of `redfuse_commands_total`.
@@ -29,13 +32,46 @@ pub struct Metrics {
     pub upstream_protocol_errors: IntCounter,
     pub bytes_received: IntCounter,
     pub bytes_sent: IntCounter,
-    /// `[command id][result]`; the last row is for names the table does not know.
-    commands: Vec<[IntCounter; 2]>,
+    /// `[command id][ok, error]`; the last row is for names the table does not know.
+    commands: LazyCounters<2>,
+    /// `[command id][success, fallback, error]`.
+    operations: LazyCounters<3>,
     upstream_latency: HistogramVec,
     upstream_connections: IntGaugeVec,
     upstream_errors: IntCounterVec,
     health_probes: IntCounterVec,
     bulkhead_overflow: IntCounterVec,
+}
+
+/// Per-command counters whose label sets are resolved on first use, so `/metrics` lists the
+/// commands actually seen rather than hundreds of zeros, and later increments are one atomic add.
+struct LazyCounters<const N: usize> {
+    vec: IntCounterVec,
+    results: [&'static str; N],
+    cells: Vec<[OnceLock<IntCounter>; N]>,
+}
+
+impl<const N: usize> LazyCounters<N> {
+    fn new(vec: IntCounterVec, results: [&'static str; N]) -> Self {
+        let cells = (0..=command::COMMANDS.len())
+            .map(|_| std::array::from_fn(|_| OnceLock::new()))
+            .collect();
+        LazyCounters {
+            vec,
+            results,
+            cells,
+        }
+    }
+
+    fn inc(&self, id: usize, result: usize) {
+        let Some(row) = self.cells.get(id) else {
+            return;
+        };
+        let name = command::COMMANDS.get(id).map_or("unknown", |c| c.name);
+        row[result]
+            .get_or_init(|| self.vec.with_label_values(&[name, self.results[result]]))
+            .inc();
+    }
 }
 
 /// Per-upstream handles, resolved once.
@@ -124,6 +160,14 @@ impl Metrics {
             ),
             &["upstream"],
         )?;
+        let operations_vec = IntCounterVec::new(
+            Opts::new(
+                "redfuse_operations_total",
+                "Client operations by how they were answered: by Redis, in degraded mode, or with an error",
+            ),
+            &["operation", "result"],
+        )?;
+        registry.register(Box::new(operations_vec.clone()))?;
         registry.register(Box::new(health_probes.clone()))?;
         registry.register(Box::new(bulkhead_overflow.clone()))?;
         registry.register(Box::new(client_connections.clone()))?;
@@ -136,19 +180,10 @@ impl Metrics {
         registry.register(Box::new(upstream_connections.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
 
-        let names = command::COMMANDS
-            .iter()
-            .map(|c| c.name)
-            .chain(std::iter::once("unknown"));
-        let commands = names
-            .map(|name| {
-                [
-                    commands_vec.with_label_values(&[name, "ok"]),
-                    commands_vec.with_label_values(&[name, "error"]),
-                ]
-            })
-            .collect();
+        let commands = LazyCounters::new(commands_vec, ["ok", "error"]);
+        let operations = LazyCounters::new(operations_vec, ["success", "fallback", "error"]);
         Ok(Metrics {
+            operations,
             registry,
             client_connections,
             client_connections_total,
@@ -167,10 +202,16 @@ impl Metrics {
     }
 
     /// Counts one command reply. `id` comes from the command table (or [`unknown_command_id`]).
-    pub fn count_command(&self, id: usize, result: CommandResult) {
-        if let Some(row) = self.commands.get(id) {
-            row[result as usize].inc();
-        }
+    /// Counts one reply to a client command. `id` comes from the command table (or
+    /// [`unknown_command_id`]).
+    pub fn count_command(&self, id: usize, result: CommandResult, origin: Origin) {
+        self.commands.inc(id, result as usize);
+        let op = match (origin, result) {
+            (Origin::Upstream, CommandResult::Ok) => 0,
+            (Origin::Fallback, _) => 1,
+            _ => 2,
+        };
+        self.operations.inc(id, op);
     }
 
     pub fn for_upstream(&self, name: &str) -> UpstreamMetrics {

@@ -28,6 +28,9 @@ fn config(dir: &TempDir, upstreams: &[(&str, &str, &str)], extra: &str) -> Strin
             "[[upstreams]]\nname = \"{name}\"\naddr = \"{addr}\"\nrole = \"{role}\"\n"
         ));
     }
+    // Degraded mode would answer reads from the cache or with nil; these tests look at the
+    // breaker itself, so a miss is the circuit's error and nothing is cached.
+    text.push_str("[cache]\nenabled = false\nmiss = \"error\"\n");
     text.push_str(
         "[breaker]\nopen_base_ms = 400\nopen_max_ms = 1600\nhalf_open_max_wait_ms = 300\nwindow_ms = 2000\nbucket_ms = 100\n",
     );

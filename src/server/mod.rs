@@ -22,11 +22,14 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::cache::SingleFlight;
+use crate::command::CommandSpec;
 use crate::config::{Balance, Config, Credentials, ReadPolicy};
-use crate::error::{Error, UpstreamError, error_reply};
+use crate::degrade::{ClientView, Degrade, Origin};
+use crate::error::UpstreamError;
 use crate::metrics::Metrics;
 use crate::protocol::Request;
-use crate::upstream::Upstream;
+use crate::upstream::{Reply, Upstream};
 
 /// Upstream indexes in the order to try them.
 pub type RouteOrder = Vec<usize>;
@@ -41,13 +44,24 @@ pub struct Server {
     /// Every upstream; `primary` indexes the primary.
     pub upstreams: Vec<Arc<Upstream>>,
     primary: usize,
+    pub degrade: Degrade,
+    /// Identical cacheable reads in flight share one upstream request.
+    pub flights: SingleFlight<writer::FlightKey, Reply>,
+    /// Notified when a journal replay pass ends.
+    pub replay_done: tokio::sync::Notify,
     next_client_id: AtomicU64,
     round_robin: AtomicU64,
     verified: Mutex<HashMap<Credentials, Instant>>,
 }
 
 impl Server {
-    pub fn new(config: Config, metrics: Arc<Metrics>, upstreams: Vec<Arc<Upstream>>) -> Server {
+    pub fn new(
+        config: Config,
+        metrics: Arc<Metrics>,
+        upstreams: Vec<Arc<Upstream>>,
+        degrade: Degrade,
+        flights: SingleFlight<writer::FlightKey, Reply>,
+    ) -> Server {
         let primary = upstreams
             .iter()
             .position(|u| u.ctx.role == crate::config::Role::Primary)
@@ -57,6 +71,9 @@ impl Server {
             metrics,
             upstreams,
             primary,
+            degrade,
+            flights,
+            replay_done: tokio::sync::Notify::new(),
             next_client_id: AtomicU64::new(1),
             round_robin: AtomicU64::new(0),
             verified: Mutex::new(HashMap::new()),
@@ -142,15 +159,39 @@ impl Server {
         group
     }
 
-    /// The reply for a request that an upstream cannot serve right now. Every such decision
-    /// goes through here, so degraded-mode answers have one place to live.
+    /// The reply for a request that no upstream can serve right now. Every such decision
+    /// goes through here and on to degraded mode: cache, miss reply or fail-open rule.
     pub fn unavailable_reply(
         &self,
-        _upstream: &Upstream,
-        _request: &Request,
+        view: ClientView,
+        request: &Request,
+        spec: Option<&'static CommandSpec>,
         err: UpstreamError,
-    ) -> Bytes {
-        error_reply(&Error::Upstream(err))
+    ) -> (Bytes, Origin) {
+        self.degrade.reply(view, request, spec, &err)
+    }
+
+    /// Writes wait here while queued writes from an outage are replayed, so that they reach
+    /// the primary first. Bounded by the command timeout.
+    pub async fn wait_for_replay(&self) -> Result<(), UpstreamError> {
+        if self.degrade.journal.is_empty() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + self.config.command_timeout;
+        loop {
+            let notified = self.replay_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.degrade.journal.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(UpstreamError::unavailable(
+                    self.primary().name(),
+                    "queued writes from the outage are still being replayed",
+                ));
+            }
+        }
     }
 
     /// What the primary said about itself in its last handshake. Before any handshake has

@@ -26,9 +26,11 @@ use tokio::task::JoinHandle;
 use tracing::debug;
 
 use super::Server;
-use super::writer::{Slot, SlotKind};
+use super::writer::{Hook, Slot, SlotKind};
+use crate::cache::Flight;
 use crate::command::{self, CommandSpec, Route};
 use crate::config::Credentials;
+use crate::degrade::ClientView;
 use crate::error::{Error, UpstreamError, error_reply};
 use crate::metrics::unknown_command_id;
 use crate::protocol::{Proto, Request, encode_command, parse_request, reply};
@@ -63,6 +65,8 @@ pub struct Session {
     watching: bool,
     pinned: Option<Pinned>,
     tunnel: Option<Tunnel>,
+    /// Writes queued inside MULTI, invalidated again at EXEC.
+    multi_writes: Vec<Request>,
     /// This client's shared connection per upstream (index as in `Server::upstreams`).
     shared: Vec<Option<ConnHandle>>,
     /// The connection (and its upstream's index) the previous command went to, for fencing.
@@ -82,9 +86,7 @@ pub async fn run(
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
     let (slots_tx, slots_rx) = mpsc::channel(1024);
-    let metrics = server.metrics.clone();
-    let writer =
-        tokio::spawn(async move { super::writer::write_replies(wr, slots_rx, &metrics).await });
+    let writer = tokio::spawn(super::writer::write_replies(wr, slots_rx, server.clone()));
     let mut session = Session {
         shared: vec![None; server.upstreams.len()],
         credentials: server.config.credentials.clone(),
@@ -97,6 +99,7 @@ pub async fn run(
         watching: false,
         pinned: None,
         tunnel: None,
+        multi_writes: Vec::new(),
         last_conn: None,
         slots: slots_tx,
     };
@@ -219,6 +222,11 @@ impl Session {
         }
         let is_write = spec.is_none_or(|s| command::is_write(s, &req.args));
         let is_read = spec.is_some_and(|s| command::is_read(s, &req.args));
+        if is_write && let Some(spec) = spec {
+            self.server
+                .degrade
+                .invalidate_for_write(self.db, &req, spec);
+        }
         let mut admitted = None;
         for index in self.server.route(is_read) {
             let upstream = &self.server.upstreams[index];
@@ -228,14 +236,16 @@ impl Session {
             }
         }
         let Some((index, guard)) = admitted else {
-            let upstream = self.server.primary().clone();
-            let err = UpstreamError::CircuitOpen {
-                upstream: upstream.name().clone(),
-            };
-            let reply = self.server.unavailable_reply(&upstream, &req, err);
-            self.push_ready(id, reply).await;
-            return Flow::Continue;
+            return self.degraded(req, id, spec).await;
         };
+        if is_write
+            && index == self.server.primary_index()
+            && let Err(e) = self.server.wait_for_replay().await
+        {
+            drop(guard);
+            self.push_ready(id, error_reply(&e.into())).await;
+            return Flow::Continue;
+        }
         let upstream = self.server.upstreams[index].clone();
         let Some(inflight) = upstream.admit() else {
             // Shed load here rather than pile onto a struggling Redis; not the server's fault.
@@ -246,6 +256,42 @@ impl Session {
             };
             self.push_ready(id, error_reply(&err.into())).await;
             return Flow::Continue;
+        };
+        let view = self.view();
+        let fill = match spec {
+            Some(spec) if is_read => self.server.degrade.plan_fill(view, &req, spec),
+            _ => None,
+        };
+        let mut leader = None;
+        if let Some(key) = fill.as_ref().and_then(|f| f.flight_key()) {
+            match self.server.flights.join(key) {
+                Flight::Leader(guard) => leader = Some(guard),
+                Flight::Follower(follower) => {
+                    // The identical read already in flight answers this one too.
+                    drop((guard, inflight));
+                    let hook = spec.map(|spec| {
+                        Box::new(Hook {
+                            fill: None,
+                            leader: None,
+                            fallback: Some((view, req, spec)),
+                        })
+                    });
+                    self.push(Slot {
+                        command: id,
+                        kind: SlotKind::Follower(follower, hook),
+                    })
+                    .await;
+                    return Flow::Continue;
+                }
+            }
+        }
+        let hook = match (fill, spec) {
+            (Some(fill), Some(spec)) => Some(Box::new(Hook {
+                fill: Some(fill),
+                leader,
+                fallback: Some((view, req.clone(), spec)),
+            })),
+            _ => None,
         };
         let conn = match &self.shared[index] {
             Some(c) => c.clone(),
@@ -266,7 +312,63 @@ impl Session {
         .await;
         self.push(Slot {
             command: id,
-            kind: SlotKind::Waiting(rx),
+            kind: SlotKind::Waiting(rx, hook),
+        })
+        .await;
+        Flow::Continue
+    }
+
+    /// Writes on dedicated connections and pipes invalidate the cache like shared ones. Inside
+    /// MULTI the write only happens at EXEC, so its request is kept to invalidate again then:
+    /// a read by another client between queueing and EXEC could otherwise re-cache the old value.
+    fn invalidate_if_write(&mut self, req: &Request) {
+        let Some(spec) = command::lookup(req.name()) else {
+            return;
+        };
+        if spec.name == "exec" {
+            for queued in std::mem::take(&mut self.multi_writes) {
+                if let Some(s) = command::lookup(queued.name()) {
+                    self.server
+                        .degrade
+                        .invalidate_for_write(self.db, &queued, s);
+                }
+            }
+            return;
+        }
+        if spec.name == "discard" {
+            self.multi_writes.clear();
+            return;
+        }
+        if command::is_write(spec, &req.args) {
+            self.server.degrade.invalidate_for_write(self.db, req, spec);
+            if self.in_multi {
+                self.multi_writes.push(req.clone());
+            }
+        }
+    }
+
+    fn view(&self) -> ClientView {
+        ClientView {
+            db: self.db,
+            proto: self.proto,
+        }
+    }
+
+    /// No upstream admits the request: degraded mode answers it.
+    async fn degraded(
+        &mut self,
+        req: Request,
+        id: usize,
+        spec: Option<&'static CommandSpec>,
+    ) -> Flow {
+        let upstream = self.server.primary();
+        let err = UpstreamError::CircuitOpen {
+            upstream: upstream.name().clone(),
+        };
+        let (reply, origin) = self.server.unavailable_reply(self.view(), &req, spec, err);
+        self.push(Slot {
+            command: id,
+            kind: SlotKind::Ready(reply, origin),
         })
         .await;
         Flow::Continue
@@ -302,12 +404,8 @@ impl Session {
         if self.pinned.is_none() {
             let upstream = self.server.primary().clone();
             let Ok(guard) = upstream.breaker.try_acquire() else {
-                let err = UpstreamError::CircuitOpen {
-                    upstream: upstream.name().clone(),
-                };
-                let reply = self.server.unavailable_reply(&upstream, &req, err);
-                self.push_ready(id, reply).await;
-                return Flow::Continue;
+                let spec = command::lookup(req.name());
+                return self.degraded(req, id, spec).await;
             };
             match upstream.dedicated(&self.setup()).await {
                 Ok(conn) => {
@@ -338,12 +436,13 @@ impl Session {
         }
         let primary = self.server.primary_index();
         self.fence(primary, &conn).await;
+        self.invalidate_if_write(&req);
         let (call, rx) = Call::new(req.raw, blocking, true);
         conn.send(call, || UpstreamError::Closed { upstream: name })
             .await;
         self.push(Slot {
             command: id,
-            kind: SlotKind::Waiting(rx),
+            kind: SlotKind::Waiting(rx, None),
         })
         .await;
         Flow::Continue
@@ -645,12 +744,8 @@ impl Session {
     async fn enter_tunnel(&mut self, req: Request, id: usize) -> Flow {
         let upstream = self.server.primary().clone();
         let Ok(guard) = upstream.breaker.try_acquire() else {
-            let err = UpstreamError::CircuitOpen {
-                upstream: upstream.name().clone(),
-            };
-            let reply = self.server.unavailable_reply(&upstream, &req, err);
-            self.push_ready(id, reply).await;
-            return Flow::Continue;
+            let spec = command::lookup(req.name());
+            return self.degraded(req, id, spec).await;
         };
         // Everything sent before must have run before the pipe's first command does.
         if let Some((_, prev)) = self.last_conn.take() {
@@ -710,6 +805,7 @@ impl Session {
     }
 
     async fn tunnel_send(&mut self, req: Request) -> Flow {
+        self.invalidate_if_write(&req);
         let tunnel = self.tunnel.as_mut().expect("in tunnel");
         if tunnel.wr.write_all(&req.raw).await.is_err() {
             return Flow::Stop;

@@ -4,28 +4,51 @@
 //! locally or the receiving end of an upstream reply. The writer resolves slots strictly in
 //! order and batches: while the next slot is already resolved its bytes join the same write,
 //! so a pipeline of thousands of commands leaves in a few syscalls.
+//!
+//! Resolving a slot is also where a reply's side effects happen, once it is known: a
+//! cacheable read fills the cache and releases the reads that waited on it (single-flight),
+//! and a read that failed upstream is answered in degraded mode instead.
+
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::error::{Error, error_reply};
-use crate::metrics::{CommandResult, Metrics};
-use crate::protocol::is_error_reply;
+use super::Server;
+use crate::cache::{Follower, LeaderGuard};
+use crate::command::CommandSpec;
+use crate::degrade::{ClientView, Fill, Origin};
+use crate::error::{Error, UpstreamError, error_reply};
+use crate::metrics::CommandResult;
+use crate::protocol::{Request, is_error_reply};
 use crate::upstream::Reply;
 
+/// Single-flight of identical cacheable reads, shared by every session.
+pub type FlightKey = (crate::cache::CacheKey, crate::cache::FillTicket);
+
 pub enum SlotKind {
-    Ready(Bytes),
-    Waiting(oneshot::Receiver<Reply>),
+    Ready(Bytes, Origin),
+    Waiting(oneshot::Receiver<Reply>, Option<Box<Hook>>),
+    /// The same read is already in flight; its leader's reply is ours.
+    Follower(Follower<Reply>, Option<Box<Hook>>),
     /// Raw bytes from an upstream connection that became a pipe (pub/sub, MONITOR).
     Stream(mpsc::Receiver<Bytes>),
     /// Close the connection once everything before is written.
     Close,
 }
 
+/// What to do with a reply once it arrives.
+pub struct Hook {
+    pub fill: Option<Fill>,
+    pub leader: Option<LeaderGuard<FlightKey, Reply>>,
+    /// Enough of the request to answer it in degraded mode if the upstream fails it.
+    pub fallback: Option<(ClientView, Request, &'static CommandSpec)>,
+}
+
 pub struct Slot {
-    /// Command table id, for the per-command metric.
+    /// Command table id, for the per-command metrics.
     pub command: usize,
     pub kind: SlotKind,
 }
@@ -34,24 +57,57 @@ impl Slot {
     pub fn ready(command: usize, reply: Bytes) -> Slot {
         Slot {
             command,
-            kind: SlotKind::Ready(reply),
+            kind: SlotKind::Ready(reply, Origin::Upstream),
         }
     }
 }
 
 const BATCH_BYTES: usize = 64 * 1024;
 
+/// Turns an upstream result into the client's reply, running the hook.
+fn resolve(server: &Server, result: Reply, hook: Option<Box<Hook>>) -> (Bytes, Origin) {
+    let Some(hook) = hook else {
+        return match result {
+            Ok(b) => (b, Origin::Upstream),
+            Err(e) => (error_reply(&Error::Upstream(e)), Origin::Error),
+        };
+    };
+    let Hook {
+        fill,
+        leader,
+        fallback,
+    } = *hook;
+    if let Some(leader) = leader {
+        leader.finish(result.clone());
+    }
+    match result {
+        Ok(b) => {
+            if let Some(fill) = fill
+                && !is_error_reply(&b)
+            {
+                server.degrade.apply_fill(fill, &b);
+            }
+            (b, Origin::Upstream)
+        }
+        Err(e) => match fallback {
+            Some((view, req, spec)) => server.degrade.reply(view, &req, Some(spec), &e),
+            None => (error_reply(&Error::Upstream(e)), Origin::Error),
+        },
+    }
+}
+
 pub async fn write_replies(
     mut wr: OwnedWriteHalf,
     mut slots: mpsc::Receiver<Slot>,
-    metrics: &Metrics,
+    server: Arc<Server>,
 ) {
+    let metrics = &server.metrics;
     let mut out = BytesMut::with_capacity(16 * 1024);
     loop {
         let slot = match slots.try_recv() {
             Ok(slot) => slot,
             Err(_) => {
-                if flush(&mut wr, &mut out, metrics).await.is_err() {
+                if flush(&mut wr, &mut out, &server).await.is_err() {
                     return;
                 }
                 match slots.recv().await {
@@ -60,27 +116,30 @@ pub async fn write_replies(
                 }
             }
         };
-        let reply = match slot.kind {
-            SlotKind::Ready(b) => b,
-            SlotKind::Waiting(mut rx) => {
+        let (reply, origin) = match slot.kind {
+            SlotKind::Ready(b, origin) => (b, origin),
+            SlotKind::Waiting(mut rx, hook) => {
                 let result = match rx.try_recv() {
-                    Ok(r) => Ok(r),
+                    Ok(r) => r,
                     Err(oneshot::error::TryRecvError::Empty) => {
-                        if flush(&mut wr, &mut out, metrics).await.is_err() {
+                        if flush(&mut wr, &mut out, &server).await.is_err() {
                             return;
                         }
-                        rx.await.map_err(|_| ())
+                        rx.await.unwrap_or_else(|_| Err(dropped()))
                     }
-                    Err(oneshot::error::TryRecvError::Closed) => Err(()),
+                    Err(oneshot::error::TryRecvError::Closed) => Err(dropped()),
                 };
-                match result {
-                    Ok(Ok(b)) => b,
-                    Ok(Err(e)) => error_reply(&Error::Upstream(e)),
-                    Err(()) => error_reply(&Error::Internal("reply dropped".into())),
+                resolve(&server, result, hook)
+            }
+            SlotKind::Follower(follower, hook) => {
+                if flush(&mut wr, &mut out, &server).await.is_err() {
+                    return;
                 }
+                let result = follower.await.unwrap_or_else(|| Err(dropped()));
+                resolve(&server, result, hook)
             }
             SlotKind::Stream(mut rx) => {
-                if flush(&mut wr, &mut out, metrics).await.is_err() {
+                if flush(&mut wr, &mut out, &server).await.is_err() {
                     return;
                 }
                 while let Some(chunk) = rx.recv().await {
@@ -98,9 +157,9 @@ pub async fn write_replies(
         } else {
             CommandResult::Ok
         };
-        metrics.count_command(slot.command, result);
+        metrics.count_command(slot.command, result, origin);
         if reply.len() >= BATCH_BYTES {
-            if flush(&mut wr, &mut out, metrics).await.is_err() {
+            if flush(&mut wr, &mut out, &server).await.is_err() {
                 return;
             }
             metrics.bytes_sent.inc_by(reply.len() as u64);
@@ -109,24 +168,30 @@ pub async fn write_replies(
             }
         } else {
             out.extend_from_slice(&reply);
-            if out.len() >= BATCH_BYTES && flush(&mut wr, &mut out, metrics).await.is_err() {
+            if out.len() >= BATCH_BYTES && flush(&mut wr, &mut out, &server).await.is_err() {
                 return;
             }
         }
     }
-    let _ = flush(&mut wr, &mut out, metrics).await;
+    let _ = flush(&mut wr, &mut out, &server).await;
     let _ = wr.shutdown().await;
+}
+
+fn dropped() -> UpstreamError {
+    UpstreamError::Closed {
+        upstream: "(request abandoned)".into(),
+    }
 }
 
 async fn flush(
     wr: &mut OwnedWriteHalf,
     out: &mut BytesMut,
-    metrics: &Metrics,
+    server: &Server,
 ) -> std::io::Result<()> {
     if out.is_empty() {
         return Ok(());
     }
-    metrics.bytes_sent.inc_by(out.len() as u64);
+    server.metrics.bytes_sent.inc_by(out.len() as u64);
     let r = wr.write_all(out).await;
     out.clear();
     r

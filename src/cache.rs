@@ -1,0 +1,1517 @@
+//! The in-process reply cache behind degraded mode, and the single-flight that keeps
+//! identical reads from stampeding the upstream.
+//!
+//! While the upstream is healthy every cacheable read's reply is remembered; while its
+//! breaker is open those replies are served instead of an error. The cache never decides
+//! *when* to serve: the caller does, and passes in everything that depends on policy or
+//! time.
+//!
+//! # Design decisions
+//!
+//! * **Replies are stored as bytes, exactly as the client received them.** Degraded mode
+//!   must answer byte-for-byte what Redis would have said (RESP2 vs RESP3 framing, nil
+//!   encodings, map ordering), and re-encoding a decoded value would be both slower and a
+//!   second place where that can go wrong. Bytes are also what the byte bound counts.
+//!   The protocol version is part of [`CacheKey`] because the same command has
+//!   differently-framed replies under RESP2 and RESP3.
+//! * **Entries are indexed by the Redis key they read.** A write to `k` makes `GET k`,
+//!   `HGETALL k`, `LRANGE k 0 -1`, ... all wrong at once, and the write only names `k`.
+//!   The index `(db, key) -> {CacheKey}` lets [`Cache::invalidate`] find every one of
+//!   them without scanning, and eviction removes entries from it so it never holds more
+//!   than the LRU does.
+//! * **No clock reads inside.** Every operation that cares about age takes `now`, and
+//!   the allowed staleness comes from the caller (it depends on the key pattern, which is
+//!   configuration the cache knows nothing about). The caller already reads the clock
+//!   once per request, one reading then serves every key of an MGET consistently, and
+//!   tests control age exactly with paused tokio time.
+//! * **Stale entries are dropped when found.** An entry's age only grows and the caller's
+//!   `max_stale` for a key is fixed by its pattern, so an entry found too old can never
+//!   be served again (a reload that raises `max_stale` merely loses it early); keeping
+//!   it would only crowd out entries that can be. The lookup still reports
+//!   [`Lookup::Stale`] (not `Miss`) so the metrics show how much was lost to age.
+//! * **One `std::sync::Mutex`.** Every operation is a few hash lookups; nothing awaits
+//!   under the lock and reply copies are made before it is taken.
+//! * **Fill tickets.** A read sent before a write can have its (older) reply arrive after
+//!   the write's invalidation; filling it then would cache a value Redis no longer holds
+//!   until `max_stale` expires. [`Cache::ticket`] taken before the read is sent and
+//!   [`Cache::insert_checked`] refuse such fills. Tickets are striped by a hash of the
+//!   key, so the bookkeeping stays bounded at the price of an occasional needless refusal.
+//! * **MGET is cached per key,** as `GET` entries ([`CacheKey::get`]), so that any later
+//!   GET or MGET over an overlapping set of keys can be answered; [`split_array_reply`]
+//!   and [`join_array_reply`] cut and reassemble the array without copying.
+//!
+//! [`SingleFlight`] is generic and independent of the cache: the first caller of a key
+//! leads and holds a [`LeaderGuard`]; callers arriving while it works follow, waiting on
+//! a `tokio::sync::watch` channel for a clone of its value. A guard dropped without
+//! finishing (error, timeout, cancelled task) closes the channel, so followers wake with
+//! `None` and send their own request rather than hang or share a failure.
+
+use std::collections::hash_map::Entry as MapEntry;
+use std::collections::{HashMap, HashSet};
+use std::future::{Future, IntoFuture};
+use std::hash::{BuildHasher, Hash};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use lru::LruCache;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Estimated memory per entry beyond its command, Redis key and reply bytes: the LRU node
+/// and its hash slot, the index slot, allocator rounding and the shared-buffer headers
+/// that cloning `Bytes` creates. Measured at 440-550 bytes on 64-bit glibc with small
+/// entries (more when several commands of one key are cached); the byte bound is only
+/// as good as this estimate, by design, since counting exactly would cost more than it
+/// saves.
+pub const ENTRY_OVERHEAD: usize = 480;
+
+/// The LRU's own hasher (foldhash, randomly seeded). The index hashes the same
+/// client-chosen bytes the LRU already does, so SipHash would buy no DoS resistance there
+/// and would cost more than the rest of an insert.
+type Hasher = lru::DefaultHasher;
+type FastMap<K, V> = HashMap<K, V, Hasher>;
+type FastSet<K> = HashSet<K, Hasher>;
+
+/// Number of fill-ticket stripes; more means fewer needless refusals, each costs 8 bytes.
+const TICKET_STRIPES: usize = 1024;
+
+/// A normalised cacheable command: which reply bytes are stored under.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    pub db: u32,
+    /// RESP protocol version of the connection: 2 or 3.
+    pub proto: u8,
+    /// The upper-cased command name, then each argument, each as `<len>:<bytes>`.
+    pub command: Bytes,
+}
+
+impl CacheKey {
+    /// Normalises `args` (name first). The name is upper-cased because Redis treats it
+    /// case-insensitively; arguments are not, because keys and values are binary. Every
+    /// piece is length-prefixed so `HGET ab c` and `HGET a bc` cannot collide.
+    pub fn new<A: AsRef<[u8]>>(db: u32, proto: u8, args: &[A]) -> CacheKey {
+        let len = args.iter().map(|a| a.as_ref().len() + 21).sum();
+        let mut buf = BytesMut::with_capacity(len);
+        for (i, arg) in args.iter().enumerate() {
+            push_piece(&mut buf, arg.as_ref(), i == 0);
+        }
+        CacheKey {
+            db,
+            proto,
+            command: buf.freeze(),
+        }
+    }
+
+    /// The key of `GET key`, which is also where MGET results are stored one key at a
+    /// time so that a later `GET` or a differently-shaped `MGET` can use them.
+    ///
+    /// Caveat for the caller: MGET answers nil for a key holding a non-string, where GET
+    /// answers WRONGTYPE; storing that nil as a GET entry is a deliberate approximation.
+    pub fn get(db: u32, proto: u8, key: &[u8]) -> CacheKey {
+        CacheKey::new(db, proto, &[b"GET".as_slice(), key])
+    }
+}
+
+fn push_piece(buf: &mut BytesMut, piece: &[u8], upper: bool) {
+    push_decimal(buf, piece.len());
+    buf.put_u8(b':');
+    if upper {
+        buf.extend(piece.iter().map(u8::to_ascii_uppercase));
+    } else {
+        buf.put_slice(piece);
+    }
+}
+
+fn push_decimal(buf: &mut BytesMut, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.put_slice(&digits[i..]);
+}
+
+/// Bounds of the cache. A zero in any of them disables caching.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Total of every entry's charge (see [`entry_charge`]).
+    pub max_bytes: usize,
+    pub max_entries: usize,
+    /// Entries whose charge is larger are not cached: one huge reply would evict
+    /// thousands of small ones that are more likely to be asked for again.
+    pub max_entry_bytes: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_bytes: 64 << 20,
+            max_entries: 1_000_000,
+            max_entry_bytes: 1 << 20,
+        }
+    }
+}
+
+/// What one entry counts against [`CacheConfig::max_bytes`].
+pub fn entry_charge(key: &CacheKey, redis_key_len: usize, reply_len: usize) -> usize {
+    key.command.len() + redis_key_len + reply_len + ENTRY_OVERHEAD
+}
+
+/// The outcome of [`Cache::get`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// Filled no longer than `max_stale` ago: these bytes may be sent as the reply.
+    Hit(Bytes),
+    /// An entry existed but was older than `max_stale`; it has been removed.
+    Stale,
+    Miss,
+}
+
+impl Lookup {
+    /// The metric label this lookup counts under.
+    pub fn result(&self) -> CacheResult {
+        match self {
+            Lookup::Hit(_) => CacheResult::Hit,
+            Lookup::Stale => CacheResult::StaleHit,
+            Lookup::Miss => CacheResult::Miss,
+        }
+    }
+}
+
+/// Proof of when a fill's read was sent; see [`Cache::ticket`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FillTicket {
+    stripe: usize,
+    generation: u64,
+    clears: u64,
+}
+
+/// The `result` label of `redfuse_cache_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheResult {
+    /// Served from the cache.
+    Hit = 0,
+    /// Found, but older than the key's `max_stale`, so not served.
+    StaleHit = 1,
+    /// Not in the cache.
+    Miss = 2,
+    /// A reply was stored.
+    Fill = 3,
+    /// Not cacheable: the command, or this reply (error, too large, raced a write).
+    Bypass = 4,
+}
+
+impl CacheResult {
+    pub const ALL: [CacheResult; 5] = [
+        CacheResult::Hit,
+        CacheResult::StaleHit,
+        CacheResult::Miss,
+        CacheResult::Fill,
+        CacheResult::Bypass,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::StaleHit => "stale_hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Fill => "fill",
+            CacheResult::Bypass => "bypass",
+        }
+    }
+}
+
+/// Cache and single-flight metrics, with every label resolved up front.
+#[derive(Clone)]
+pub struct CacheMetrics {
+    pub entries: IntGauge,
+    pub bytes: IntGauge,
+    /// Indexed by `CacheResult as usize`.
+    requests: [IntCounter; 5],
+    pub evictions: IntCounter,
+    pub invalidations: IntCounter,
+    /// Give this to [`SingleFlight::new`].
+    pub singleflight_shared: IntCounter,
+}
+
+impl CacheMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<CacheMetrics> {
+        let entries = IntGauge::new("redfuse_cache_entries", "Replies held by the cache")?;
+        let bytes = IntGauge::new(
+            "redfuse_cache_bytes",
+            "Estimated bytes held by the cache (keys, replies and per-entry overhead)",
+        )?;
+        let requests_vec = IntCounterVec::new(
+            Opts::new(
+                "redfuse_cache_requests_total",
+                "Cache lookups and fills, by result",
+            ),
+            &["result"],
+        )?;
+        let evictions = IntCounter::new(
+            "redfuse_cache_evictions_total",
+            "Entries evicted to stay within the cache's bounds",
+        )?;
+        let invalidations = IntCounter::new(
+            "redfuse_cache_invalidations_total",
+            "Entries removed because their key was written or their database flushed",
+        )?;
+        let singleflight_shared = IntCounter::new(
+            "redfuse_singleflight_shared_total",
+            "Reads that waited for an identical in-flight read instead of sending their own",
+        )?;
+        registry.register(Box::new(entries.clone()))?;
+        registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(requests_vec.clone()))?;
+        registry.register(Box::new(evictions.clone()))?;
+        registry.register(Box::new(invalidations.clone()))?;
+        registry.register(Box::new(singleflight_shared.clone()))?;
+        let requests = CacheResult::ALL.map(|r| requests_vec.with_label_values(&[r.as_str()]));
+        Ok(CacheMetrics {
+            entries,
+            bytes,
+            requests,
+            evictions,
+            invalidations,
+            singleflight_shared,
+        })
+    }
+
+    /// Counts one `redfuse_cache_requests_total{result}`.
+    pub fn count(&self, result: CacheResult) {
+        self.requests[result as usize].inc();
+    }
+}
+
+struct Entry {
+    reply: Bytes,
+    redis_key: Bytes,
+    filled: Instant,
+    charge: usize,
+}
+
+/// The cached commands that read one Redis key. Almost every key has exactly one, and a
+/// set per key would cost an allocation and a hash for each of them. Boxed so that the
+/// common case stays the size of one key.
+enum Readers {
+    One(CacheKey),
+    Many(Box<FastSet<CacheKey>>),
+}
+
+impl Readers {
+    fn insert(&mut self, key: CacheKey) {
+        match self {
+            Readers::One(k) if *k == key => {}
+            Readers::One(k) => {
+                *self = Readers::Many(Box::new(FastSet::from_iter([k.clone(), key])))
+            }
+            Readers::Many(set) => {
+                set.insert(key);
+            }
+        }
+    }
+
+    /// Removes `key`; returns whether none are left.
+    fn remove(&mut self, key: &CacheKey) -> bool {
+        match self {
+            Readers::One(k) => k == key,
+            Readers::Many(set) => {
+                set.remove(key);
+                set.is_empty()
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn iter(&self) -> Box<dyn Iterator<Item = &CacheKey> + '_> {
+        match self {
+            Readers::One(k) => Box::new(std::iter::once(k)),
+            Readers::Many(set) => Box::new(set.iter()),
+        }
+    }
+}
+
+struct State {
+    lru: LruCache<CacheKey, Entry>,
+    /// db -> Redis key -> every cached command that read it. Holds exactly the keys the
+    /// LRU holds.
+    index: FastMap<u32, FastMap<Bytes, Readers>>,
+    bytes: usize,
+}
+
+impl State {
+    fn add_to_index(&mut self, key: CacheKey, redis_key: Bytes) {
+        match self.index.entry(key.db).or_default().entry(redis_key) {
+            MapEntry::Occupied(o) => o.into_mut().insert(key),
+            MapEntry::Vacant(v) => {
+                v.insert(Readers::One(key));
+            }
+        }
+    }
+
+    fn remove_from_index(&mut self, key: &CacheKey, redis_key: Bytes) {
+        let MapEntry::Occupied(mut by_db) = self.index.entry(key.db) else {
+            return;
+        };
+        let by_key = by_db.get_mut();
+        if let MapEntry::Occupied(mut readers) = by_key.entry(redis_key)
+            && readers.get_mut().remove(key)
+        {
+            readers.remove();
+            if by_key.is_empty() {
+                by_db.remove();
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &CacheKey) -> bool {
+        let Some(entry) = self.lru.pop(key) else {
+            return false;
+        };
+        self.unaccount(key, entry);
+        true
+    }
+
+    fn unaccount(&mut self, key: &CacheKey, entry: Entry) {
+        self.bytes -= entry.charge;
+        self.remove_from_index(key, entry.redis_key);
+    }
+
+    fn evict_until_within(&mut self, config: &CacheConfig) -> u64 {
+        let mut evicted = 0;
+        while self.bytes > config.max_bytes || self.lru.len() > config.max_entries {
+            let Some((key, entry)) = self.lru.pop_lru() else {
+                break;
+            };
+            self.unaccount(&key, entry);
+            evicted += 1;
+        }
+        evicted
+    }
+}
+
+/// The reply cache. Share it behind an `Arc`; every method takes `&self`.
+pub struct Cache {
+    config: CacheConfig,
+    state: Mutex<State>,
+    metrics: Option<CacheMetrics>,
+    /// Bumped (under `state`'s lock) by every invalidation of a key hashing to the stripe.
+    stripes: Box<[AtomicU64]>,
+    /// Bumped (under `state`'s lock) by `clear_db` and `clear_all`.
+    clears: AtomicU64,
+    stripe_hasher: Hasher,
+}
+
+impl Cache {
+    pub fn new(config: CacheConfig) -> Cache {
+        Cache::build(config, None)
+    }
+
+    pub fn with_metrics(config: CacheConfig, metrics: CacheMetrics) -> Cache {
+        Cache::build(config, Some(metrics))
+    }
+
+    fn build(config: CacheConfig, metrics: Option<CacheMetrics>) -> Cache {
+        Cache {
+            config,
+            state: Mutex::new(State {
+                lru: LruCache::unbounded(),
+                index: FastMap::default(),
+                bytes: 0,
+            }),
+            metrics,
+            stripes: (0..TICKET_STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            clears: AtomicU64::new(0),
+            stripe_hasher: Hasher::default(),
+        }
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    pub fn metrics(&self) -> Option<&CacheMetrics> {
+        self.metrics.as_ref()
+    }
+
+    /// Counts an outcome the cache itself never sees (e.g. a non-cacheable command in
+    /// degraded mode). [`Cache::get`] and the inserts count their own outcomes.
+    pub fn count(&self, result: CacheResult) {
+        if let Some(m) = &self.metrics {
+            m.count(result);
+        }
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.lock().lru.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sum of the entries' charges; never above `max_bytes` between calls.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// Looks `key` up and counts the outcome. A hit becomes most recently used; an entry
+    /// older than `max_stale` is removed (see the module docs) and reported as `Stale`.
+    pub fn get(&self, key: &CacheKey, now: Instant, max_stale: Duration) -> Lookup {
+        let mut st = self.lock();
+        let lookup = match st.lru.get(key) {
+            None => Lookup::Miss,
+            Some(e) if now.saturating_duration_since(e.filled) <= max_stale => {
+                Lookup::Hit(e.reply.clone())
+            }
+            Some(_) => {
+                st.remove(key);
+                self.publish(&st);
+                Lookup::Stale
+            }
+        };
+        drop(st);
+        self.count(lookup.result());
+        lookup
+    }
+
+    /// Stores `reply` for `key`, registered under `redis_key` in `key.db`, filled at
+    /// `now`. Returns whether it was stored; counts `fill` or `bypass`.
+    ///
+    /// Refused: error replies (`-`, `!`), which are answers about a moment, not data, and
+    /// leave any existing entry alone, since a transient error (LOADING, BUSY, OOM) says
+    /// nothing about the data and the old entry is exactly what degraded mode needs;
+    /// empty replies (not RESP); entries over `max_entry_bytes` or `max_bytes`, which do
+    /// remove an existing entry for `key`, because Redis has since answered something
+    /// else and serving the older answer later would go back in time.
+    ///
+    /// Both byte strings are copied: the caller's are usually slices of a connection's
+    /// read buffer, and keeping one alive would pin the whole buffer unaccounted.
+    pub fn insert(&self, key: CacheKey, redis_key: Bytes, reply: Bytes, now: Instant) -> bool {
+        self.insert_inner(None, key, redis_key, reply, now)
+    }
+
+    /// Like [`Cache::insert`], but also refused (without touching the cache) when
+    /// `redis_key` was invalidated, or its database cleared, since `ticket` was taken.
+    pub fn insert_checked(
+        &self,
+        ticket: FillTicket,
+        key: CacheKey,
+        redis_key: Bytes,
+        reply: Bytes,
+        now: Instant,
+    ) -> bool {
+        self.insert_inner(Some(ticket), key, redis_key, reply, now)
+    }
+
+    /// Take this before sending a read whose reply may fill the cache, and hand it to
+    /// [`Cache::insert_checked`]. No lock: it is two atomic loads.
+    pub fn ticket(&self, db: u32, redis_key: &[u8]) -> FillTicket {
+        let stripe = self.stripe(db, redis_key);
+        FillTicket {
+            stripe,
+            generation: self.stripes[stripe].load(Ordering::SeqCst),
+            clears: self.clears.load(Ordering::SeqCst),
+        }
+    }
+
+    fn stripe(&self, db: u32, redis_key: &[u8]) -> usize {
+        (self.stripe_hasher.hash_one((db, redis_key)) % TICKET_STRIPES as u64) as usize
+    }
+
+    fn ticket_current(&self, t: FillTicket) -> bool {
+        self.stripes[t.stripe].load(Ordering::SeqCst) == t.generation
+            && self.clears.load(Ordering::SeqCst) == t.clears
+    }
+
+    fn insert_inner(
+        &self,
+        ticket: Option<FillTicket>,
+        key: CacheKey,
+        redis_key: Bytes,
+        reply: Bytes,
+        now: Instant,
+    ) -> bool {
+        if matches!(reply.first(), None | Some(b'-' | b'!')) {
+            self.count(CacheResult::Bypass);
+            return false;
+        }
+        let charge = entry_charge(&key, redis_key.len(), reply.len());
+        let fits = charge <= self.config.max_entry_bytes
+            && charge <= self.config.max_bytes
+            && self.config.max_entries > 0;
+        let entry = fits.then(|| Entry {
+            reply: Bytes::copy_from_slice(&reply),
+            redis_key: Bytes::copy_from_slice(&redis_key),
+            filled: now,
+            charge,
+        });
+
+        let mut st = self.lock();
+        // Checked under the lock that invalidation bumps under: either the invalidation
+        // came first and we see it, or we insert first and it removes what we stored.
+        if let Some(t) = ticket
+            && !self.ticket_current(t)
+        {
+            drop(st);
+            self.count(CacheResult::Bypass);
+            return false;
+        }
+        let Some(entry) = entry else {
+            if st.remove(&key) {
+                self.publish(&st);
+            }
+            drop(st);
+            self.count(CacheResult::Bypass);
+            return false;
+        };
+        let (index_key, redis_key) = (key.clone(), entry.redis_key.clone());
+        st.bytes += entry.charge;
+        // Unbounded, so `push` only ever returns the entry it replaced. The same command
+        // always names the same Redis key, but unindexing through the old entry keeps the
+        // index right even if a caller disagrees with itself.
+        if let Some((old_key, old)) = st.lru.push(key, entry) {
+            st.unaccount(&old_key, old);
+        }
+        st.add_to_index(index_key, redis_key);
+        let evicted = st.evict_until_within(&self.config);
+        self.publish(&st);
+        drop(st);
+        if let Some(m) = &self.metrics {
+            m.count(CacheResult::Fill);
+            m.evictions.inc_by(evicted);
+        }
+        true
+    }
+
+    /// Removes every entry that read `redis_key` in `db` (`GET k`, `HGETALL k`, ...) and
+    /// makes tickets taken for it before now stale. Returns how many were removed.
+    pub fn invalidate(&self, db: u32, redis_key: &[u8]) -> usize {
+        let stripe = self.stripe(db, redis_key);
+        let mut st = self.lock();
+        self.stripes[stripe].fetch_add(1, Ordering::SeqCst);
+        let Some(by_key) = st.index.get_mut(&db) else {
+            return 0;
+        };
+        let Some(keys) = by_key.remove(redis_key) else {
+            return 0;
+        };
+        if by_key.is_empty() {
+            st.index.remove(&db);
+        }
+        let removed = self.drop_entries(&mut st, keys);
+        self.publish(&st);
+        drop(st);
+        self.count_invalidations(removed);
+        removed
+    }
+
+    /// Removes every entry of `db` (FLUSHDB, SWAPDB, ...). Returns how many.
+    pub fn clear_db(&self, db: u32) -> usize {
+        let mut st = self.lock();
+        self.clears.fetch_add(1, Ordering::SeqCst);
+        let Some(by_key) = st.index.remove(&db) else {
+            return 0;
+        };
+        let removed = by_key
+            .into_values()
+            .map(|keys| self.drop_entries(&mut st, keys))
+            .sum();
+        self.publish(&st);
+        drop(st);
+        self.count_invalidations(removed);
+        removed
+    }
+
+    /// Removes everything (FLUSHALL, or an upstream that may have lost its data).
+    pub fn clear_all(&self) -> usize {
+        let mut st = self.lock();
+        self.clears.fetch_add(1, Ordering::SeqCst);
+        let removed = st.lru.len();
+        st.lru.clear();
+        st.index.clear();
+        st.bytes = 0;
+        self.publish(&st);
+        drop(st);
+        self.count_invalidations(removed);
+        removed
+    }
+
+    /// Removes from the LRU entries already taken out of the index.
+    fn drop_entries(&self, st: &mut State, readers: Readers) -> usize {
+        let mut drop_one = |key: &CacheKey| match st.lru.pop(key) {
+            Some(entry) => {
+                st.bytes -= entry.charge;
+                1
+            }
+            None => 0,
+        };
+        match readers {
+            Readers::One(key) => drop_one(&key),
+            Readers::Many(keys) => keys.iter().map(drop_one).sum(),
+        }
+    }
+
+    fn count_invalidations(&self, n: usize) {
+        if let Some(m) = &self.metrics {
+            m.invalidations.inc_by(n as u64);
+        }
+    }
+
+    /// Gauges are set under the lock so that concurrent updates cannot land out of order.
+    fn publish(&self, st: &State) {
+        if let Some(m) = &self.metrics {
+            m.entries.set(st.lru.len() as i64);
+            m.bytes.set(st.bytes as i64);
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing under this lock panics between two related updates, so a poisoned
+        // state is still consistent; refusing to serve would only turn one bug into an
+        // outage.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Panics unless the index holds exactly the LRU's entries and `bytes` is their sum.
+    #[cfg(test)]
+    fn check_invariants(&self) {
+        let st = self.lock();
+        let mut indexed = 0;
+        for (db, by_key) in &st.index {
+            assert!(!by_key.is_empty(), "empty db map left in the index");
+            for (redis_key, readers) in by_key {
+                if let Readers::Many(set) = readers {
+                    assert!(!set.is_empty(), "empty key set left in the index");
+                }
+                for key in readers.iter() {
+                    assert_eq!(key.db, *db);
+                    let entry = st.lru.peek(key).expect("indexed key missing from the LRU");
+                    assert_eq!(&entry.redis_key, redis_key);
+                    indexed += 1;
+                }
+            }
+        }
+        assert_eq!(
+            indexed,
+            st.lru.len(),
+            "index and LRU disagree on the number of entries"
+        );
+        assert_eq!(
+            st.bytes,
+            st.lru.iter().map(|(_, e)| e.charge).sum::<usize>()
+        );
+    }
+}
+
+/// Splits an array reply of bulk strings and nulls (an MGET reply, RESP2 or RESP3) into
+/// its elements' frames, as zero-copy slices of `reply`. `None` for anything else,
+/// including a truncated or over-long frame.
+pub fn split_array_reply(reply: &Bytes) -> Option<Vec<Bytes>> {
+    let buf = &reply[..];
+    if buf.first() != Some(&b'*') {
+        return None;
+    }
+    let (n, mut pos) = parse_line_int(buf, 1)?;
+    let n = usize::try_from(n).ok()?;
+    // Every element takes at least three bytes, so a lying header cannot make us
+    // allocate more than the reply's size.
+    let mut parts = Vec::with_capacity(n.min(buf.len() / 3));
+    for _ in 0..n {
+        let start = pos;
+        match *buf.get(pos)? {
+            b'_' => {
+                if buf.get(pos + 1..pos + 3)? != b"\r\n" {
+                    return None;
+                }
+                pos += 3;
+            }
+            b'$' => {
+                let (len, after) = parse_line_int(buf, pos + 1)?;
+                if len == -1 {
+                    pos = after;
+                } else {
+                    let end = after.checked_add(usize::try_from(len).ok()?)?;
+                    if buf.get(end..end.checked_add(2)?)? != b"\r\n" {
+                        return None;
+                    }
+                    pos = end + 2;
+                }
+            }
+            _ => return None,
+        }
+        parts.push(reply.slice(start..pos));
+    }
+    (pos == buf.len()).then_some(parts)
+}
+
+/// Parses a decimal integer running from `from` to the next CRLF; returns it and the
+/// position after the CRLF.
+fn parse_line_int(buf: &[u8], from: usize) -> Option<(i64, usize)> {
+    let rest = buf.get(from..)?;
+    let cr = rest.iter().position(|&b| b == b'\r')?;
+    if rest.get(cr + 1) != Some(&b'\n') {
+        return None;
+    }
+    let (negative, digits) = match &rest[..cr] {
+        [b'-', digits @ ..] => (true, digits),
+        digits => (false, digits),
+    };
+    if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let value = digits
+        .iter()
+        .fold(0i64, |acc, d| acc * 10 + i64::from(d - b'0'));
+    Some((if negative { -value } else { value }, from + cr + 2))
+}
+
+/// Builds an array reply from element frames (inverse of [`split_array_reply`]).
+pub fn join_array_reply(parts: &[Bytes]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(23 + parts.iter().map(Bytes::len).sum::<usize>());
+    buf.put_u8(b'*');
+    push_decimal(&mut buf, parts.len());
+    buf.put_slice(b"\r\n");
+    for part in parts {
+        buf.put_slice(part);
+    }
+    buf.freeze()
+}
+
+type Flights<K, V> = Arc<Mutex<HashMap<K, watch::Receiver<Option<V>>>>>;
+
+fn lock_flights<K, V>(
+    flights: &Flights<K, V>,
+) -> MutexGuard<'_, HashMap<K, watch::Receiver<Option<V>>>> {
+    // The map is only inserted into and removed from; a panic cannot leave it half-done.
+    flights.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Lets identical reads in flight at the same time share one upstream request.
+///
+/// The first [`join`](SingleFlight::join) of a key leads: it sends the request and
+/// [`finish`](LeaderGuard::finish)es with the reply. Joins of the same key before that
+/// follow and receive a clone of it. Once the leader finishes (or gives up), the key is
+/// free again: a later join leads a new request rather than getting an old answer.
+pub struct SingleFlight<K, V> {
+    flights: Flights<K, V>,
+    shared: Option<IntCounter>,
+}
+
+/// Result of [`SingleFlight::join`].
+pub enum Flight<K: Hash + Eq, V> {
+    /// Send the request, then call [`LeaderGuard::finish`].
+    Leader(LeaderGuard<K, V>),
+    /// `.await` it: `Some(reply)` from the leader, or `None` if the leader gave up, in
+    /// which case send the request yourself.
+    Follower(Follower<V>),
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
+    /// `shared` counts followers (`CacheMetrics::singleflight_shared`).
+    pub fn new(shared: Option<IntCounter>) -> Self {
+        SingleFlight {
+            flights: Arc::new(Mutex::new(HashMap::new())),
+            shared,
+        }
+    }
+
+    pub fn join(&self, key: K) -> Flight<K, V> {
+        let mut flights = lock_flights(&self.flights);
+        match flights.entry(key) {
+            MapEntry::Occupied(o) => {
+                let rx = o.get().clone();
+                drop(flights);
+                if let Some(c) = &self.shared {
+                    c.inc();
+                }
+                Flight::Follower(Follower { rx })
+            }
+            MapEntry::Vacant(v) => {
+                let key = v.key().clone();
+                let (tx, rx) = watch::channel(None);
+                v.insert(rx);
+                drop(flights);
+                Flight::Leader(LeaderGuard {
+                    flights: Arc::clone(&self.flights),
+                    key,
+                    tx: Some(tx),
+                })
+            }
+        }
+    }
+
+    /// Keys with a leader still working.
+    pub fn in_flight(&self) -> usize {
+        lock_flights(&self.flights).len()
+    }
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> Default for SingleFlight<K, V> {
+    fn default() -> Self {
+        SingleFlight::new(None)
+    }
+}
+
+/// Held by the one caller doing the request. Dropping it unfinished (an error, a
+/// timeout, a cancelled task) releases the followers with `None`.
+pub struct LeaderGuard<K: Hash + Eq, V> {
+    flights: Flights<K, V>,
+    key: K,
+    tx: Option<watch::Sender<Option<V>>>,
+}
+
+impl<K: Hash + Eq, V> LeaderGuard<K, V> {
+    /// Hands `value` to every follower.
+    pub fn finish(mut self, value: V) {
+        self.complete(Some(value));
+    }
+
+    fn complete(&mut self, value: Option<V>) {
+        let Some(tx) = self.tx.take() else { return };
+        // Only the leader removes its key, and nobody inserts while it is there, so the
+        // entry is ours. Removed before sending so that a join from now on leads anew
+        // instead of following a flight that is over.
+        lock_flights(&self.flights).remove(&self.key);
+        if let Some(value) = value {
+            tx.send_replace(Some(value));
+        }
+        // Dropping `tx` closes the channel, which is how followers learn of `None`.
+    }
+}
+
+impl<K: Hash + Eq, V> Drop for LeaderGuard<K, V> {
+    fn drop(&mut self) {
+        self.complete(None);
+    }
+}
+
+/// Waits for a leader's value; see [`Flight::Follower`].
+pub struct Follower<V> {
+    rx: watch::Receiver<Option<V>>,
+}
+
+impl<V: Clone> Follower<V> {
+    pub async fn wait(mut self) -> Option<V> {
+        // `wait_for` looks at the current value first, so a leader that finished
+        // between our join and this call is not missed.
+        self.rx
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|v| v.clone())
+    }
+}
+
+impl<V: Clone + Send + Sync + 'static> IntoFuture for Follower<V> {
+    type Output = Option<V>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Option<V>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.wait())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    const FRESH: Duration = Duration::from_secs(3600);
+
+    fn key(db: u32, args: &[&str]) -> CacheKey {
+        CacheKey::new(db, 2, args)
+    }
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn small(max_bytes: usize, max_entries: usize) -> Cache {
+        Cache::new(CacheConfig {
+            max_bytes,
+            max_entries,
+            max_entry_bytes: max_bytes,
+        })
+    }
+
+    #[test]
+    fn insert_then_get_returns_the_exact_bytes() {
+        let cache = Cache::new(CacheConfig::default());
+        let now = Instant::now();
+        let reply = b("*2\r\n$1\r\na\r\n_\r\n");
+        assert_eq!(
+            cache.get(&key(0, &["HGETALL", "h"]), now, FRESH),
+            Lookup::Miss
+        );
+        assert!(cache.insert(key(0, &["HGETALL", "h"]), b("h"), reply.clone(), now));
+        assert_eq!(
+            cache.get(&key(0, &["hgetall", "h"]), now, FRESH),
+            Lookup::Hit(reply)
+        );
+        assert_eq!(cache.len(), 1);
+        assert!(cache.bytes() > ENTRY_OVERHEAD);
+        cache.check_invariants();
+    }
+
+    #[test]
+    fn replacing_an_entry_keeps_bytes_and_index_right() {
+        let cache = Cache::new(CacheConfig::default());
+        let now = Instant::now();
+        let k = key(0, &["GET", "k"]);
+        assert!(cache.insert(k.clone(), b("k"), b("$1\r\na\r\n"), now));
+        assert!(cache.insert(k.clone(), b("k"), b("$3\r\nabc\r\n"), now));
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.bytes(), entry_charge(&k, 1, 9));
+        cache.check_invariants();
+        // A caller that files the same command under another key moves it there.
+        assert!(cache.insert(k.clone(), b("other"), b("+x\r\n"), now));
+        cache.check_invariants();
+        assert_eq!(cache.invalidate(0, b"k"), 0);
+        assert_eq!(cache.invalidate(0, b"other"), 1);
+        cache.check_invariants();
+    }
+
+    #[test]
+    fn shared_types_are_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Cache>();
+        check::<SingleFlight<CacheKey, Bytes>>();
+        check::<LeaderGuard<CacheKey, Bytes>>();
+        check::<Follower<Bytes>>();
+    }
+
+    #[test]
+    fn nil_replies_are_cacheable() {
+        let cache = Cache::new(CacheConfig::default());
+        let now = Instant::now();
+        assert!(cache.insert(CacheKey::get(0, 2, b"k"), b("k"), b("$-1\r\n"), now));
+        assert!(cache.insert(CacheKey::get(0, 3, b"k"), b("k"), b("_\r\n"), now));
+        assert_eq!(
+            cache.get(&CacheKey::get(0, 3, b"k"), now, FRESH),
+            Lookup::Hit(b("_\r\n"))
+        );
+    }
+
+    #[test]
+    fn keys_differ_by_db_proto_arguments_and_split() {
+        assert_eq!(key(0, &["get", "k"]), key(0, &["GET", "k"]));
+        assert_eq!(CacheKey::get(0, 2, b"k"), key(0, &["GET", "k"]));
+        assert_ne!(key(0, &["GET", "k"]), key(0, &["GET", "K"]));
+        assert_ne!(key(0, &["GET", "k"]), key(1, &["GET", "k"]));
+        assert_ne!(CacheKey::get(0, 2, b"k"), CacheKey::get(0, 3, b"k"));
+        assert_ne!(key(0, &["HGET", "ab", "c"]), key(0, &["HGET", "a", "bc"]));
+        assert_ne!(key(0, &["HGET", "a:b", "c"]), key(0, &["HGET", "a", "b:c"]));
+        assert_eq!(&key(0, &["get", "k\r\n"]).command[..], b"3:GET3:k\r\n");
+
+        let cache = Cache::new(CacheConfig::default());
+        let now = Instant::now();
+        cache.insert(CacheKey::get(0, 2, b"k"), b("k"), b("$2\r\nv0\r\n"), now);
+        cache.insert(CacheKey::get(1, 2, b"k"), b("k"), b("$2\r\nv1\r\n"), now);
+        cache.insert(CacheKey::get(0, 3, b"k"), b("k"), b("$2\r\nv3\r\n"), now);
+        assert_eq!(
+            cache.get(&CacheKey::get(0, 2, b"k"), now, FRESH),
+            Lookup::Hit(b("$2\r\nv0\r\n"))
+        );
+        assert_eq!(
+            cache.get(&CacheKey::get(1, 2, b"k"), now, FRESH),
+            Lookup::Hit(b("$2\r\nv1\r\n"))
+        );
+        assert_eq!(
+            cache.get(&CacheKey::get(0, 3, b"k"), now, FRESH),
+            Lookup::Hit(b("$2\r\nv3\r\n"))
+        );
+        assert_eq!(
+            cache.get(&CacheKey::get(1, 3, b"k"), now, FRESH),
+            Lookup::Miss
+        );
+    }
+
+    #[test]
+    fn binary_keys_and_arguments_are_kept_exactly() {
+        let cache = Cache::new(CacheConfig::default());
+        let now = Instant::now();
+        let raw: &[u8] = b"\xff\x00k\r\n";
+        let k = CacheKey::new(0, 2, &[b"get".as_slice(), raw]);
+        assert!(cache.insert(
+            k.clone(),
+            Bytes::copy_from_slice(raw),
+            b("$1\r\nv\r\n"),
+            now
+        ));
+        assert_eq!(
+            cache.get(&CacheKey::get(0, 2, raw), now, FRESH),
+            Lookup::Hit(b("$1\r\nv\r\n"))
+        );
+        assert_eq!(cache.invalidate(0, raw), 1);
+        cache.check_invariants();
+    }
+
+    #[test]
+    fn invalidate_removes_every_command_of_the_key_and_nothing_else() {
+        let cache = Cache::new(CacheConfig::default());
+        let now = Instant::now();
+        let of_k = [
+            key(0, &["GET", "k"]),
+            key(0, &["STRLEN", "k"]),
+            key(0, &["LRANGE", "k", "0", "-1"]),
+            key(0, &["LRANGE", "k", "0", "9"]),
+        ];
+        for (i, k) in of_k.iter().enumerate() {
+            assert!(cache.insert(k.clone(), b("k"), b(&format!(":{i}\r\n")), now));
+        }
+        cache.insert(CacheKey::get(0, 3, b"k"), b("k"), b(":9\r\n"), now);
+        let others = [
+            (key(0, &["GET", "k2"]), "k2"),
+            (key(1, &["GET", "k"]), "k"),
+            (key(0, &["GET", "K"]), "K"),
+        ];
+        for (k, redis_key) in &others {
+            assert!(cache.insert(k.clone(), b(redis_key), b("+other\r\n"), now));
+        }
+        cache.check_invariants();
+
+        assert_eq!(cache.invalidate(0, b"k"), 5);
+        for k in &of_k {
+            assert_eq!(cache.get(k, now, FRESH), Lookup::Miss);
+        }
+        for (k, _) in &others {
+            assert_eq!(
+                cache.get(k, now, FRESH),
+                Lookup::Hit(b("+other\r\n")),
+                "{k:?}"
+            );
+        }
+        assert_eq!(cache.invalidate(0, b"k"), 0);
+        assert_eq!(cache.len(), others.len());
+        cache.check_invariants();
+    }
+
+    #[test]
+    fn clear_db_removes_only_that_db_and_clear_all_everything() {
+        let cache = Cache::new(CacheConfig::default());
+        let now = Instant::now();
+        for db in 0..3 {
+            for k in ["a", "b", "c"] {
+                cache.insert(CacheKey::get(db, 2, k.as_bytes()), b(k), b("+v\r\n"), now);
+            }
+        }
+        assert_eq!(cache.clear_db(1), 3);
+        assert_eq!(cache.clear_db(1), 0);
+        assert_eq!(
+            cache.get(&CacheKey::get(1, 2, b"a"), now, FRESH),
+            Lookup::Miss
+        );
+        assert_eq!(
+            cache.get(&CacheKey::get(0, 2, b"a"), now, FRESH),
+            Lookup::Hit(b("+v\r\n"))
+        );
+        assert_eq!(
+            cache.get(&CacheKey::get(2, 2, b"c"), now, FRESH),
+            Lookup::Hit(b("+v\r\n"))
+        );
+        assert_eq!(cache.len(), 6);
+        cache.check_invariants();
+
+        assert_eq!(cache.clear_all(), 6);
+        assert!(cache.is_empty());
+        assert_eq!(cache.bytes(), 0);
+        cache.check_invariants();
+    }
+
+    #[test]
+    fn a_million_distinct_keys_stay_within_the_bounds() {
+        let cache = small(1 << 20, 1_000_000);
+        let now = Instant::now();
+        let reply = b("$5\r\nvalue\r\n");
+        for i in 0..1_000_000u32 {
+            let k = i.to_be_bytes();
+            assert!(cache.insert(
+                CacheKey::get(0, 2, &k),
+                Bytes::copy_from_slice(&k),
+                reply.clone(),
+                now
+            ));
+        }
+        assert!(cache.bytes() <= 1 << 20, "{} bytes", cache.bytes());
+        let per_entry = entry_charge(&CacheKey::get(0, 2, b"0000"), 4, reply.len());
+        assert_eq!(cache.len(), (1 << 20) / per_entry);
+        // The newest survive, the oldest are gone.
+        assert!(matches!(
+            cache.get(&CacheKey::get(0, 2, &999_999u32.to_be_bytes()), now, FRESH),
+            Lookup::Hit(_)
+        ));
+        assert_eq!(
+            cache.get(&CacheKey::get(0, 2, &0u32.to_be_bytes()), now, FRESH),
+            Lookup::Miss
+        );
+        cache.check_invariants();
+    }
+
+    #[test]
+    fn max_entries_bounds_the_count() {
+        let cache = small(1 << 30, 10);
+        let now = Instant::now();
+        for i in 0..100u32 {
+            cache.insert(
+                CacheKey::get(0, 2, &i.to_be_bytes()),
+                Bytes::copy_from_slice(&i.to_be_bytes()),
+                b(":1\r\n"),
+                now,
+            );
+        }
+        assert_eq!(cache.len(), 10);
+        cache.check_invariants();
+    }
+
+    #[test]
+    fn entries_over_the_per_entry_cap_are_not_cached_and_displace_the_old_one() {
+        let cache = Cache::new(CacheConfig {
+            max_entry_bytes: ENTRY_OVERHEAD + 100,
+            ..CacheConfig::default()
+        });
+        let now = Instant::now();
+        let k = CacheKey::get(0, 2, b"k");
+        assert!(cache.insert(k.clone(), b("k"), b("$2\r\nok\r\n"), now));
+        let big = Bytes::from(format!("${}\r\n{}\r\n", 100, "x".repeat(100)));
+        assert!(!cache.insert(k.clone(), b("k"), big, now));
+        assert_eq!(cache.get(&k, now, FRESH), Lookup::Miss);
+        assert!(cache.is_empty());
+        cache.check_invariants();
+
+        // An entry larger than the whole cache is refused too, whatever the per-entry cap.
+        let tiny = Cache::new(CacheConfig {
+            max_bytes: ENTRY_OVERHEAD + 10,
+            ..CacheConfig::default()
+        });
+        assert!(!tiny.insert(k.clone(), b("k"), b("$20\r\n01234567890123456789\r\n"), now));
+        assert!(tiny.is_empty());
+    }
+
+    #[test]
+    fn recently_read_entries_survive_eviction() {
+        let reply = b(":1\r\n");
+        let charge = entry_charge(&CacheKey::get(0, 2, b"a"), 1, reply.len());
+        let cache = small(3 * charge, 100);
+        let now = Instant::now();
+        for k in ["a", "b", "c"] {
+            assert!(cache.insert(CacheKey::get(0, 2, k.as_bytes()), b(k), reply.clone(), now));
+        }
+        // Reading "a" makes "b" the least recently used.
+        assert!(matches!(
+            cache.get(&CacheKey::get(0, 2, b"a"), now, FRESH),
+            Lookup::Hit(_)
+        ));
+        assert!(cache.insert(CacheKey::get(0, 2, b"d"), b("d"), reply.clone(), now));
+        assert_eq!(
+            cache.get(&CacheKey::get(0, 2, b"b"), now, FRESH),
+            Lookup::Miss
+        );
+        for k in ["a", "c", "d"] {
+            assert!(
+                matches!(
+                    cache.get(&CacheKey::get(0, 2, k.as_bytes()), now, FRESH),
+                    Lookup::Hit(_)
+                ),
+                "{k}"
+            );
+        }
+        cache.check_invariants();
+    }
+
+    #[test]
+    fn error_replies_are_refused_and_leave_the_old_entry() {
+        let cache = Cache::new(CacheConfig::default());
+        let now = Instant::now();
+        let k = CacheKey::get(0, 3, b"k");
+        assert!(!cache.insert(k.clone(), b("k"), b("-ERR nope\r\n"), now));
+        assert!(!cache.insert(k.clone(), b("k"), b("!9\r\nERR nope!\r\n"), now));
+        assert!(!cache.insert(k.clone(), b("k"), Bytes::new(), now));
+        assert!(cache.is_empty());
+        assert!(cache.insert(k.clone(), b("k"), b("+v\r\n"), now));
+        assert!(!cache.insert(k.clone(), b("k"), b("-LOADING\r\n"), now));
+        assert_eq!(cache.get(&k, now, FRESH), Lookup::Hit(b("+v\r\n")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_older_than_max_stale_are_stale() {
+        let cache = Cache::new(CacheConfig::default());
+        let max_stale = Duration::from_secs(10);
+        let k = CacheKey::get(0, 2, b"k");
+        cache.insert(k.clone(), b("k"), b("+v\r\n"), Instant::now());
+
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(
+            cache.get(&k, Instant::now(), max_stale),
+            Lookup::Hit(b("+v\r\n"))
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(cache.get(&k, Instant::now(), max_stale), Lookup::Stale);
+        // Removed when found stale: it could never be served again.
+        assert_eq!(cache.get(&k, Instant::now(), Duration::MAX), Lookup::Miss);
+        assert!(cache.is_empty());
+        cache.check_invariants();
+
+        // A refill restarts the age.
+        cache.insert(k.clone(), b("k"), b("+w\r\n"), Instant::now());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(
+            cache.get(&k, Instant::now(), max_stale),
+            Lookup::Hit(b("+w\r\n"))
+        );
+    }
+
+    #[test]
+    fn the_index_stays_consistent_through_evictions() {
+        let reply = b(":1\r\n");
+        let cache = small(
+            50 * entry_charge(&key(0, &["GET", "k00"]), 3, reply.len()) + 500,
+            1000,
+        );
+        let now = Instant::now();
+        for round in 0..20 {
+            for i in 0..30 {
+                let k = format!("k{i:02}");
+                let cmd = if (i + round) % 2 == 0 { "GET" } else { "TTL" };
+                cache.insert(key(i % 3, &[cmd, &k]), b(&k), reply.clone(), now);
+                cache.insert(key(i % 3, &["STRLEN", &k]), b(&k), reply.clone(), now);
+            }
+            cache.check_invariants();
+            for i in (round % 5..30).step_by(5) {
+                cache.invalidate(i % 3, format!("k{i:02}").as_bytes());
+            }
+            cache.check_invariants();
+        }
+        assert!(cache.len() <= 50);
+        for i in 0..30 {
+            cache.invalidate(i % 3, format!("k{i:02}").as_bytes());
+        }
+        assert!(cache.is_empty());
+        assert_eq!(cache.bytes(), 0);
+        assert!(cache.lock().index.is_empty());
+    }
+
+    #[test]
+    fn a_fill_that_raced_an_invalidation_is_refused() {
+        let cache = Cache::new(CacheConfig::default());
+        let now = Instant::now();
+        let k = CacheKey::get(0, 2, b"k");
+
+        let ticket = cache.ticket(0, b"k");
+        cache.invalidate(0, b"k");
+        assert!(!cache.insert_checked(ticket, k.clone(), b("k"), b("+old\r\n"), now));
+        assert!(cache.is_empty());
+
+        let ticket = cache.ticket(0, b"k");
+        assert!(cache.insert_checked(ticket, k.clone(), b("k"), b("+new\r\n"), now));
+        // A stale ticket must not disturb the newer entry either.
+        let stale = cache.ticket(0, b"k");
+        cache.invalidate(0, b"other");
+        cache.invalidate(0, b"k");
+        assert!(cache.insert_checked(
+            cache.ticket(0, b"k"),
+            k.clone(),
+            b("k"),
+            b("+newer\r\n"),
+            now
+        ));
+        assert!(!cache.insert_checked(stale, k.clone(), b("k"), b("+old\r\n"), now));
+        assert_eq!(cache.get(&k, now, FRESH), Lookup::Hit(b("+newer\r\n")));
+
+        let ticket = cache.ticket(0, b"k");
+        cache.clear_db(5);
+        assert!(!cache.insert_checked(ticket, k, b("k"), b("+old\r\n"), now));
+    }
+
+    #[test]
+    fn metrics_count_what_happened() {
+        let registry = Registry::new();
+        let metrics = CacheMetrics::register(&registry).unwrap();
+        let reply = b(":1\r\n");
+        let charge = entry_charge(&CacheKey::get(0, 2, b"a"), 1, reply.len());
+        let cache = Cache::with_metrics(
+            CacheConfig {
+                max_bytes: 2 * charge,
+                max_entries: 10,
+                max_entry_bytes: 1 << 20,
+            },
+            metrics.clone(),
+        );
+        let now = Instant::now();
+        for k in ["a", "b", "c"] {
+            cache.insert(CacheKey::get(0, 2, k.as_bytes()), b(k), reply.clone(), now);
+        }
+        cache.insert(CacheKey::get(0, 2, b"c"), b("c"), b("-ERR\r\n"), now);
+        cache.get(&CacheKey::get(0, 2, b"c"), now, FRESH);
+        cache.get(&CacheKey::get(0, 2, b"a"), now, FRESH);
+        cache.get(
+            &CacheKey::get(0, 2, b"b"),
+            now + Duration::from_secs(2),
+            Duration::from_secs(1),
+        );
+        cache.count(CacheResult::Bypass);
+        cache.insert(CacheKey::get(0, 2, b"d"), b("d"), reply.clone(), now);
+        assert_eq!(cache.invalidate(0, b"d"), 1);
+
+        let count = |r: CacheResult| metrics.requests[r as usize].get();
+        assert_eq!(count(CacheResult::Fill), 4);
+        assert_eq!(count(CacheResult::Hit), 1);
+        assert_eq!(count(CacheResult::Miss), 1);
+        assert_eq!(count(CacheResult::StaleHit), 1);
+        assert_eq!(count(CacheResult::Bypass), 2);
+        assert_eq!(metrics.evictions.get(), 1);
+        assert_eq!(metrics.invalidations.get(), 1);
+        assert_eq!(metrics.entries.get(), 1);
+        assert_eq!(metrics.bytes.get(), charge as i64);
+
+        let mut names: Vec<String> = registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "redfuse_cache_bytes",
+                "redfuse_cache_entries",
+                "redfuse_cache_evictions_total",
+                "redfuse_cache_invalidations_total",
+                "redfuse_cache_requests_total",
+                "redfuse_singleflight_shared_total",
+            ]
+        );
+        let labels: Vec<&str> = CacheResult::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(labels, ["hit", "stale_hit", "miss", "fill", "bypass"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_joins_share_one_leader() {
+        const N: usize = 100;
+        let registry = Registry::new();
+        let metrics = CacheMetrics::register(&registry).unwrap();
+        let flights: Arc<SingleFlight<CacheKey, Bytes>> =
+            Arc::new(SingleFlight::new(Some(metrics.singleflight_shared.clone())));
+        let before = Arc::new(tokio::sync::Barrier::new(N));
+        let joined = Arc::new(tokio::sync::Barrier::new(N));
+        let leaders = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..N)
+            .map(|_| {
+                let (flights, before, joined, leaders) = (
+                    flights.clone(),
+                    before.clone(),
+                    joined.clone(),
+                    leaders.clone(),
+                );
+                tokio::spawn(async move {
+                    before.wait().await;
+                    let flight = flights.join(CacheKey::get(0, 2, b"k"));
+                    // Nobody finishes until everyone has joined, so every join overlaps.
+                    joined.wait().await;
+                    match flight {
+                        Flight::Leader(guard) => {
+                            leaders.fetch_add(1, Ordering::SeqCst);
+                            guard.finish(b("$1\r\nv\r\n"));
+                            Some(b("$1\r\nv\r\n"))
+                        }
+                        Flight::Follower(f) => f.await,
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), Some(b("$1\r\nv\r\n")));
+        }
+        assert_eq!(leaders.load(Ordering::SeqCst), 1);
+        assert_eq!(metrics.singleflight_shared.get(), N as u64 - 1);
+        assert_eq!(flights.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_leader_releases_followers_with_none() {
+        let flights: SingleFlight<&str, u32> = SingleFlight::default();
+        let Flight::Leader(guard) = flights.join("k") else {
+            panic!("first join must lead")
+        };
+        let Flight::Follower(early) = flights.join("k") else {
+            panic!("second join must follow")
+        };
+        let waiting = tokio::spawn(early.into_future());
+        tokio::task::yield_now().await;
+        let Flight::Follower(late) = flights.join("k") else {
+            panic!("third join must follow")
+        };
+        drop(guard);
+        assert_eq!(waiting.await.unwrap(), None);
+        assert_eq!(late.wait().await, None);
+        assert_eq!(flights.in_flight(), 0);
+
+        // The key is free again, and a finished flight does not leak into the next one.
+        let Flight::Leader(guard) = flights.join("k") else {
+            panic!("must lead again")
+        };
+        let Flight::Follower(f) = flights.join("k") else {
+            panic!("must follow")
+        };
+        guard.finish(7);
+        assert_eq!(f.await, Some(7));
+        assert!(matches!(flights.join("k"), Flight::Leader(_)));
+    }
+
+    #[test]
+    fn split_and_join_resp2_mget_replies() {
+        let reply = b("*3\r\n$1\r\na\r\n$-1\r\n$1\r\nc\r\n");
+        let parts = split_array_reply(&reply).unwrap();
+        assert_eq!(parts, [b("$1\r\na\r\n"), b("$-1\r\n"), b("$1\r\nc\r\n")]);
+        // Zero-copy: the parts point into the reply.
+        assert_eq!(parts[0].as_ptr(), reply[4..].as_ptr());
+        assert_eq!(join_array_reply(&parts), reply);
+    }
+
+    #[test]
+    fn split_and_join_resp3_mget_replies() {
+        let reply = b("*3\r\n_\r\n$3\r\n\r\n\r\r\n$0\r\n\r\n");
+        let parts = split_array_reply(&reply).unwrap();
+        assert_eq!(parts, [b("_\r\n"), b("$3\r\n\r\n\r\r\n"), b("$0\r\n\r\n")]);
+        assert_eq!(join_array_reply(&parts), reply);
+        assert_eq!(
+            split_array_reply(&b("*0\r\n")).unwrap(),
+            Vec::<Bytes>::new()
+        );
+        assert_eq!(join_array_reply(&[]), b("*0\r\n"));
+    }
+
+    #[test]
+    fn split_refuses_anything_but_an_array_of_bulks_and_nulls() {
+        for bad in [
+            "",
+            "$1\r\na\r\n",
+            "*-1\r\n",
+            "*1\r\n:1\r\n",
+            "*1\r\n*0\r\n",
+            "*2\r\n$1\r\na\r\n",
+            "*1\r\n$1\r\na\r\nextra",
+            "*1\r\n$2\r\na\r\n",
+            "*1\r\n$1\r\nab\r\n",
+            "*1\r\n$-2\r\n",
+            "*1\r\n_\r",
+            "*1\r\n$\r\n\r\n",
+            "*1\n$1\r\na\r\n",
+            "*99999999999999999999\r\n",
+            "*1\r\n$99999999999999999\r\na\r\n",
+        ] {
+            assert_eq!(split_array_reply(&b(bad)), None, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,1895 @@
+//! The write-queue journal: writes accepted while the primary's breaker is open.
+//!
+//! While an upstream's circuit breaker is open, a write that matches a `queue`
+//! fail-open rule is answered as configured and appended here; when the breaker
+//! closes, the replayer sends the journal to the primary oldest first
+//! ([`Journal::peek`]) and drops what the primary has answered
+//! ([`Journal::ack`]), before any newer client write is let through. The
+//! journal is bounded by bytes and by entries; a write that does not fit is
+//! refused with [`JournalError::Full`] and counted in
+//! `redfuse_write_queue_rejected_total`, never dropped silently.
+//!
+//! Delivery is at least once: an entry replayed but not yet acked when redfuse
+//! stops is replayed again after the restart. Exactly once would need the
+//! primary to take part, and re-sending a write is the lesser harm compared to
+//! losing one the client was told had succeeded.
+//!
+//! # Memory and disk
+//!
+//! Every queued entry lives in memory (a `VecDeque` of [`Bytes`] frames, so a
+//! peek is a cheap reference-count bump). With `journal_path` set, each change
+//! is also written to an append-only file *before* memory changes, so a write
+//! is only accepted once it is in the file; after a restart [`Journal::open`]
+//! rebuilds the queue from the file. The file is only ever read at start-up.
+//!
+//! Why append-only: appending is the one write pattern where a crash can only
+//! damage the end of the file (the record being written), which recovery can
+//! recognise and cut off. Rewriting records in place could tear one in the
+//! middle and lose entries that were already durable.
+//!
+//! Acks are recorded as small cumulative "acked up to seq N" marker records
+//! instead of rewriting the file, so acking is O(1) however the replayer
+//! batches. Because markers are cumulative, a marker that failed to be written
+//! is covered by the next one. The file is then kept small two ways:
+//!
+//! * when the journal becomes empty (the normal end of a replay) the file is
+//!   truncated to zero length and fsynced, which is cheap and atomic;
+//! * when acked records and markers outweigh the live ones (a replay that keeps
+//!   being interrupted), the live entries are rewritten to `<path>.compact`,
+//!   fsynced, and renamed over the journal (an atomic swap), then the
+//!   directory is fsynced. This costs O(live bytes) and happens at most once
+//!   per that many acked bytes, so it stays amortised O(1) per entry.
+//!
+//! A restart therefore never replays an acked entry (the marker or the
+//! compaction removed it before `ack` returned, subject to the fsync policy)
+//! and never loses an unacked one (its record was written before `append`
+//! returned).
+//!
+//! The file is locked exclusively ([`File::try_lock`]) while open: two
+//! redfuse processes appending to one journal would interleave records and
+//! replay each other's writes.
+//!
+//! # File format (version 1, all integers little-endian)
+//!
+//! ```text
+//! file   = header record*
+//! header = magic "RFUSEJNL" (8 bytes) | version u32 = 1 | reserved u32 = 0
+//! record = len u32 | kind u32 | db u32 | seq u64 | checksum u64 | frame (len bytes)
+//! kind   = 1: entry, frame is the client's RESP command exactly as sent
+//!          2: ack marker, len = 0 and db = 0, every entry with seq <= `seq` is acked
+//! checksum = FNV-1a 64 over the first 20 header bytes (len, kind, db, seq) then the frame
+//! ```
+//!
+//! An empty journal is a zero-length file; the header is written together with
+//! the first record. Entry seqs are strictly increasing within a file and carry
+//! on after a restart; once the file has been truncated empty they may start
+//! again at 1, which is harmless since an ack only ever names a seq the same
+//! process handed out.
+//!
+//! # Recovery and corruption
+//!
+//! The checksum covers the header fields as well as the frame, so a torn or
+//! bit-flipped record is never replayed as a different command or to a
+//! different database. The length is checked against [`MAX_FRAME_LEN`] and the
+//! bytes actually left in the file before anything is allocated.
+//!
+//! * **Torn tail** (a crash mid-append): an incomplete record header, a record
+//!   running past the end of the file, a bad checksum on the *last* record, or
+//!   a zero-filled tail (some filesystems extend the size before the data
+//!   reaches disk) is cut off with a `warn` log; the records before it are kept.
+//!   A partial header from a crash while the file was being created is cut off
+//!   the same way.
+//! * **Damage in the middle** (a bad checksum or impossible header with valid
+//!   data after it, seqs out of order, a foreign magic or an unknown version):
+//!   [`Journal::open`] fails with [`JournalError::Corrupt`] naming the offset,
+//!   and the file is left untouched. Guessing would either replay garbage or
+//!   silently discard writes clients were told had succeeded; an operator can
+//!   inspect the file and move it aside to start with an empty queue. With
+//!   `fsync = "always"` this needs real disk damage; with the other policies a
+//!   machine crash can also cause it, because the OS may write pages back out
+//!   of order.
+//!
+//! # fsync policy
+//!
+//! * `always`: every append and ack marker is fsynced (`fdatasync`) before the
+//!   call returns. Nothing acknowledged to a client is lost even if the machine
+//!   crashes, at the cost of one disk flush per queued write (milliseconds on
+//!   spinning disks, far less on SSDs with power-loss protection).
+//! * `everysec` (default): an append or ack fsyncs when at least a second has
+//!   passed since the last fsync, and [`Journal::spawn_sync_task`] (or any
+//!   caller of [`Journal::sync`]) flushes a quiet journal. A machine crash
+//!   loses about the last second; a redfuse crash or restart loses nothing,
+//!   since the data is already in the OS page cache.
+//! * `never`: flushing is left to the OS. Still safe across redfuse restarts.
+//!
+//! Truncating an emptied journal and compaction are always fsynced: they are
+//! rare, and without it a crash could resurrect acked entries.
+//!
+//! All file I/O happens under the journal's mutex, so it blocks the calling
+//! thread (including a tokio worker) for the duration of the write and any
+//! fsync; callers on a hot path with `fsync = "always"` may prefer
+//! `spawn_blocking`. No lock is held across an `.await`.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use serde::Deserialize;
+
+/// Largest frame one record may hold, matching Redis's own `proto-max-bulk-len`
+/// default. Recovery never allocates more than this for one record.
+pub const MAX_FRAME_LEN: usize = 512 * 1024 * 1024;
+
+const MAGIC: [u8; 8] = *b"RFUSEJNL";
+const VERSION: u32 = 1;
+const FILE_HEADER_LEN: usize = 16;
+const RECORD_HEADER_LEN: usize = 28;
+/// The checksum covers the record header up to (not including) itself.
+const CHECKSUMMED_HEADER_LEN: usize = 20;
+const KIND_ENTRY: u32 = 1;
+const KIND_ACK: u32 = 2;
+/// Dead bytes tolerated on top of the live ones before compacting, so small
+/// journals are not rewritten on every ack.
+const COMPACT_SLACK: u64 = 1024 * 1024;
+const EVERYSEC: Duration = Duration::from_secs(1);
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// `[write_queue]` settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WriteQueueConfig {
+    /// Most bytes of queued frames (the RESP bytes as sent, not counting the
+    /// journal's own record headers). Default 16 MiB, at most 512 MiB.
+    pub max_bytes: usize,
+    /// Most queued writes. Default 100 000.
+    pub max_entries: usize,
+    /// Append-only file that makes the queue survive a redfuse restart.
+    /// Without it the queue is memory only.
+    pub journal_path: Option<PathBuf>,
+    /// When the journal file is fsynced.
+    pub fsync: FsyncPolicy,
+}
+
+impl Default for WriteQueueConfig {
+    fn default() -> Self {
+        WriteQueueConfig {
+            max_bytes: 16 * 1024 * 1024,
+            max_entries: 100_000,
+            journal_path: None,
+            fsync: FsyncPolicy::default(),
+        }
+    }
+}
+
+impl WriteQueueConfig {
+    /// Checks every field; the error starts with the offending field's name.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_bytes == 0 {
+            return Err("max_bytes must be at least 1, got 0".into());
+        }
+        if self.max_bytes > MAX_FRAME_LEN {
+            return Err(format!(
+                "max_bytes must be at most {MAX_FRAME_LEN} (512 MiB), got {}",
+                self.max_bytes
+            ));
+        }
+        if self.max_entries == 0 {
+            return Err("max_entries must be at least 1, got 0".into());
+        }
+        if let Some(path) = &self.journal_path {
+            if path.as_os_str().is_empty() {
+                return Err("journal_path must not be empty".into());
+            }
+            if path.file_name().is_none() {
+                return Err(format!(
+                    "journal_path must name a file, got `{}`",
+                    path.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// When the journal file is fsynced; see the module docs for the trade-offs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// Before every append and ack returns.
+    Always,
+    /// At most once a second.
+    #[default]
+    Everysec,
+    /// Never explicitly; the OS writes back on its own schedule.
+    Never,
+}
+
+/// One queued write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Position in the queue; strictly increasing.
+    pub seq: u64,
+    /// The database the client had selected when it sent the write.
+    pub db: u32,
+    /// The exact RESP command frame as the client sent it.
+    pub frame: Bytes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// The byte or entry cap would be exceeded; the write was not queued.
+    #[error("write queue is full (max_bytes {max_bytes} or max_entries reached)")]
+    Full { max_bytes: usize },
+    /// The journal file could not be read or written; the message names the file.
+    #[error("write queue journal I/O error: {0}")]
+    Io(std::io::Error),
+    /// The journal file is damaged other than at its tail; it was left untouched.
+    #[error("write queue journal is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The ordered, bounded queue of writes waiting for the primary.
+///
+/// `Send + Sync`; share it behind an `Arc`. All methods take a short
+/// `std::sync::Mutex`, held across file I/O but never across an `.await`.
+pub struct Journal {
+    state: Mutex<State>,
+    max_bytes: usize,
+    max_entries: usize,
+    fsync: FsyncPolicy,
+    metrics: Option<WriteQueueMetrics>,
+    compact_slack: u64,
+}
+
+struct State {
+    entries: VecDeque<Entry>,
+    /// Sum of the queued frames' lengths.
+    bytes: usize,
+    next_seq: u64,
+    disk: Option<Disk>,
+}
+
+impl Journal {
+    /// Opens the journal, recovering the entries still pending in
+    /// `journal_path` if the file exists (see the module docs for how a torn
+    /// tail and corruption are handled). Entries recovered beyond the caps
+    /// (after the caps were lowered) are kept; appends fail until they drain.
+    pub fn open(config: &WriteQueueConfig) -> Result<Journal, JournalError> {
+        let mut state = State {
+            entries: VecDeque::new(),
+            bytes: 0,
+            next_seq: 1,
+            disk: None,
+        };
+        if let Some(path) = &config.journal_path {
+            let (disk, recovered) = Disk::open(path)?;
+            if !recovered.entries.is_empty() {
+                tracing::info!(
+                    path = %path.display(),
+                    entries = recovered.entries.len(),
+                    bytes = recovered.bytes,
+                    "write queue journal recovered pending writes"
+                );
+            }
+            state.entries = recovered.entries;
+            state.bytes = recovered.bytes;
+            state.next_seq = recovered.next_seq;
+            state.disk = Some(disk);
+        }
+        Ok(Journal {
+            state: Mutex::new(state),
+            max_bytes: config.max_bytes,
+            max_entries: config.max_entries,
+            fsync: config.fsync,
+            metrics: None,
+            compact_slack: COMPACT_SLACK,
+        })
+    }
+
+    /// Attaches metrics; the gauges are set at once and kept up to date by
+    /// every later call.
+    pub fn with_metrics(mut self, metrics: WriteQueueMetrics) -> Journal {
+        {
+            let state = self.lock();
+            metrics.observe(state.entries.len(), state.bytes);
+        }
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Queues a write and returns its seq. The record reaches the file (and is
+    /// fsynced under `always`) before the entry is visible in memory, so an
+    /// `Ok` means a restart will replay it. On any error nothing was queued.
+    pub fn append(&self, db: u32, frame: Bytes) -> Result<u64, JournalError> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        if state.entries.len() >= self.max_entries {
+            return Err(self.reject(Reject::Entries));
+        }
+        if frame.len() > MAX_FRAME_LEN || state.bytes.saturating_add(frame.len()) > self.max_bytes {
+            return Err(self.reject(Reject::Bytes));
+        }
+        let seq = state.next_seq;
+        let Some(next_seq) = seq.checked_add(1) else {
+            return Err(JournalError::Corrupt("sequence numbers exhausted".into()));
+        };
+        if let Some(disk) = state.disk.as_mut() {
+            if let Err(e) = disk.write_record(KIND_ENTRY, db, seq, &frame, self.fsync) {
+                self.count_rejected(Reject::Io);
+                let err = disk.io_error("cannot append to", e);
+                tracing::warn!(error = %err, "write queue append failed");
+                return Err(err);
+            }
+            disk.live += record_len(frame.len());
+        }
+        state.next_seq = next_seq;
+        state.bytes += frame.len();
+        state.entries.push_back(Entry { seq, db, frame });
+        self.observe(state);
+        Ok(seq)
+    }
+
+    /// Up to `max` entries, oldest first, without removing them.
+    pub fn peek(&self, max: usize) -> Vec<Entry> {
+        self.lock().entries.iter().take(max).cloned().collect()
+    }
+
+    /// Removes every entry with `seq <= upto_seq`, once the primary has
+    /// answered them.
+    ///
+    /// The entries leave memory even if the file cannot be updated: they were
+    /// delivered, and keeping them would send them again now. An `Err` then
+    /// means a restart before the next successful ack could replay them (the
+    /// next marker, being cumulative, covers them again).
+    pub fn ack(&self, upto_seq: u64) -> Result<(), JournalError> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let mut last_acked = None;
+        let mut removed_on_disk = 0;
+        while let Some(front) = state.entries.front() {
+            if front.seq > upto_seq {
+                break;
+            }
+            if let Some(entry) = state.entries.pop_front() {
+                state.bytes -= entry.frame.len();
+                removed_on_disk += record_len(entry.frame.len());
+                last_acked = Some(entry.seq);
+            }
+        }
+        let Some(last_acked) = last_acked else {
+            return Ok(());
+        };
+        self.observe(state);
+        let Some(disk) = state.disk.as_mut() else {
+            return Ok(());
+        };
+        disk.live = disk.live.saturating_sub(removed_on_disk);
+        // The marker goes first even when the file is about to be truncated:
+        // if the truncation fails, the marker still keeps a restart from
+        // replaying what was just delivered.
+        let marker = disk.write_record(KIND_ACK, 0, last_acked, &[], self.fsync);
+        if state.entries.is_empty() {
+            return match (disk.clear(), marker) {
+                (Ok(()), _) => Ok(()),
+                (Err(e), Ok(())) => {
+                    let err = disk.io_error("cannot truncate", e);
+                    tracing::warn!(error = %err, "write queue journal not truncated; its ack marker stands");
+                    Ok(())
+                }
+                (Err(e), Err(_)) => Err(disk.io_error("cannot record an ack in or truncate", e)),
+            };
+        }
+        if let Err(e) = marker {
+            return Err(disk.io_error("cannot record an ack in", e));
+        }
+        if disk.should_compact(self.compact_slack)
+            && let Err(e) = disk.compact(&state.entries)
+        {
+            // Not fatal: the marker already made the ack durable, and the
+            // next ack retries.
+            let err = disk.io_error("cannot compact", e);
+            tracing::warn!(error = %err, "write queue journal compaction failed");
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().entries.is_empty()
+    }
+
+    /// Number of queued entries.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Bytes of queued frames (what `max_bytes` limits).
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// Fsyncs whatever was written since the last fsync. A no-op without a
+    /// journal file or when nothing is pending.
+    pub fn sync(&self) -> Result<(), JournalError> {
+        let mut state = self.lock();
+        let Some(disk) = state.disk.as_mut() else {
+            return Ok(());
+        };
+        disk.sync().map_err(|e| disk.io_error("cannot fsync", e))
+    }
+
+    /// The journal file, if the queue has one.
+    pub fn path(&self) -> Option<PathBuf> {
+        self.lock().disk.as_ref().map(|d| d.path.clone())
+    }
+
+    /// Under `fsync = "everysec"` with a journal file, starts a task that
+    /// fsyncs pending writes once a second (on a blocking thread), so the last
+    /// writes before a quiet spell are flushed too. Returns `None` otherwise.
+    /// The task ends by itself once the journal is dropped. Must be called
+    /// within a tokio runtime.
+    pub fn spawn_sync_task(journal: &Arc<Journal>) -> Option<tokio::task::JoinHandle<()>> {
+        if journal.fsync != FsyncPolicy::Everysec || journal.lock().disk.is_none() {
+            return None;
+        }
+        let weak = Arc::downgrade(journal);
+        Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(EVERYSEC);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                // Holding only a weak reference between ticks lets the journal
+                // (and its file lock) go away when its owners drop it.
+                let Some(journal) = weak.upgrade() else {
+                    break;
+                };
+                if !journal.is_dirty() {
+                    continue;
+                }
+                match tokio::task::spawn_blocking(move || journal.sync()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "write queue journal fsync failed"),
+                    Err(e) => tracing::warn!(error = %e, "write queue journal fsync task failed"),
+                }
+            }
+        }))
+    }
+
+    fn is_dirty(&self) -> bool {
+        self.lock()
+            .disk
+            .as_ref()
+            .is_some_and(|d| d.dirty || d.needs_repair)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere cannot leave `State` half-updated in a way that
+        // matters more than refusing all writes would.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn observe(&self, state: &State) {
+        if let Some(m) = &self.metrics {
+            m.observe(state.entries.len(), state.bytes);
+        }
+    }
+
+    fn count_rejected(&self, why: Reject) {
+        if let Some(m) = &self.metrics {
+            m.rejected(why);
+        }
+    }
+
+    fn reject(&self, why: Reject) -> JournalError {
+        self.count_rejected(why);
+        JournalError::Full {
+            max_bytes: self.max_bytes,
+        }
+    }
+}
+
+impl fmt::Debug for Journal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.lock();
+        f.debug_struct("Journal")
+            .field("len", &state.entries.len())
+            .field("bytes", &state.bytes)
+            .field("next_seq", &state.next_seq)
+            .field("path", &state.disk.as_ref().map(|d| &d.path))
+            .field("fsync", &self.fsync)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The open journal file.
+struct Disk {
+    path: PathBuf,
+    file: File,
+    /// Length of the file up to the end of the last fully written record.
+    len: u64,
+    /// Bytes of the live entries' records, to decide when to compact.
+    live: u64,
+    /// Written since the last fsync.
+    dirty: bool,
+    last_sync: Instant,
+    /// A failed write could not be rolled back; the next write retries the
+    /// rollback first, so nothing is ever appended after a partial record.
+    needs_repair: bool,
+    #[cfg(test)]
+    syncs: u64,
+}
+
+impl Disk {
+    fn open(path: &Path) -> Result<(Disk, Recovered), JournalError> {
+        let io_err = |what: &str, e: io::Error| wrap_io(path, what, e);
+        let existed = fs::metadata(path).is_ok();
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(|e| io_err("cannot open", e))?;
+        lock_file(&file).map_err(|e| io_err("cannot lock", e))?;
+        if !existed {
+            // Without this the new directory entry itself may not survive a
+            // crash, taking every fsynced record with it.
+            sync_dir(path).map_err(|e| io_err("cannot fsync the directory of", e))?;
+        }
+        let tmp = compact_path(path);
+        match fs::remove_file(&tmp) {
+            Ok(()) => {
+                tracing::info!(path = %tmp.display(), "removed an unfinished journal compaction")
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %tmp.display(), error = %e, "cannot remove an unfinished journal compaction")
+            }
+        }
+        let recovered = recover(&file, path)?;
+        let mut len = recovered.good_len;
+        if let Some(reason) = &recovered.torn {
+            tracing::warn!(
+                path = %path.display(),
+                offset = recovered.good_len,
+                file_len = recovered.file_len,
+                reason = %reason,
+                "write queue journal has a torn tail (crash mid-write); truncating it"
+            );
+        }
+        // An empty journal is a zero-length file, whatever acked records or
+        // torn bytes it held.
+        if recovered.entries.is_empty() {
+            len = 0;
+        }
+        if len != recovered.file_len {
+            file.set_len(len)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| io_err("cannot truncate", e))?;
+        }
+        let live = recovered
+            .entries
+            .iter()
+            .map(|e| record_len(e.frame.len()))
+            .sum();
+        let disk = Disk {
+            path: path.to_path_buf(),
+            file,
+            len,
+            live,
+            dirty: false,
+            last_sync: Instant::now(),
+            needs_repair: false,
+            #[cfg(test)]
+            syncs: 0,
+        };
+        Ok((disk, recovered))
+    }
+
+    /// Appends one record (and the file header, if the file is empty), then
+    /// fsyncs as the policy says. On failure the file is cut back to where it
+    /// was, so a half-written record never sits in front of later ones.
+    fn write_record(
+        &mut self,
+        kind: u32,
+        db: u32,
+        seq: u64,
+        frame: &[u8],
+        policy: FsyncPolicy,
+    ) -> io::Result<()> {
+        self.repair()?;
+        let mut buf = Vec::with_capacity(FILE_HEADER_LEN + RECORD_HEADER_LEN + frame.len());
+        if self.len == 0 {
+            buf.extend_from_slice(&file_header());
+        }
+        buf.extend_from_slice(&record_header(kind, db, seq, frame));
+        buf.extend_from_slice(frame);
+        let sync = match policy {
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Everysec => self.last_sync.elapsed() >= EVERYSEC,
+            FsyncPolicy::Never => false,
+        };
+        let written = (&self.file).write_all(&buf).and_then(|()| {
+            if sync {
+                self.file.sync_data()?;
+            }
+            Ok(())
+        });
+        match written {
+            Ok(()) => {
+                self.len += buf.len() as u64;
+                if sync {
+                    self.synced();
+                } else {
+                    self.dirty = true;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // A failed fsync may have dropped the record's pages, and a
+                // failed write may have left part of it: cut both away so
+                // the caller's error is the whole truth.
+                if self.file.set_len(self.len).is_err() {
+                    self.needs_repair = true;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn repair(&mut self) -> io::Result<()> {
+        if self.needs_repair {
+            self.file.set_len(self.len)?;
+            self.needs_repair = false;
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.repair()?;
+        if self.dirty {
+            self.file.sync_data()?;
+            self.synced();
+        }
+        Ok(())
+    }
+
+    fn synced(&mut self) {
+        self.dirty = false;
+        self.last_sync = Instant::now();
+        #[cfg(test)]
+        {
+            self.syncs += 1;
+        }
+    }
+
+    /// Truncates the file to zero length, durably.
+    fn clear(&mut self) -> io::Result<()> {
+        self.file.set_len(0)?;
+        // Recorded before the fsync: if only the fsync fails, the file is
+        // still empty and the next append must write the header again.
+        self.len = 0;
+        self.live = 0;
+        self.needs_repair = false;
+        self.file.sync_all()?;
+        self.synced();
+        Ok(())
+    }
+
+    fn should_compact(&self, slack: u64) -> bool {
+        let needed = FILE_HEADER_LEN as u64 + self.live;
+        self.len > needed.saturating_mul(2).saturating_add(slack)
+    }
+
+    /// Rewrites the live entries to a new file and swaps it in atomically.
+    fn compact(&mut self, entries: &VecDeque<Entry>) -> io::Result<()> {
+        let tmp = compact_path(&self.path);
+        let built = (|| -> io::Result<(File, u64)> {
+            let file = OpenOptions::new()
+                .read(true)
+                .append(true)
+                .create(true)
+                .open(&tmp)?;
+            file.set_len(0)?;
+            let mut out = BufWriter::with_capacity(256 * 1024, &file);
+            out.write_all(&file_header())?;
+            let mut len = FILE_HEADER_LEN as u64;
+            for e in entries {
+                out.write_all(&record_header(KIND_ENTRY, e.db, e.seq, &e.frame))?;
+                out.write_all(&e.frame)?;
+                len += record_len(e.frame.len());
+            }
+            out.flush()?;
+            drop(out);
+            file.sync_all()?;
+            // Lock before the rename so no other process can open and lock
+            // the new file between the swap and our lock.
+            lock_file(&file)?;
+            fs::rename(&tmp, &self.path)?;
+            Ok((file, len))
+        })();
+        let (file, len) = match built {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        // From the rename on, the new file is the journal: switch to it
+        // before anything else can fail, or later appends would go to the
+        // unlinked old one.
+        tracing::debug!(path = %self.path.display(), from = self.len, to = len, "write queue journal compacted");
+        self.file = file;
+        self.len = len;
+        self.live = len - FILE_HEADER_LEN as u64;
+        self.dirty = false;
+        self.needs_repair = false;
+        sync_dir(&self.path)
+    }
+
+    fn io_error(&self, what: &str, e: io::Error) -> JournalError {
+        wrap_io(&self.path, what, e)
+    }
+}
+
+/// What [`recover`] found in an existing file.
+struct Recovered {
+    entries: VecDeque<Entry>,
+    bytes: usize,
+    next_seq: u64,
+    file_len: u64,
+    /// End of the last intact record.
+    good_len: u64,
+    /// Why the bytes after `good_len` are being cut off, if there are any.
+    torn: Option<String>,
+}
+
+fn recover(file: &File, path: &Path) -> Result<Recovered, JournalError> {
+    let io_err = |e: io::Error| wrap_io(path, "cannot read", e);
+    let corrupt = |offset: u64, what: String| {
+        JournalError::Corrupt(format!(
+            "{}: {what} at offset {offset}; the file was left as it is: \
+             inspect it, or move it aside to start with an empty write queue",
+            path.display()
+        ))
+    };
+    let file_len = file.metadata().map_err(io_err)?.len();
+    let mut out = Recovered {
+        entries: VecDeque::new(),
+        bytes: 0,
+        next_seq: 1,
+        file_len,
+        good_len: 0,
+        torn: None,
+    };
+    if file_len == 0 {
+        return Ok(out);
+    }
+    let mut r = BufReader::with_capacity(64 * 1024, file);
+    r.seek(SeekFrom::Start(0)).map_err(io_err)?;
+
+    let mut header = [0u8; FILE_HEADER_LEN];
+    let have = file_len.min(FILE_HEADER_LEN as u64) as usize;
+    r.read_exact(&mut header[..have]).map_err(io_err)?;
+    let expected = file_header();
+    if have < FILE_HEADER_LEN {
+        if header[..have] == expected[..have] || header[..have].iter().all(|&b| b == 0) {
+            out.torn = Some("incomplete file header".into());
+            return Ok(out);
+        }
+        return Err(corrupt(
+            0,
+            "not a redfuse write-queue journal (bad magic)".into(),
+        ));
+    }
+    if header[..8] != MAGIC {
+        if rest_is_zero(&mut r, 0).map_err(io_err)? {
+            out.torn = Some("zero-filled file header".into());
+            return Ok(out);
+        }
+        return Err(corrupt(
+            0,
+            "not a redfuse write-queue journal (bad magic)".into(),
+        ));
+    }
+    let version = u32::from_le_bytes(le4(&header[8..12]));
+    if version != VERSION {
+        return Err(corrupt(
+            8,
+            format!("unsupported journal version {version} (this build reads {VERSION})"),
+        ));
+    }
+
+    let mut pos = FILE_HEADER_LEN as u64;
+    let mut last_seq = 0u64;
+    out.good_len = pos;
+    loop {
+        let left = file_len - pos;
+        if left == 0 {
+            break;
+        }
+        if left < RECORD_HEADER_LEN as u64 {
+            out.torn = Some("incomplete record header".into());
+            break;
+        }
+        let mut head = [0u8; RECORD_HEADER_LEN];
+        r.read_exact(&mut head).map_err(io_err)?;
+        let h = RecordHeader::parse(&head);
+        let implausible = if h.kind != KIND_ENTRY && h.kind != KIND_ACK {
+            Some(format!("unknown record kind {}", h.kind))
+        } else if h.len as usize > MAX_FRAME_LEN {
+            Some(format!(
+                "record length {} over the {MAX_FRAME_LEN} cap",
+                h.len
+            ))
+        } else if h.kind == KIND_ACK && (h.len != 0 || h.db != 0) {
+            Some("malformed ack record".into())
+        } else {
+            None
+        };
+        if let Some(what) = implausible {
+            if rest_is_zero(&mut r, pos).map_err(io_err)? {
+                out.torn = Some("zero-filled tail".into());
+                break;
+            }
+            return Err(corrupt(pos, what));
+        }
+        let end = pos + record_len(h.len as usize);
+        if end > file_len {
+            out.torn = Some("last record runs past the end of the file".into());
+            break;
+        }
+        // Bounded twice over: by MAX_FRAME_LEN above and by the bytes the
+        // file really has left.
+        let mut frame = vec![0u8; h.len as usize];
+        r.read_exact(&mut frame).map_err(io_err)?;
+        if checksum(&head[..CHECKSUMMED_HEADER_LEN], &frame) != h.checksum {
+            if end == file_len || rest_is_zero(&mut r, end).map_err(io_err)? {
+                out.torn = Some("checksum mismatch in the last record".into());
+                break;
+            }
+            return Err(corrupt(pos, format!("checksum mismatch (seq {})", h.seq)));
+        }
+        match h.kind {
+            KIND_ENTRY => {
+                if h.seq <= last_seq || h.seq == u64::MAX {
+                    return Err(corrupt(
+                        pos,
+                        format!("entry seq {} does not follow seq {last_seq}", h.seq),
+                    ));
+                }
+                last_seq = h.seq;
+                out.bytes += frame.len();
+                out.entries.push_back(Entry {
+                    seq: h.seq,
+                    db: h.db,
+                    frame: Bytes::from(frame),
+                });
+            }
+            _ => {
+                while out.entries.front().is_some_and(|e| e.seq <= h.seq) {
+                    if let Some(e) = out.entries.pop_front() {
+                        out.bytes -= e.frame.len();
+                    }
+                }
+            }
+        }
+        pos = end;
+        out.good_len = pos;
+    }
+    out.next_seq = last_seq + 1;
+    Ok(out)
+}
+
+/// Whether every byte from `from` to the end of the file is zero. Reads in
+/// chunks, so a large tail costs time but no memory.
+fn rest_is_zero(r: &mut BufReader<&File>, from: u64) -> io::Result<bool> {
+    r.seek(SeekFrom::Start(from))?;
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = r.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if chunk[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+    }
+}
+
+struct RecordHeader {
+    len: u32,
+    kind: u32,
+    db: u32,
+    seq: u64,
+    checksum: u64,
+}
+
+impl RecordHeader {
+    fn parse(b: &[u8; RECORD_HEADER_LEN]) -> RecordHeader {
+        RecordHeader {
+            len: u32::from_le_bytes(le4(&b[0..4])),
+            kind: u32::from_le_bytes(le4(&b[4..8])),
+            db: u32::from_le_bytes(le4(&b[8..12])),
+            seq: u64::from_le_bytes(le8(&b[12..20])),
+            checksum: u64::from_le_bytes(le8(&b[20..28])),
+        }
+    }
+}
+
+fn le4(b: &[u8]) -> [u8; 4] {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(b);
+    a
+}
+
+fn le8(b: &[u8]) -> [u8; 8] {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    a
+}
+
+fn file_header() -> [u8; FILE_HEADER_LEN] {
+    let mut h = [0u8; FILE_HEADER_LEN];
+    h[..8].copy_from_slice(&MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h
+}
+
+/// `frame.len()` must be at most [`MAX_FRAME_LEN`] (the callers check).
+fn record_header(kind: u32, db: u32, seq: u64, frame: &[u8]) -> [u8; RECORD_HEADER_LEN] {
+    let mut h = [0u8; RECORD_HEADER_LEN];
+    h[0..4].copy_from_slice(&(frame.len() as u32).to_le_bytes());
+    h[4..8].copy_from_slice(&kind.to_le_bytes());
+    h[8..12].copy_from_slice(&db.to_le_bytes());
+    h[12..20].copy_from_slice(&seq.to_le_bytes());
+    let sum = checksum(&h[..CHECKSUMMED_HEADER_LEN], frame);
+    h[20..28].copy_from_slice(&sum.to_le_bytes());
+    h
+}
+
+fn record_len(frame_len: usize) -> u64 {
+    (RECORD_HEADER_LEN + frame_len) as u64
+}
+
+/// FNV-1a 64. Not cryptographic, and needs none: it only has to notice torn
+/// writes and flipped bits, and it keeps the crate free of a checksum
+/// dependency.
+fn checksum(head: &[u8], frame: &[u8]) -> u64 {
+    fnv1a(fnv1a(FNV_OFFSET, head), frame)
+}
+
+fn fnv1a(mut hash: u64, data: &[u8]) -> u64 {
+    for &b in data {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(FNV_PRIME);
+    }
+    hash
+}
+
+fn compact_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".compact");
+    PathBuf::from(s)
+}
+
+fn lock_file(file: &File) -> io::Result<()> {
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(fs::TryLockError::WouldBlock) => Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "the journal is in use by another process",
+        )),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Makes a created or renamed directory entry durable.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(dir)?.sync_all()?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+fn wrap_io(path: &Path, what: &str, e: io::Error) -> JournalError {
+    JournalError::Io(io::Error::new(
+        e.kind(),
+        format!("{what} {}: {e}", path.display()),
+    ))
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Reject {
+    Bytes,
+    Entries,
+    Io,
+}
+
+/// Prometheus metrics of the write queue. Cheap to clone (handles only).
+#[derive(Clone)]
+pub struct WriteQueueMetrics {
+    depth: IntGauge,
+    bytes: IntGauge,
+    replayed: IntCounter,
+    rejected_bytes: IntCounter,
+    rejected_entries: IntCounter,
+    rejected_io: IntCounter,
+}
+
+impl WriteQueueMetrics {
+    /// Creates the metrics and registers them in `registry`. Fails if they
+    /// are already registered there.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let depth = IntGauge::new(
+            "redfuse_write_queue_depth",
+            "Writes queued while the primary was unavailable, waiting for replay.",
+        )?;
+        let bytes = IntGauge::new(
+            "redfuse_write_queue_bytes",
+            "Bytes of queued write frames (what max_bytes limits).",
+        )?;
+        let replayed = IntCounter::new(
+            "redfuse_write_queue_replayed_total",
+            "Queued writes replayed to the primary.",
+        )?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "redfuse_write_queue_rejected_total",
+                "Writes the write queue refused, by reason: bytes or entries cap reached, or a journal I/O error.",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(depth.clone()))?;
+        registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(replayed.clone()))?;
+        registry.register(Box::new(rejected.clone()))?;
+        Ok(WriteQueueMetrics {
+            depth,
+            bytes,
+            replayed,
+            rejected_bytes: rejected.with_label_values(&["bytes"]),
+            rejected_entries: rejected.with_label_values(&["entries"]),
+            rejected_io: rejected.with_label_values(&["io"]),
+        })
+    }
+
+    /// Counts `n` queued writes the primary has answered during a replay.
+    pub fn replayed(&self, n: u64) {
+        self.replayed.inc_by(n);
+    }
+
+    fn observe(&self, depth: usize, bytes: usize) {
+        self.depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
+        self.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    fn rejected(&self, why: Reject) {
+        match why {
+            Reject::Bytes => self.rejected_bytes.inc(),
+            Reject::Entries => self.rejected_entries.inc(),
+            Reject::Io => self.rejected_io.inc(),
+        }
+    }
+}
+
+impl fmt::Debug for WriteQueueMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WriteQueueMetrics")
+            .field("depth", &self.depth.get())
+            .field("bytes", &self.bytes.get())
+            .field("replayed", &self.replayed.get())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "redfuse-journal-{}-{}-{name}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).expect("create temp dir");
+            TempDir(dir)
+        }
+
+        fn file(&self) -> PathBuf {
+            self.0.join("queue.journal")
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn set(i: usize) -> Bytes {
+        let key = format!("key:{i}");
+        Bytes::from(format!(
+            "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n$5\r\nvalue\r\n",
+            key.len()
+        ))
+    }
+
+    fn memory() -> WriteQueueConfig {
+        WriteQueueConfig::default()
+    }
+
+    fn on_disk(path: &Path, fsync: FsyncPolicy) -> WriteQueueConfig {
+        WriteQueueConfig {
+            journal_path: Some(path.to_path_buf()),
+            fsync,
+            ..WriteQueueConfig::default()
+        }
+    }
+
+    fn seqs(j: &Journal) -> Vec<u64> {
+        j.peek(usize::MAX).iter().map(|e| e.seq).collect()
+    }
+
+    fn file_len(path: &Path) -> u64 {
+        fs::metadata(path).expect("journal metadata").len()
+    }
+
+    fn syncs(j: &Journal) -> u64 {
+        j.lock().disk.as_ref().map_or(0, |d| d.syncs)
+    }
+
+    /// Offset of the record holding entry `index` (0-based), assuming every
+    /// entry record and no markers precede it.
+    fn record_offset(frames: &[Bytes], index: usize) -> u64 {
+        FILE_HEADER_LEN as u64
+            + frames[..index]
+                .iter()
+                .map(|f| record_len(f.len()))
+                .sum::<u64>()
+    }
+
+    fn write_three(path: &Path) -> Vec<Bytes> {
+        let j = Journal::open(&on_disk(path, FsyncPolicy::Always)).expect("open");
+        let frames: Vec<Bytes> = (0..3).map(set).collect();
+        for (db, f) in frames.iter().enumerate() {
+            j.append(db as u32, f.clone()).expect("append");
+        }
+        frames
+    }
+
+    fn patch(path: &Path, offset: u64, bytes: &[u8]) {
+        let mut data = fs::read(path).expect("read journal");
+        let at = offset as usize;
+        data[at..at + bytes.len()].copy_from_slice(bytes);
+        fs::write(path, data).expect("write journal");
+    }
+
+    #[test]
+    fn journal_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Journal>();
+        assert_send_sync::<WriteQueueMetrics>();
+    }
+
+    #[test]
+    fn append_peek_ack_keep_order() {
+        let j = Journal::open(&memory()).expect("open");
+        assert!(j.is_empty());
+        for i in 0..5 {
+            assert_eq!(
+                j.append(i as u32 % 2, set(i)).expect("append"),
+                i as u64 + 1
+            );
+        }
+        assert_eq!(j.len(), 5);
+        assert_eq!(j.bytes(), (0..5).map(|i| set(i).len()).sum::<usize>());
+        let first = j.peek(2);
+        assert_eq!(first.len(), 2);
+        assert_eq!(
+            (first[0].seq, first[0].db, &first[0].frame),
+            (1, 0, &set(0))
+        );
+        assert_eq!(
+            (first[1].seq, first[1].db, &first[1].frame),
+            (2, 1, &set(1))
+        );
+        // Peeking does not remove anything.
+        assert_eq!(seqs(&j), vec![1, 2, 3, 4, 5]);
+
+        j.ack(2).expect("ack");
+        assert_eq!(seqs(&j), vec![3, 4, 5]);
+        // Acking something already acked, or below the head, changes nothing.
+        j.ack(1).expect("ack");
+        assert_eq!(seqs(&j), vec![3, 4, 5]);
+        j.append(7, set(9)).expect("append");
+        j.ack(5).expect("ack");
+        assert_eq!(seqs(&j), vec![6]);
+        assert_eq!(j.peek(10)[0].frame, set(9));
+        j.ack(u64::MAX).expect("ack");
+        assert!(j.is_empty());
+        assert_eq!(j.bytes(), 0);
+        // Seqs keep increasing after the queue drained.
+        assert_eq!(j.append(0, set(1)).expect("append"), 7);
+    }
+
+    #[test]
+    fn byte_cap_refuses_and_keeps_everything() {
+        let registry = Registry::new();
+        let metrics = WriteQueueMetrics::register(&registry).expect("register");
+        let frame = set(1);
+        let cfg = WriteQueueConfig {
+            max_bytes: frame.len() * 2 + 1,
+            ..memory()
+        };
+        let j = Journal::open(&cfg)
+            .expect("open")
+            .with_metrics(metrics.clone());
+        j.append(0, frame.clone()).expect("first fits");
+        j.append(0, frame.clone()).expect("second fits");
+        let err = j
+            .append(0, frame.clone())
+            .expect_err("third is over the cap");
+        assert!(
+            matches!(err, JournalError::Full { max_bytes } if max_bytes == cfg.max_bytes),
+            "{err:?}"
+        );
+        assert_eq!(j.len(), 2, "a refused write changes nothing");
+        assert_eq!(j.bytes(), frame.len() * 2);
+        assert_eq!(metrics.rejected_bytes.get(), 1);
+        assert_eq!(metrics.depth.get(), 2);
+        // A frame that fits in what is left is still taken.
+        j.append(0, Bytes::from_static(b"x")).expect("small fits");
+        // Room comes back once the replay acks.
+        j.ack(1).expect("ack");
+        j.append(0, frame).expect("fits after ack");
+        assert_eq!(seqs(&j), vec![2, 3, 4], "the refused write used no seq");
+    }
+
+    #[test]
+    fn entry_cap_refuses_and_keeps_everything() {
+        let registry = Registry::new();
+        let metrics = WriteQueueMetrics::register(&registry).expect("register");
+        let cfg = WriteQueueConfig {
+            max_entries: 2,
+            ..memory()
+        };
+        let j = Journal::open(&cfg)
+            .expect("open")
+            .with_metrics(metrics.clone());
+        j.append(0, set(0)).expect("append");
+        j.append(0, set(1)).expect("append");
+        let err = j.append(0, set(2)).expect_err("over the entry cap");
+        assert!(matches!(err, JournalError::Full { .. }), "{err:?}");
+        assert_eq!(j.len(), 2);
+        assert_eq!(metrics.rejected_entries.get(), 1);
+        assert_eq!(metrics.rejected_bytes.get(), 0);
+        assert_eq!(metrics.depth.get(), 2);
+        j.ack(1).expect("ack");
+        j.append(0, set(2)).expect("room again");
+        assert_eq!(
+            j.peek(5)
+                .iter()
+                .map(|e| e.frame.clone())
+                .collect::<Vec<_>>(),
+            vec![set(1), set(2)]
+        );
+    }
+
+    #[test]
+    fn reopen_recovers_entries_in_order_and_seqs_continue() {
+        let dir = TempDir::new("reopen");
+        let path = dir.file();
+        let frames = write_three(&path);
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        let entries = j.peek(10);
+        assert_eq!(entries.len(), 3);
+        for (i, e) in entries.iter().enumerate() {
+            assert_eq!(e.seq, i as u64 + 1);
+            assert_eq!(e.db, i as u32);
+            assert_eq!(e.frame, frames[i]);
+        }
+        assert_eq!(j.bytes(), frames.iter().map(|f| f.len()).sum::<usize>());
+        assert_eq!(j.append(0, set(3)).expect("append"), 4);
+        drop(j);
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen again");
+        assert_eq!(seqs(&j), vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn acked_entries_are_not_replayed_after_reopen() {
+        let dir = TempDir::new("ack-reopen");
+        let path = dir.file();
+        let frames = write_three(&path);
+        {
+            let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+            j.ack(2).expect("ack");
+        }
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        let entries = j.peek(10);
+        assert_eq!(entries.len(), 1);
+        assert_eq!((entries[0].seq, &entries[0].frame), (3, &frames[2]));
+        assert_eq!(j.bytes(), frames[2].len());
+        assert_eq!(j.append(0, set(7)).expect("append"), 4);
+    }
+
+    #[test]
+    fn acking_everything_truncates_the_file() {
+        let dir = TempDir::new("ack-all");
+        let path = dir.file();
+        write_three(&path);
+        {
+            let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+            assert!(file_len(&path) > 0);
+            j.ack(3).expect("ack");
+            assert!(j.is_empty());
+            assert_eq!(file_len(&path), 0);
+            // The next append writes the header again.
+            j.append(5, set(5)).expect("append");
+            j.ack(4).expect("ack");
+            assert_eq!(file_len(&path), 0);
+        }
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        assert!(j.is_empty());
+        assert_eq!(j.append(0, set(0)).expect("append"), 1);
+        drop(j);
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        assert_eq!(j.peek(10)[0].frame, set(0));
+    }
+
+    #[test]
+    fn torn_tail_is_cut_off_and_appending_goes_on() {
+        let dir = TempDir::new("torn");
+        let path = dir.file();
+        let frames = write_three(&path);
+        let full = file_len(&path);
+        // A crash in the middle of writing the third record.
+        for cut in [1, 5, record_len(frames[2].len()) - 1] {
+            let f = OpenOptions::new().write(true).open(&path).expect("open");
+            f.set_len(full - cut).expect("truncate");
+            drop(f);
+            let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+            assert_eq!(seqs(&j), vec![1, 2], "cut {cut}");
+            assert_eq!(file_len(&path), record_offset(&frames, 2), "cut {cut}");
+            // Restore the third record for the next round.
+            assert_eq!(j.append(2, frames[2].clone()).expect("append"), 3);
+            drop(j);
+            assert_eq!(file_len(&path), full);
+        }
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        assert_eq!(
+            j.peek(10).into_iter().map(|e| e.frame).collect::<Vec<_>>(),
+            frames
+        );
+    }
+
+    #[test]
+    fn zero_filled_tail_is_cut_off() {
+        let dir = TempDir::new("zero-tail");
+        let path = dir.file();
+        let frames = write_three(&path);
+        let full = file_len(&path);
+        // The size reached the disk, the data did not.
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.set_len(full + 4096).expect("extend");
+        drop(f);
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        assert_eq!(seqs(&j), vec![1, 2, 3]);
+        assert_eq!(file_len(&path), full);
+        drop(j);
+        // Zeroes over the whole last record as well.
+        patch(
+            &path,
+            record_offset(&frames, 2),
+            &vec![0u8; record_len(frames[2].len()) as usize],
+        );
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        assert_eq!(seqs(&j), vec![1, 2]);
+    }
+
+    #[test]
+    fn torn_file_header_yields_an_empty_journal() {
+        let dir = TempDir::new("torn-header");
+        let path = dir.file();
+        fs::write(&path, &MAGIC[..5]).expect("write");
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open");
+        assert!(j.is_empty());
+        assert_eq!(file_len(&path), 0);
+        j.append(0, set(0)).expect("append");
+        drop(j);
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        assert_eq!(j.len(), 1);
+    }
+
+    #[test]
+    fn foreign_file_is_refused_and_left_alone() {
+        let dir = TempDir::new("foreign");
+        let path = dir.file();
+        let content = b"this is somebody else's important file".to_vec();
+        fs::write(&path, &content).expect("write");
+        let err = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect_err("foreign file");
+        assert!(
+            matches!(&err, JournalError::Corrupt(m) if m.contains("magic")),
+            "{err}"
+        );
+        assert_eq!(fs::read(&path).expect("read"), content);
+
+        let mut header = file_header();
+        header[8..12].copy_from_slice(&99u32.to_le_bytes());
+        fs::write(&path, header).expect("write");
+        let err = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect_err("future version");
+        assert!(
+            matches!(&err, JournalError::Corrupt(m) if m.contains("version 99")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_checksum_in_the_middle_is_reported_and_file_kept() {
+        let dir = TempDir::new("corrupt-middle");
+        let path = dir.file();
+        let frames = write_three(&path);
+        // Flip one byte inside the second frame.
+        let at = record_offset(&frames, 1) + RECORD_HEADER_LEN as u64 + 3;
+        let before = fs::read(&path).expect("read");
+        patch(&path, at, &[before[at as usize] ^ 0x20]);
+        let damaged = fs::read(&path).expect("read");
+        let err = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect_err("corrupt");
+        match &err {
+            JournalError::Corrupt(m) => {
+                assert!(m.contains("checksum"), "{m}");
+                assert!(
+                    m.contains(&format!("offset {}", record_offset(&frames, 1))),
+                    "{m}"
+                );
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        assert_eq!(
+            fs::read(&path).expect("read"),
+            damaged,
+            "nothing was cut away"
+        );
+
+        // A flipped db in the header is caught the same way.
+        patch(&path, at, &[before[at as usize]]);
+        let db_at = record_offset(&frames, 0) + 8;
+        patch(&path, db_at, &[7]);
+        let err = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect_err("corrupt");
+        assert!(matches!(err, JournalError::Corrupt(_)), "{err:?}");
+    }
+
+    #[test]
+    fn bad_checksum_in_the_last_record_is_a_torn_tail() {
+        let dir = TempDir::new("corrupt-last");
+        let path = dir.file();
+        let frames = write_three(&path);
+        let at = file_len(&path) - 1;
+        patch(&path, at, b"!");
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        assert_eq!(seqs(&j), vec![1, 2]);
+        assert_eq!(file_len(&path), record_offset(&frames, 2));
+    }
+
+    #[test]
+    fn huge_length_fields_never_allocate() {
+        let dir = TempDir::new("huge-len");
+        let path = dir.file();
+        let frames = write_three(&path);
+        let original = fs::read(&path).expect("read");
+
+        // Over the cap, with valid records after it: corruption.
+        patch(&path, record_offset(&frames, 1), &u32::MAX.to_le_bytes());
+        let err = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect_err("corrupt");
+        assert!(
+            matches!(&err, JournalError::Corrupt(m) if m.contains("length")),
+            "{err}"
+        );
+
+        // Under the cap but far past the end of the file: a torn tail, cut
+        // off without allocating the 500 MB it claims.
+        fs::write(&path, &original).expect("restore");
+        let claimed = (MAX_FRAME_LEN as u32 - 1).to_le_bytes();
+        patch(&path, record_offset(&frames, 2), &claimed);
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        assert_eq!(seqs(&j), vec![1, 2]);
+        drop(j);
+
+        // Over the cap in the last record: nothing valid follows it, but it
+        // is not zero either, so it is still reported, not guessed at.
+        fs::write(&path, &original).expect("restore");
+        patch(&path, record_offset(&frames, 2), &u32::MAX.to_le_bytes());
+        let err = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect_err("corrupt");
+        assert!(matches!(err, JournalError::Corrupt(_)), "{err:?}");
+    }
+
+    #[test]
+    fn out_of_order_seqs_are_corruption() {
+        let dir = TempDir::new("seq-order");
+        let path = dir.file();
+        let mut data = file_header().to_vec();
+        for seq in [5u64, 3] {
+            let frame = set(seq as usize);
+            data.extend_from_slice(&record_header(KIND_ENTRY, 0, seq, &frame));
+            data.extend_from_slice(&frame);
+        }
+        fs::write(&path, &data).expect("write");
+        let err = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect_err("corrupt");
+        assert!(
+            matches!(&err, JournalError::Corrupt(m) if m.contains("seq 3")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn fsync_always_syncs_every_append_and_ack() {
+        let dir = TempDir::new("always");
+        let path = dir.file();
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open");
+        for i in 0..4 {
+            j.append(0, set(i)).expect("append");
+            assert_eq!(syncs(&j), i as u64 + 1);
+            assert!(!j.is_dirty());
+        }
+        j.ack(2).expect("ack");
+        assert_eq!(syncs(&j), 5, "the ack marker is synced");
+        // Marker and truncation.
+        j.ack(4).expect("ack");
+        assert_eq!(syncs(&j), 7);
+    }
+
+    #[test]
+    fn fsync_everysec_syncs_at_most_once_a_second() {
+        let dir = TempDir::new("everysec");
+        let path = dir.file();
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Everysec)).expect("open");
+        j.append(0, set(0)).expect("append");
+        j.append(0, set(1)).expect("append");
+        assert_eq!(syncs(&j), 0, "less than a second since open");
+        assert!(j.is_dirty());
+        {
+            let mut state = j.lock();
+            let disk = state.disk.as_mut().expect("disk");
+            if let Some(earlier) = disk.last_sync.checked_sub(Duration::from_millis(1100)) {
+                disk.last_sync = earlier;
+            }
+        }
+        j.append(0, set(2)).expect("append");
+        assert_eq!(syncs(&j), 1, "a second had passed");
+        assert!(!j.is_dirty());
+        j.append(0, set(3)).expect("append");
+        assert_eq!(syncs(&j), 1);
+        j.sync().expect("sync");
+        assert_eq!(syncs(&j), 2, "sync flushes what is pending");
+        j.sync().expect("sync");
+        assert_eq!(syncs(&j), 2, "and nothing when nothing is");
+    }
+
+    #[test]
+    fn fsync_never_leaves_it_to_the_os() {
+        let dir = TempDir::new("never");
+        let path = dir.file();
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Never)).expect("open");
+        for i in 0..3 {
+            j.append(0, set(i)).expect("append");
+        }
+        j.ack(1).expect("ack");
+        assert_eq!(syncs(&j), 0);
+        drop(j);
+        // Still safe across a process restart.
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Never)).expect("reopen");
+        assert_eq!(seqs(&j), vec![2, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sync_task_flushes_a_quiet_journal_and_stops_with_it() {
+        let dir = TempDir::new("sync-task");
+        let path = dir.file();
+        let j = Arc::new(Journal::open(&on_disk(&path, FsyncPolicy::Everysec)).expect("open"));
+        let task = Journal::spawn_sync_task(&j).expect("everysec with a file has a task");
+        j.append(0, set(0)).expect("append");
+        assert!(j.is_dirty());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for _ in 0..100 {
+            if !j.is_dirty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!j.is_dirty());
+        assert_eq!(syncs(&j), 1);
+        drop(j);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the task ends after the journal is dropped")
+            .expect("task did not panic");
+
+        let memory_only = Arc::new(Journal::open(&memory()).expect("open"));
+        assert!(Journal::spawn_sync_task(&memory_only).is_none());
+        let always =
+            Arc::new(Journal::open(&on_disk(&dir.0.join("b"), FsyncPolicy::Always)).expect("open"));
+        assert!(Journal::spawn_sync_task(&always).is_none());
+    }
+
+    #[test]
+    fn interrupted_replays_compact_the_file() {
+        let dir = TempDir::new("compact");
+        let path = dir.file();
+        let mut j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open");
+        j.compact_slack = 0;
+        let frames: Vec<Bytes> = (0..10).map(set).collect();
+        for f in &frames {
+            j.append(3, f.clone()).expect("append");
+        }
+        let full = file_len(&path);
+        j.ack(6).expect("ack");
+        let live: u64 = frames[6..].iter().map(|f| record_len(f.len())).sum();
+        assert_eq!(file_len(&path), FILE_HEADER_LEN as u64 + live, "compacted");
+        assert!(file_len(&path) < full);
+        assert!(!compact_path(&path).exists(), "no temp file left");
+        // The compacted file is the one appended to from now on.
+        j.append(3, set(10)).expect("append");
+        drop(j);
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        assert_eq!(seqs(&j), vec![7, 8, 9, 10, 11]);
+        assert_eq!(j.peek(1)[0].frame, frames[6]);
+    }
+
+    #[test]
+    fn small_acks_write_markers_without_compacting() {
+        let dir = TempDir::new("markers");
+        let path = dir.file();
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open");
+        for i in 0..10 {
+            j.append(0, set(i)).expect("append");
+        }
+        let before = file_len(&path);
+        j.ack(3).expect("ack");
+        assert_eq!(
+            file_len(&path),
+            before + RECORD_HEADER_LEN as u64,
+            "one marker"
+        );
+        drop(j);
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        assert_eq!(seqs(&j), (4..=10).collect::<Vec<u64>>());
+    }
+
+    #[test]
+    fn a_stale_compaction_file_is_removed_on_open() {
+        let dir = TempDir::new("stale-compact");
+        let path = dir.file();
+        write_three(&path);
+        fs::write(compact_path(&path), b"half a compaction").expect("write");
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open");
+        assert_eq!(j.len(), 3);
+        assert!(!compact_path(&path).exists());
+    }
+
+    #[test]
+    fn a_journal_in_use_cannot_be_opened_twice() {
+        let dir = TempDir::new("lock");
+        let path = dir.file();
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open");
+        let err = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect_err("locked");
+        match &err {
+            JournalError::Io(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+                assert!(e.to_string().contains("queue.journal"), "{e}");
+            }
+            other => panic!("expected Io, got {other:?}"),
+        }
+        drop(j);
+        Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("free again");
+    }
+
+    #[test]
+    fn io_errors_name_the_file() {
+        let dir = TempDir::new("io-error");
+        let path = dir.0.join("missing-dir").join("queue.journal");
+        let err = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect_err("no dir");
+        match &err {
+            JournalError::Io(e) => assert!(e.to_string().contains("missing-dir"), "{e}"),
+            other => panic!("expected Io, got {other:?}"),
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_failing_disk_refuses_writes_and_counts_them() {
+        // /dev/full accepts the open and fails every write with ENOSPC.
+        let path = Path::new("/dev/full");
+        if !path.exists() {
+            return;
+        }
+        let registry = Registry::new();
+        let metrics = WriteQueueMetrics::register(&registry).expect("register");
+        let j = Journal::open(&on_disk(path, FsyncPolicy::Always))
+            .expect("open")
+            .with_metrics(metrics.clone());
+        for i in 0..2 {
+            let err = j.append(0, set(i)).expect_err("disk full");
+            assert!(
+                matches!(&err, JournalError::Io(e) if e.to_string().contains("/dev/full")),
+                "{err}"
+            );
+        }
+        assert!(j.is_empty(), "a write the file refused is not queued");
+        assert_eq!(metrics.rejected_io.get(), 2);
+        assert_eq!(metrics.depth.get(), 0);
+    }
+
+    #[test]
+    fn concurrent_appends_keep_file_and_memory_in_the_same_order() {
+        let dir = TempDir::new("threads");
+        let path = dir.file();
+        let j = Arc::new(Journal::open(&on_disk(&path, FsyncPolicy::Never)).expect("open"));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let j = Arc::clone(&j);
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        j.append(t, set(t as usize * 1000 + i)).expect("append");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        let in_memory = j.peek(usize::MAX);
+        assert_eq!(in_memory.len(), 200);
+        assert!(in_memory.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
+        drop(j);
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Never)).expect("reopen");
+        assert_eq!(j.peek(usize::MAX), in_memory);
+    }
+
+    #[test]
+    fn metrics_follow_depth_and_bytes() {
+        let dir = TempDir::new("metrics");
+        let path = dir.file();
+        write_three(&path);
+        let registry = Registry::new();
+        let metrics = WriteQueueMetrics::register(&registry).expect("register");
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Never))
+            .expect("open")
+            .with_metrics(metrics.clone());
+        assert_eq!(metrics.depth.get(), 3, "recovered entries count at once");
+        assert_eq!(metrics.bytes.get(), j.bytes() as i64);
+        j.append(0, set(42)).expect("append");
+        assert_eq!(metrics.depth.get(), 4);
+        assert_eq!(metrics.bytes.get(), j.bytes() as i64);
+        j.ack(2).expect("ack");
+        metrics.replayed(2);
+        assert_eq!(metrics.depth.get(), 2);
+        assert_eq!(metrics.bytes.get(), j.bytes() as i64);
+        j.ack(4).expect("ack");
+        metrics.replayed(2);
+        assert_eq!((metrics.depth.get(), metrics.bytes.get()), (0, 0));
+
+        let names: Vec<String> = registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        for name in [
+            "redfuse_write_queue_depth",
+            "redfuse_write_queue_bytes",
+            "redfuse_write_queue_replayed_total",
+        ] {
+            assert!(
+                names.iter().any(|n| n == name),
+                "{name} missing from {names:?}"
+            );
+        }
+        assert_eq!(metrics.replayed.get(), 4);
+        assert!(
+            WriteQueueMetrics::register(&registry).is_err(),
+            "registering twice fails"
+        );
+    }
+
+    #[test]
+    fn checksum_covers_every_field() {
+        let frame = set(1);
+        let base = record_header(KIND_ENTRY, 2, 9, &frame);
+        assert_ne!(base, record_header(KIND_ENTRY, 3, 9, &frame));
+        assert_ne!(base, record_header(KIND_ENTRY, 2, 10, &frame));
+        assert_ne!(base[20..], record_header(KIND_ENTRY, 2, 9, &set(2))[20..]);
+        // Known FNV-1a 64 vectors.
+        assert_eq!(fnv1a(FNV_OFFSET, b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(FNV_OFFSET, b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn config_defaults_parsing_and_validation() {
+        let c: WriteQueueConfig = toml::from_str("").expect("empty table");
+        assert_eq!(c, WriteQueueConfig::default());
+        assert_eq!(c.max_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.max_entries, 100_000);
+        assert_eq!(c.fsync, FsyncPolicy::Everysec);
+        assert!(c.validate().is_ok());
+
+        let c: WriteQueueConfig = toml::from_str(
+            "max_bytes = 1024\njournal_path = \"/var/lib/redfuse/q\"\nfsync = \"always\"",
+        )
+        .expect("parse");
+        assert_eq!(c.max_bytes, 1024);
+        assert_eq!(
+            c.journal_path.as_deref(),
+            Some(Path::new("/var/lib/redfuse/q"))
+        );
+        assert_eq!(c.fsync, FsyncPolicy::Always);
+        let c: WriteQueueConfig = toml::from_str("fsync = \"never\"").expect("parse");
+        assert_eq!(c.fsync, FsyncPolicy::Never);
+        assert!(toml::from_str::<WriteQueueConfig>("fsync = \"sometimes\"").is_err());
+        assert!(toml::from_str::<WriteQueueConfig>("max_byte = 1").is_err());
+
+        let bad = [
+            (
+                WriteQueueConfig {
+                    max_bytes: 0,
+                    ..memory()
+                },
+                "max_bytes",
+            ),
+            (
+                WriteQueueConfig {
+                    max_bytes: MAX_FRAME_LEN + 1,
+                    ..memory()
+                },
+                "max_bytes",
+            ),
+            (
+                WriteQueueConfig {
+                    max_entries: 0,
+                    ..memory()
+                },
+                "max_entries",
+            ),
+            (
+                WriteQueueConfig {
+                    journal_path: Some(PathBuf::new()),
+                    ..memory()
+                },
+                "journal_path",
+            ),
+            (
+                WriteQueueConfig {
+                    journal_path: Some(PathBuf::from("/var/lib/..")),
+                    ..memory()
+                },
+                "journal_path",
+            ),
+        ];
+        for (config, field) in bad {
+            let err = config.validate().expect_err(field);
+            assert!(err.starts_with(field), "{err}");
+        }
+    }
+}
