@@ -99,10 +99,6 @@ fn wait_open(rf: &Redfuse) {
     eventually("breaker open", secs(5), || breaker_state(rf) == 2.0);
 }
 
-fn wait_closed(rf: &Redfuse) {
-    eventually("breaker closed", secs(8), || breaker_state(rf) == 0.0);
-}
-
 fn hello3(c: &mut RawClient) {
     let r = c.cmd(&["HELLO", "3"]);
     assert!(r.starts_with(b"%"), "{}", esc(&r));
