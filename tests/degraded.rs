@@ -220,7 +220,9 @@ fn queued_writes_replay_in_order_before_newer_writes() {
     s.redis.restart();
     // A write sent as soon as the breaker lets writes through again waits for the replay and
     // lands after it.
-    eventually("breaker no longer open", secs(10), || breaker_state(&s.rf) != 2.0);
+    eventually("breaker no longer open", secs(10), || {
+        breaker_state(&s.rf) != 2.0
+    });
     let reply = c.cmd(&["SET", "q:order", "newest"]);
     assert_eq!(esc(&reply), "+OK\\r\\n");
     let direct = |args: &[&str]| String::from_utf8_lossy(&s.redis.cmd(args)).into_owned();

@@ -62,15 +62,16 @@ fn upstream_down_at_start_then_up() {
     );
     let mut c = rf.client();
     let started = Instant::now();
-    c.send_cmd(&["GET", "k"]);
+    // A write: degraded mode would answer a read with the configured miss reply (nil).
+    c.send_cmd(&["INCR", "k"]);
     let reply = match c.try_read_frame(secs(10)) {
         Ok(f) => f,
-        Err(e) => panic!("GET with the upstream down: expected an `ERR redfuse` error, got {e:?}"),
+        Err(e) => panic!("INCR with the upstream down: expected an `ERR redfuse` error, got {e:?}"),
     };
     let took = started.elapsed();
     assert!(
         reply.starts_with(b"-ERR redfuse: "),
-        "GET with the upstream down: expected `-ERR redfuse: ...`, got {}",
+        "INCR with the upstream down: expected `-ERR redfuse: ...`, got {}",
         esc(&reply)
     );
     assert!(
@@ -83,11 +84,11 @@ fn upstream_down_at_start_then_up() {
         esc(&reply)
     );
     // The client connection survives an upstream error.
-    c.send_cmd(&["GET", "k"]);
+    c.send_cmd(&["INCR", "k"]);
     let again = c.read_frame();
     assert!(
         again.starts_with(b"-ERR redfuse: "),
-        "second GET: {}",
+        "second INCR: {}",
         esc(&again)
     );
 
@@ -236,10 +237,10 @@ fn upstream_killed_mid_pipeline_every_command_answered() {
     // The proxy is alive and reports the outage promptly to new clients.
     let mut fresh = rf.client();
     let t = Instant::now();
-    let r = fresh.cmd(&["GET", "k"]);
+    let r = fresh.cmd(&["INCR", "k"]);
     assert!(
         r.starts_with(b"-ERR redfuse: "),
-        "GET while redis is down: {}",
+        "INCR while redis is down: {}",
         esc(&r)
     );
     assert!(
@@ -264,10 +265,10 @@ fn upstream_restart_recovers() {
     let mut c = rf.client();
     assert_frame(&c.cmd(&["SET", "k", "v"]), b"+OK\r\n", "SET before restart");
     redis.kill();
-    let r = c.cmd(&["GET", "k"]);
+    let r = c.cmd(&["INCR", "k"]);
     assert!(
         r.starts_with(b"-ERR redfuse: "),
-        "GET while redis is down: {}",
+        "INCR while redis is down: {}",
         esc(&r)
     );
     redis.restart();
