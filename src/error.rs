@@ -48,6 +48,13 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Whether the upstream could not answer at all (as opposed to answering "no"): only then
+    /// may degraded mode answer instead. An auth failure must reach the client as Redis's own
+    /// `NOAUTH`/`WRONGPASS`, or it could never authenticate.
+    pub fn is_unavailability(&self) -> bool {
+        !matches!(self, UpstreamError::Auth { .. })
+    }
+
     pub fn unavailable(upstream: &Arc<str>, reason: impl std::fmt::Display) -> UpstreamError {
         UpstreamError::Unavailable {
             upstream: upstream.clone(),

@@ -90,8 +90,10 @@ fn resolve(server: &Server, result: Reply, hook: Option<Box<Hook>>) -> (Bytes, O
             (b, Origin::Upstream)
         }
         Err(e) => match fallback {
-            Some((view, req, spec)) => server.degrade.reply(view, &req, Some(spec), &e),
-            None => (error_reply(&Error::Upstream(e)), Origin::Error),
+            Some((view, req, spec)) if e.is_unavailability() => {
+                server.degrade.reply(view, &req, Some(spec), &e)
+            }
+            _ => (error_reply(&Error::Upstream(e)), Origin::Error),
         },
     }
 }
