@@ -163,12 +163,26 @@ free_port() {
     return 1
 }
 
+# exit_status PID: sets EXIT_DESC to how a child that has exited ended (not in a
+# subshell: only this shell can wait for its children).
+EXIT_DESC=""
+exit_status() {
+    local rc=0
+    wait "$1" 2>/dev/null || rc=$?
+    if ((rc > 128 && rc < 160)); then
+        EXIT_DESC="killed by signal $((rc - 128)) (SIG$(kill -l $((rc - 128)) 2>/dev/null || echo '?'))"
+    else
+        EXIT_DESC="exit status $rc"
+    fi
+}
+
 # wait_ready NAME PID PORT: until PING through PORT answers PONG.
 wait_ready() {
     local name=$1 pid=$2 port=$3 deadline=$((SECONDS + STARTUP_TIMEOUT))
     while ((SECONDS < deadline)); do
         if ! kill -0 "$pid" 2>/dev/null; then
-            log "$name (pid $pid) exited during startup; last log lines:"
+            exit_status "$pid"
+            log "$name (pid $pid) exited during startup, $EXIT_DESC; last log lines:"
             tail -n 20 "$WORKDIR/$name.log" >&2 || true
             return 1
         fi
@@ -327,7 +341,7 @@ run_bench() {
 for t in "${ORDERED[@]}"; do
     log "warming up $t"
     run_bench "$WORKDIR/warmup-$t.csv" "$t" "$WARMUP_N" 16 get ||
-        log "WARNING: warm-up of $t failed"
+        log "WARNING: warm-up of $t failed: $(tail -n 2 "$WORKDIR/warmup-$t.csv.err" 2>/dev/null | tr '\n' ' ')"
 done
 
 read -ra PIPE_LIST <<<"$PIPELINES"
@@ -344,6 +358,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
             rc=0
             run_bench "$out" "$t" "$n" "$p" get,set || rc=$?
             # Pick columns by header name; older redis-benchmark prints only test,rps.
+            [[ -f $out ]] || : >"$out"
             parsed=$(awk -F, -v r="$r" -v t="$t" -v p="$p" '
                 { for (i = 1; i <= NF; i++) gsub(/"/, "", $i) }
                 $1 == "test" { for (i = 1; i <= NF; i++) col[$i] = i; next }
@@ -372,7 +387,8 @@ for ((r = 1; r <= ROUNDS; r++)); do
             fi
             pid=${PID_OF[$t]:-${PID_OF[redis]}}
             if ! kill -0 "$pid" 2>/dev/null; then
-                log "$t (pid $pid) DIED during P$p; last log lines:"
+                exit_status "$pid"
+                log "$t (pid $pid) DIED during round $r P$p, $EXIT_DESC; last log lines:"
                 tail -n 20 "$WORKDIR/$([[ $t == direct ]] && echo redis || echo "$t").log" >&2 || true
                 DEAD[$t]=1
                 FAILED=1

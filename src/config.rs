@@ -641,6 +641,15 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_config_is_valid() {
+        let text = include_str!("../config/redfuse.toml");
+        let c = Config::merge(&Cli::default(), toml::from_str(text).unwrap()).unwrap();
+        assert_eq!(c.primary().name, "primary");
+        assert_eq!(c.fail_open.rules.len(), 4);
+        assert!(c.cache.enabled);
+    }
+
+    #[test]
     fn unknown_file_fields_are_named() {
         let dir = std::env::temp_dir().join(format!("redfuse-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
