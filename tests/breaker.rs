@@ -456,3 +456,49 @@ fn admin_breaker_actions_need_a_configured_token() {
     );
     assert!(client.cmd_str(&["SET", "k", "v"]).contains("OK"));
 }
+
+#[test]
+fn bulkhead_refuses_overflow_at_once_and_counts_it() {
+    let redis = RedisServer::start();
+    let relay = FaultRelay::start(&redis.addr());
+    let (rf, _dir) = start(
+        &[("main", &relay.addr(), "primary")],
+        "max_inflight_per_upstream = 5\nhealth_probe_interval_ms = 0",
+        "",
+    );
+    let mut c = rf.client();
+    assert!(c.cmd_str(&["SET", "k", "v"]).contains("OK"));
+    relay.set_mode(FaultMode::Delay(ms(150)));
+    let n = 20;
+    let mut pipeline = Vec::new();
+    // Distinct keys: identical reads would share one request (single-flight).
+    for i in 0..n {
+        pipeline.extend_from_slice(&resp_cmd(&["GET", &format!("k{i}")]));
+    }
+    c.send(&pipeline);
+    let replies = c.read_frames(n);
+    let served = replies
+        .iter()
+        .filter(|r| r.as_slice() == b"$-1\r\n")
+        .count();
+    let refused = replies
+        .iter()
+        .filter(|r| String::from_utf8_lossy(r).contains("overloaded"))
+        .count();
+    assert_eq!(
+        served,
+        5,
+        "{:?}",
+        replies.iter().map(|r| esc(r)).collect::<Vec<_>>()
+    );
+    assert_eq!(refused, n - 5);
+    let m = rf.metrics();
+    assert_eq!(
+        metric_value(
+            &m,
+            "redfuse_bulkhead_overflow_total",
+            &[("upstream", "main")]
+        ),
+        Some((n - 5) as f64)
+    );
+}

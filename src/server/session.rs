@@ -85,7 +85,9 @@ pub async fn run(
 ) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
-    let (slots_tx, slots_rx) = mpsc::channel(1024);
+    // Replies a client may have outstanding before redfuse stops reading from it: deep enough
+    // that a client writing a whole pipeline before reading its replies does not stall.
+    let (slots_tx, slots_rx) = mpsc::channel(16 * 1024);
     let writer = tokio::spawn(super::writer::write_replies(wr, slots_rx, server.clone()));
     let mut session = Session {
         shared: vec![None; server.upstreams.len()],
@@ -147,7 +149,8 @@ impl Session {
                 buf.reserve(16 * 1024);
             }
             // A session in a pipe (subscribers, MONITOR) is exempt from the idle timeout, as in Redis.
-            let idle_deadline = idle.filter(|_| self.tunnel.is_none());
+            // Pinned sessions may be blocked in BLPOP & co., which Redis also exempts.
+            let idle_deadline = idle.filter(|_| self.tunnel.is_none() && self.pinned.is_none());
             tokio::select! {
                 r = rd.read_buf(&mut buf) => match r {
                     Ok(0) | Err(_) => return,
@@ -541,6 +544,7 @@ impl Session {
         self.last_conn = None;
         self.in_multi = false;
         self.watching = false;
+        self.multi_writes.clear();
         self.db = 0;
         self.name = None;
         self.set_session_keys(Proto::Resp2, self.server.config.credentials.clone());
