@@ -21,8 +21,8 @@
 #   TARGETS          subset of "direct redfuse twemproxy" [all three]; twemproxy is
 #                    dropped with a warning when nutcracker is not installed
 #   ROUNDS           repetitions, median reported [3]
-#   N_P1             requests per test, unpipelined [150000]
-#   N_P16            requests per test, pipelined [750000]
+#   N_P1             requests per test, unpipelined [200000]
+#   N_P16            requests per test, pipelined [1000000]
 #   PIPELINES        pipeline depths to run [1 16]; N_P<depth> sets -n, falling back
 #                    to N_P16 for any depth > 1
 #   CLIENTS          redis-benchmark -c [50]
@@ -49,8 +49,8 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd)
 
 ROUNDS=${ROUNDS:-3}
-N_P1=${N_P1:-150000}
-N_P16=${N_P16:-750000}
+N_P1=${N_P1:-200000}
+N_P16=${N_P16:-1000000}
 PIPELINES=${PIPELINES:-"1 16"}
 CLIENTS=${CLIENTS:-50}
 DATA_SIZE=${DATA_SIZE:-64}

@@ -50,18 +50,7 @@ fn start(upstreams: &[(&str, &str, &str)], extra: &str, breaker_extra: &str) -> 
             .to_string_lossy()
             .into_owned();
     }
-    let args: Vec<String> = [
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--config",
-        &path,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let rf = Redfuse::spawn_args(&args, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let rf = start_with_config(std::path::Path::new(&path));
     (rf, dir)
 }
 

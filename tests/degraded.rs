@@ -63,26 +63,11 @@ fn config_text(redis: &RedisServer, dir: &TempDir, write_queue: &str) -> String 
     )
 }
 
-fn start_redfuse(config: &std::path::Path) -> Redfuse {
-    let args: Vec<String> = [
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--config",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain(std::iter::once(config.to_string_lossy().into_owned()))
-    .collect();
-    Redfuse::spawn_args(&args, &[]).unwrap_or_else(|e| panic!("{e}"))
-}
-
 fn setup(write_queue: &str) -> Setup {
     let redis = RedisServer::start();
     let dir = TempDir::new("degraded");
     let path = dir.write("redfuse.toml", &config_text(&redis, &dir, write_queue));
-    let rf = start_redfuse(&path);
+    let rf = start_with_config(&path);
     Setup { redis, rf, dir }
 }
 
@@ -274,7 +259,7 @@ fn journal_survives_a_redfuse_crash_mid_outage() {
     // SIGKILL: no shutdown path runs; fsync = "always" must have made the entries durable.
     drop(s.rf);
     let path = s.dir.path().join("redfuse.toml");
-    let rf = start_redfuse(&path);
+    let rf = start_with_config(&path);
     assert_eq!(
         metric_value(&rf.metrics(), "redfuse_write_queue_depth", &[]),
         Some(2.0)
@@ -328,7 +313,7 @@ fn many_distinct_keys_stay_under_the_cache_byte_cap() {
         .unwrap()
         .replace("[cache]\n", "[cache]\nmax_bytes = 262144\n");
     let path = s.dir.write("small.toml", &text);
-    let rf = start_redfuse(&path);
+    let rf = start_with_config(&path);
     let port = rf.addr().rsplit(':').next().unwrap().to_string();
     let out = std::process::Command::new("redis-benchmark")
         .args([
@@ -364,7 +349,7 @@ fn single_flight_collapses_concurrent_identical_reads() {
          [[upstreams]]\nname = \"main\"\naddr = \"{}\"\nrole = \"primary\"\n",
         relay.addr()
     );
-    let rf = start_redfuse(&dir.write("redfuse.toml", &text));
+    let rf = start_with_config(&dir.write("redfuse.toml", &text));
     let mut clients: Vec<RawClient> = (0..100).map(|_| rf.client()).collect();
     assert_eq!(clients[0].cmd(&["PING"]), b"+PONG\r\n");
     redis.cmd(&["CONFIG", "RESETSTAT"]);

@@ -7,21 +7,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-#[track_caller]
-fn assert_frame(got: &[u8], want: &[u8], what: &str) {
-    assert!(
-        got == want,
-        "{what}: expected {} but got {}",
-        esc(want),
-        esc(got)
-    );
-}
-
-#[track_caller]
-fn wait_blocked_clients(redis: &RedisServer, n: usize) {
-    redis.wait_blocked_clients(n);
-}
-
 /// Poll `SET probe 1` (reconnecting on errors) until it succeeds.
 fn wait_until_commands_succeed(rf: &Redfuse, within: Duration) -> Result<(), String> {
     let mut c = rf.client();
@@ -173,7 +158,7 @@ fn upstream_killed_mid_pipeline_every_command_answered() {
             esc(&f[..f.len().min(200)])
         );
     }
-    wait_blocked_clients(&redis, 1);
+    redis.wait_blocked_clients(1);
     redis.kill();
     let killed_at = Instant::now();
 
@@ -299,7 +284,7 @@ fn graceful_shutdown_finishes_in_flight_command() {
     let mut a = rf.client();
     assert_frame(&a.cmd(&["PING"]), b"+PONG\r\n", "PING");
     a.send_cmd(&["BLPOP", "nothing", "2"]);
-    wait_blocked_clients(&redis, 1);
+    redis.wait_blocked_clients(1);
     let sent_at = Instant::now();
     rf.sigterm();
 
@@ -364,7 +349,7 @@ fn shutdown_deadline_bounds_exit_with_stuck_command() {
     let mut rf = Redfuse::start(&redis.addr(), &["--shutdown-timeout-ms", "500"]);
     let mut a = rf.client();
     a.send_cmd(&["BLPOP", "nothing", "0"]);
-    wait_blocked_clients(&redis, 1);
+    redis.wait_blocked_clients(1);
     let t = Instant::now();
     rf.sigterm();
     let status = rf.wait_exit(secs(5)).unwrap_or_else(|| {

@@ -8,22 +8,6 @@ use std::time::Instant;
 
 use support::*;
 
-fn setup(extra: &[&str]) -> (RedisServer, Redfuse) {
-    let redis = RedisServer::start();
-    let rf = Redfuse::start(&redis.addr(), extra);
-    (redis, rf)
-}
-
-#[track_caller]
-fn assert_frame(got: &[u8], want: &[u8], what: &str) {
-    assert!(
-        got == want,
-        "{what}: expected {} but got {}",
-        esc(want),
-        esc(got)
-    );
-}
-
 /// Send `input` on a fresh connection; expect a `-ERR Protocol error...` reply
 /// and then the connection closed. Returns the error line.
 #[track_caller]

@@ -11,29 +11,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn setup(extra: &[&str]) -> (RedisServer, Redfuse) {
-    let redis = RedisServer::start();
-    let rf = Redfuse::start(&redis.addr(), extra);
-    (redis, rf)
-}
-
-#[track_caller]
-fn assert_frame(got: &[u8], want: &[u8], what: &str) {
-    assert!(
-        got == want,
-        "{what}: expected {} but got {}",
-        esc(want),
-        esc(got)
-    );
-}
-
-/// Wait until Redis itself reports `n` blocked clients (so a blocking command
-/// sent through the proxy is known to be in flight upstream).
-#[track_caller]
-fn wait_blocked_clients(redis: &RedisServer, n: usize) {
-    redis.wait_blocked_clients(n);
-}
-
 #[test]
 fn pipeline_10k_commands_in_one_write_replies_in_order() {
     let (redis, rf) = setup(&[]);
@@ -422,7 +399,7 @@ fn blpop_served_by_push_from_another_client() {
     let mut a = rf.client();
     let mut b = rf.client();
     a.send_cmd(&["BLPOP", "bq", "10"]);
-    wait_blocked_clients(&redis, 1);
+    redis.wait_blocked_clients(1);
     // B is not stuck behind A's blocking command.
     let t = Instant::now();
     assert_frame(

@@ -37,3 +37,37 @@ pub fn ms(n: u64) -> Duration {
 pub fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
+
+/// A fresh redis-server and a redfuse in front of it, started with `extra` flags.
+pub fn setup(extra: &[&str]) -> (RedisServer, Redfuse) {
+    let redis = RedisServer::start();
+    let rf = Redfuse::start(&redis.addr(), extra);
+    (redis, rf)
+}
+
+/// redfuse on ephemeral ports with everything else from a config file.
+pub fn start_with_config(path: &std::path::Path) -> Redfuse {
+    let args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--config",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(std::iter::once(path.to_string_lossy().into_owned()))
+    .collect();
+    Redfuse::spawn_args(&args, &[]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Byte-exact frame comparison with a readable failure message.
+#[track_caller]
+pub fn assert_frame(got: &[u8], want: &[u8], what: &str) {
+    assert!(
+        got == want,
+        "{what}: expected {} but got {}",
+        esc(want),
+        esc(got)
+    );
+}
