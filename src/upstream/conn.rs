@@ -217,7 +217,15 @@ pub async fn open(ctx: &UpstreamCtx, setup: &Setup) -> Result<TcpStream, Upstrea
         let text: Arc<str> = String::from_utf8_lossy(&reply[1..]).trim_end().into();
         if matches!(classify_error_reply(&reply, false), ReplyClass::AuthProblem) {
             ctx.metrics.auth_errors.inc();
-            warn!(upstream = %ctx.name, reply = %text, "upstream rejected redfuse's credentials; check username/password");
+            // Without credentials this is the client's job (it will AUTH); with them it is a
+            // misconfiguration that waiting will not fix: say so loudly, once per episode.
+            if setup.credentials.is_some()
+                && !ctx
+                    .auth_warned
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                warn!(upstream = %ctx.name, reply = %text, "upstream rejected redfuse's credentials; check username/password");
+            }
             return Err(UpstreamError::Auth {
                 upstream: ctx.name.clone(),
                 reply: text,
@@ -228,6 +236,8 @@ pub async fn open(ctx: &UpstreamCtx, setup: &Setup) -> Result<TcpStream, Upstrea
             format!("handshake failed: {text}"),
         ));
     }
+    ctx.auth_warned
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     if let Some(info) = ServerInfo::parse(&reply) {
         ctx.remember_server_info(info);
     }

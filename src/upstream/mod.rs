@@ -40,6 +40,8 @@ pub struct UpstreamCtx {
     pub connected: AtomicUsize,
     /// Requests written or queued and not yet answered (the bulkhead counts these).
     pub inflight: AtomicUsize,
+    /// Set once a rejection of redfuse's own credentials has been logged.
+    pub auth_warned: std::sync::atomic::AtomicBool,
     /// Wakes shared connections out of their reconnect back-off (the probe saw Redis back).
     pub reconnect: tokio::sync::Notify,
     server_info: RwLock<Option<Arc<ServerInfo>>>,
@@ -225,6 +227,7 @@ impl Upstream {
             connected: AtomicUsize::new(0),
             inflight: AtomicUsize::new(0),
             reconnect: tokio::sync::Notify::new(),
+            auth_warned: std::sync::atomic::AtomicBool::new(false),
             server_info: RwLock::new(None),
         });
         Upstream {
