@@ -42,13 +42,13 @@
 //!
 //! [`SingleFlight`] is generic and independent of the cache: the first caller of a key
 //! leads and holds a [`LeaderGuard`]; callers arriving while it works follow, waiting on
-//! a `tokio::sync::watch` channel for a clone of its value. A guard dropped without
+//! a oneshot channel for a clone of its value. A guard dropped without
 //! finishing (error, timeout, cancelled task) closes the channel, so followers wake with
 //! `None` and send their own request rather than hang or share a failure.
 
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, HashSet};
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,7 +58,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use lru::LruCache;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 /// Estimated memory per entry beyond its command, Redis key and reply bytes: the LRU node
@@ -788,11 +788,12 @@ pub fn join_array_reply(parts: &[Bytes]) -> Bytes {
     buf.freeze()
 }
 
-type Flights<K, V> = Arc<Mutex<HashMap<K, watch::Receiver<Option<V>>>>>;
+/// Each in-flight key with the followers waiting for its leader's value.
+type Flights<K, V> = Arc<Mutex<FastMap<K, Vec<oneshot::Sender<V>>>>>;
 
 fn lock_flights<K, V>(
     flights: &Flights<K, V>,
-) -> MutexGuard<'_, HashMap<K, watch::Receiver<Option<V>>>> {
+) -> MutexGuard<'_, FastMap<K, Vec<oneshot::Sender<V>>>> {
     // The map is only inserted into and removed from; a panic cannot leave it half-done.
     flights.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -803,6 +804,9 @@ fn lock_flights<K, V>(
 /// [`finish`](LeaderGuard::finish)es with the reply. Joins of the same key before that
 /// follow and receive a clone of it. Once the leader finishes (or gives up), the key is
 /// free again: a later join leads a new request rather than getting an old answer.
+///
+/// A flight is one map entry holding its followers' oneshot senders: a leader without
+/// followers (the common case) costs one insert and one remove, and no channel at all.
 pub struct SingleFlight<K, V> {
     flights: Flights<K, V>,
     shared: Option<IntCounter>,
@@ -821,34 +825,28 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
     /// `shared` counts followers (`CacheMetrics::singleflight_shared`).
     pub fn new(shared: Option<IntCounter>) -> Self {
         SingleFlight {
-            flights: Arc::new(Mutex::new(HashMap::new())),
+            flights: Arc::new(Mutex::new(FastMap::default())),
             shared,
         }
     }
 
     pub fn join(&self, key: K) -> Flight<K, V> {
         let mut flights = lock_flights(&self.flights);
-        match flights.entry(key) {
-            MapEntry::Occupied(o) => {
-                let rx = o.get().clone();
-                drop(flights);
-                if let Some(c) = &self.shared {
-                    c.inc();
-                }
-                Flight::Follower(Follower { rx })
+        if let Some(followers) = flights.get_mut(&key) {
+            let (tx, rx) = oneshot::channel();
+            followers.push(tx);
+            drop(flights);
+            if let Some(c) = &self.shared {
+                c.inc();
             }
-            MapEntry::Vacant(v) => {
-                let key = v.key().clone();
-                let (tx, rx) = watch::channel(None);
-                v.insert(rx);
-                drop(flights);
-                Flight::Leader(LeaderGuard {
-                    flights: Arc::clone(&self.flights),
-                    key,
-                    tx: Some(tx),
-                })
-            }
+            return Flight::Follower(Follower { rx });
         }
+        flights.insert(key.clone(), Vec::new());
+        drop(flights);
+        Flight::Leader(LeaderGuard {
+            flights: Arc::clone(&self.flights),
+            key: Some(key),
+        })
     }
 
     /// Keys with a leader still working.
@@ -867,58 +865,56 @@ impl<K: Hash + Eq + Clone, V: Clone> Default for SingleFlight<K, V> {
 /// timeout, a cancelled task) releases the followers with `None`.
 pub struct LeaderGuard<K: Hash + Eq, V> {
     flights: Flights<K, V>,
-    key: K,
-    tx: Option<watch::Sender<Option<V>>>,
+    key: Option<K>,
 }
 
 impl<K: Hash + Eq, V> LeaderGuard<K, V> {
+    fn take_followers(&mut self) -> Vec<oneshot::Sender<V>> {
+        let Some(key) = self.key.take() else {
+            return Vec::new();
+        };
+        // Removed before answering, so that a join from now on leads anew instead of
+        // following a flight that is over.
+        lock_flights(&self.flights).remove(&key).unwrap_or_default()
+    }
+}
+
+impl<K: Hash + Eq, V: Clone> LeaderGuard<K, V> {
     /// Hands `value` to every follower.
     pub fn finish(mut self, value: V) {
-        self.complete(Some(value));
-    }
-
-    fn complete(&mut self, value: Option<V>) {
-        let Some(tx) = self.tx.take() else { return };
-        // Only the leader removes its key, and nobody inserts while it is there, so the
-        // entry is ours. Removed before sending so that a join from now on leads anew
-        // instead of following a flight that is over.
-        lock_flights(&self.flights).remove(&self.key);
-        if let Some(value) = value {
-            tx.send_replace(Some(value));
+        for f in self.take_followers() {
+            let _ = f.send(value.clone());
         }
-        // Dropping `tx` closes the channel, which is how followers learn of `None`.
     }
 }
 
 impl<K: Hash + Eq, V> Drop for LeaderGuard<K, V> {
     fn drop(&mut self) {
-        self.complete(None);
+        // Dropping the senders is how followers learn of `None`.
+        drop(self.take_followers());
     }
 }
 
-/// Waits for a leader's value; see [`Flight::Follower`].
+/// Waits for a leader's value; see [`Flight::Follower`]. Resolves to `None` when the
+/// leader gave up.
 pub struct Follower<V> {
-    rx: watch::Receiver<Option<V>>,
+    rx: oneshot::Receiver<V>,
 }
 
-impl<V: Clone> Follower<V> {
-    pub async fn wait(mut self) -> Option<V> {
-        // `wait_for` looks at the current value first, so a leader that finished
-        // between our join and this call is not missed.
-        self.rx
-            .wait_for(Option::is_some)
-            .await
-            .ok()
-            .and_then(|v| v.clone())
+impl<V> Follower<V> {
+    pub async fn wait(self) -> Option<V> {
+        self.await
     }
 }
 
-impl<V: Clone + Send + Sync + 'static> IntoFuture for Follower<V> {
+impl<V> Future for Follower<V> {
     type Output = Option<V>;
-    type IntoFuture = Pin<Box<dyn Future<Output = Option<V>> + Send>>;
 
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.wait())
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<V>> {
+        Pin::new(&mut self.rx).poll(cx).map(Result::ok)
     }
 }
 

@@ -107,13 +107,26 @@ impl Degrade {
 
     /// Plans how this read's reply fills the cache, or None when it is not cacheable.
     pub fn plan_fill(&self, view: ClientView, req: &Request, spec: &CommandSpec) -> Option<Fill> {
+        self.cache_keys(view, req, spec, true)
+    }
+
+    /// The cache entries a read maps to; `filter` applies the include/exclude policy (a
+    /// degraded lookup does not: an excluded key is simply never found).
+    fn cache_keys(
+        &self,
+        view: ClientView,
+        req: &Request,
+        spec: &CommandSpec,
+        filter: bool,
+    ) -> Option<Fill> {
         let proto = view.proto.as_u8();
+        let allowed = |k: &[u8]| !filter || self.policy.cacheable_key(k);
         match command::cacheable(spec, &req.args) {
             Cacheable::No => None,
             Cacheable::SingleKeyRead => {
                 let index = *command::key_indices(spec, &req.args).first()?;
                 let redis_key = req.args[index].clone();
-                if !self.policy.cacheable_key(&redis_key) {
+                if !allowed(&redis_key) {
                     self.cache.count(CacheResult::Bypass);
                     return None;
                 }
@@ -128,7 +141,7 @@ impl Degrade {
             Cacheable::Mget => {
                 let parts: Vec<_> = req.args[1..]
                     .iter()
-                    .filter(|k| self.policy.cacheable_key(k))
+                    .filter(|k| allowed(k))
                     .map(|k| {
                         (
                             CacheKey::get(view.db, proto, k),
@@ -137,7 +150,53 @@ impl Degrade {
                         )
                     })
                     .collect();
-                (parts.len() == req.args.len() - 1).then_some(Fill::Mget { parts })
+                if parts.len() != req.args.len() - 1 {
+                    self.cache.count(CacheResult::Bypass);
+                    return None;
+                }
+                Some(Fill::Mget { parts })
+            }
+        }
+    }
+
+    /// The degraded answer for a cacheable read: cached bytes while fresh enough, else the
+    /// configured miss reply (per key for MGET).
+    pub fn from_cache(
+        &self,
+        view: ClientView,
+        fill: &Fill,
+        command: &str,
+        err: &UpstreamError,
+    ) -> (Bytes, Origin) {
+        let now = Instant::now();
+        let resp3 = view.proto == Proto::Resp3;
+        match fill {
+            Fill::Single { key, redis_key, .. } => {
+                if let Lookup::Hit(bytes) =
+                    self.cache.get(key, now, self.policy.max_stale(redis_key))
+                {
+                    self.count(command, "cache_hit");
+                    return (bytes, Origin::Fallback);
+                }
+                self.miss(command, redis_key, resp3, err)
+            }
+            Fill::Mget { parts } => {
+                let mut values = Vec::with_capacity(parts.len());
+                for (key, redis_key, _) in parts {
+                    match self.cache.get(key, now, self.policy.max_stale(redis_key)) {
+                        Lookup::Hit(bytes) => values.push(bytes),
+                        _ => match self.policy.miss_reply(redis_key) {
+                            MissReply::Nil => values.push(reply::null(view.proto)),
+                            MissReply::Value(v) => values.push(v.encode(resp3)),
+                            MissReply::Error => {
+                                self.count(command, "cache_miss_error");
+                                return (error_reply(&Error::Upstream(err.clone())), Origin::Error);
+                            }
+                        },
+                    }
+                }
+                self.count(command, "cache_mget");
+                (join_array_reply(&values), Origin::Fallback)
             }
         }
     }
@@ -228,47 +287,12 @@ impl Degrade {
         let Some(spec) = spec else {
             return self.by_rule(view, req, "unknown", false, false, &[], err);
         };
-        let resp3 = view.proto == Proto::Resp3;
         if spec.name == "ping" && self.fail_open.ping_locally() {
             self.count("ping", "ping");
             return (Bytes::from_static(reply::PONG), Origin::Fallback);
         }
-        let now = Instant::now();
-        match command::cacheable(spec, &req.args) {
-            Cacheable::SingleKeyRead => {
-                let index = command::key_indices(spec, &req.args).first().copied();
-                if let Some(index) = index {
-                    let redis_key = &req.args[index];
-                    let key = CacheKey::new(view.db, view.proto.as_u8(), &req.args);
-                    if let Lookup::Hit(bytes) =
-                        self.cache.get(&key, now, self.policy.max_stale(redis_key))
-                    {
-                        self.count(spec.name, "cache_hit");
-                        return (bytes, Origin::Fallback);
-                    }
-                    return self.miss(spec.name, redis_key, resp3, err);
-                }
-            }
-            Cacheable::Mget => {
-                let mut parts = Vec::with_capacity(req.args.len().min(1024));
-                for k in &req.args[1..] {
-                    let key = CacheKey::get(view.db, view.proto.as_u8(), k);
-                    match self.cache.get(&key, now, self.policy.max_stale(k)) {
-                        Lookup::Hit(bytes) => parts.push(bytes),
-                        _ => match self.policy.miss_reply(k) {
-                            MissReply::Nil => parts.push(reply::null(view.proto)),
-                            MissReply::Value(v) => parts.push(v.encode(resp3)),
-                            MissReply::Error => {
-                                self.count(spec.name, "cache_miss_error");
-                                return (error_reply(&Error::Upstream(err.clone())), Origin::Error);
-                            }
-                        },
-                    }
-                }
-                self.count(spec.name, "cache_mget");
-                return (join_array_reply(&parts), Origin::Fallback);
-            }
-            Cacheable::No => {}
+        if let Some(fill) = self.cache_keys(view, req, spec, false) {
+            return self.from_cache(view, &fill, spec.name, err);
         }
         let is_write = command::is_write(spec, &req.args);
         let is_read = command::is_read(spec, &req.args);

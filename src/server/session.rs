@@ -272,11 +272,13 @@ impl Session {
                 Flight::Follower(follower) => {
                     // The identical read already in flight answers this one too.
                     drop((guard, inflight));
-                    let hook = spec.map(|spec| {
+                    let hook = fill.zip(spec).map(|(fill, spec)| {
                         Box::new(Hook {
-                            fill: None,
+                            fill,
                             leader: None,
-                            fallback: Some((view, req, spec)),
+                            fills: false,
+                            view,
+                            command: spec.name,
                         })
                     });
                     self.push(Slot {
@@ -288,14 +290,15 @@ impl Session {
                 }
             }
         }
-        let hook = match (fill, spec) {
-            (Some(fill), Some(spec)) => Some(Box::new(Hook {
-                fill: Some(fill),
+        let hook = fill.zip(spec).map(|(fill, spec)| {
+            Box::new(Hook {
+                fill,
                 leader,
-                fallback: Some((view, req.clone(), spec)),
-            })),
-            _ => None,
-        };
+                fills: true,
+                view,
+                command: spec.name,
+            })
+        });
         let conn = match &self.shared[index] {
             Some(c) => c.clone(),
             None => {

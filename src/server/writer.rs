@@ -18,11 +18,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Server;
 use crate::cache::{Follower, LeaderGuard};
-use crate::command::CommandSpec;
 use crate::degrade::{ClientView, Fill, Origin};
 use crate::error::{Error, UpstreamError, error_reply};
 use crate::metrics::CommandResult;
-use crate::protocol::{Request, is_error_reply};
+use crate::protocol::is_error_reply;
 use crate::upstream::Reply;
 
 /// Single-flight of identical cacheable reads, shared by every session.
@@ -39,12 +38,16 @@ pub enum SlotKind {
     Close,
 }
 
-/// What to do with a reply once it arrives.
+/// What to do with a cacheable read's reply once it arrives.
 pub struct Hook {
-    pub fill: Option<Fill>,
+    /// The cache entries the reply maps to: filled on success (by the leader), looked up
+    /// in degraded mode if the upstream fails the read.
+    pub fill: Fill,
+    /// Only the leader of a single-flight fills the cache and answers the followers.
     pub leader: Option<LeaderGuard<FlightKey, Reply>>,
-    /// Enough of the request to answer it in degraded mode if the upstream fails it.
-    pub fallback: Option<(ClientView, Request, &'static CommandSpec)>,
+    pub fills: bool,
+    pub view: ClientView,
+    pub command: &'static str,
 }
 
 pub struct Slot {
@@ -75,26 +78,22 @@ fn resolve(server: &Server, result: Reply, hook: Option<Box<Hook>>) -> (Bytes, O
     let Hook {
         fill,
         leader,
-        fallback,
+        fills,
+        view,
+        command,
     } = *hook;
     if let Some(leader) = leader {
         leader.finish(result.clone());
     }
     match result {
         Ok(b) => {
-            if let Some(fill) = fill
-                && !is_error_reply(&b)
-            {
+            if fills && !is_error_reply(&b) {
                 server.degrade.apply_fill(fill, &b);
             }
             (b, Origin::Upstream)
         }
-        Err(e) => match fallback {
-            Some((view, req, spec)) if e.is_unavailability() => {
-                server.degrade.reply(view, &req, Some(spec), &e)
-            }
-            _ => (error_reply(&Error::Upstream(e)), Origin::Error),
-        },
+        Err(e) if e.is_unavailability() => server.degrade.from_cache(view, &fill, command, &e),
+        Err(e) => (error_reply(&Error::Upstream(e)), Origin::Error),
     }
 }
 
