@@ -550,12 +550,6 @@ impl Cache {
         let fits = charge <= self.config.max_entry_bytes
             && charge <= self.config.max_bytes
             && self.config.max_entries > 0;
-        let entry = fits.then(|| Entry {
-            reply: Bytes::copy_from_slice(&reply),
-            redis_key: Bytes::copy_from_slice(&redis_key),
-            filled: now,
-            charge,
-        });
 
         let mut st = self.lock();
         // Checked under the lock that invalidation bumps under: either the invalidation
@@ -567,6 +561,22 @@ impl Cache {
             self.count(CacheResult::Bypass);
             return false;
         }
+        // A hot key re-read with an unchanged value (the common case) only refreshes its
+        // age and recency: no copy, no allocation, no index work.
+        if let Some(existing) = st.lru.get_mut(&key)
+            && existing.reply == reply
+        {
+            existing.filled = now;
+            drop(st);
+            self.count(CacheResult::Fill);
+            return true;
+        }
+        let entry = fits.then(|| Entry {
+            reply: Bytes::copy_from_slice(&reply),
+            redis_key: Bytes::copy_from_slice(&redis_key),
+            filled: now,
+            charge,
+        });
         let Some(entry) = entry else {
             if st.remove(&key) {
                 self.publish(&st);
