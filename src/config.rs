@@ -81,7 +81,7 @@ pub struct Cli {
     /// How long in-flight replies may take to drain on SIGTERM, in milliseconds.
     #[arg(long, env = "REDFUSE_SHUTDOWN_TIMEOUT_MS")]
     pub shutdown_timeout_ms: Option<u64>,
-    /// Worker threads (0: one per core).
+    /// Worker threads: 1 (default) runs one event loop like Redis itself; 0 means one per core.
     #[arg(long, env = "REDFUSE_THREADS")]
     pub threads: Option<usize>,
     /// Bearer token that enables the mutating admin endpoints (POST /breakers/...).
@@ -438,7 +438,7 @@ impl Config {
                 .shutdown_timeout_ms
                 .or(file.shutdown_timeout_ms)
                 .unwrap_or(10_000)),
-            threads: cli.threads.or(file.threads).unwrap_or(0),
+            threads: cli.threads.or(file.threads).unwrap_or(1),
             admin_token: cli
                 .admin_token
                 .clone()

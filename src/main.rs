@@ -50,10 +50,17 @@ fn init_tracing(config: &Config) {
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if config.threads > 0 {
-        rt.worker_threads(config.threads);
-    }
+    // One worker runs everything on the thread that polls the sockets: no cross-thread
+    // wake-ups, like Redis's own event loop. More workers help only with cores to spare.
+    let mut rt = if config.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if config.threads > 1 {
+            b.worker_threads(config.threads);
+        }
+        b
+    };
     let rt = rt
         .enable_all()
         .build()
