@@ -604,6 +604,18 @@ impl Cache {
         true
     }
 
+    /// [`invalidate`](Cache::invalidate) in every database a client can select (Redis's
+    /// default 16, and any other the cache holds entries for).
+    pub fn invalidate_everywhere(&self, redis_key: &[u8]) -> usize {
+        let mut dbs: Vec<u32> = self.lock().index.keys().copied().collect();
+        dbs.extend(0..16);
+        dbs.sort_unstable();
+        dbs.dedup();
+        dbs.into_iter()
+            .map(|db| self.invalidate(db, redis_key))
+            .sum()
+    }
+
     /// Removes every entry that read `redis_key` in `db` (`GET k`, `HGETALL k`, ...) and
     /// makes tickets taken for it before now stale. Returns how many were removed.
     pub fn invalidate(&self, db: u32, redis_key: &[u8]) -> usize {

@@ -40,9 +40,14 @@ pub enum Origin {
 pub struct ClientView {
     pub db: u32,
     pub proto: Proto,
+    /// Whether this client may share the cache (and in-flight reads): only clients on
+    /// redfuse's own identity do. Cached replies carry no ACL, so a client authenticated as
+    /// another user must never be answered with them, nor fill them.
+    pub cache: bool,
 }
 
 /// How a read's reply fills the cache.
+#[derive(Clone)]
 pub enum Fill {
     Single {
         key: CacheKey,
@@ -107,6 +112,9 @@ impl Degrade {
 
     /// Plans how this read's reply fills the cache, or None when it is not cacheable.
     pub fn plan_fill(&self, view: ClientView, req: &Request, spec: &CommandSpec) -> Option<Fill> {
+        if !view.cache {
+            return None;
+        }
         self.cache_keys(view, req, spec, true)
     }
 
@@ -183,7 +191,11 @@ impl Degrade {
             Fill::Mget { parts } => {
                 let mut values = Vec::with_capacity(parts.len());
                 for (key, redis_key, _) in parts {
-                    match self.cache.get(key, now, self.policy.max_stale(redis_key)) {
+                    let found = match view.cache {
+                        true => self.cache.get(key, now, self.policy.max_stale(redis_key)),
+                        false => Lookup::Miss,
+                    };
+                    match found {
                         Lookup::Hit(bytes) => values.push(bytes),
                         _ => match self.policy.miss_reply(redis_key) {
                             MissReply::Nil => values.push(reply::null(view.proto)),
@@ -234,8 +246,21 @@ impl Degrade {
         }
     }
 
-    /// Removes what a write may change, before the write is sent.
-    pub fn invalidate_for_write(&self, db: u32, req: &Request, spec: &CommandSpec) {
+    /// Removes what a write may change. Called before the write is sent and again when its
+    /// reply arrives: a read that ran on another connection between the two could otherwise
+    /// fill the value the write is about to replace. `db` None: the client's database is
+    /// unknown (a SELECT whose outcome redfuse could not see), so every database is cleared
+    /// of the keys.
+    pub fn invalidate_for_write(&self, db: Option<u32>, req: &Request, spec: &CommandSpec) {
+        let Some(db) = db else {
+            for i in command::key_indices(spec, &req.args).iter() {
+                self.cache.invalidate_everywhere(&req.args[i]);
+            }
+            if matches!(spec.name, "flushall" | "flushdb" | "swapdb") {
+                self.cache.clear_all();
+            }
+            return;
+        };
         match spec.name {
             "flushall" => {
                 self.cache.clear_all();

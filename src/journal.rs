@@ -242,6 +242,9 @@ pub enum JournalError {
 /// `std::sync::Mutex`, held across file I/O but never across an `.await`.
 pub struct Journal {
     state: Mutex<State>,
+    /// Queued entries, readable without the lock: every client write asks whether a replay
+    /// is pending, and nearly always the answer is no.
+    depth: std::sync::atomic::AtomicUsize,
     max_bytes: usize,
     max_entries: usize,
     fsync: FsyncPolicy,
@@ -285,6 +288,7 @@ impl Journal {
             state.disk = Some(disk);
         }
         Ok(Journal {
+            depth: std::sync::atomic::AtomicUsize::new(state.entries.len()),
             state: Mutex::new(state),
             max_bytes: config.max_bytes,
             max_entries: config.max_entries,
@@ -402,7 +406,7 @@ impl Journal {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.lock().entries.is_empty()
+        self.depth.load(std::sync::atomic::Ordering::Acquire) == 0
     }
 
     /// Number of queued entries.
@@ -476,6 +480,8 @@ impl Journal {
     }
 
     fn observe(&self, state: &State) {
+        self.depth
+            .store(state.entries.len(), std::sync::atomic::Ordering::Release);
         if let Some(m) = &self.metrics {
             m.observe(state.entries.len(), state.bytes);
         }

@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::breaker::State;
+use crate::breaker::{ReplyClass, State, classify_error_reply};
 use crate::error::UpstreamError;
 use crate::journal::WriteQueueMetrics;
 use crate::protocol::{Proto, encode_command, is_error_reply};
@@ -96,8 +96,17 @@ async fn replay_once(server: &Server) -> Result<usize, UpstreamError> {
             }
             let reply = roundtrip(ctx, &mut stream, &entry.frame, &mut buf).await?;
             if is_error_reply(&reply) {
+                let text = String::from_utf8_lossy(&reply).trim_end().to_owned();
+                if !matches!(classify_error_reply(&reply, true), ReplyClass::Success) {
+                    // LOADING, OOM, READONLY, NOAUTH ...: Redis did not take the write and may
+                    // later; keep it queued and stop this pass.
+                    return Err(UpstreamError::unavailable(
+                        primary.name(),
+                        format!("replayed write refused for now ({text}); kept queued"),
+                    ));
+                }
                 // The write ran and Redis refused it (WRONGTYPE ...): retrying cannot help.
-                warn!(seq = entry.seq, reply = %String::from_utf8_lossy(&reply).trim_end(), "replayed write failed");
+                warn!(seq = entry.seq, reply = %text, "replayed write failed");
             }
             journal
                 .ack(entry.seq)

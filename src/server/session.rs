@@ -16,12 +16,13 @@
 //! deadlock it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::debug;
 
@@ -33,9 +34,9 @@ use crate::config::Credentials;
 use crate::degrade::ClientView;
 use crate::error::{Error, UpstreamError, error_reply};
 use crate::metrics::unknown_command_id;
-use crate::protocol::{Proto, Request, encode_command, parse_request, reply};
-use crate::upstream::conn::{self, outcome_of_error, roundtrip};
-use crate::upstream::{Call, ConnHandle, Setup, Upstream};
+use crate::protocol::{Proto, Request, encode_command, is_error_reply, parse_request, reply};
+use crate::upstream::conn::{self, OnReply, outcome_of_error, roundtrip};
+use crate::upstream::{Call, ConnHandle, Reply, Setup, Upstream};
 
 /// Whether the read loop goes on after a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -69,8 +70,19 @@ pub struct Session {
     multi_writes: Vec<Request>,
     /// This client's shared connection per upstream (index as in `Server::upstreams`).
     shared: Vec<Option<ConnHandle>>,
-    /// The connection (and its upstream's index) the previous command went to, for fencing.
-    last_conn: Option<(usize, ConnHandle)>,
+    /// Per upstream, the connection this client's previous command to it went to, for fencing.
+    last_conn: Vec<Option<ConnHandle>>,
+    /// False after a SELECT whose outcome redfuse could not see (inside MULTI without a
+    /// readable answer, or in a pipe): the cache is then neither filled nor read for this
+    /// client, writes invalidate their keys in every db, and the pinned connection is never
+    /// handed to another client.
+    db_known: bool,
+    /// A SELECT was queued in the current MULTI: the db is learnt again after EXEC.
+    multi_select: bool,
+    /// This client's writes sent on shared connections and not yet answered: while there are
+    /// any, its reads do not join another client's in-flight read, which may have run before
+    /// the write.
+    writes_in_flight: Arc<AtomicUsize>,
     slots: mpsc::Sender<Slot>,
 }
 
@@ -89,8 +101,9 @@ pub async fn run(
     // that a client writing a whole pipeline before reading its replies does not stall.
     let (slots_tx, slots_rx) = mpsc::channel(16 * 1024);
     let writer = tokio::spawn(super::writer::write_replies(wr, slots_rx, server.clone()));
+    let server_upstreams = server.upstreams.len();
     let mut session = Session {
-        shared: vec![None; server.upstreams.len()],
+        shared: vec![None; server_upstreams],
         credentials: server.config.credentials.clone(),
         server,
         id,
@@ -102,20 +115,62 @@ pub async fn run(
         pinned: None,
         tunnel: None,
         multi_writes: Vec::new(),
-        last_conn: None,
+        last_conn: vec![None; server_upstreams],
+        db_known: true,
+        multi_select: false,
+        writes_in_flight: Arc::new(AtomicUsize::new(0)),
         slots: slots_tx,
     };
-    session.read_loop(rd, &mut shutdown).await;
-    if let Some(t) = session.tunnel.take() {
-        // The pipe ends when its upstream socket closes; on our side that is now.
-        t.pipe.abort();
+    let end = session.read_loop(rd, &mut shutdown).await;
+    if end == End::ClientGone {
+        // Redis would drop a vanished client's blocking command; a dedicated connection left
+        // waiting would otherwise pop data that nobody reads.
+        if let Some(p) = &session.pinned {
+            p.conn.abort();
+        }
     }
+    let tunnel = session.tunnel.take();
     drop(session);
-    let _ = writer.await;
+    match tunnel {
+        // QUIT through a pipe: Redis answers and closes, which ends the pipe; give it a moment.
+        Some(t) if end == End::Quit => {
+            let abort = t.pipe.abort_handle();
+            if tokio::time::timeout(std::time::Duration::from_secs(5), writer)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        Some(t) => {
+            t.pipe.abort();
+            let _ = writer.await;
+        }
+        None => {
+            let _ = writer.await;
+        }
+    }
+}
+
+/// Why a session stopped reading.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// The client closed its side or the socket failed.
+    ClientGone,
+    /// QUIT: replies before it still go out.
+    Quit,
+    /// A protocol error, an idle timeout, or a lost pinned connection: the connection is closed.
+    Closed,
+    /// Graceful shutdown: in-flight replies still go out.
+    Shutdown,
 }
 
 impl Session {
-    async fn read_loop(&mut self, mut rd: OwnedReadHalf, shutdown: &mut watch::Receiver<bool>) {
+    async fn read_loop(
+        &mut self,
+        mut rd: OwnedReadHalf,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> End {
         let limits = self.server.config.limits;
         let idle = self.server.config.idle_timeout;
         let mut buf = BytesMut::with_capacity(16 * 1024);
@@ -123,8 +178,9 @@ impl Session {
             loop {
                 match parse_request(&mut buf, &limits) {
                     Ok(Some(req)) => {
+                        let quit = req.name().eq_ignore_ascii_case(b"quit");
                         if self.dispatch(req).await == Flow::Stop {
-                            return;
+                            return if quit { End::Quit } else { End::Closed };
                         }
                     }
                     Ok(None) => break,
@@ -141,7 +197,7 @@ impl Session {
                             kind: SlotKind::Close,
                         })
                         .await;
-                        return;
+                        return End::ClientGone;
                     }
                 }
             }
@@ -153,13 +209,13 @@ impl Session {
             let idle_deadline = idle.filter(|_| self.tunnel.is_none() && self.pinned.is_none());
             tokio::select! {
                 r = rd.read_buf(&mut buf) => match r {
-                    Ok(0) | Err(_) => return,
+                    Ok(0) | Err(_) => return End::ClientGone,
                     Ok(n) => self.server.metrics.bytes_received.inc_by(n as u64),
                 },
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => return End::Shutdown,
                 _ = sleep_or_forever(idle_deadline) => {
                     debug!(client = self.id, "closing idle client");
-                    return;
+                    return End::Closed;
                 }
             }
         }
@@ -187,12 +243,22 @@ impl Session {
                 "quit" => self.quit(id).await,
                 "reset" => self.reset(id).await,
                 "exec" | "discard" => {
-                    let flow = self.pinned_send(req, id, false).await;
+                    let with_select = std::mem::take(&mut self.multi_select);
+                    let flow = if name == "exec" && with_select {
+                        self.exec_with_select(req, id).await
+                    } else {
+                        self.pinned_send(req, id, false).await
+                    };
                     self.in_multi = false;
                     self.watching = false;
                     flow
                 }
-                _ => self.pinned_send(req, id, false).await,
+                _ => {
+                    if name == "select" {
+                        self.multi_select = true;
+                    }
+                    self.pinned_send(req, id, false).await
+                }
             };
         }
         let Some(spec) = spec else {
@@ -201,6 +267,9 @@ impl Session {
         match spec.route {
             Route::Local => self.local(req, spec).await,
             Route::Pin => self.stateful(req, spec).await,
+            Route::Blocking if matches!(spec.name, "wait" | "waitaof") && self.pinned.is_none() => {
+                self.wait_replication(req, id).await
+            }
             Route::Blocking => self.pinned_send(req, id, true).await,
             Route::Tunnel => self.enter_tunnel(req, id).await,
             Route::Shared if command::is_blocking(spec, &req.args) => {
@@ -218,17 +287,15 @@ impl Session {
         spec: Option<&'static CommandSpec>,
     ) -> Flow {
         if self.pinned.is_some() {
-            if self.db != 0 || self.watching {
+            if self.db != 0 || self.watching || !self.db_known {
                 return self.pinned_send(req, id, false).await;
             }
             self.unpin().await;
         }
         let is_write = spec.is_none_or(|s| command::is_write(s, &req.args));
         let is_read = spec.is_some_and(|s| command::is_read(s, &req.args));
-        if is_write && let Some(spec) = spec {
-            self.server
-                .degrade
-                .invalidate_for_write(self.db, &req, spec);
+        if is_write {
+            self.invalidate_write(&req, spec);
         }
         let mut admitted = None;
         for index in self.server.route(is_read) {
@@ -241,8 +308,7 @@ impl Session {
         let Some((index, guard)) = admitted else {
             return self.degraded(req, id, spec).await;
         };
-        if is_write
-            && index == self.server.primary_index()
+        if index == self.server.primary_index()
             && let Err(e) = self.server.wait_for_replay().await
         {
             drop(guard);
@@ -265,36 +331,62 @@ impl Session {
             Some(spec) if is_read => self.server.degrade.plan_fill(view, &req, spec),
             _ => None,
         };
-        let mut leader = None;
-        if let Some(key) = fill.as_ref().and_then(|f| f.flight_key()) {
-            match self.server.flights.join(key) {
-                Flight::Leader(guard) => leader = Some(guard),
-                Flight::Follower(follower) => {
-                    // The identical read already in flight answers this one too.
-                    drop((guard, inflight));
-                    let hook = fill.zip(spec).map(|(fill, spec)| {
-                        Box::new(Hook {
-                            fill,
-                            leader: None,
-                            fills: false,
-                            view,
-                            command: spec.name,
+        let mut on_reply: Option<OnReply> = None;
+        if let Some(fill) = &fill {
+            let mut leader = None;
+            let may_share = self.writes_in_flight.load(Ordering::Acquire) == 0;
+            if let Some(key) = fill.flight_key().filter(|_| may_share) {
+                match self.server.flights.join(key) {
+                    Flight::Leader(guard) => leader = Some(guard),
+                    Flight::Follower(follower) => {
+                        // The identical read already in flight answers this one too.
+                        drop((guard, inflight));
+                        let hook = spec.map(|spec| {
+                            Box::new(Hook {
+                                fill: fill.clone(),
+                                view,
+                                command: spec.name,
+                            })
+                        });
+                        self.push(Slot {
+                            command: id,
+                            kind: SlotKind::Follower(follower, hook),
                         })
-                    });
-                    self.push(Slot {
-                        command: id,
-                        kind: SlotKind::Follower(follower, hook),
-                    })
-                    .await;
-                    return Flow::Continue;
+                        .await;
+                        return Flow::Continue;
+                    }
                 }
             }
+            let server = self.server.clone();
+            let fill = fill.clone();
+            on_reply = Some(Box::new(move |result: &Reply| {
+                if let Ok(reply) = result
+                    && !is_error_reply(reply)
+                {
+                    server.degrade.apply_fill(fill, reply);
+                }
+                if let Some(leader) = leader {
+                    leader.finish(result.clone());
+                }
+            }));
+        } else if is_write {
+            // Invalidate again once the write has run: a read on another connection may have
+            // filled the old value in between.
+            let server = self.server.clone();
+            let writes = self.writes_in_flight.clone();
+            writes.fetch_add(1, Ordering::AcqRel);
+            let db = self.db_known.then_some(self.db);
+            let req = req.clone();
+            on_reply = Some(Box::new(move |_: &Reply| {
+                if let Some(spec) = spec {
+                    server.degrade.invalidate_for_write(db, &req, spec);
+                }
+                writes.fetch_sub(1, Ordering::AcqRel);
+            }));
         }
         let hook = fill.zip(spec).map(|(fill, spec)| {
             Box::new(Hook {
                 fill,
-                leader,
-                fills: true,
                 view,
                 command: spec.name,
             })
@@ -311,6 +403,7 @@ impl Session {
         let (mut call, rx) = Call::new(req.raw, false, is_write);
         call.guard = Some(guard);
         call.inflight = Some(inflight);
+        call.on_reply = on_reply;
         let name = upstream.name().clone();
         conn.send(call, || {
             UpstreamError::unavailable(&name, "connection task ended")
@@ -324,32 +417,84 @@ impl Session {
         Flow::Continue
     }
 
+    /// WAIT/WAITAOF count the replicas that acknowledged the writes of *this connection*, so
+    /// they must run where the client's writes ran: its shared connection to the primary.
+    /// They hold that pipeline while they wait (without the command timeout), which is the
+    /// price of a correct answer; a fresh connection would report writes it never carried.
+    async fn wait_replication(&mut self, req: Request, id: usize) -> Flow {
+        let primary = self.server.primary_index();
+        let upstream = self.server.primary().clone();
+        let Ok(guard) = upstream.breaker.try_acquire() else {
+            return self.degraded(req, id, command::lookup(b"wait")).await;
+        };
+        let conn = match &self.shared[primary] {
+            Some(c) => c.clone(),
+            None => {
+                let c = upstream.shared_conn(self.proto, &self.credentials);
+                self.shared[primary] = Some(c.clone());
+                c
+            }
+        };
+        self.fence(primary, &conn).await;
+        drop(guard);
+        let (call, rx) = Call::new(req.raw, true, false);
+        let name = upstream.name().clone();
+        conn.send(call, || {
+            UpstreamError::unavailable(&name, "connection task ended")
+        })
+        .await;
+        self.push(Slot {
+            command: id,
+            kind: SlotKind::Waiting(rx, None),
+        })
+        .await;
+        Flow::Continue
+    }
+
+    /// The client's database, if redfuse knows it.
+    fn db(&self) -> Option<u32> {
+        self.db_known.then_some(self.db)
+    }
+
+    /// Drops the cache entries a write may change (before it is sent).
+    fn invalidate_write(&self, req: &Request, spec: Option<&'static CommandSpec>) {
+        match spec {
+            Some(spec) => self
+                .server
+                .degrade
+                .invalidate_for_write(self.db(), req, spec),
+            // A command the table does not know (a module's, a newer Redis's): its first
+            // argument is most likely a key.
+            None => {
+                if let Some(key) = req.args.get(1) {
+                    match self.db() {
+                        Some(db) => self.server.degrade.cache.invalidate(db, key),
+                        None => self.server.degrade.cache.invalidate_everywhere(key),
+                    };
+                }
+            }
+        }
+    }
+
     /// Writes on dedicated connections and pipes invalidate the cache like shared ones. Inside
     /// MULTI the write only happens at EXEC, so its request is kept to invalidate again then:
     /// a read by another client between queueing and EXEC could otherwise re-cache the old value.
     fn invalidate_if_write(&mut self, req: &Request) {
-        let Some(spec) = command::lookup(req.name()) else {
-            return;
-        };
-        if spec.name == "exec" {
-            for queued in std::mem::take(&mut self.multi_writes) {
-                if let Some(s) = command::lookup(queued.name()) {
-                    self.server
-                        .degrade
-                        .invalidate_for_write(self.db, &queued, s);
+        let spec = command::lookup(req.name());
+        match spec.map(|s| s.name) {
+            Some("exec") => {
+                for queued in std::mem::take(&mut self.multi_writes) {
+                    self.invalidate_write(&queued, command::lookup(queued.name()));
                 }
             }
-            return;
-        }
-        if spec.name == "discard" {
-            self.multi_writes.clear();
-            return;
-        }
-        if command::is_write(spec, &req.args) {
-            self.server.degrade.invalidate_for_write(self.db, req, spec);
-            if self.in_multi {
-                self.multi_writes.push(req.clone());
+            Some("discard") => self.multi_writes.clear(),
+            _ if spec.is_none_or(|s| command::is_write(s, &req.args)) => {
+                self.invalidate_write(req, spec);
+                if self.in_multi {
+                    self.multi_writes.push(req.clone());
+                }
             }
+            _ => {}
         }
     }
 
@@ -357,6 +502,7 @@ impl Session {
         ClientView {
             db: self.db,
             proto: self.proto,
+            cache: self.db_known && self.credentials == self.server.config.credentials,
         }
     }
 
@@ -384,16 +530,19 @@ impl Session {
     /// has executed. Across upstreams (replica reads) there is no order to keep: replication
     /// lag already gives none.
     async fn fence(&mut self, upstream: usize, next: &ConnHandle) {
-        let prev = match self.last_conn.replace((upstream, next.clone())) {
-            Some((u, prev)) if u == upstream && prev.id != next.id => prev,
+        let prev = match self.last_conn[upstream].replace(next.clone()) {
+            Some(prev) if prev.id != next.id => prev,
             _ => return,
         };
-        let (call, rx) = Call::new(Bytes::from_static(PING), false, false);
-        prev.send(call, || UpstreamError::Closed {
-            upstream: "fence".into(),
-        })
-        .await;
-        let _ = rx.await;
+        await_ping(&prev).await;
+    }
+
+    /// Fences every connection this client used, and forgets them.
+    async fn fence_all(&mut self) {
+        for prev in std::mem::take(&mut self.last_conn).into_iter().flatten() {
+            await_ping(&prev).await;
+        }
+        self.last_conn = vec![None; self.server.upstreams.len()];
     }
 
     fn setup(&self) -> Setup {
@@ -405,25 +554,49 @@ impl Session {
         }
     }
 
-    /// Sends on this client's dedicated connection, opening one if needed.
-    async fn pinned_send(&mut self, req: Request, id: usize, blocking: bool) -> Flow {
-        if self.pinned.is_none() {
-            let upstream = self.server.primary().clone();
-            let Ok(guard) = upstream.breaker.try_acquire() else {
-                let spec = command::lookup(req.name());
-                return self.degraded(req, id, spec).await;
-            };
-            match upstream.dedicated(&self.setup()).await {
-                Ok(conn) => {
+    /// Makes sure this client has a dedicated connection; false when it could not get one
+    /// (the reply for `req` is then queued).
+    async fn ensure_pinned(&mut self, req: &Request, id: usize) -> bool {
+        if self.pinned.is_some() {
+            return true;
+        }
+        let upstream = self.server.primary().clone();
+        let Ok(guard) = upstream.breaker.try_acquire() else {
+            let spec = command::lookup(req.name());
+            self.degraded(req.clone(), id, spec).await;
+            return false;
+        };
+        match upstream.dedicated(&self.setup()).await {
+            Ok((conn, fresh)) => {
+                // Reusing an idle connection proves nothing about the server.
+                if fresh {
                     guard.success();
-                    self.pinned = Some(Pinned { upstream, conn });
                 }
-                Err(e) => {
-                    guard.complete(outcome_of_error(&e));
-                    self.push_ready(id, error_reply(&e.into())).await;
-                    return Flow::Continue;
-                }
+                self.pinned = Some(Pinned { upstream, conn });
+                true
             }
+            Err(e) => {
+                guard.complete(outcome_of_error(&e));
+                self.push_ready(id, error_reply(&e.into())).await;
+                false
+            }
+        }
+    }
+
+    /// Sends on this client's dedicated connection, opening one if needed; returns the
+    /// reply's receiver, or None when the request was answered otherwise.
+    async fn pinned_call(
+        &mut self,
+        req: Request,
+        id: usize,
+        blocking: bool,
+    ) -> Result<Option<oneshot::Receiver<Reply>>, Flow> {
+        if let Err(e) = self.server.wait_for_replay().await {
+            self.push_ready(id, error_reply(&e.into())).await;
+            return Ok(None);
+        }
+        if !self.ensure_pinned(&req, id).await {
+            return Ok(None);
         }
         let (conn, name) = {
             let p = self.pinned.as_ref().expect("pinned above");
@@ -438,7 +611,7 @@ impl Session {
                 kind: SlotKind::Close,
             })
             .await;
-            return Flow::Stop;
+            return Err(Flow::Stop);
         }
         let primary = self.server.primary_index();
         self.fence(primary, &conn).await;
@@ -446,28 +619,47 @@ impl Session {
         let (call, rx) = Call::new(req.raw, blocking, true);
         conn.send(call, || UpstreamError::Closed { upstream: name })
             .await;
-        self.push(Slot {
-            command: id,
-            kind: SlotKind::Waiting(rx, None),
-        })
-        .await;
-        Flow::Continue
+        Ok(Some(rx))
+    }
+
+    async fn pinned_send(&mut self, req: Request, id: usize, blocking: bool) -> Flow {
+        match self.pinned_call(req, id, blocking).await {
+            Ok(Some(rx)) => {
+                self.push(Slot {
+                    command: id,
+                    kind: SlotKind::Waiting(rx, None),
+                })
+                .await;
+                Flow::Continue
+            }
+            Ok(None) => Flow::Continue,
+            Err(flow) => flow,
+        }
+    }
+
+    /// Like `pinned_send`, but waits for the reply (for the few commands whose reply
+    /// changes what redfuse knows about the connection) and returns it too.
+    async fn pinned_roundtrip(&mut self, req: Request, id: usize) -> Result<Option<Bytes>, Flow> {
+        let Some(rx) = self.pinned_call(req, id, false).await? else {
+            return Ok(None);
+        };
+        let reply = match rx.await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => error_reply(&e.into()),
+            Err(_) => error_reply(&Error::Internal("reply dropped".into())),
+        };
+        self.push_ready(id, reply.clone()).await;
+        Ok(Some(reply))
     }
 
     /// Returns the dedicated connection once its server-side state is back to a fresh one.
     async fn unpin(&mut self) {
         if let Some(p) = self.pinned.take() {
-            // The fence on the next send waits for the pinned commands; release after that.
-            let (call, rx) = Call::new(Bytes::from_static(PING), false, false);
-            p.conn
-                .send(call, || UpstreamError::Closed {
-                    upstream: p.upstream.name().clone(),
-                })
-                .await;
-            if matches!(rx.await, Ok(Ok(_))) {
+            let primary = self.server.primary_index();
+            self.last_conn[primary] = None;
+            if await_ping(&p.conn).await && self.db_known && self.db == 0 {
                 p.upstream.release_dedicated(self.setup(), p.conn);
             }
-            self.last_conn = None;
         }
     }
 
@@ -475,8 +667,6 @@ impl Session {
         let id = spec.id;
         match spec.name {
             "select" => return self.select(req, id).await,
-            "multi" => self.in_multi = true,
-            "watch" => self.watching = true,
             "exec" | "discard" | "unwatch" if self.pinned.is_none() => {
                 // Nothing to end: Redis answers (an error, or OK for UNWATCH) on any connection.
                 return self.forward(req, id, Some(spec)).await;
@@ -484,9 +674,20 @@ impl Session {
             "exec" | "discard" | "unwatch" => self.watching = false,
             _ => {}
         }
-        self.pinned_send(req, id, false).await
+        let flow = self.pinned_send(req, id, false).await;
+        // The state exists only once the command reached the dedicated connection.
+        if self.pinned.is_some() {
+            match spec.name {
+                "multi" => self.in_multi = true,
+                "watch" => self.watching = true,
+                _ => {}
+            }
+        }
+        flow
     }
 
+    /// SELECT changes which database redfuse caches under, so its reply is awaited: the db
+    /// is updated only when Redis said OK.
     async fn select(&mut self, req: Request, id: usize) -> Flow {
         let db = (req.args.len() == 2)
             .then(|| std::str::from_utf8(&req.args[1]).ok()?.parse::<u32>().ok())
@@ -494,18 +695,47 @@ impl Session {
         match db {
             // Malformed: Redis's own error text, from any connection.
             None => self.forward(req, id, None).await,
-            Some(0) if self.db == 0 && self.pinned.is_none() => {
+            Some(0) if self.db == 0 && self.db_known && self.pinned.is_none() => {
                 self.push_ready(id, reply::ok()).await;
                 Flow::Continue
             }
-            Some(db) => {
-                let flow = self.pinned_send(req, id, false).await;
-                if self.pinned.is_some() {
-                    self.db = db;
+            Some(db) => match self.pinned_roundtrip(req, id).await {
+                Ok(Some(reply)) => {
+                    if &reply[..] == reply::OK {
+                        self.db = db;
+                        self.db_known = true;
+                    }
+                    Flow::Continue
                 }
-                flow
+                Ok(None) => Flow::Continue,
+                Err(flow) => flow,
+            },
+        }
+    }
+
+    /// EXEC of a transaction that queued a SELECT: the database it left the connection in is
+    /// read back from Redis (`CLIENT INFO`).
+    async fn exec_with_select(&mut self, req: Request, id: usize) -> Flow {
+        match self.pinned_roundtrip(req, id).await {
+            Ok(_) => {}
+            Err(flow) => return flow,
+        }
+        self.db_known = false;
+        if let Some(p) = &self.pinned {
+            let (call, rx) = Call::new(encode_command(&["CLIENT", "INFO"]), false, false);
+            p.conn
+                .send(call, || UpstreamError::Closed {
+                    upstream: "client info".into(),
+                })
+                .await;
+            if let Ok(Ok(info)) = rx.await
+                && let Some(db) = parse_client_info_db(&info)
+            {
+                self.db = db;
+                self.db_known = true;
             }
         }
+        Flow::Continue
     }
 
     async fn local(&mut self, req: Request, spec: &'static CommandSpec) -> Flow {
@@ -540,11 +770,14 @@ impl Session {
     }
 
     async fn reset(&mut self, id: usize) -> Flow {
+        // What was sent before RESET runs before what comes after, on whichever connection.
+        self.fence_all().await;
         if let Some(p) = self.pinned.take() {
             // Its server-side state is unknown now: let it close rather than reuse it.
-            drop(p);
+            await_ping(&p.conn).await;
         }
-        self.last_conn = None;
+        self.db_known = true;
+        self.multi_select = false;
         self.in_multi = false;
         self.watching = false;
         self.multi_writes.clear();
@@ -636,6 +869,25 @@ impl Session {
             self.name = if n.is_empty() { None } else { Some(n.clone()) };
         }
         if let Some(p) = &self.pinned {
+            // The pinned connection must act as the client's new user, or it would keep the
+            // old user's rights (and be reused under the new one).
+            if let Some(c) = credentials
+                .as_ref()
+                .filter(|c| Some(*c) != self.credentials.as_ref())
+            {
+                let auth = encode_command(&[
+                    b"AUTH".as_slice(),
+                    c.username.as_deref().unwrap_or("default").as_bytes(),
+                    c.password.as_bytes(),
+                ]);
+                let (call, rx) = Call::new(auth, false, false);
+                p.conn
+                    .send(call, || UpstreamError::Closed {
+                        upstream: p.upstream.name().clone(),
+                    })
+                    .await;
+                let _ = rx.await;
+            }
             // The pinned connection must speak the client's protocol too.
             if proto != self.proto {
                 let hello = encode_command(&[
@@ -754,14 +1006,12 @@ impl Session {
             let spec = command::lookup(req.name());
             return self.degraded(req, id, spec).await;
         };
-        // Everything sent before must have run before the pipe's first command does.
-        if let Some((_, prev)) = self.last_conn.take() {
-            let (call, rx) = Call::new(Bytes::from_static(PING), false, false);
-            prev.send(call, || UpstreamError::Closed {
-                upstream: upstream.name().clone(),
-            })
-            .await;
-            let _ = rx.await;
+        // Everything sent before must have run before the pipe's first command does, and
+        // queued writes from an outage must reach Redis before this client's.
+        self.fence_all().await;
+        if let Err(e) = self.server.wait_for_replay().await {
+            self.push_ready(id, error_reply(&e.into())).await;
+            return Flow::Continue;
         }
         let setup = Setup {
             client_name: self.name.clone(),
@@ -812,6 +1062,10 @@ impl Session {
     }
 
     async fn tunnel_send(&mut self, req: Request) -> Flow {
+        if req.name().eq_ignore_ascii_case(b"select") {
+            // The reply goes by in the raw stream, unread: from now on the db is unknown.
+            self.db_known = false;
+        }
         self.invalidate_if_write(&req);
         let tunnel = self.tunnel.as_mut().expect("in tunnel");
         if tunnel.wr.write_all(&req.raw).await.is_err() {
@@ -865,4 +1119,24 @@ fn client_setinfo(attr: &[u8], value: &[u8]) -> Bytes {
         ));
     }
     reply::ok()
+}
+
+/// Sends a PING on `conn` and waits for it: everything sent there before has then run.
+/// True when the connection answered.
+async fn await_ping(conn: &ConnHandle) -> bool {
+    let (call, rx) = Call::new(Bytes::from_static(PING), false, false);
+    conn.send(call, || UpstreamError::Closed {
+        upstream: "fence".into(),
+    })
+    .await;
+    matches!(rx.await, Ok(Ok(_)))
+}
+
+/// The `db=N` field of a `CLIENT INFO` reply.
+fn parse_client_info_db(reply: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(reply).ok()?;
+    let field = text
+        .split_ascii_whitespace()
+        .find_map(|f| f.strip_prefix("db="))?;
+    field.parse().ok()
 }

@@ -17,7 +17,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Server;
-use crate::cache::{Follower, LeaderGuard};
+use crate::cache::Follower;
 use crate::degrade::{ClientView, Fill, Origin};
 use crate::error::{Error, UpstreamError, error_reply};
 use crate::metrics::CommandResult;
@@ -38,14 +38,10 @@ pub enum SlotKind {
     Close,
 }
 
-/// What to do with a cacheable read's reply once it arrives.
+/// How to answer a cacheable read in degraded mode if the upstream fails it.
 pub struct Hook {
-    /// The cache entries the reply maps to: filled on success (by the leader), looked up
-    /// in degraded mode if the upstream fails the read.
+    /// The cache entries the read maps to.
     pub fill: Fill,
-    /// Only the leader of a single-flight fills the cache and answers the followers.
-    pub leader: Option<LeaderGuard<FlightKey, Reply>>,
-    pub fills: bool,
     pub view: ClientView,
     pub command: &'static str,
 }
@@ -75,24 +71,13 @@ fn resolve(server: &Server, result: Reply, hook: Option<Box<Hook>>) -> (Bytes, O
             Err(e) => (error_reply(&Error::Upstream(e)), Origin::Error),
         };
     };
-    let Hook {
-        fill,
-        leader,
-        fills,
-        view,
-        command,
-    } = *hook;
-    if let Some(leader) = leader {
-        leader.finish(result.clone());
-    }
     match result {
-        Ok(b) => {
-            if fills && !is_error_reply(&b) {
-                server.degrade.apply_fill(fill, &b);
-            }
-            (b, Origin::Upstream)
+        Ok(b) => (b, Origin::Upstream),
+        Err(e) if e.is_unavailability() => {
+            server
+                .degrade
+                .from_cache(hook.view, &hook.fill, hook.command, &e)
         }
-        Err(e) if e.is_unavailability() => server.degrade.from_cache(view, &fill, command, &e),
         Err(e) => (error_reply(&Error::Upstream(e)), Origin::Error),
     }
 }
@@ -149,7 +134,9 @@ pub async fn write_replies(
                         return;
                     }
                 }
-                continue;
+                // The pipe's upstream side closed (Redis restarted, killed the client, or
+                // answered QUIT): so does the client's, as it would talking to Redis.
+                break;
             }
             SlotKind::Close => break,
         };

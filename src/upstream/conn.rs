@@ -43,7 +43,14 @@ pub struct Call {
     pub guard: Option<CallGuard>,
     /// The bulkhead slot, held until the reply arrives.
     pub inflight: Option<Inflight>,
+    /// Runs in the connection task as soon as the reply (or the failure) is known, before it
+    /// travels to the client: cache fills, single-flight and invalidations must not wait for
+    /// a client that is slow to read its replies.
+    pub on_reply: Option<OnReply>,
 }
+
+/// See [`Call::on_reply`].
+pub type OnReply = Box<dyn FnOnce(&Reply) + Send>;
 
 impl Call {
     pub fn new(frame: Bytes, blocking: bool, is_write: bool) -> (Call, oneshot::Receiver<Reply>) {
@@ -56,6 +63,7 @@ impl Call {
                 is_write,
                 guard: None,
                 inflight: None,
+                on_reply: None,
             },
             rx,
         )
@@ -66,7 +74,11 @@ impl Call {
         if let Some(g) = self.guard {
             g.complete(outcome_of_error(&err));
         }
-        let _ = self.reply.send(Err(err));
+        let result = Err(err);
+        if let Some(f) = self.on_reply {
+            f(&result);
+        }
+        let _ = self.reply.send(result);
     }
 }
 
@@ -89,6 +101,9 @@ pub fn outcome_of_error(err: &UpstreamError) -> Outcome {
 pub struct ConnHandle {
     tx: mpsc::Sender<Call>,
     pub id: u64,
+    /// Dedicated connections only: closes the socket at once, so that a blocking command
+    /// of a client that went away stops waiting (and cannot pop data nobody will read).
+    abort: Option<tokio::task::AbortHandle>,
 }
 
 impl ConnHandle {
@@ -101,6 +116,13 @@ impl ConnHandle {
 
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
+    }
+
+    /// Closes a dedicated connection now, abandoning whatever it was waiting for.
+    pub fn abort(&self) {
+        if let Some(a) = &self.abort {
+            a.abort();
+        }
     }
 }
 
@@ -263,17 +285,29 @@ pub fn spawn_shared(ctx: Arc<UpstreamCtx>, setup: Setup, depth: usize) -> ConnHa
     let (tx, rx) = mpsc::channel(depth);
     let id = next_conn_id();
     tokio::spawn(run_shared(ctx, setup, rx, id));
-    ConnHandle { tx, id }
+    ConnHandle {
+        tx,
+        id,
+        abort: None,
+    }
 }
 
 /// Runs a dedicated connection on an already opened stream; it ends with its socket.
 pub fn spawn_dedicated(ctx: Arc<UpstreamCtx>, stream: TcpStream, depth: usize) -> ConnHandle {
     let (tx, mut rx) = mpsc::channel(depth);
     let id = next_conn_id();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         ctx.metrics.connections.inc();
+        // Decremented even when the task is aborted.
+        struct Gauge<'a>(&'a UpstreamCtx);
+        impl Drop for Gauge<'_> {
+            fn drop(&mut self) {
+                self.0.metrics.connections.dec();
+            }
+        }
+        let gauge = Gauge(&ctx);
         let end = pipeline(&ctx, stream, &mut rx, None).await;
-        ctx.metrics.connections.dec();
+        drop(gauge);
         debug!(upstream = %ctx.name, conn = id, "dedicated connection ended: {end:?}");
         rx.close();
         let err = end.error(&ctx);
@@ -281,7 +315,11 @@ pub fn spawn_dedicated(ctx: Arc<UpstreamCtx>, stream: TcpStream, depth: usize) -
             call.fail(err.clone());
         }
     });
-    ConnHandle { tx, id }
+    ConnHandle {
+        tx,
+        id,
+        abort: Some(task.abort_handle()),
+    }
 }
 
 async fn run_shared(ctx: Arc<UpstreamCtx>, setup: Setup, mut rx: mpsc::Receiver<Call>, id: u64) {
@@ -402,6 +440,7 @@ struct Pending {
     is_write: bool,
     guard: Option<CallGuard>,
     _inflight: Option<Inflight>,
+    on_reply: Option<OnReply>,
 }
 
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
@@ -451,6 +490,7 @@ async fn pipeline(
                         is_write: call.is_write,
                         guard: call.guard,
                         _inflight: call.inflight,
+                        on_reply: call.on_reply,
                     });
                 }
                 if frame.len() >= DIRECT_WRITE_BYTES {
@@ -538,11 +578,21 @@ async fn pipeline(
         .unwrap_or_else(|e| e.into_inner())
         .drain(..)
         .collect();
-    for p in drained {
+    for (i, p) in drained.into_iter().enumerate() {
+        // Only the request at the head saw the failure; the rest are collateral (one slow
+        // command must not count as many failures and trip the breaker for everyone).
         if let Some(g) = p.guard {
-            g.complete(outcome_of_error(&err));
+            g.complete(if i == 0 {
+                outcome_of_error(&err)
+            } else {
+                Outcome::Ignored
+            });
         }
-        let _ = p.reply.send(Err(err.clone()));
+        let result = Err(err.clone());
+        if let Some(f) = p.on_reply {
+            f(&result);
+        }
+        let _ = p.reply.send(result);
     }
     end
 }
@@ -581,6 +631,10 @@ fn complete(
         };
         g.complete(outcome);
     }
-    let _ = p.reply.send(Ok(frame));
+    let result = Ok(frame);
+    if let Some(f) = p.on_reply {
+        f(&result);
+    }
+    let _ = p.reply.send(result);
     Ok(())
 }

@@ -291,19 +291,22 @@ impl Upstream {
 
     /// A connection for one client alone, reused from the idle set when one with the same
     /// handshake is there.
-    pub async fn dedicated(&self, setup: &Setup) -> Result<ConnHandle, UpstreamError> {
+    /// A connection for one client alone, reused from the idle set when one with the same
+    /// handshake is there. The flag says whether it is new: only a new one proves the
+    /// server answered (for the breaker).
+    pub async fn dedicated(&self, setup: &Setup) -> Result<(ConnHandle, bool), UpstreamError> {
         {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(list) = idle.get_mut(setup) {
                 while let Some(c) = list.pop() {
                     if !c.is_closed() {
-                        return Ok(c);
+                        return Ok((c, false));
                     }
                 }
             }
         }
         let stream = conn::open(&self.ctx, setup).await?;
-        Ok(conn::spawn_dedicated(self.ctx.clone(), stream, 1024))
+        Ok((conn::spawn_dedicated(self.ctx.clone(), stream, 1024), true))
     }
 
     /// Returns a dedicated connection whose server-side state matches `setup` again.
