@@ -351,7 +351,15 @@ impl Config {
                     "set either `upstream` or `[[upstreams]]`, not both",
                 ));
             }
-            list
+            // An unnamed upstream is named by its address, as on the command line.
+            list.into_iter()
+                .map(|mut u| {
+                    if u.name.is_empty() {
+                        u.name = u.addr.clone();
+                    }
+                    u
+                })
+                .collect()
         } else {
             let addr = file.upstream.unwrap_or_else(|| "127.0.0.1:6379".to_owned());
             vec![UpstreamConfig {
@@ -638,6 +646,16 @@ mod tests {
             "[[upstreams]]\naddr = \"a:1\"\nname = \"a\"\n[[upstreams]]\naddr = \"b:1\"\nname = \"b\"",
         );
         assert!(err(Cli::default(), two_primaries).contains("upstreams.role"));
+    }
+
+    #[test]
+    fn unnamed_upstreams_are_named_by_address() {
+        let f = file(
+            "[[upstreams]]\naddr = \"a:1\"\n[[upstreams]]\naddr = \"b:1\"\nrole = \"replica\"",
+        );
+        let c = Config::merge(&Cli::default(), f).unwrap();
+        assert_eq!(c.upstreams[0].name, "a:1");
+        assert_eq!(c.upstreams[1].name, "b:1");
     }
 
     #[test]

@@ -180,8 +180,9 @@ impl Degrade {
         let resp3 = view.proto == Proto::Resp3;
         match fill {
             Fill::Single { key, redis_key, .. } => {
-                if let Lookup::Hit(bytes) =
-                    self.cache.get(key, now, self.policy.max_stale(redis_key))
+                if view.cache
+                    && let Lookup::Hit(bytes) =
+                        self.cache.get(key, now, self.policy.max_stale(redis_key))
                 {
                     self.count(command, "cache_hit");
                     return (bytes, Origin::Fallback);
