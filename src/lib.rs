@@ -13,15 +13,17 @@
 //!  -> server::session   read bytes; protocol::parse_request splits frames (zero-copy)
 //!  -> command::lookup   classify by the name's bytes: local / shared / pinned / blocking / pipe
 //!  -> route             local reply | dedicated connection | shared pipelined connection
-//!  -> cache fill plan   degrade::plan_fill (cacheable reads), single-flight join;
-//!                       writes invalidate their keys before they are sent
 //!  -> breaker           SharedBreaker::try_acquire -> CallGuard | rejected
 //!                         rejected -> Server::unavailable_reply -> degrade::Degrade::reply:
 //!                         cache hit | miss reply | fail-open rule (reply, error, queue->journal)
+//!  -> cache plan        writes invalidate their keys; cacheable reads plan a fill
+//!                       (degrade::plan_fill) and join a single-flight
 //!  -> upstream::conn    FIFO pipeline, batched writes, per-command timeout,
-//!                       protocol::ReplyScanner finds reply ends; guard records the outcome
-//!  -> server::writer    replies in request order, many frames per write; fills the cache,
-//!                       answers failed cacheable reads in degraded mode
+//!                       protocol::ReplyScanner finds reply ends; on the reply: the guard records
+//!                       the outcome, Call::on_reply fills the cache / releases followers /
+//!                       invalidates a write's keys again
+//!  -> server::writer    replies in request order, many frames per write; a cacheable read the
+//!                       upstream failed is answered in degraded mode
 //! ```
 //!
 //! `replay` drains the write journal to the primary when its breaker closes, before newer
