@@ -34,16 +34,24 @@ pub async fn run(
     let mut states = primary.breaker.subscribe();
     loop {
         let journal = &server.degrade.journal;
-        if !journal.is_empty() && primary.breaker.state() == State::Closed {
+        // HalfOpen too: with no probe and only writes waiting on the replay, waiting for
+        // Closed would wait forever.
+        if !journal.is_empty() && primary.breaker.state() != State::Open {
             match replay_once(&server).await {
                 Ok(n) => {
+                    server
+                        .replay_stalled
+                        .store(false, std::sync::atomic::Ordering::Release);
                     if let Some(m) = &metrics {
                         m.replayed(n as u64);
                     }
                     info!(upstream = %primary.name(), replayed = n, "queued writes replayed");
                 }
                 Err(e) => {
-                    warn!(upstream = %primary.name(), "write queue replay stopped: {e}; will retry")
+                    server
+                        .replay_stalled
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    warn!(upstream = %primary.name(), "write queue replay stopped: {e}; will retry");
                 }
             }
             server.replay_done.notify_waiters();

@@ -49,6 +49,8 @@ pub struct Server {
     pub flights: SingleFlight<writer::FlightKey, Reply>,
     /// Notified when a journal replay pass ends.
     pub replay_done: tokio::sync::Notify,
+    /// The last replay pass failed; cleared by the next one that succeeds.
+    pub replay_stalled: std::sync::atomic::AtomicBool,
     next_client_id: AtomicU64,
     round_robin: AtomicU64,
     verified: Mutex<HashMap<Credentials, Instant>>,
@@ -74,6 +76,7 @@ impl Server {
             degrade,
             flights,
             replay_done: tokio::sync::Notify::new(),
+            replay_stalled: std::sync::atomic::AtomicBool::new(false),
             next_client_id: AtomicU64::new(1),
             round_robin: AtomicU64::new(0),
             verified: Mutex::new(HashMap::new()),
@@ -176,6 +179,14 @@ impl Server {
     pub async fn wait_for_replay(&self) -> Result<(), UpstreamError> {
         if self.degrade.journal.is_empty() {
             return Ok(());
+        }
+        if self.replay_stalled.load(Ordering::Acquire) {
+            // Redis refuses the queued writes for now (OOM, LOADING, ACL ...): fail fast
+            // rather than make every write wait out the timeout.
+            return Err(UpstreamError::unavailable(
+                self.primary().name(),
+                "queued writes from the outage cannot be replayed yet",
+            ));
         }
         let deadline = tokio::time::Instant::now() + self.config.command_timeout;
         loop {

@@ -83,6 +83,10 @@ pub struct Session {
     /// any, its reads do not join another client's in-flight read, which may have run before
     /// the write.
     writes_in_flight: Arc<AtomicUsize>,
+    /// Blocking commands sent on the dedicated connection and not yet answered. Nothing waits
+    /// behind one (no unpin, no fence, no awaited SELECT): a wait there would keep redfuse from
+    /// noticing that the client left, and the command from being dropped with it.
+    blocking_inflight: Arc<AtomicUsize>,
     slots: mpsc::Sender<Slot>,
 }
 
@@ -119,6 +123,7 @@ pub async fn run(
         db_known: true,
         multi_select: false,
         writes_in_flight: Arc::new(AtomicUsize::new(0)),
+        blocking_inflight: Arc::new(AtomicUsize::new(0)),
         slots: slots_tx,
     };
     let end = session.read_loop(rd, &mut shutdown).await;
@@ -126,7 +131,7 @@ pub async fn run(
         // Redis would drop a vanished client's blocking command; a dedicated connection left
         // waiting would otherwise pop data that nobody reads.
         if let Some(p) = &session.pinned {
-            p.conn.abort();
+            p.conn.abandon();
         }
     }
     let tunnel = session.tunnel.take();
@@ -267,7 +272,7 @@ impl Session {
         match spec.route {
             Route::Local => self.local(req, spec).await,
             Route::Pin => self.stateful(req, spec).await,
-            Route::Blocking if matches!(spec.name, "wait" | "waitaof") && self.pinned.is_none() => {
+            Route::Blocking if matches!(spec.name, "wait" | "waitaof") => {
                 self.wait_replication(req, id).await
             }
             Route::Blocking => self.pinned_send(req, id, true).await,
@@ -287,7 +292,7 @@ impl Session {
         spec: Option<&'static CommandSpec>,
     ) -> Flow {
         if self.pinned.is_some() {
-            if self.db != 0 || self.watching || !self.db_known {
+            if self.db != 0 || self.watching || !self.db_known || self.blocked() {
                 return self.pinned_send(req, id, false).await;
             }
             self.unpin().await;
@@ -308,7 +313,8 @@ impl Session {
         let Some((index, guard)) = admitted else {
             return self.degraded(req, id, spec).await;
         };
-        if index == self.server.primary_index()
+        if is_write
+            && index == self.server.primary_index()
             && let Err(e) = self.server.wait_for_replay().await
         {
             drop(guard);
@@ -417,38 +423,30 @@ impl Session {
         Flow::Continue
     }
 
-    /// WAIT/WAITAOF count the replicas that acknowledged the writes of *this connection*, so
-    /// they must run where the client's writes ran: its shared connection to the primary.
-    /// They hold that pipeline while they wait (without the command timeout), which is the
-    /// price of a correct answer; a fresh connection would report writes it never carried.
+    /// WAIT/WAITAOF count the replicas that acknowledged the writes of *this connection*.
+    /// The client's writes went over shared connections, so after fencing them a replicated
+    /// no-op (`PUBLISH` to a private channel) on the client's dedicated connection carries the
+    /// replication offset past them, and WAIT there waits for at least that: never a count of
+    /// replicas that lack the client's writes, and no shared pipeline is held while it waits.
     async fn wait_replication(&mut self, req: Request, id: usize) -> Flow {
-        let primary = self.server.primary_index();
-        let upstream = self.server.primary().clone();
-        let Ok(guard) = upstream.breaker.try_acquire() else {
-            return self.degraded(req, id, command::lookup(b"wait")).await;
-        };
-        let conn = match &self.shared[primary] {
-            Some(c) => c.clone(),
-            None => {
-                let c = upstream.shared_conn(self.proto, &self.credentials);
-                self.shared[primary] = Some(c.clone());
-                c
-            }
-        };
-        self.fence(primary, &conn).await;
-        drop(guard);
-        let (call, rx) = Call::new(req.raw, true, false);
-        let name = upstream.name().clone();
-        conn.send(call, || {
-            UpstreamError::unavailable(&name, "connection task ended")
-        })
-        .await;
-        self.push(Slot {
-            command: id,
-            kind: SlotKind::Waiting(rx, None),
-        })
-        .await;
-        Flow::Continue
+        self.fence_all().await;
+        if !self.ensure_pinned(&req, id).await {
+            return Flow::Continue;
+        }
+        if let Some(p) = &self.pinned {
+            let marker = encode_command(&["PUBLISH", "__redfuse:wait", ""]);
+            let (call, _rx) = Call::new(marker, false, false);
+            p.conn
+                .send(call, || UpstreamError::Closed {
+                    upstream: p.upstream.name().clone(),
+                })
+                .await;
+        }
+        self.pinned_send(req, id, true).await
+    }
+
+    fn blocked(&self) -> bool {
+        self.blocking_inflight.load(Ordering::Acquire) > 0
     }
 
     /// The client's database, if redfuse knows it.
@@ -502,7 +500,8 @@ impl Session {
         ClientView {
             db: self.db,
             proto: self.proto,
-            cache: self.db_known && self.credentials == self.server.config.credentials,
+            cache: self.db_known
+                && same_identity(&self.credentials, &self.server.config.credentials),
         }
     }
 
@@ -539,8 +538,14 @@ impl Session {
 
     /// Fences every connection this client used, and forgets them.
     async fn fence_all(&mut self) {
+        let blocked = self
+            .blocked()
+            .then(|| self.pinned.as_ref().map(|p| p.conn.id))
+            .flatten();
         for prev in std::mem::take(&mut self.last_conn).into_iter().flatten() {
-            await_ping(&prev).await;
+            if Some(prev.id) != blocked {
+                await_ping(&prev).await;
+            }
         }
         self.last_conn = vec![None; self.server.upstreams.len()];
     }
@@ -591,7 +596,9 @@ impl Session {
         id: usize,
         blocking: bool,
     ) -> Result<Option<oneshot::Receiver<Reply>>, Flow> {
-        if let Err(e) = self.server.wait_for_replay().await {
+        let is_write =
+            command::lookup(req.name()).is_none_or(|spec| command::is_write(spec, &req.args));
+        if is_write && let Err(e) = self.server.wait_for_replay().await {
             self.push_ready(id, error_reply(&e.into())).await;
             return Ok(None);
         }
@@ -616,7 +623,22 @@ impl Session {
         let primary = self.server.primary_index();
         self.fence(primary, &conn).await;
         self.invalidate_if_write(&req);
-        let (call, rx) = Call::new(req.raw, blocking, true);
+        let (mut call, rx) = Call::new(req.raw.clone(), blocking, true);
+        if blocking {
+            let counter = self.blocking_inflight.clone();
+            counter.fetch_add(1, Ordering::AcqRel);
+            call.on_reply = Some(Box::new(move |_: &Reply| {
+                counter.fetch_sub(1, Ordering::AcqRel);
+            }));
+        } else if is_write && let Some(spec) = command::lookup(req.name()) {
+            // As on shared connections: invalidate again once the write has run.
+            let server = self.server.clone();
+            let db = self.db();
+            let write = req.clone();
+            call.on_reply = Some(Box::new(move |_: &Reply| {
+                server.degrade.invalidate_for_write(db, &write, spec);
+            }));
+        }
         conn.send(call, || UpstreamError::Closed { upstream: name })
             .await;
         Ok(Some(rx))
@@ -699,6 +721,13 @@ impl Session {
                 self.push_ready(id, reply::ok()).await;
                 Flow::Continue
             }
+            Some(_) if self.blocked() => {
+                // Its answer queues behind the blocking command: not waited for, so the db is
+                // unknown until a later SELECT.
+                let flow = self.pinned_send(req, id, false).await;
+                self.db_known = false;
+                flow
+            }
             Some(db) => match self.pinned_roundtrip(req, id).await {
                 Ok(Some(reply)) => {
                     if &reply[..] == reply::OK {
@@ -774,8 +803,11 @@ impl Session {
         self.fence_all().await;
         if let Some(p) = self.pinned.take() {
             // Its server-side state is unknown now: let it close rather than reuse it.
-            await_ping(&p.conn).await;
+            if !self.blocked() {
+                await_ping(&p.conn).await;
+            }
         }
+        self.blocking_inflight = Arc::new(AtomicUsize::new(0));
         self.db_known = true;
         self.multi_select = false;
         self.in_multi = false;
@@ -1129,7 +1161,9 @@ async fn await_ping(conn: &ConnHandle) -> bool {
         upstream: "fence".into(),
     })
     .await;
-    matches!(rx.await, Ok(Ok(_)))
+    // Exactly PONG: inside a transaction the answer would be QUEUED, and such a connection
+    // must never be handed to another client.
+    matches!(rx.await, Ok(Ok(reply)) if &reply[..] == reply::PONG)
 }
 
 /// The `db=N` field of a `CLIENT INFO` reply.
@@ -1139,4 +1173,16 @@ fn parse_client_info_db(reply: &[u8]) -> Option<u32> {
         .split_ascii_whitespace()
         .find_map(|f| f.strip_prefix("db="))?;
     field.parse().ok()
+}
+
+/// Whether two credentials name the same Redis user (`AUTH pw` is user `default`).
+fn same_identity(a: &Option<Credentials>, b: &Option<Credentials>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.username.as_deref().unwrap_or("default") == b.username.as_deref().unwrap_or("default")
+                && a.password == b.password
+        }
+        _ => false,
+    }
 }

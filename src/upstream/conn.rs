@@ -76,7 +76,7 @@ impl Call {
         }
         let result = Err(err);
         if let Some(f) = self.on_reply {
-            f(&result);
+            run_on_reply(f, &result);
         }
         let _ = self.reply.send(result);
     }
@@ -101,9 +101,15 @@ pub fn outcome_of_error(err: &UpstreamError) -> Outcome {
 pub struct ConnHandle {
     tx: mpsc::Sender<Call>,
     pub id: u64,
-    /// Dedicated connections only: closes the socket at once, so that a blocking command
-    /// of a client that went away stops waiting (and cannot pop data nobody will read).
-    abort: Option<tokio::task::AbortHandle>,
+    /// Dedicated connections only: see [`ConnHandle::abandon`].
+    abandon: Option<Arc<Abandon>>,
+}
+
+/// Set when a dedicated connection's client went away.
+#[derive(Default)]
+pub struct Abandon {
+    flag: std::sync::atomic::AtomicBool,
+    wake: Notify,
 }
 
 impl ConnHandle {
@@ -118,10 +124,14 @@ impl ConnHandle {
         self.tx.is_closed()
     }
 
-    /// Closes a dedicated connection now, abandoning whatever it was waiting for.
-    pub fn abort(&self) {
-        if let Some(a) = &self.abort {
-            a.abort();
+    /// The client of a dedicated connection went away. What it sent still runs (its writes
+    /// must not be lost), but a blocking command is not waited for: the connection closes as
+    /// soon as one is at the head, which makes Redis drop it, as it would for the vanished
+    /// client itself, instead of letting it pop data nobody will read.
+    pub fn abandon(&self) {
+        if let Some(a) = &self.abandon {
+            a.flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            a.wake.notify_one();
         }
     }
 }
@@ -288,7 +298,7 @@ pub fn spawn_shared(ctx: Arc<UpstreamCtx>, setup: Setup, depth: usize) -> ConnHa
     ConnHandle {
         tx,
         id,
-        abort: None,
+        abandon: None,
     }
 }
 
@@ -296,9 +306,11 @@ pub fn spawn_shared(ctx: Arc<UpstreamCtx>, setup: Setup, depth: usize) -> ConnHa
 pub fn spawn_dedicated(ctx: Arc<UpstreamCtx>, stream: TcpStream, depth: usize) -> ConnHandle {
     let (tx, mut rx) = mpsc::channel(depth);
     let id = next_conn_id();
-    let task = tokio::spawn(async move {
+    let abandon = Arc::new(Abandon::default());
+    let watch = abandon.clone();
+    tokio::spawn(async move {
         ctx.metrics.connections.inc();
-        // Decremented even when the task is aborted.
+        // Decremented on every way out of the task.
         struct Gauge<'a>(&'a UpstreamCtx);
         impl Drop for Gauge<'_> {
             fn drop(&mut self) {
@@ -306,7 +318,7 @@ pub fn spawn_dedicated(ctx: Arc<UpstreamCtx>, stream: TcpStream, depth: usize) -
             }
         }
         let gauge = Gauge(&ctx);
-        let end = pipeline(&ctx, stream, &mut rx, None).await;
+        let end = pipeline(&ctx, stream, &mut rx, None, Some(&watch)).await;
         drop(gauge);
         debug!(upstream = %ctx.name, conn = id, "dedicated connection ended: {end:?}");
         rx.close();
@@ -318,7 +330,7 @@ pub fn spawn_dedicated(ctx: Arc<UpstreamCtx>, stream: TcpStream, depth: usize) -
     ConnHandle {
         tx,
         id,
-        abort: Some(task.abort_handle()),
+        abandon: Some(abandon),
     }
 }
 
@@ -344,7 +356,7 @@ async fn run_shared(ctx: Arc<UpstreamCtx>, setup: Setup, mut rx: mpsc::Receiver<
                 ctx.metrics.connections.inc();
                 ctx.connected
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let end = pipeline(&ctx, stream, &mut rx, first.take()).await;
+                let end = pipeline(&ctx, stream, &mut rx, first.take(), None).await;
                 ctx.connected
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 ctx.metrics.connections.dec();
@@ -393,6 +405,8 @@ async fn run_shared(ctx: Arc<UpstreamCtx>, setup: Setup, mut rx: mpsc::Receiver<
 #[derive(Debug)]
 enum Ended {
     HandlesDropped,
+    /// The client went away while a blocking command of its was waiting.
+    Abandoned,
     Closed,
     Io(std::io::Error),
     Timeout,
@@ -403,6 +417,7 @@ impl std::fmt::Display for Ended {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Ended::HandlesDropped => write!(f, "no longer used"),
+            Ended::Abandoned => write!(f, "client gone during a blocking command"),
             Ended::Closed => write!(f, "connection closed by the server"),
             Ended::Io(e) => write!(f, "{e}"),
             Ended::Timeout => write!(f, "a command timed out"),
@@ -428,7 +443,7 @@ impl Ended {
                 upstream,
                 reason: e.to_string().into(),
             },
-            Ended::HandlesDropped => UpstreamError::Closed { upstream },
+            Ended::HandlesDropped | Ended::Abandoned => UpstreamError::Closed { upstream },
         }
     }
 }
@@ -451,6 +466,7 @@ async fn pipeline(
     mut stream: TcpStream,
     rx: &mut mpsc::Receiver<Call>,
     mut first: Option<Call>,
+    abandon: Option<&Abandon>,
 ) -> Ended {
     let (mut rd, mut wr) = stream.split();
     let pending: Mutex<VecDeque<Pending>> = Mutex::new(VecDeque::new());
@@ -545,6 +561,13 @@ async fn pipeline(
             if idle && closing.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ended::HandlesDropped;
             }
+            // Only blocking calls have no deadline.
+            if !idle
+                && deadline.is_none()
+                && abandon.is_some_and(|a| a.flag.load(std::sync::atomic::Ordering::SeqCst))
+            {
+                return Ended::Abandoned;
+            }
             timer
                 .as_mut()
                 .reset(deadline.unwrap_or_else(|| Instant::now() + far));
@@ -559,6 +582,12 @@ async fn pipeline(
                 },
                 _ = &mut timer, if deadline.is_some() => return Ended::Timeout,
                 _ = armed.notified() => {}
+                _ = async {
+                    match abandon {
+                        Some(a) => a.wake.notified().await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
             }
         }
     };
@@ -578,19 +607,23 @@ async fn pipeline(
         .unwrap_or_else(|e| e.into_inner())
         .drain(..)
         .collect();
-    for (i, p) in drained.into_iter().enumerate() {
-        // Only the request at the head saw the failure; the rest are collateral (one slow
-        // command must not count as many failures and trip the breaker for everyone).
+    let mut counted = false;
+    for p in drained {
+        // Only the oldest request saw the failure; the rest are collateral (one slow command
+        // must not count as many failures and trip the breaker for everyone). Calls without a
+        // permit (fences) do not take that place.
         if let Some(g) = p.guard {
-            g.complete(if i == 0 {
+            let first = !std::mem::replace(&mut counted, true);
+            let outcome = if first && !matches!(end, Ended::Abandoned) {
                 outcome_of_error(&err)
             } else {
                 Outcome::Ignored
-            });
+            };
+            g.complete(outcome);
         }
         let result = Err(err.clone());
         if let Some(f) = p.on_reply {
-            f(&result);
+            run_on_reply(f, &result);
         }
         let _ = p.reply.send(result);
     }
@@ -633,8 +666,16 @@ fn complete(
     }
     let result = Ok(frame);
     if let Some(f) = p.on_reply {
-        f(&result);
+        run_on_reply(f, &result);
     }
     let _ = p.reply.send(result);
     Ok(())
+}
+
+/// A hook is cache bookkeeping: if it ever panicked, the connection task (shared by many
+/// clients) must carry on.
+fn run_on_reply(f: OnReply, result: &Reply) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(result))).is_err() {
+        tracing::error!("reply hook panicked; continuing");
+    }
 }
