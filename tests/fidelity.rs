@@ -172,3 +172,74 @@ fn a_client_on_another_acl_user_never_sees_cached_replies() {
         esc(&degraded)
     );
 }
+
+#[test]
+fn wait_blocks_only_its_own_client() {
+    let (redis, rf) = setup(&["--upstream-connections", "1"]);
+    let mut a = rf.client();
+    assert_frame(&a.cmd(&["SET", "w", "1"]), b"+OK\r\n", "SET");
+    // No replica exists: WAIT 1 0 would wait forever.
+    a.send_cmd(&["WAIT", "1", "0"]);
+    redis.wait_blocked_clients(1);
+    let mut b = rf.client();
+    assert_frame(
+        &b.cmd(&["GET", "w"]),
+        b"$1\r\n1\r\n",
+        "another client is not held up",
+    );
+    drop(a);
+    eventually("the abandoned WAIT is dropped", secs(5), || {
+        blocked_clients(&redis) == 0
+    });
+    let mut c = rf.client();
+    assert_frame(&c.cmd(&["SET", "w", "2"]), b"+OK\r\n", "SET");
+    assert_frame(
+        &c.cmd(&["WAIT", "0", "100"]),
+        b":0\r\n",
+        "WAIT with no replicas",
+    );
+}
+
+#[test]
+fn a_client_leaving_without_reading_loses_none_of_its_writes() {
+    let (redis, rf) = setup(&[]);
+    for i in 0..20 {
+        let mut c = rf.client();
+        let mut pipeline = resp_cmd(&["SELECT", "2"]);
+        pipeline.extend_from_slice(&resp_cmd(&["SET", &format!("k{i}"), "v"]));
+        pipeline.extend_from_slice(&resp_cmd(&["MULTI"]));
+        pipeline.extend_from_slice(&resp_cmd(&["SET", &format!("m{i}"), "v"]));
+        pipeline.extend_from_slice(&resp_cmd(&["EXEC"]));
+        c.send(&pipeline);
+        drop(c);
+    }
+    let mut direct = redis.client();
+    direct.cmd(&["SELECT", "2"]);
+    eventually("all 40 writes landed in db 2", secs(5), || {
+        direct.cmd(&["DBSIZE"]) == b":40\r\n"
+    });
+}
+
+#[test]
+fn a_blocked_client_leaving_mid_pipeline_does_not_steal_data() {
+    let (redis, rf) = setup(&[]);
+    for follow_up in [&["GET", "x"][..], &["SELECT", "1"][..], &["RESET"][..]] {
+        let mut consumer = rf.client();
+        let mut pipeline = resp_cmd(&["BLPOP", "jobs", "0"]);
+        pipeline.extend_from_slice(&resp_cmd(follow_up));
+        consumer.send(&pipeline);
+        redis.wait_blocked_clients(1);
+        drop(consumer);
+        eventually("the blocked pop is dropped", secs(5), || {
+            blocked_clients(&redis) == 0
+        });
+        let mut producer = rf.client();
+        producer.cmd(&["RPUSH", "jobs", "job"]);
+        assert_frame(
+            &producer.cmd(&["LLEN", "jobs"]),
+            b":1\r\n",
+            &format!("after {follow_up:?}"),
+        );
+        producer.cmd(&["DEL", "jobs"]);
+    }
+}

@@ -87,6 +87,9 @@ pub struct Session {
     /// behind one (no unpin, no fence, no awaited SELECT): a wait there would keep redfuse from
     /// noticing that the client left, and the command from being dropped with it.
     blocking_inflight: Arc<AtomicUsize>,
+    /// Dedicated connections given up while a blocking command may still wait on them (RESET,
+    /// SUBSCRIBE): abandoned with the rest if the client leaves.
+    retired: Vec<ConnHandle>,
     slots: mpsc::Sender<Slot>,
 }
 
@@ -124,6 +127,7 @@ pub async fn run(
         multi_select: false,
         writes_in_flight: Arc::new(AtomicUsize::new(0)),
         blocking_inflight: Arc::new(AtomicUsize::new(0)),
+        retired: Vec::new(),
         slots: slots_tx,
     };
     let end = session.read_loop(rd, &mut shutdown).await;
@@ -132,6 +136,9 @@ pub async fn run(
         // waiting would otherwise pop data that nobody reads.
         if let Some(p) = &session.pinned {
             p.conn.abandon();
+        }
+        for c in &session.retired {
+            c.abandon();
         }
     }
     let tunnel = session.tunnel.take();
@@ -803,7 +810,9 @@ impl Session {
         self.fence_all().await;
         if let Some(p) = self.pinned.take() {
             // Its server-side state is unknown now: let it close rather than reuse it.
-            if !self.blocked() {
+            if self.blocked() {
+                self.retired.push(p.conn);
+            } else {
                 await_ping(&p.conn).await;
             }
         }
@@ -1049,7 +1058,9 @@ impl Session {
             client_name: self.name.clone(),
             ..self.setup()
         };
-        self.pinned = None;
+        if let Some(p) = self.pinned.take() {
+            self.retired.push(p.conn);
+        }
         let stream = match conn::open(&upstream.ctx, &setup).await {
             Ok(s) => {
                 guard.success();
