@@ -629,6 +629,12 @@ impl Session {
         }
         let primary = self.server.primary_index();
         self.fence(primary, &conn).await;
+        // A transaction's writes run at EXEC: invalidated when EXEC is sent and again when its
+        // reply arrives.
+        let exec_writes = match req.name().eq_ignore_ascii_case(b"exec") {
+            true => self.multi_writes.clone(),
+            false => Vec::new(),
+        };
         self.invalidate_if_write(&req);
         let (mut call, rx) = Call::new(req.raw.clone(), blocking, true);
         if blocking {
@@ -636,6 +642,16 @@ impl Session {
             counter.fetch_add(1, Ordering::AcqRel);
             call.on_reply = Some(Box::new(move |_: &Reply| {
                 counter.fetch_sub(1, Ordering::AcqRel);
+            }));
+        } else if !exec_writes.is_empty() {
+            let server = self.server.clone();
+            let db = self.db();
+            call.on_reply = Some(Box::new(move |_: &Reply| {
+                for w in &exec_writes {
+                    if let Some(spec) = command::lookup(w.name()) {
+                        server.degrade.invalidate_for_write(db, w, spec);
+                    }
+                }
             }));
         } else if is_write && let Some(spec) = command::lookup(req.name()) {
             // As on shared connections: invalidate again once the write has run.
