@@ -223,10 +223,21 @@ fn a_client_leaving_without_reading_loses_none_of_its_writes() {
 #[test]
 fn a_blocked_client_leaving_mid_pipeline_does_not_steal_data() {
     let (redis, rf) = setup(&[]);
-    for follow_up in [&["GET", "x"][..], &["SELECT", "1"][..], &["RESET"][..]] {
+    let follow_ups: &[&[&[&str]]] = &[
+        &[&["GET", "x"]],
+        &[&["SELECT", "1"]],
+        &[&["RESET"]],
+        &[&["HELLO", "3"]],
+        &[&["QUIT"]],
+        &[&["MULTI"], &["SELECT", "1"], &["EXEC"]],
+        &[&["SUBSCRIBE", "ch"]],
+    ];
+    for follow_up in follow_ups {
         let mut consumer = rf.client();
         let mut pipeline = resp_cmd(&["BLPOP", "jobs", "0"]);
-        pipeline.extend_from_slice(&resp_cmd(follow_up));
+        for cmd in follow_up.iter() {
+            pipeline.extend_from_slice(&resp_cmd(cmd));
+        }
         consumer.send(&pipeline);
         redis.wait_blocked_clients(1);
         drop(consumer);

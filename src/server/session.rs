@@ -130,8 +130,9 @@ pub async fn run(
         retired: Vec::new(),
         slots: slots_tx,
     };
-    let end = session.read_loop(rd, &mut shutdown).await;
-    if end == End::ClientGone {
+    let mut rd = rd;
+    let end = session.read_loop(&mut rd, &mut shutdown).await;
+    let abandon = |session: &Session| {
         // Redis would drop a vanished client's blocking command; a dedicated connection left
         // waiting would otherwise pop data that nobody reads.
         if let Some(p) = &session.pinned {
@@ -140,8 +141,22 @@ pub async fn run(
         for c in &session.retired {
             c.abandon();
         }
+    };
+    if end == End::ClientGone {
+        abandon(&session);
     }
     let tunnel = session.tunnel.take();
+    let mut writer = writer;
+    if matches!(end, End::Quit | End::Closed)
+        && (session.pinned.is_some() || !session.retired.is_empty())
+    {
+        // Replies are still owed (QUIT's +OK may wait behind a BLPOP): watch for the client
+        // leaving meanwhile, so a blocked command does not outlive it.
+        tokio::select! {
+            _ = wait_for_eof(&mut rd) => abandon(&session),
+            _ = &mut writer => {}
+        }
+    }
     drop(session);
     match tunnel {
         // QUIT through a pipe: Redis answers and closes, which ends the pipe; give it a moment.
@@ -164,6 +179,17 @@ pub async fn run(
     }
 }
 
+/// Reads and discards until the client closes its side.
+async fn wait_for_eof(rd: &mut OwnedReadHalf) {
+    let mut scratch = [0u8; 4096];
+    loop {
+        match rd.read(&mut scratch).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
 /// Why a session stopped reading.
 #[derive(Debug, PartialEq, Eq)]
 enum End {
@@ -180,7 +206,7 @@ enum End {
 impl Session {
     async fn read_loop(
         &mut self,
-        mut rd: OwnedReadHalf,
+        rd: &mut OwnedReadHalf,
         shutdown: &mut watch::Receiver<bool>,
     ) -> End {
         let limits = self.server.config.limits;
@@ -267,7 +293,10 @@ impl Session {
                 }
                 _ => {
                     if name == "select" {
+                        // Takes effect at EXEC, if at all: until redfuse reads it back, the db
+                        // is unknown (writes invalidate in every db, the cache is off).
                         self.multi_select = true;
+                        self.db_known = false;
                     }
                     self.pinned_send(req, id, false).await
                 }
@@ -440,16 +469,33 @@ impl Session {
         if !self.ensure_pinned(&req, id).await {
             return Flow::Continue;
         }
+        let blocked = self.blocked();
         if let Some(p) = &self.pinned {
             let marker = encode_command(&["PUBLISH", "__redfuse:wait", ""]);
-            let (call, _rx) = Call::new(marker, false, false);
+            let (call, rx) = Call::new(marker, false, false);
             p.conn
                 .send(call, || UpstreamError::Closed {
                     upstream: p.upstream.name().clone(),
                 })
                 .await;
+            // Without the marker WAIT could count replicas that lack the client's writes:
+            // if Redis refused it (an ACL without that channel), say so instead.
+            if !blocked
+                && let Ok(Ok(reply)) = rx.await
+                && is_error_reply(&reply)
+            {
+                self.push_ready(id, reply).await;
+                return Flow::Continue;
+            }
         }
         self.pinned_send(req, id, true).await
+    }
+
+    /// Keeps a dedicated connection that may still hold a blocking command of this client,
+    /// so it can be abandoned if the client leaves; ones already finished are let go.
+    fn retire(&mut self, conn: ConnHandle) {
+        self.retired.retain(|c| !c.is_closed());
+        self.retired.push(conn);
     }
 
     fn blocked(&self) -> bool {
@@ -768,6 +814,11 @@ impl Session {
     /// EXEC of a transaction that queued a SELECT: the database it left the connection in is
     /// read back from Redis (`CLIENT INFO`).
     async fn exec_with_select(&mut self, req: Request, id: usize) -> Flow {
+        if self.blocked() {
+            // Nothing waits behind a blocking command: the db stays unknown.
+            self.db_known = false;
+            return self.pinned_send(req, id, false).await;
+        }
         match self.pinned_roundtrip(req, id).await {
             Ok(_) => {}
             Err(flow) => return flow,
@@ -827,7 +878,7 @@ impl Session {
         if let Some(p) = self.pinned.take() {
             // Its server-side state is unknown now: let it close rather than reuse it.
             if self.blocked() {
-                self.retired.push(p.conn);
+                self.retire(p.conn);
             } else {
                 await_ping(&p.conn).await;
             }
@@ -943,7 +994,9 @@ impl Session {
                         upstream: p.upstream.name().clone(),
                     })
                     .await;
-                let _ = rx.await;
+                // Not awaited: the connection is FIFO, so what the client sends next runs
+                // after it, and nothing may wait behind a blocking command.
+                drop(rx);
             }
             // The pinned connection must speak the client's protocol too.
             if proto != self.proto {
@@ -957,7 +1010,9 @@ impl Session {
                         upstream: p.upstream.name().clone(),
                     })
                     .await;
-                let _ = rx.await;
+                // Not awaited: the connection is FIFO, so what the client sends next runs
+                // after it, and nothing may wait behind a blocking command.
+                drop(rx);
             }
         }
         self.set_session_keys(proto, credentials);
@@ -1074,8 +1129,10 @@ impl Session {
             client_name: self.name.clone(),
             ..self.setup()
         };
-        if let Some(p) = self.pinned.take() {
-            self.retired.push(p.conn);
+        if let Some(p) = self.pinned.take()
+            && self.blocked()
+        {
+            self.retire(p.conn);
         }
         let stream = match conn::open(&upstream.ctx, &setup).await {
             Ok(s) => {
