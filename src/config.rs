@@ -125,6 +125,9 @@ pub struct FileConfig {
 }
 
 /// `[cache]`: the degraded-mode reply cache: its bounds and which keys it serves how.
+///
+/// The policy fields mirror `rules::CachePolicyConfig` on purpose: serde cannot `flatten`
+/// into a struct that denies unknown fields, and a typo in `[cache]` must be reported.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheSection {

@@ -36,15 +36,7 @@ fn wait_until_commands_succeed(rf: &Redfuse, within: Duration) -> Result<(), Str
 fn upstream_down_at_start_then_up() {
     let port = free_port();
     let upstream = format!("127.0.0.1:{port}");
-    let rf = Redfuse::start(
-        &upstream,
-        &[
-            "--connect-timeout-ms",
-            "500",
-            "--command-timeout-ms",
-            "3000",
-        ],
-    );
+    let rf = start_with_short_timeouts(&upstream);
     let mut c = rf.client();
     let started = Instant::now();
     // A write: degraded mode would answer a read with the configured miss reply (nil).
@@ -99,18 +91,23 @@ fn upstream_down_at_start_then_up() {
     );
 }
 
-#[test]
-fn upstream_killed_mid_pipeline_every_command_answered() {
-    let mut redis = RedisServer::start();
-    let rf = Redfuse::start(
-        &redis.addr(),
+/// redfuse with a 500 ms connect timeout and a 3 s command timeout.
+fn start_with_short_timeouts(upstream: &str) -> Redfuse {
+    Redfuse::start(
+        upstream,
         &[
             "--connect-timeout-ms",
             "500",
             "--command-timeout-ms",
             "3000",
         ],
-    );
+    )
+}
+
+#[test]
+fn upstream_killed_mid_pipeline_every_command_answered() {
+    let mut redis = RedisServer::start();
+    let rf = start_with_short_timeouts(&redis.addr());
     // A list big enough that LRANGE replies are sizeable.
     let mut d = redis.client();
     for chunk in 0..10 {
@@ -238,15 +235,7 @@ fn upstream_killed_mid_pipeline_every_command_answered() {
 #[test]
 fn upstream_restart_recovers() {
     let mut redis = RedisServer::start();
-    let rf = Redfuse::start(
-        &redis.addr(),
-        &[
-            "--connect-timeout-ms",
-            "500",
-            "--command-timeout-ms",
-            "3000",
-        ],
-    );
+    let rf = start_with_short_timeouts(&redis.addr());
     let mut c = rf.client();
     assert_frame(&c.cmd(&["SET", "k", "v"]), b"+OK\r\n", "SET before restart");
     redis.kill();

@@ -425,20 +425,7 @@ impl Redfuse {
     /// Spawn with exactly `args` (no defaults added) and wait for the
     /// listening line. Err holds a description including the collected logs.
     pub fn spawn_args(args: &[String], env: &[(&str, &str)]) -> Result<Redfuse, String> {
-        let mut cmd = Command::new(redfuse_bin());
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("REDFUSE_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env_remove("RUST_LOG");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        let mut cmd = redfuse_command(args, env);
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot spawn {}: {e}", redfuse_bin()))?;
@@ -586,19 +573,7 @@ impl Drop for Redfuse {
 /// Run the redfuse binary to completion with `args` (no defaults added),
 /// killing it and panicking if it runs longer than `timeout`.
 pub fn run_redfuse(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
-    let mut cmd = Command::new(redfuse_bin());
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("REDFUSE_") {
-            cmd.env_remove(k);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
+    let mut cmd = redfuse_command(args, env);
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", redfuse_bin()));
@@ -635,4 +610,24 @@ pub fn run_redfuse(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Ou
         stdout: to.join().unwrap_or_default(),
         stderr: te.join().unwrap_or_default(),
     }
+}
+
+/// The redfuse binary with `args`, piped output, and an environment free of inherited
+/// `REDFUSE_*`/`RUST_LOG` settings except those in `env`.
+fn redfuse_command<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(redfuse_bin());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("REDFUSE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
 }
