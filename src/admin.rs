@@ -1,4 +1,4 @@
-//! The admin HTTP port: `/metrics`, `/healthz`, `/ready`, `/breakers`.
+//! The admin HTTP port: `/metrics`, `/healthz`, `/ready`, `/breakers`, `/write-queue`.
 //!
 //! `/ready` stays 200 while redfuse can serve, even with every upstream down (degraded mode
 //! is still service), unless `ready_requires_upstream` is set: a Redis outage should not pull
@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::auth::constant_time_eq;
 use crate::server::Server;
 
 pub fn router(server: Arc<Server>) -> Router {
@@ -24,6 +25,9 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/ready", get(ready))
         .route("/breakers", get(breakers))
         .route("/breakers/{name}/{action}", post(breaker_action))
+        .route("/write-queue", get(write_queue))
+        .route("/write-queue/dead-letters", get(dead_letters))
+        .route("/write-queue/dead-letters/drain", post(drain_dead_letters))
         .with_state(server)
 }
 
@@ -59,6 +63,9 @@ fn upstream_states(server: &Server) -> serde_json::Value {
                 "role": match u.ctx.role { crate::config::Role::Primary => "primary", crate::config::Role::Replica => "replica" },
                 "connected": u.is_connected(),
                 "breaker": u.breaker.state().as_str(),
+                // Up, but refusing redfuse's own credentials.
+                "misconfigured": u.ctx.misconfigured(),
+                "warm_dedicated_connections": u.warm_dedicated(),
             })
         })
         .collect();
@@ -101,24 +108,66 @@ async fn breakers(State(server): State<Arc<Server>>) -> Response {
         .into_response()
 }
 
-async fn breaker_action(
-    State(server): State<Arc<Server>>,
-    Path((name, action)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
+/// Mutating endpoints need `admin_token`, presented as `Authorization: Bearer <token>`.
+/// `None` when allowed, else the refusal to send.
+fn refuse(server: &Server, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = server.config.admin_token.as_deref() else {
-        return (
-            StatusCode::FORBIDDEN,
-            "mutating admin endpoints are disabled: set admin_token\n",
-        )
-            .into_response();
+        return Some(
+            (
+                StatusCode::FORBIDDEN,
+                "mutating admin endpoints are disabled: set admin_token\n",
+            )
+                .into_response(),
+        );
     };
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
-        return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
+        return Some((StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response());
+    }
+    None
+}
+
+fn json(body: serde_json::Value) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn write_queue(State(server): State<Arc<Server>>) -> Response {
+    let q = &server.degrade.queue;
+    json(json!({
+        "depth": q.journal.len(),
+        "bytes": q.journal.bytes(),
+        "replay_stalled": q.is_stalled(),
+        "dead_letters": q.dead_letters().len(),
+        "journal_path": q.journal.path().map(|p| p.display().to_string()),
+    }))
+}
+
+async fn dead_letters(State(server): State<Arc<Server>>) -> Response {
+    json(serde_json::to_value(server.degrade.queue.dead_letters()).unwrap_or_default())
+}
+
+async fn drain_dead_letters(State(server): State<Arc<Server>>, headers: HeaderMap) -> Response {
+    if let Some(denied) = refuse(&server, &headers) {
+        return denied;
+    }
+    let drained = server.degrade.queue.drain_dead_letters();
+    json(json!({ "drained": drained }))
+}
+
+async fn breaker_action(
+    State(server): State<Arc<Server>>,
+    Path((name, action)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(denied) = refuse(&server, &headers) {
+        return denied;
     }
     let Some(upstream) = server.upstreams.iter().find(|u| *u.ctx.name == *name) else {
         return (
@@ -161,8 +210,4 @@ async fn breaker_action(
         snap.to_string(),
     )
         .into_response()
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

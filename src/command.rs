@@ -124,16 +124,13 @@ impl Flags {
         (Flags::CONTAINER, "CONTAINER"),
     ];
 
-    pub const fn bits(self) -> u32 {
-        self.0
-    }
-
     /// True if every flag of `other` is set in `self`.
     pub const fn contains(self, other: Flags) -> bool {
         self.0 & other.0 == other.0
     }
 
     /// True if any flag of `other` is set in `self`.
+    #[cfg(test)]
     pub const fn intersects(self, other: Flags) -> bool {
         self.0 & other.0 != 0
     }
@@ -146,6 +143,7 @@ impl Flags {
         Flags(self.0 & !other.0)
     }
 
+    #[cfg(test)]
     pub const fn is_empty(self) -> bool {
         self.0 == 0
     }
@@ -286,6 +284,7 @@ impl CommandSpec {
         arity_ok(self.arity, argc)
     }
 
+    #[cfg(test)]
     pub fn is_container(&self) -> bool {
         !self.subcommands.is_empty()
     }
@@ -302,6 +301,8 @@ pub struct SubcommandSpec {
     /// Lowercase subcommand name without the container (`"encoding"`).
     pub name: &'static str,
     /// Counts the container name and the subcommand, as Redis does (`OBJECT ENCODING k` = 3).
+    /// Mirrors `COMMAND INFO`; only the table's own tests read it.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub arity: i32,
     pub flags: Flags,
     /// Never [`KeySpec::Subcommand`].
@@ -890,12 +891,14 @@ pub fn effective_flags(spec: &CommandSpec, args: &[Bytes]) -> Flags {
 
 /// True if this call may modify the keyspace. EVAL/EVALSHA/FCALL count as writes,
 /// their `_RO` variants as reads; SORT and GEORADIUS(BYMEMBER) only with STORE.
+#[cfg(test)]
 pub fn is_write(spec: &CommandSpec, args: &[Bytes]) -> bool {
     effective_flags(spec, args).contains(Flags::WRITE)
 }
 
 /// True if this call reads the keyspace without writing. Commands that touch no data
 /// (PING, CONFIG GET ...) are neither reads nor writes.
+#[cfg(test)]
 pub fn is_read(spec: &CommandSpec, args: &[Bytes]) -> bool {
     let flags = effective_flags(spec, args);
     flags.contains(Flags::READ) && !flags.contains(Flags::WRITE)
@@ -913,6 +916,7 @@ pub fn is_blocking(spec: &CommandSpec, args: &[Bytes]) -> bool {
 /// Whether this call's reply may be cached: `No` unless the command is cacheable, the
 /// arity holds, and (for `SingleKeyRead`) it names exactly one key, so `EXISTS a` and
 /// `PFCOUNT a` are cacheable but `EXISTS a b` is not.
+#[cfg(test)]
 pub fn cacheable(spec: &CommandSpec, args: &[Bytes]) -> Cacheable {
     if !spec.arity_ok(args.len()) {
         return Cacheable::No;
@@ -928,6 +932,163 @@ pub fn cacheable(spec: &CommandSpec, args: &[Bytes]) -> Cacheable {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// One classification per request
+// ---------------------------------------------------------------------------------------
+
+/// Ids of the commands redfuse treats specially, checked against the table at compile time.
+/// Code outside this module dispatches on these, never on names.
+pub mod ids {
+    use super::id_of;
+
+    pub const AUTH: usize = id_of("auth");
+    pub const CLIENT: usize = id_of("client");
+    pub const COPY: usize = id_of("copy");
+    pub const DEL: usize = id_of("del");
+    pub const DISCARD: usize = id_of("discard");
+    pub const ECHO: usize = id_of("echo");
+    pub const EXEC: usize = id_of("exec");
+    pub const EXPIRE: usize = id_of("expire");
+    pub const EXPIREAT: usize = id_of("expireat");
+    pub const FLUSHALL: usize = id_of("flushall");
+    pub const FLUSHDB: usize = id_of("flushdb");
+    pub const FUNCTION: usize = id_of("function");
+    pub const GETDEL: usize = id_of("getdel");
+    pub const GETEX: usize = id_of("getex");
+    pub const HELLO: usize = id_of("hello");
+    pub const HMSET: usize = id_of("hmset");
+    pub const HSET: usize = id_of("hset");
+    pub const MOVE: usize = id_of("move");
+    pub const MULTI: usize = id_of("multi");
+    pub const PERSIST: usize = id_of("persist");
+    pub const PEXPIRE: usize = id_of("pexpire");
+    pub const PEXPIREAT: usize = id_of("pexpireat");
+    pub const PING: usize = id_of("ping");
+    pub const PSETEX: usize = id_of("psetex");
+    pub const QUIT: usize = id_of("quit");
+    pub const RESET: usize = id_of("reset");
+    pub const SCRIPT: usize = id_of("script");
+    pub const SELECT: usize = id_of("select");
+    pub const SET: usize = id_of("set");
+    pub const SETEX: usize = id_of("setex");
+    pub const SHUTDOWN: usize = id_of("shutdown");
+    pub const SWAPDB: usize = id_of("swapdb");
+    pub const UNLINK: usize = id_of("unlink");
+    pub const UNWATCH: usize = id_of("unwatch");
+    pub const WAIT: usize = id_of("wait");
+    pub const WAITAOF: usize = id_of("waitaof");
+    pub const WATCH: usize = id_of("watch");
+}
+
+/// Everything redfuse needs to know about one request, worked out once when it is read and
+/// handed down with it: the session routes on it, degraded mode answers from it, the cache
+/// plans fills and invalidations from it.
+#[derive(Debug, Clone)]
+pub struct Classified {
+    /// `None` for a command the table does not know (a module's, a newer Redis's).
+    pub spec: Option<&'static CommandSpec>,
+    /// The spec's id, or [`UNKNOWN`] for commands the table does not know.
+    pub id: usize,
+    pub route: Route,
+    /// May modify the keyspace (unknown commands count as writes: invalidating is safe).
+    pub write: bool,
+    /// Reads the keyspace and writes nothing.
+    pub read: bool,
+    /// May block on the server.
+    pub blocking: bool,
+    pub cacheable: Cacheable,
+    /// Argument indices of the keys; for an unknown command, its first argument.
+    pub keys: KeyIndices,
+}
+
+/// The id given to commands the table does not know; one past the last table id, so
+/// per-command metric arrays can have a row for them.
+pub const UNKNOWN: usize = TABLE.len();
+
+impl Classified {
+    pub fn name(&self) -> &'static str {
+        self.spec.map_or("unknown", |s| s.name)
+    }
+
+    pub fn is(&self, id: usize) -> bool {
+        self.id == id
+    }
+}
+
+/// Classifies a request by its arguments (`args[0]` is the name).
+pub fn classify(args: &[Bytes]) -> Classified {
+    let Some(spec) = args.first().and_then(|n| lookup(n)) else {
+        let mut keys = KeyIndices::new();
+        if args.len() > 1 {
+            keys.push(1);
+        }
+        return Classified {
+            spec: None,
+            id: UNKNOWN,
+            route: Route::Shared,
+            write: true,
+            read: false,
+            blocking: false,
+            cacheable: Cacheable::No,
+            keys,
+        };
+    };
+    let flags = effective_flags(spec, args);
+    let keys = key_indices(spec, args);
+    let cacheable = match spec.cache {
+        _ if !spec.arity_ok(args.len()) => Cacheable::No,
+        Cacheable::SingleKeyRead if keys.as_slice() != [1] => Cacheable::No,
+        c => c,
+    };
+    Classified {
+        spec: Some(spec),
+        id: spec.id,
+        route: spec.route,
+        write: flags.contains(Flags::WRITE),
+        read: flags.contains(Flags::READ) && !flags.contains(Flags::WRITE),
+        blocking: is_blocking(spec, args),
+        cacheable,
+        keys,
+    }
+}
+
+/// What Redis answers to a cacheable read of a key that does not exist; what a degraded
+/// read that misses the cache answers unless a pattern configures otherwise. `None` for
+/// commands that are not cacheable reads.
+pub fn absent_reply(id: usize, args: &[Bytes]) -> Option<crate::resp::reply::Absent> {
+    use crate::resp::reply::Absent;
+    let name = TABLE.get(id)?.name;
+    let after_key = args.len().saturating_sub(2);
+    let with = |opt: &[u8]| args.iter().skip(2).any(|a| a.eq_ignore_ascii_case(opt));
+    Some(match name {
+        "get" | "hget" | "lindex" | "zscore" | "geodist" => Absent::Nil,
+        "zrank" | "zrevrank" if with(b"WITHSCORE") => Absent::NullArray,
+        "zrank" | "zrevrank" => Absent::Nil,
+        "lpos" if with(b"COUNT") => Absent::EmptyArray,
+        "lpos" => Absent::Nil,
+        "bitpos" => match args.get(2).map(|b| &b[..]) {
+            Some(b"1") => Absent::Integer(-1),
+            _ => Absent::Integer(0),
+        },
+        "bitcount" | "exists" | "getbit" | "hexists" | "hlen" | "hstrlen" | "llen" | "pfcount"
+        | "scard" | "sismember" | "strlen" | "xlen" | "zcard" | "zcount" | "zlexcount" => {
+            Absent::Integer(0)
+        }
+        "getrange" | "substr" => Absent::EmptyBulk,
+        "type" => Absent::Status("none"),
+        "hgetall" => Absent::EmptyMap,
+        "smembers" => Absent::EmptySet,
+        "hkeys" | "hvals" | "lrange" | "xrange" | "xrevrange" | "zrange" | "zrangebylex"
+        | "zrangebyscore" | "zrevrange" | "zrevrangebylex" | "zrevrangebyscore" => {
+            Absent::EmptyArray
+        }
+        "hmget" | "zmscore" | "geohash" => Absent::Nils(after_key),
+        "geopos" => Absent::NullArrays(after_key),
+        "smismember" => Absent::Zeros(after_key),
+        _ => return None,
+    })
 }
 
 // ---------------------------------------------------------------------------------------

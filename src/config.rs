@@ -11,13 +11,17 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use std::sync::Arc;
+
+pub use crate::auth::Credentials;
+use crate::auth::UserSpec;
 use crate::breaker::BreakerConfig;
 use crate::cache::CacheConfig;
-use crate::journal::WriteQueueConfig;
-use crate::protocol::Limits;
+use crate::resp::Limits;
 use crate::rules::{
     CachePolicy, CachePolicyConfig, FailOpen, FailOpenConfig, MissReply, PatternConfig,
 };
+use crate::writequeue::WriteQueueConfig;
 
 /// Command-line interface. Every flag has an env var `REDFUSE_<NAME>`.
 #[derive(Debug, Parser, Default)]
@@ -54,6 +58,14 @@ pub struct Cli {
     /// Password redfuse authenticates its upstream connections with.
     #[arg(long, env = "REDFUSE_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
+    /// Password clients must give (`AUTH password`) before anything else, as Redis's own
+    /// `requirepass`. More users go in the config file (`[[users]]`).
+    #[arg(long, env = "REDFUSE_REQUIREPASS", hide_env_values = true)]
+    pub requirepass: Option<String>,
+    /// Accept clients that have not authenticated on a non-loopback address although
+    /// redfuse holds upstream credentials (they then act as redfuse's upstream user).
+    #[arg(long, env = "REDFUSE_ALLOW_UNAUTHENTICATED_CLIENTS")]
+    pub allow_unauthenticated_clients: bool,
     /// Shared pipelined connections per upstream and protocol version.
     #[arg(long, env = "REDFUSE_UPSTREAM_CONNECTIONS")]
     pub upstream_connections: Option<usize>,
@@ -72,7 +84,8 @@ pub struct Cli {
     /// Maximum number of elements in a client's command array.
     #[arg(long, env = "REDFUSE_MAX_ARRAY_LEN")]
     pub max_array_len: Option<usize>,
-    /// Maximum nesting depth of an upstream reply.
+    /// Deepest nesting accepted in an upstream reply (a bound against a broken upstream,
+    /// far above anything Redis sends).
     #[arg(long, env = "REDFUSE_MAX_NESTING_DEPTH")]
     pub max_nesting_depth: Option<usize>,
     /// Close clients idle for this many milliseconds (0: never).
@@ -102,6 +115,10 @@ pub struct FileConfig {
     pub upstreams: Option<Vec<UpstreamConfig>>,
     pub username: Option<String>,
     pub password: Option<String>,
+    pub requirepass: Option<String>,
+    pub allow_unauthenticated_clients: Option<bool>,
+    /// Client users of redfuse's own listener.
+    pub users: Option<Vec<UserConfig>>,
     pub upstream_connections: Option<usize>,
     pub connect_timeout_ms: Option<u64>,
     pub command_timeout_ms: Option<u64>,
@@ -171,12 +188,14 @@ impl CacheSection {
                 max_bytes: 0,
                 max_entries: 0,
                 max_entry_bytes: 0,
+                ..CacheConfig::default()
             };
         }
         CacheConfig {
             max_bytes: self.max_bytes,
             max_entries: self.max_entries,
             max_entry_bytes: self.max_entry_bytes,
+            ..CacheConfig::default()
         }
     }
 
@@ -249,11 +268,30 @@ pub enum LogFormat {
     Json,
 }
 
-/// Credentials for `AUTH [username] password`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Credentials {
-    pub username: Option<String>,
-    pub password: String,
+/// One `[[users]]` entry: a client user of redfuse's own listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// Plain password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// SHA-256 of the password, in hex (as Redis's ACL `#<hash>`), to keep it out of the
+    /// file.
+    #[serde(default)]
+    pub password_sha256: Option<String>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The upstream ACL user this user's commands run as; default: redfuse's own
+    /// credentials (`username`/`password`).
+    #[serde(default)]
+    pub upstream_username: Option<String>,
+    #[serde(default)]
+    pub upstream_password: Option<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The validated configuration the server runs with.
@@ -264,12 +302,19 @@ pub struct Config {
     pub log_level: String,
     pub log_format: LogFormat,
     pub upstreams: Vec<UpstreamConfig>,
-    pub credentials: Option<Credentials>,
+    /// What redfuse authenticates its upstream connections with.
+    pub credentials: Option<Arc<Credentials>>,
+    /// Client authentication on the listener (`requirepass` is user `default`); empty:
+    /// none.
+    pub users: Vec<UserSpec>,
+    pub allow_unauthenticated_clients: bool,
     pub upstream_connections: usize,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
     pub max_clients: usize,
     pub limits: Limits,
+    /// `max_nesting_depth`: the deepest upstream reply accepted.
+    pub max_reply_depth: usize,
     pub idle_timeout: Option<Duration>,
     pub shutdown_timeout: Duration,
     pub threads: usize,
@@ -377,7 +422,7 @@ impl Config {
         let password = cli.password.clone().or(file.password);
         let username = cli.username.clone().or(file.username);
         let credentials = match (username, password) {
-            (username, Some(password)) => Some(Credentials { username, password }),
+            (username, Some(password)) => Some(Arc::new(Credentials { username, password })),
             (Some(_), None) => {
                 return Err(invalid("username", "a username needs a `password` too"));
             }
@@ -393,6 +438,12 @@ impl Config {
                 ));
             }
         };
+        let users = client_users(
+            cli.requirepass.clone().or(file.requirepass),
+            file.users.unwrap_or_default(),
+        )?;
+        let allow_unauthenticated_clients = cli.allow_unauthenticated_clients
+            || file.allow_unauthenticated_clients.unwrap_or(false);
         let defaults = Limits::default();
         let config = Config {
             listen: cli
@@ -413,6 +464,8 @@ impl Config {
             log_format,
             upstreams,
             credentials,
+            users,
+            allow_unauthenticated_clients,
             upstream_connections: cli
                 .upstream_connections
                 .or(file.upstream_connections)
@@ -435,12 +488,12 @@ impl Config {
                     .max_array_len
                     .or(file.max_array_len)
                     .unwrap_or(defaults.max_array_len),
-                max_nesting_depth: cli
-                    .max_nesting_depth
-                    .or(file.max_nesting_depth)
-                    .unwrap_or(defaults.max_nesting_depth),
                 max_inline_len: defaults.max_inline_len,
             },
+            max_reply_depth: cli
+                .max_nesting_depth
+                .or(file.max_nesting_depth)
+                .unwrap_or(DEFAULT_MAX_REPLY_DEPTH),
             idle_timeout: match cli.idle_timeout_ms.or(file.idle_timeout_ms).unwrap_or(0) {
                 0 => None,
                 n => Some(ms(n)),
@@ -522,7 +575,8 @@ impl Config {
         )?;
         positive("max_bulk_len", self.limits.max_bulk_len as u64)?;
         positive("max_array_len", self.limits.max_array_len as u64)?;
-        positive("max_nesting_depth", self.limits.max_nesting_depth as u64)?;
+        positive("max_nesting_depth", self.max_reply_depth as u64)?;
+        self.check_exposure()?;
         if let Err(message) = self.breaker.validate() {
             return Err(ConfigError::Invalid {
                 field: "breaker",
@@ -555,6 +609,36 @@ impl Config {
         Ok(())
     }
 
+    /// Secure by default: redfuse holding upstream credentials lends them to every client
+    /// that connects without authenticating. That is the sidecar model on loopback inside
+    /// a pod; anywhere else it needs client authentication, or an explicit opt-out.
+    fn check_exposure(&self) -> Result<(), ConfigError> {
+        if self.credentials.is_some()
+            && self.users.is_empty()
+            && !self.allow_unauthenticated_clients
+            && !is_loopback(&self.listen)
+        {
+            return Err(invalid(
+                "listen",
+                format!(
+                    "redfuse holds upstream credentials (`password`) and would lend them to \
+                     unauthenticated clients on the non-loopback address `{}`; set \
+                     `--requirepass` (or `[[users]]` in the config file) so clients must \
+                     authenticate, or pass `--allow-unauthenticated-clients` to accept them \
+                     anyway",
+                    self.listen
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether clients on a non-loopback listener are served with redfuse's upstream
+    /// credentials without authenticating (allowed explicitly; logged as a warning).
+    pub fn exposes_credentials(&self) -> bool {
+        self.credentials.is_some() && self.users.is_empty() && !is_loopback(&self.listen)
+    }
+
     /// The primary upstream (validation guarantees exactly one).
     pub fn primary(&self) -> &UpstreamConfig {
         self.upstreams
@@ -562,6 +646,105 @@ impl Config {
             .find(|u| u.role == Role::Primary)
             .expect("validated: one primary")
     }
+}
+
+/// Default of `max_nesting_depth`: eight bytes of bookkeeping a level, and far deeper than
+/// a Lua script or a module reply goes.
+pub const DEFAULT_MAX_REPLY_DEPTH: usize = 65_536;
+
+/// Whether a listen address accepts only local connections.
+pub fn is_loopback(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The listener's client users: `requirepass` is user `default`.
+fn client_users(
+    requirepass: Option<String>,
+    users: Vec<UserConfig>,
+) -> Result<Vec<UserSpec>, ConfigError> {
+    let mut out: Vec<UserSpec> = Vec::new();
+    if let Some(pw) = requirepass {
+        if pw.is_empty() {
+            return Err(invalid("requirepass", "must not be empty"));
+        }
+        out.push(UserSpec {
+            name: "default".into(),
+            passwords: vec![crate::auth::sha256(pw.as_bytes())],
+            enabled: true,
+            upstream: None,
+        });
+    }
+    for u in users {
+        if u.name.is_empty() || u.name.contains(char::is_whitespace) {
+            return Err(invalid(
+                "users.name",
+                format!("`{}` is not a user name", u.name),
+            ));
+        }
+        if out.iter().any(|o| o.name == u.name) {
+            let why = if u.name == "default" {
+                "user `default` is set twice (requirepass is user `default`)".to_owned()
+            } else {
+                format!("`{}` is used twice", u.name)
+            };
+            return Err(invalid("users.name", why));
+        }
+        let mut passwords = Vec::new();
+        if let Some(p) = &u.password {
+            passwords.push(crate::auth::sha256(p.as_bytes()));
+        }
+        if let Some(h) = &u.password_sha256 {
+            passwords.push(parse_sha256(h).ok_or_else(|| {
+                invalid(
+                    "users.password_sha256",
+                    format!("user `{}`: expected 64 hex digits", u.name),
+                )
+            })?);
+        }
+        if passwords.is_empty() {
+            return Err(invalid(
+                "users.password",
+                format!("user `{}` needs `password` or `password_sha256`", u.name),
+            ));
+        }
+        let upstream = match (u.upstream_username, u.upstream_password) {
+            (username, Some(password)) => Some(Credentials { username, password }),
+            (Some(_), None) => {
+                return Err(invalid(
+                    "users.upstream_password",
+                    format!(
+                        "user `{}`: `upstream_username` needs `upstream_password`",
+                        u.name
+                    ),
+                ));
+            }
+            (None, None) => None,
+        };
+        out.push(UserSpec {
+            name: u.name,
+            passwords,
+            enabled: u.enabled,
+            upstream,
+        });
+    }
+    Ok(out)
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 fn ms(n: u64) -> Duration {
@@ -678,5 +861,83 @@ mod tests {
         std::fs::write(&path, "lissten = \"x\"\n").unwrap();
         let e = FileConfig::load(&path).unwrap_err().to_string();
         assert!(e.contains("lissten"), "{e}");
+    }
+
+    #[test]
+    fn client_users_and_requirepass() {
+        let c = Config::merge(&cli(&["--requirepass", "pw"]), FileConfig::default()).unwrap();
+        assert_eq!(c.users.len(), 1);
+        assert_eq!(c.users[0].name, "default");
+        let f = file(
+            "[[users]]\nname = \"alice\"\npassword_sha256 = \"5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8\"\nupstream_username = \"app\"\nupstream_password = \"x\"",
+        );
+        let c = Config::merge(&Cli::default(), f).unwrap();
+        assert_eq!(c.users[0].passwords[0], crate::auth::sha256(b"password"));
+        assert_eq!(c.users[0].upstream.as_ref().unwrap().user(), "app");
+        let err = |c: Cli, f: FileConfig| Config::merge(&c, f).unwrap_err().to_string();
+        assert!(err(Cli::default(), file("[[users]]\nname = \"a\"")).contains("users.password"));
+        assert!(
+            err(
+                Cli::default(),
+                file("[[users]]\nname = \"a\"\npassword_sha256 = \"zz\"")
+            )
+            .contains("users.password_sha256")
+        );
+        assert!(
+            err(
+                cli(&["--requirepass", "x"]),
+                file("[[users]]\nname = \"default\"\npassword = \"y\"")
+            )
+            .contains("users.name")
+        );
+    }
+
+    #[test]
+    fn upstream_credentials_are_not_lent_to_anyone_on_the_network() {
+        let err = Config::merge(
+            &cli(&["--password", "pw", "--listen", "0.0.0.0:6380"]),
+            FileConfig::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`listen`"), "{err}");
+        assert!(err.contains("--requirepass"), "{err}");
+        assert!(err.contains("--allow-unauthenticated-clients"), "{err}");
+        for ok in [
+            vec!["--password", "pw", "--listen", "127.0.0.1:6380"],
+            vec!["--password", "pw", "--listen", "[::1]:6380"],
+            vec!["--password", "pw", "--listen", "localhost:6380"],
+            vec![
+                "--password",
+                "pw",
+                "--listen",
+                "0.0.0.0:6380",
+                "--requirepass",
+                "c",
+            ],
+            vec![
+                "--password",
+                "pw",
+                "--listen",
+                "0.0.0.0:6380",
+                "--allow-unauthenticated-clients",
+            ],
+            vec!["--listen", "0.0.0.0:6380"],
+        ] {
+            Config::merge(&cli(&ok), FileConfig::default())
+                .unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        let c = Config::merge(
+            &cli(&[
+                "--password",
+                "pw",
+                "--listen",
+                "0.0.0.0:1",
+                "--allow-unauthenticated-clients",
+            ]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert!(c.exposes_credentials());
     }
 }

@@ -9,12 +9,47 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::protocol::{ProtocolError, reply};
+use crate::resp::{ProtocolError, reply};
+
+/// The reply to one request sent upstream: Redis's reply frame, or why there is none.
+pub type Reply = Result<Bytes, UpstreamError>;
+
+/// How a connection attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// Nothing listens there (or a firewall says so).
+    Refused,
+    /// Reset or aborted while connecting.
+    Reset,
+    /// No answer within the connect timeout (a black hole, a frozen host).
+    Timeout,
+    /// Anything else: unreachable network, a name that does not resolve ...
+    Other,
+}
+
+impl ConnectFailure {
+    pub fn of(e: &std::io::Error) -> ConnectFailure {
+        use std::io::ErrorKind::*;
+        match e.kind() {
+            ConnectionRefused => ConnectFailure::Refused,
+            ConnectionReset | ConnectionAborted | BrokenPipe => ConnectFailure::Reset,
+            TimedOut => ConnectFailure::Timeout,
+            _ => ConnectFailure::Other,
+        }
+    }
+}
 
 /// Why an upstream could not answer a request.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
-    /// Could not connect, or the connection is down and reconnecting.
+    /// A connection could not be made.
+    #[error("upstream '{upstream}' unavailable: {reason}")]
+    Connect {
+        upstream: Arc<str>,
+        failure: ConnectFailure,
+        reason: Arc<str>,
+    },
+    /// The connection is down and reconnecting, or it broke.
     #[error("upstream '{upstream}' unavailable: {reason}")]
     Unavailable {
         upstream: Arc<str>,
@@ -36,9 +71,13 @@ pub enum UpstreamError {
         upstream: Arc<str>,
         reason: Arc<str>,
     },
-    /// The upstream refused redfuse's own credentials (the raw error reply is kept).
-    #[error("upstream '{upstream}' rejected redfuse's credentials: {reply}")]
+    /// The upstream refused the credentials a connection was opened with (Redis's words).
+    #[error("{reply}")]
     Auth { upstream: Arc<str>, reply: Arc<str> },
+    /// Redis answered, and refused this one connection or its setup (`max number of
+    /// clients reached`, a refused `SELECT`): up, but not for this (Redis's words).
+    #[error("{reply}")]
+    Refused { upstream: Arc<str>, reply: Arc<str> },
     /// The circuit breaker rejected the request without trying.
     #[error("upstream '{upstream}' unavailable (circuit open)")]
     CircuitOpen { upstream: Arc<str> },
@@ -48,17 +87,28 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// Whether the upstream could not answer at all (as opposed to answering "no"): only then
-    /// may degraded mode answer instead. An auth failure must reach the client as Redis's own
-    /// `NOAUTH`/`WRONGPASS`, or it could never authenticate.
+    /// Whether the upstream could not answer at all (as opposed to answering "no"): only
+    /// then may degraded mode answer instead. A refusal must reach the client in Redis's own
+    /// words (`NOAUTH`, `WRONGPASS`, `max number of clients reached`).
     pub fn is_unavailability(&self) -> bool {
-        !matches!(self, UpstreamError::Auth { .. })
+        !matches!(
+            self,
+            UpstreamError::Auth { .. } | UpstreamError::Refused { .. }
+        )
     }
 
     pub fn unavailable(upstream: &Arc<str>, reason: impl std::fmt::Display) -> UpstreamError {
         UpstreamError::Unavailable {
             upstream: upstream.clone(),
             reason: reason.to_string().into(),
+        }
+    }
+
+    pub fn connect(upstream: &Arc<str>, e: &std::io::Error) -> UpstreamError {
+        UpstreamError::Connect {
+            upstream: upstream.clone(),
+            failure: ConnectFailure::of(e),
+            reason: e.to_string().into(),
         }
     }
 }
@@ -76,14 +126,16 @@ pub enum Error {
     Internal(Arc<str>),
 }
 
-/// The reply a client gets for an error: Redis's own text for protocol errors, and a message
-/// naming redfuse (and the upstream) for everything redfuse caused.
+/// The reply a client gets for an error: Redis's own text for protocol errors and for what
+/// Redis itself refused, and a message naming redfuse (and the upstream) for everything
+/// redfuse caused.
 pub fn error_reply(err: &Error) -> Bytes {
     match err {
         Error::Client(e) => reply::error(&format!("ERR {e}")),
-        // Redis's own words (`NOAUTH ...`, `WRONGPASS ...`): the client must see what it would
-        // see talking to Redis, so it can authenticate.
-        Error::Upstream(UpstreamError::Auth { reply: text, .. }) => reply::error(text),
+        // Redis's own words (`NOAUTH ...`, `WRONGPASS ...`, `ERR max number of clients
+        // reached`): the client must see what it would see talking to Redis.
+        Error::Upstream(UpstreamError::Auth { reply: text, .. })
+        | Error::Upstream(UpstreamError::Refused { reply: text, .. }) => reply::error(text),
         other => reply::error(&format!("ERR redfuse: {other}")),
     }
 }
@@ -102,10 +154,34 @@ mod tests {
         );
         let r = error_reply(&Error::Client(ProtocolError("invalid bulk length".into())));
         assert_eq!(&r[..], b"-ERR Protocol error: invalid bulk length\r\n");
-        let r = error_reply(&UpstreamError::CircuitOpen { upstream: up }.into());
+        let r = error_reply(
+            &UpstreamError::CircuitOpen {
+                upstream: up.clone(),
+            }
+            .into(),
+        );
         assert_eq!(
             &r[..],
             b"-ERR redfuse: upstream 'primary' unavailable (circuit open)\r\n"
         );
+        let refused = UpstreamError::Refused {
+            upstream: up,
+            reply: "ERR max number of clients reached".into(),
+        };
+        assert!(!refused.is_unavailability());
+        assert_eq!(
+            &error_reply(&refused.into())[..],
+            b"-ERR max number of clients reached\r\n"
+        );
+    }
+
+    #[test]
+    fn connect_failures_are_told_apart() {
+        use std::io::{Error as IoError, ErrorKind};
+        let kind = |k| ConnectFailure::of(&IoError::from(k));
+        assert_eq!(kind(ErrorKind::ConnectionRefused), ConnectFailure::Refused);
+        assert_eq!(kind(ErrorKind::ConnectionReset), ConnectFailure::Reset);
+        assert_eq!(kind(ErrorKind::TimedOut), ConnectFailure::Timeout);
+        assert_eq!(kind(ErrorKind::NotFound), ConnectFailure::Other);
     }
 }

@@ -10,42 +10,44 @@
 //!
 //! ```text
 //! client socket
-//!  -> server::session   read bytes; protocol::parse_request splits frames (zero-copy)
-//!  -> command::lookup   classify by the name's bytes: local / shared / pinned / blocking / pipe
-//!  -> route             local reply | dedicated connection | shared pipelined connection
+//!  -> server::listener  accept, connection limit, drain
+//!  -> server::session   read bytes; resp::request splits frames (zero-copy);
+//!                       command::classify once: id, route, read/write, keys, cacheability
+//!  -> server::route     from the connection's state (server::state) and the class:
+//!                       local reply (server::local, server::login) | shared | pinned |
+//!                       tunnel | degraded
 //!  -> breaker           SharedBreaker::try_acquire -> CallGuard | rejected
-//!                         rejected -> Server::unavailable_reply -> degrade::Degrade::reply:
-//!                         cache hit | miss reply | fail-open rule (reply, error, queue->journal)
-//!  -> cache plan        writes invalidate their keys; cacheable reads plan a fill
-//!                       (degrade::plan_fill) and join a single-flight
-//!  -> upstream::conn    FIFO pipeline, batched writes, per-command timeout,
-//!                       protocol::ReplyScanner finds reply ends; on the reply: the guard records
-//!                       the outcome, Call::on_reply fills the cache / releases followers /
-//!                       invalidates a write's keys again
-//!  -> server::writer    replies in request order, many frames per write; a cacheable read the
-//!                       upstream failed is answered in degraded mode
+//!                         rejected -> degrade::Degrade::reply: cache hit | typed miss |
+//!                         fail-open rule (reply, error, queue -> writequeue)
+//!  -> server::shared    writes invalidate their keys; cacheable reads plan a fill and join
+//!                       a single-flight; the request carries a typed effect::ReplyEffect
+//!  -> upstream::conn    FIFO pipeline, batched writes, per-command timeout; on the reply
+//!                       the breaker hears the outcome and degrade applies the effect
+//!                       (fill, release followers, invalidate again, learn expiries)
+//!  -> server::writer    replies in request order, many frames per write; a cacheable read
+//!                       the upstream failed is answered in degraded mode
 //! ```
 //!
-//! `replay` drains the write journal to the primary when its breaker closes, before newer
-//! client writes.
-//!
-//! `config` turns flags, env and TOML into one validated `Config`; `metrics` owns the
-//! Prometheus registry; `admin` serves `/metrics`, `/healthz`, `/ready` and `/breakers`.
+//! `writequeue` replays queued writes to the primary, as the identity that queued them,
+//! before newer client writes. `auth` holds the identity model; `config` turns flags, env
+//! and TOML into one validated `Config`; `metrics` owns the Prometheus registry; `admin`
+//! serves `/metrics`, `/healthz`, `/ready`, `/breakers` and `/write-queue`.
 
-pub mod admin;
-pub mod breaker;
-pub mod cache;
-pub mod command;
+pub(crate) mod admin;
+pub(crate) mod auth;
+pub(crate) mod breaker;
+pub(crate) mod cache;
+pub(crate) mod command;
 pub mod config;
-pub mod degrade;
-pub mod error;
-pub mod journal;
-pub mod metrics;
-pub mod protocol;
-pub mod replay;
-pub mod rules;
-pub mod server;
-pub mod upstream;
+pub(crate) mod degrade;
+pub(crate) mod effect;
+pub(crate) mod error;
+pub(crate) mod metrics;
+pub mod resp;
+pub(crate) mod rules;
+pub(crate) mod server;
+pub(crate) mod upstream;
+pub(crate) mod writequeue;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,15 +56,16 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::auth::Identities;
 use crate::breaker::{BreakerMetrics, SharedBreaker};
 use crate::cache::{Cache, CacheMetrics, SingleFlight};
 use crate::config::Config;
 use crate::degrade::Degrade;
-use crate::journal::{Journal, WriteQueueMetrics};
 use crate::metrics::Metrics;
 use crate::rules::{CachePolicy, FailOpen};
 use crate::server::Server;
 use crate::upstream::{Upstream, UpstreamSettings};
+use crate::writequeue::{QueueError, WriteQueue};
 
 /// Why redfuse could not start.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +79,7 @@ pub enum StartError {
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("cannot open the write queue journal (`write_queue.journal_path`): {0}")]
-    Journal(#[from] journal::JournalError),
+    Journal(#[from] QueueError),
     #[error("invalid `{field}`: {message}")]
     Config {
         field: &'static str,
@@ -88,7 +91,6 @@ pub enum StartError {
 pub struct Running {
     pub client_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub server: Arc<Server>,
     shutdown: watch::Sender<bool>,
     clients: JoinHandle<()>,
     admin: JoinHandle<()>,
@@ -118,14 +120,53 @@ async fn bind(field: &'static str, addr: &str) -> Result<TcpListener, StartError
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let clients = bind("listen", &config.listen).await?;
     let admin = bind("admin_listen", &config.admin_listen).await?;
+    if config.exposes_credentials() {
+        tracing::warn!(
+            listen = %config.listen,
+            "clients that do not authenticate act as redfuse's upstream user on a non-loopback address (--allow-unauthenticated-clients)"
+        );
+    }
     let metrics = Arc::new(Metrics::new()?);
-    let breaker_metrics = BreakerMetrics::register(&metrics.registry)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let policy =
+        CachePolicy::compile(&config.cache.policy()).map_err(|message| StartError::Config {
+            field: "cache",
+            message,
+        })?;
+    let fail_open = FailOpen::compile_checked(&config.fail_open, |n| {
+        command::lookup(n.as_bytes()).is_some()
+    })
+    .map_err(|message| StartError::Config {
+        field: "fail_open",
+        message,
+    })?;
+    let cache_metrics = CacheMetrics::register(&metrics.registry)?;
+    let mut limits = config.cache.limits();
+    limits.written_ttl = policy.longest_max_stale();
+    let cache = Cache::with_metrics(limits, cache_metrics.clone());
+    let identities = Arc::new(Identities::new());
+    let queue = Arc::new(WriteQueue::open(
+        &config.write_queue,
+        identities.clone(),
+        &metrics.registry,
+    )?);
+    writequeue::Journal::spawn_sync_task(&queue.journal);
+    let degrade = Arc::new(Degrade::new(
+        cache,
+        policy,
+        fail_open,
+        queue.clone(),
+        identities,
+        &metrics.registry,
+    )?);
+
+    let breaker_metrics = BreakerMetrics::register(&metrics.registry)?;
     let settings = UpstreamSettings {
         connections: config.upstream_connections,
         connect_timeout: config.connect_timeout,
         command_timeout: config.command_timeout,
-        max_nesting_depth: config.limits.max_nesting_depth,
+        max_reply_depth: config.max_reply_depth,
         queue_depth: 4096,
         max_inflight: config.max_inflight_per_upstream,
     };
@@ -134,16 +175,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .iter()
         .enumerate()
         .map(|(i, u)| {
-            let name = if u.name.is_empty() {
-                u.addr.as_str()
-            } else {
-                u.name.as_str()
-            };
             let breaker = SharedBreaker::new(
-                name,
+                &u.name,
                 config.breaker.clone(),
                 rand::random::<u64>() ^ i as u64,
-                breaker_metrics.for_upstream(name),
+                breaker_metrics.for_upstream(&u.name),
             );
             let mut stop = shutdown_rx.clone();
             breaker.spawn_timer(async move {
@@ -152,8 +188,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             Arc::new(Upstream::new(
                 u,
                 settings.clone(),
-                metrics.for_upstream(name),
+                metrics.for_upstream(&u.name),
                 breaker,
+                degrade.clone(),
             ))
         })
         .collect();
@@ -169,29 +206,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             ));
         }
     }
-    let cache_metrics = CacheMetrics::register(&metrics.registry)?;
-    let cache = Cache::with_metrics(config.cache.limits(), cache_metrics.clone());
-    let policy =
-        CachePolicy::compile(&config.cache.policy()).map_err(|message| StartError::Config {
-            field: "cache",
-            message,
-        })?;
-    let fail_open = FailOpen::compile_checked(&config.fail_open, |n| {
-        command::lookup(n.as_bytes()).is_some()
-    })
-    .map_err(|message| StartError::Config {
-        field: "fail_open",
-        message,
-    })?;
-    let queue_metrics = WriteQueueMetrics::register(&metrics.registry)?;
-    let journal = Arc::new(Journal::open(&config.write_queue)?.with_metrics(queue_metrics.clone()));
-    Journal::spawn_sync_task(&journal);
-    let degrade = Degrade::new(cache, policy, fail_open, journal, &metrics.registry)?;
     let flights = SingleFlight::new(Some(cache_metrics.singleflight_shared.clone()));
     let server = Arc::new(Server::new(config, metrics, upstreams, degrade, flights));
-    tokio::spawn(replay::run(
-        server.clone(),
-        Some(queue_metrics),
+    tokio::spawn(writequeue::replay::run(
+        queue,
+        server.primary().clone(),
+        server.config.credentials.clone(),
         shutdown_rx.clone(),
     ));
     let client_addr = clients.local_addr().map_err(|source| StartError::Bind {
@@ -205,11 +225,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         source,
     })?;
     let clients = tokio::spawn(server::serve(server.clone(), clients, shutdown_rx.clone()));
-    let admin = tokio::spawn(admin::serve(server.clone(), admin, shutdown_rx));
+    let admin = tokio::spawn(admin::serve(server, admin, shutdown_rx));
     Ok(Running {
         client_addr,
         admin_addr,
-        server,
         shutdown: shutdown_tx,
         clients,
         admin,

@@ -41,6 +41,8 @@ pub struct Metrics {
     upstream_errors: IntCounterVec,
     health_probes: IntCounterVec,
     bulkhead_overflow: IntCounterVec,
+    misconfigured: IntGaugeVec,
+    dedicated: IntCounterVec,
 }
 
 /// Per-command counters whose label sets are resolved on first use, so `/metrics` lists the
@@ -86,11 +88,11 @@ pub struct UpstreamMetrics {
     pub protocol_errors: IntCounter,
     pub bulkhead_overflow: IntCounter,
     pub probe: ProbeMetrics,
-}
-
-/// Id used for commands the table does not know.
-pub fn unknown_command_id() -> usize {
-    command::COMMANDS.len()
+    /// 1 while the upstream answers but refuses redfuse's own credentials.
+    pub misconfigured: IntGauge,
+    /// Dedicated connections taken ready from the warm set, and opened on demand.
+    pub dedicated_warm_hits: IntCounter,
+    pub dedicated_opened: IntCounter,
 }
 
 impl Metrics {
@@ -167,6 +169,22 @@ impl Metrics {
             ),
             &["operation", "result"],
         )?;
+        let misconfigured = IntGaugeVec::new(
+            Opts::new(
+                "redfuse_upstream_misconfigured",
+                "1 while the upstream answers but refuses redfuse's own credentials (NOAUTH, WRONGPASS)",
+            ),
+            &["upstream"],
+        )?;
+        let dedicated = IntCounterVec::new(
+            Opts::new(
+                "redfuse_dedicated_connections_total",
+                "Dedicated connections given to clients, by whether one was ready (warm) or opened then (opened)",
+            ),
+            &["upstream", "source"],
+        )?;
+        registry.register(Box::new(misconfigured.clone()))?;
+        registry.register(Box::new(dedicated.clone()))?;
         registry.register(Box::new(operations_vec.clone()))?;
         registry.register(Box::new(health_probes.clone()))?;
         registry.register(Box::new(bulkhead_overflow.clone()))?;
@@ -198,12 +216,13 @@ impl Metrics {
             upstream_errors,
             health_probes,
             bulkhead_overflow,
+            misconfigured,
+            dedicated,
         })
     }
 
-    /// Counts one command reply. `id` comes from the command table (or [`unknown_command_id`]).
     /// Counts one reply to a client command. `id` comes from the command table (or
-    /// [`unknown_command_id`]).
+    /// [`command::UNKNOWN`]).
     pub fn count_command(&self, id: usize, result: CommandResult, origin: Origin) {
         self.commands.inc(id, result as usize);
         let op = match (origin, result) {
@@ -230,6 +249,9 @@ impl Metrics {
                 failure: self.health_probes.with_label_values(&[name, "failure"]),
                 skipped: self.health_probes.with_label_values(&[name, "skipped"]),
             },
+            misconfigured: self.misconfigured.with_label_values(&[name]),
+            dedicated_warm_hits: self.dedicated.with_label_values(&[name, "warm"]),
+            dedicated_opened: self.dedicated.with_label_values(&[name, "opened"]),
         }
     }
 

@@ -1,41 +1,40 @@
-//! The client listener and what every session shares.
+//! The client side of redfuse: the listener, one session per client, and what every
+//! session shares.
 //!
-//! The accept loop enforces the connection limit with a semaphore (a refused client gets
-//! Redis's own `max number of clients reached` error), runs each client in its own task and
-//! tracing span, and on shutdown stops accepting, tells sessions to stop reading, and waits
-//! for their in-flight replies up to the drain deadline.
+//! Layout, top-down: [`listener`] accepts clients; [`session`] runs one client's loop (read
+//! frames, classify, act, queue replies in order); [`state`] is the client connection's
+//! state machine and [`route`] decides, from the state and the classified request, where a
+//! request goes; [`local`] answers per-connection commands itself and [`login`] checks
+//! credentials; [`links`] holds the client's upstream connections and keeps its commands
+//! in order across them, [`shared`] sends on shared pipelined connections, [`pinned`] on
+//! the client's dedicated one, [`tunnel`] turns the connection into a raw pipe; [`writer`]
+//! writes replies back in order. Nothing below `server` imports from it.
 
+pub mod links;
+pub mod listener;
+pub mod local;
+pub mod login;
+pub mod pinned;
+pub mod route;
 pub mod session;
+pub mod shared;
+pub mod state;
+pub mod tunnel;
 pub mod writer;
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use bytes::Bytes;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
-use tokio::time::Instant;
-use tracing::{Instrument, info, info_span, warn};
-
+use crate::auth::{ClientUsers, Identities, Identity};
 use crate::cache::SingleFlight;
-use crate::command::CommandSpec;
-use crate::config::{Balance, Config, Credentials, ReadPolicy};
-use crate::degrade::{ClientView, Degrade, Origin};
-use crate::error::UpstreamError;
+use crate::config::{Balance, Config, ReadPolicy};
+use crate::degrade::Degrade;
+use crate::effect::FlightKey;
+use crate::error::Reply;
 use crate::metrics::Metrics;
-use crate::protocol::Request;
-use crate::upstream::{Reply, Upstream};
+use crate::upstream::Upstream;
 
-/// Upstream indexes in the order to try them.
-pub type RouteOrder = Vec<usize>;
-
-/// How long credentials checked against the upstream are trusted without asking again.
-const VERIFIED_CREDENTIALS_TTL: Duration = Duration::from_secs(60);
+pub use listener::serve;
 
 /// State shared by all sessions.
 pub struct Server {
@@ -44,16 +43,17 @@ pub struct Server {
     /// Every upstream; `primary` indexes the primary.
     pub upstreams: Vec<Arc<Upstream>>,
     primary: usize,
-    pub degrade: Degrade,
+    pub degrade: Arc<Degrade>,
     /// Identical cacheable reads in flight share one upstream request.
-    pub flights: SingleFlight<writer::FlightKey, Reply>,
-    /// Notified when a journal replay pass ends.
-    pub replay_done: tokio::sync::Notify,
-    /// The last replay pass failed; cleared by the next one that succeeds.
-    pub replay_stalled: std::sync::atomic::AtomicBool,
+    pub flights: SingleFlight<FlightKey, Reply>,
+    pub identities: Arc<Identities>,
+    /// What clients run as before they authenticate, when redfuse does not require it:
+    /// redfuse's own upstream credentials, or none.
+    pub own: Identity,
+    /// Client authentication on the listener (`requirepass`, `[[users]]`), if configured.
+    pub users: Option<ClientUsers>,
     next_client_id: AtomicU64,
     round_robin: AtomicU64,
-    verified: Mutex<HashMap<Credentials, Instant>>,
 }
 
 impl Server {
@@ -61,13 +61,16 @@ impl Server {
         config: Config,
         metrics: Arc<Metrics>,
         upstreams: Vec<Arc<Upstream>>,
-        degrade: Degrade,
-        flights: SingleFlight<writer::FlightKey, Reply>,
+        degrade: Arc<Degrade>,
+        flights: SingleFlight<FlightKey, Reply>,
     ) -> Server {
         let primary = upstreams
             .iter()
             .position(|u| u.ctx.role == crate::config::Role::Primary)
             .unwrap_or(0);
+        let identities = degrade.identities.clone();
+        let own = identities.identity(config.credentials.clone());
+        let users = ClientUsers::new(&config.users);
         Server {
             config,
             metrics,
@@ -75,11 +78,11 @@ impl Server {
             primary,
             degrade,
             flights,
-            replay_done: tokio::sync::Notify::new(),
-            replay_stalled: std::sync::atomic::AtomicBool::new(false),
+            identities,
+            own,
+            users,
             next_client_id: AtomicU64::new(1),
             round_robin: AtomicU64::new(0),
-            verified: Mutex::new(HashMap::new()),
         }
     }
 
@@ -91,12 +94,16 @@ impl Server {
         self.primary
     }
 
+    fn next_client_id(&self) -> u64 {
+        self.next_client_id.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// The upstreams to try for a command, best first (indexes into `upstreams`). Writes go
     /// to the primary alone. Reads follow `read_policy` and `balance` among upstreams whose
     /// breaker is not open, and fail over to replicas in priority order when the primary's
     /// breaker rejects them.
-    pub fn route(&self, is_read: bool) -> RouteOrder {
-        let mut order = RouteOrder::new();
+    pub fn route(&self, is_read: bool) -> Vec<usize> {
+        let mut order = Vec::with_capacity(self.upstreams.len());
         if !is_read || self.upstreams.len() == 1 {
             order.push(self.primary);
             return order;
@@ -162,49 +169,6 @@ impl Server {
         group
     }
 
-    /// The reply for a request that no upstream can serve right now. Every such decision
-    /// goes through here and on to degraded mode: cache, miss reply or fail-open rule.
-    pub fn unavailable_reply(
-        &self,
-        view: ClientView,
-        request: &Request,
-        spec: Option<&'static CommandSpec>,
-        err: UpstreamError,
-    ) -> (Bytes, Origin) {
-        self.degrade.reply(view, request, spec, &err)
-    }
-
-    /// Writes wait here while queued writes from an outage are replayed, so that they reach
-    /// the primary first. Bounded by the command timeout.
-    pub async fn wait_for_replay(&self) -> Result<(), UpstreamError> {
-        if self.degrade.journal.is_empty() {
-            return Ok(());
-        }
-        if self.replay_stalled.load(Ordering::Acquire) {
-            // Redis refuses the queued writes for now (OOM, LOADING, ACL ...): fail fast
-            // rather than make every write wait out the timeout.
-            return Err(UpstreamError::unavailable(
-                self.primary().name(),
-                "queued writes from the outage cannot be replayed yet",
-            ));
-        }
-        let deadline = tokio::time::Instant::now() + self.config.command_timeout;
-        loop {
-            let notified = self.replay_done.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.degrade.journal.is_empty() {
-                return Ok(());
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(UpstreamError::unavailable(
-                    self.primary().name(),
-                    "queued writes from the outage are still being replayed",
-                ));
-            }
-        }
-    }
-
     /// What the primary said about itself in its last handshake. Before any handshake has
     /// succeeded (a client's HELLO racing start-up), one connection is made to learn it;
     /// with Redis down, a generic answer beats failing the client's handshake.
@@ -213,93 +177,9 @@ impl Server {
         if let Some(info) = ctx.server_info() {
             return info;
         }
-        let setup = crate::upstream::Setup::new(
-            crate::protocol::Proto::Resp2,
-            self.config.credentials.clone(),
-        );
-        let _ = crate::upstream::conn::open(ctx, &setup).await;
+        let setup =
+            crate::upstream::Setup::new(crate::resp::Proto::Resp2, self.config.credentials.clone());
+        let _ = crate::upstream::handshake::open(ctx, &setup).await;
         ctx.server_info().unwrap_or_default()
-    }
-
-    fn credentials_recently_verified(&self, c: &Credentials) -> bool {
-        let map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(c)
-            .is_some_and(|at| at.elapsed() < VERIFIED_CREDENTIALS_TTL)
-    }
-
-    fn remember_verified(&self, c: Credentials) {
-        let mut map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() > 1024 {
-            map.retain(|_, at| at.elapsed() < VERIFIED_CREDENTIALS_TTL);
-        }
-        map.insert(c, Instant::now());
-    }
-}
-
-/// Accepts clients until `shutdown` turns true, then drains within the configured deadline.
-pub async fn serve(
-    server: Arc<Server>,
-    listener: TcpListener,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let limit = Arc::new(Semaphore::new(server.config.max_clients));
-    let mut sessions = JoinSet::new();
-    loop {
-        while sessions.try_join_next().is_some() {}
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = shutdown.changed() => break,
-        };
-        let (mut stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and similar: back off briefly instead of spinning.
-                warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            server.metrics.client_rejected_total.inc();
-            tokio::spawn(async move {
-                let _ = stream
-                    .write_all(b"-ERR max number of clients reached\r\n")
-                    .await;
-                let _ = stream.shutdown().await;
-            });
-            continue;
-        };
-        let id = server.next_client_id.fetch_add(1, Ordering::Relaxed);
-        let span = info_span!("client", id, %peer);
-        let server = server.clone();
-        let shutdown = shutdown.clone();
-        sessions.spawn(
-            async move {
-                server.metrics.client_connections.inc();
-                server.metrics.client_connections_total.inc();
-                session::run(server.clone(), stream, id, shutdown).await;
-                server.metrics.client_connections.dec();
-                drop(permit);
-            }
-            .instrument(span),
-        );
-    }
-    drop(listener);
-    let open = sessions.len();
-    info!(
-        sessions = open,
-        "shutting down: stopped accepting, draining in-flight replies"
-    );
-    let deadline = server.config.shutdown_timeout;
-    let drained = tokio::time::timeout(deadline, async {
-        while sessions.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        warn!(
-            remaining = sessions.len(),
-            "drain deadline passed; closing remaining clients"
-        );
-        sessions.abort_all();
     }
 }

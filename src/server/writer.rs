@@ -3,11 +3,8 @@
 //! The reader pushes one [`Slot`] per request, in order; a slot is either a reply made
 //! locally or the receiving end of an upstream reply. The writer resolves slots strictly in
 //! order and batches: while the next slot is already resolved its bytes join the same write,
-//! so a pipeline of thousands of commands leaves in a few syscalls.
-//!
-//! Resolving a slot is also where a reply's side effects happen, once it is known: a
-//! cacheable read fills the cache and releases the reads that waited on it (single-flight),
-//! and a read that failed upstream is answered in degraded mode instead.
+//! so a pipeline of thousands of commands leaves in a few syscalls. A cacheable read the
+//! upstream failed is answered in degraded mode here.
 
 use std::sync::Arc;
 
@@ -18,20 +15,19 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Server;
 use crate::cache::Follower;
-use crate::degrade::{ClientView, Fill, Origin};
-use crate::error::{Error, UpstreamError, error_reply};
+use crate::command::{Classified, absent_reply};
+use crate::degrade::{ClientView, Origin};
+use crate::effect::FillPlan;
+use crate::error::{Error, Reply, UpstreamError, error_reply};
 use crate::metrics::CommandResult;
-use crate::protocol::is_error_reply;
-use crate::upstream::Reply;
-
-/// Single-flight of identical cacheable reads, shared by every session.
-pub type FlightKey = (crate::cache::CacheKey, crate::cache::FillTicket);
+use crate::resp::reply::Absent;
+use crate::resp::{Request, is_error_reply};
 
 pub enum SlotKind {
     Ready(Bytes, Origin),
-    Waiting(oneshot::Receiver<Reply>, Option<Box<Hook>>),
+    Waiting(oneshot::Receiver<Reply>, Option<Box<Fallback>>),
     /// The same read is already in flight; its leader's reply is ours.
-    Follower(Follower<Reply>, Option<Box<Hook>>),
+    Follower(Follower<Reply>, Option<Box<Fallback>>),
     /// Raw bytes from an upstream connection that became a pipe (pub/sub, MONITOR).
     Stream(mpsc::Receiver<Bytes>),
     /// Close the connection once everything before is written.
@@ -39,11 +35,22 @@ pub enum SlotKind {
 }
 
 /// How to answer a cacheable read in degraded mode if the upstream fails it.
-pub struct Hook {
-    /// The cache entries the read maps to.
-    pub fill: Fill,
-    pub view: ClientView,
-    pub command: &'static str,
+pub struct Fallback {
+    plan: FillPlan,
+    view: ClientView,
+    command: &'static str,
+    absent: Option<Absent>,
+}
+
+impl Fallback {
+    pub fn new(plan: FillPlan, view: ClientView, cls: &Classified, req: &Request) -> Fallback {
+        Fallback {
+            plan,
+            view,
+            command: cls.name(),
+            absent: absent_reply(cls.id, &req.args),
+        }
+    }
 }
 
 pub struct Slot {
@@ -63,22 +70,15 @@ impl Slot {
 
 const BATCH_BYTES: usize = 64 * 1024;
 
-/// Turns an upstream result into the client's reply, running the hook.
-fn resolve(server: &Server, result: Reply, hook: Option<Box<Hook>>) -> (Bytes, Origin) {
-    let Some(hook) = hook else {
-        return match result {
-            Ok(b) => (b, Origin::Upstream),
-            Err(e) => (error_reply(&Error::Upstream(e)), Origin::Error),
-        };
-    };
-    match result {
-        Ok(b) => (b, Origin::Upstream),
-        Err(e) if e.is_unavailability() => {
-            server
-                .degrade
-                .from_cache(hook.view, &hook.fill, hook.command, &e)
-        }
-        Err(e) => (error_reply(&Error::Upstream(e)), Origin::Error),
+/// Turns an upstream result into the client's reply, falling back to degraded mode for a
+/// read the upstream could not answer.
+fn resolve(server: &Server, result: Reply, fallback: Option<Box<Fallback>>) -> (Bytes, Origin) {
+    match (result, fallback) {
+        (Ok(b), _) => (b, Origin::Upstream),
+        (Err(e), Some(f)) if e.is_unavailability() => server
+            .degrade
+            .cached_answer(f.view, &f.plan, f.command, f.absent, &e),
+        (Err(e), _) => (error_reply(&Error::Upstream(e)), Origin::Error),
     }
 }
 
@@ -104,7 +104,7 @@ pub async fn write_replies(
         };
         let (reply, origin) = match slot.kind {
             SlotKind::Ready(b, origin) => (b, origin),
-            SlotKind::Waiting(mut rx, hook) => {
+            SlotKind::Waiting(mut rx, fallback) => {
                 let result = match rx.try_recv() {
                     Ok(r) => r,
                     Err(oneshot::error::TryRecvError::Empty) => {
@@ -115,14 +115,20 @@ pub async fn write_replies(
                     }
                     Err(oneshot::error::TryRecvError::Closed) => Err(dropped()),
                 };
-                resolve(&server, result, hook)
+                resolve(&server, result, fallback)
             }
-            SlotKind::Follower(follower, hook) => {
-                if flush(&mut wr, &mut out, &server).await.is_err() {
-                    return;
-                }
-                let result = follower.await.unwrap_or_else(|| Err(dropped()));
-                resolve(&server, result, hook)
+            SlotKind::Follower(follower, fallback) => {
+                // Usually the leader's reply is already in: no flush, no wake-up.
+                let result = match follower.try_take() {
+                    Ok(v) => v,
+                    Err(follower) => {
+                        if flush(&mut wr, &mut out, &server).await.is_err() {
+                            return;
+                        }
+                        follower.await
+                    }
+                };
+                resolve(&server, result.unwrap_or_else(|| Err(dropped())), fallback)
             }
             SlotKind::Stream(mut rx) => {
                 if flush(&mut wr, &mut out, &server).await.is_err() {

@@ -9,6 +9,15 @@
 //! closed socket ends the connection and fails everything pending on it; shared connections
 //! then reconnect with back-off, dedicated ones just end (their client is closed, as Redis
 //! would close it).
+//!
+//! # What the breaker is told
+//!
+//! A reply's latency is its *service time*: from when Redis could start on it (it was sent,
+//! and the reply before it had fully arrived) to when its own reply had arrived. Time spent
+//! behind other requests' large replies on the same pipe, or waiting for a client to read,
+//! is not the server being slow. While Redis answers `-BUSY` (a script is running), a
+//! command waiting behind the script is not timed out: Redis is alive and answers the
+//! moment the script ends or is killed (the health probe keeps seeing `-BUSY` meanwhile).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -23,14 +32,12 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::backoff::Backoff;
-use super::{Inflight, ServerInfo, UpstreamCtx};
-use crate::breaker::{CallGuard, Outcome, ReplyClass, classify_error_reply};
-use crate::config::Credentials;
-use crate::error::UpstreamError;
-use crate::protocol::{Proto, ReplyScanner, encode_command, is_error_reply};
-
-/// The reply to one request: the raw reply frame, or why there is none.
-pub type Reply = Result<Bytes, UpstreamError>;
+use super::handshake::{Setup, open};
+use super::{Inflight, UpstreamCtx};
+use crate::breaker::{CallGuard, FailureKind, Outcome, ReplyClass, classify_error_reply};
+use crate::effect::{Mark, ReplyEffect};
+use crate::error::{ConnectFailure, Reply, UpstreamError};
+use crate::resp::{ErrorCode, ReplyScanner};
 
 /// A request travelling to a connection task.
 pub struct Call {
@@ -43,14 +50,12 @@ pub struct Call {
     pub guard: Option<CallGuard>,
     /// The bulkhead slot, held until the reply arrives.
     pub inflight: Option<Inflight>,
-    /// Runs in the connection task as soon as the reply (or the failure) is known, before it
-    /// travels to the client: cache fills, single-flight and invalidations must not wait for
-    /// a client that is slow to read its replies.
-    pub on_reply: Option<OnReply>,
+    /// What the reply changes besides reaching the client, applied by the upstream's
+    /// effect sink as soon as the reply (or the failure) is known.
+    pub effect: Option<ReplyEffect>,
+    /// The client's counts this request is in; they go down once it is answered.
+    pub marks: [Option<Mark>; 2],
 }
-
-/// See [`Call::on_reply`].
-pub type OnReply = Box<dyn FnOnce(&Reply) + Send>;
 
 impl Call {
     pub fn new(frame: Bytes, blocking: bool, is_write: bool) -> (Call, oneshot::Receiver<Reply>) {
@@ -63,34 +68,42 @@ impl Call {
                 is_write,
                 guard: None,
                 inflight: None,
-                on_reply: None,
+                effect: None,
+                marks: [None, None],
             },
             rx,
         )
     }
 
     /// Answers the call with an error without sending it.
-    pub fn fail(self, err: UpstreamError) {
+    pub fn fail(self, ctx: &UpstreamCtx, err: UpstreamError) {
         if let Some(g) = self.guard {
             g.complete(outcome_of_error(&err));
         }
         let result = Err(err);
-        if let Some(f) = self.on_reply {
-            run_on_reply(f, &result);
+        if let Some(e) = self.effect {
+            ctx.sink.apply(e, &result);
         }
         let _ = self.reply.send(result);
     }
 }
 
+/// What an error says about the upstream's health.
 pub fn outcome_of_error(err: &UpstreamError) -> Outcome {
-    use crate::breaker::FailureKind;
     match err {
+        UpstreamError::Connect { failure, .. } => Outcome::Failure(match failure {
+            ConnectFailure::Timeout => FailureKind::ConnectTimeout,
+            ConnectFailure::Reset => FailureKind::ConnectReset,
+            ConnectFailure::Refused | ConnectFailure::Other => FailureKind::ConnectRefused,
+        }),
         UpstreamError::Timeout { .. } => Outcome::Failure(FailureKind::CommandTimeout),
-        UpstreamError::Closed { .. } => Outcome::Failure(FailureKind::ConnectionClosed),
+        UpstreamError::Closed { .. } | UpstreamError::Unavailable { .. } => {
+            Outcome::Failure(FailureKind::ConnectionClosed)
+        }
         UpstreamError::Malformed { .. } => Outcome::Failure(FailureKind::MalformedReply),
-        UpstreamError::Unavailable { .. } => Outcome::Failure(FailureKind::ConnectRefused),
-        // Not the server's fault, or never tried.
+        // The server answered, or was never tried.
         UpstreamError::Auth { .. }
+        | UpstreamError::Refused { .. }
         | UpstreamError::CircuitOpen { .. }
         | UpstreamError::Overloaded { .. } => Outcome::Ignored,
     }
@@ -101,6 +114,7 @@ pub fn outcome_of_error(err: &UpstreamError) -> Outcome {
 pub struct ConnHandle {
     tx: mpsc::Sender<Call>,
     pub id: u64,
+    ctx: Arc<UpstreamCtx>,
     /// Dedicated connections only: see [`ConnHandle::abandon`].
     abandon: Option<Arc<Abandon>>,
 }
@@ -113,15 +127,24 @@ pub struct Abandon {
 }
 
 impl ConnHandle {
-    /// Queues a call; if the task is gone the call is answered with `gone`.
-    pub async fn send(&self, call: Call, gone: impl FnOnce() -> UpstreamError) {
+    /// Queues a call; if the task is gone the call is answered with an error.
+    pub async fn send(&self, call: Call) {
         if let Err(mpsc::error::SendError(call)) = self.tx.send(call).await {
-            call.fail(gone());
+            call.fail(
+                &self.ctx,
+                UpstreamError::Closed {
+                    upstream: self.ctx.name.clone(),
+                },
+            );
         }
     }
 
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
+    }
+
+    pub fn upstream(&self) -> &Arc<str> {
+        &self.ctx.name
     }
 
     /// The client of a dedicated connection went away. What it sent still runs (its writes
@@ -142,162 +165,15 @@ fn next_conn_id() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// What a new connection is set up with before it carries client traffic.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Setup {
-    pub proto: Proto,
-    pub credentials: Option<Credentials>,
-    pub db: u32,
-    pub client_name: Option<Bytes>,
-}
-
-impl Setup {
-    pub fn new(proto: Proto, credentials: Option<Credentials>) -> Setup {
-        Setup {
-            proto,
-            credentials,
-            db: 0,
-            client_name: None,
-        }
-    }
-}
-
-/// Connects within the connect timeout.
-pub async fn connect(ctx: &UpstreamCtx) -> Result<TcpStream, UpstreamError> {
-    let attempt =
-        tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(ctx.addr.as_str())).await;
-    let stream = match attempt {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(UpstreamError::unavailable(&ctx.name, e)),
-        Err(_) => {
-            return Err(UpstreamError::unavailable(
-                &ctx.name,
-                format!(
-                    "connect timed out after {} ms",
-                    ctx.connect_timeout.as_millis()
-                ),
-            ));
-        }
-    };
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
-}
-
-/// Sends one frame on a connection that carries nothing else and reads its reply.
-pub async fn roundtrip(
-    ctx: &UpstreamCtx,
-    stream: &mut TcpStream,
-    frame: &[u8],
-    buf: &mut BytesMut,
-) -> Result<Bytes, UpstreamError> {
-    let fut = async {
-        stream
-            .write_all(frame)
-            .await
-            .map_err(|e| UpstreamError::unavailable(&ctx.name, e))?;
-        let mut scanner = ReplyScanner::new();
-        loop {
-            match scanner.scan(buf, ctx.max_nesting_depth) {
-                Ok(Some(n)) => return Ok(buf.split_to(n).freeze()),
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(UpstreamError::Malformed {
-                        upstream: ctx.name.clone(),
-                        reason: e.0.into(),
-                    });
-                }
-            }
-            buf.reserve(4096);
-            match stream.read_buf(buf).await {
-                Ok(0) => {
-                    return Err(UpstreamError::Closed {
-                        upstream: ctx.name.clone(),
-                    });
-                }
-                Ok(_) => {}
-                Err(e) => return Err(UpstreamError::unavailable(&ctx.name, e)),
-            }
-        }
-    };
-    match tokio::time::timeout(ctx.connect_timeout.max(ctx.command_timeout), fut).await {
-        Ok(r) => r,
-        Err(_) => Err(UpstreamError::Timeout {
-            upstream: ctx.name.clone(),
-            timeout: ctx.command_timeout,
-        }),
-    }
-}
-
-/// Connects and runs the handshake: `HELLO <proto> [AUTH user pass]`, then `SELECT` and
-/// `CLIENT SETNAME` when the setup asks for them.
-pub async fn open(ctx: &UpstreamCtx, setup: &Setup) -> Result<TcpStream, UpstreamError> {
-    let mut stream = connect(ctx).await?;
-    let mut buf = BytesMut::with_capacity(1024);
-    let mut hello: Vec<Bytes> = vec![Bytes::from_static(b"HELLO"), Bytes::from_static(b"2")];
-    if setup.proto == Proto::Resp3 {
-        hello[1] = Bytes::from_static(b"3");
-    }
-    if let Some(c) = &setup.credentials {
-        hello.push(Bytes::from_static(b"AUTH"));
-        hello.push(Bytes::from(
-            c.username.clone().unwrap_or_else(|| "default".to_owned()),
-        ));
-        hello.push(Bytes::from(c.password.clone()));
-    }
-    let reply = roundtrip(ctx, &mut stream, &encode_command(&hello), &mut buf).await?;
-    if is_error_reply(&reply) {
-        let text: Arc<str> = String::from_utf8_lossy(&reply[1..]).trim_end().into();
-        if matches!(classify_error_reply(&reply, false), ReplyClass::AuthProblem) {
-            ctx.metrics.auth_errors.inc();
-            // Without credentials this is the client's job (it will AUTH); with them it is a
-            // misconfiguration that waiting will not fix: say so loudly, once per episode.
-            if setup.credentials.is_some()
-                && !ctx
-                    .auth_warned
-                    .swap(true, std::sync::atomic::Ordering::Relaxed)
-            {
-                warn!(upstream = %ctx.name, reply = %text, "upstream rejected redfuse's credentials; check username/password");
-            }
-            return Err(UpstreamError::Auth {
-                upstream: ctx.name.clone(),
-                reply: text,
-            });
-        }
-        return Err(UpstreamError::unavailable(
-            &ctx.name,
-            format!("handshake failed: {text}"),
-        ));
-    }
-    ctx.auth_warned
-        .store(false, std::sync::atomic::Ordering::Relaxed);
-    if let Some(info) = ServerInfo::parse(&reply) {
-        ctx.remember_server_info(info);
-    }
-    if setup.db != 0 {
-        let select = encode_command(&[b"SELECT".as_slice(), setup.db.to_string().as_bytes()]);
-        let reply = roundtrip(ctx, &mut stream, &select, &mut buf).await?;
-        if is_error_reply(&reply) {
-            return Err(UpstreamError::unavailable(
-                &ctx.name,
-                "SELECT failed during handshake",
-            ));
-        }
-    }
-    if let Some(name) = &setup.client_name {
-        let cmd = encode_command(&[b"CLIENT".as_slice(), b"SETNAME", name]);
-        roundtrip(ctx, &mut stream, &cmd, &mut buf).await?;
-    }
-    Ok(stream)
-}
-
 /// Starts a shared connection task that reconnects with back-off for as long as a handle exists.
 pub fn spawn_shared(ctx: Arc<UpstreamCtx>, setup: Setup, depth: usize) -> ConnHandle {
     let (tx, rx) = mpsc::channel(depth);
     let id = next_conn_id();
-    tokio::spawn(run_shared(ctx, setup, rx, id));
+    tokio::spawn(run_shared(ctx.clone(), setup, rx, id));
     ConnHandle {
         tx,
         id,
+        ctx,
         abandon: None,
     }
 }
@@ -308,6 +184,7 @@ pub fn spawn_dedicated(ctx: Arc<UpstreamCtx>, stream: TcpStream, depth: usize) -
     let id = next_conn_id();
     let abandon = Arc::new(Abandon::default());
     let watch = abandon.clone();
+    let handle_ctx = ctx.clone();
     tokio::spawn(async move {
         ctx.metrics.connections.inc();
         // Decremented on every way out of the task.
@@ -324,12 +201,13 @@ pub fn spawn_dedicated(ctx: Arc<UpstreamCtx>, stream: TcpStream, depth: usize) -
         rx.close();
         let err = end.error(&ctx);
         while let Ok(call) = rx.try_recv() {
-            call.fail(err.clone());
+            call.fail(&ctx, err.clone());
         }
     });
     ConnHandle {
         tx,
         id,
+        ctx: handle_ctx,
         abandon: Some(abandon),
     }
 }
@@ -342,7 +220,7 @@ async fn run_shared(ctx: Arc<UpstreamCtx>, setup: Setup, mut rx: mpsc::Receiver<
     loop {
         let attempt = open(&ctx, &setup).await;
         if let (Err(err), Some(call)) = (&attempt, first.take()) {
-            call.fail(err.clone());
+            call.fail(&ctx, err.clone());
         }
         match attempt {
             Ok(stream) => {
@@ -391,7 +269,7 @@ async fn run_shared(ctx: Arc<UpstreamCtx>, setup: Setup, mut rx: mpsc::Receiver<
                                 first = Some(call);
                                 break;
                             }
-                            Some(call) => call.fail(err.clone()),
+                            Some(call) => call.fail(&ctx, err.clone()),
                             None => return,
                         },
                     }
@@ -455,7 +333,8 @@ struct Pending {
     is_write: bool,
     guard: Option<CallGuard>,
     _inflight: Option<Inflight>,
-    on_reply: Option<OnReply>,
+    effect: Option<ReplyEffect>,
+    _marks: [Option<Mark>; 2],
 }
 
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
@@ -506,7 +385,8 @@ async fn pipeline(
                         is_write: call.is_write,
                         guard: call.guard,
                         _inflight: call.inflight,
-                        on_reply: call.on_reply,
+                        effect: call.effect,
+                        _marks: call.marks,
                     });
                 }
                 if frame.len() >= DIRECT_WRITE_BYTES {
@@ -538,15 +418,17 @@ async fn pipeline(
     let reader = async {
         let mut buf = BytesMut::with_capacity(64 * 1024);
         let mut scanner = ReplyScanner::new();
+        // When the reply before the next one had fully arrived: see the module docs.
+        let mut last_done = Instant::now();
         let far = Duration::from_secs(86400 * 365);
         let timer = tokio::time::sleep(far);
         tokio::pin!(timer);
         loop {
             loop {
-                match scanner.scan(&buf, ctx.max_nesting_depth) {
+                match scanner.scan(&buf, ctx.max_reply_depth) {
                     Ok(Some(n)) => {
                         let frame = buf.split_to(n).freeze();
-                        if let Err(end) = complete(ctx, &pending, frame) {
+                        if let Err(end) = complete(ctx, &pending, frame, &mut last_done) {
                             return end;
                         }
                     }
@@ -580,7 +462,17 @@ async fn pipeline(
                     Ok(_) => {}
                     Err(e) => return Ended::Io(e),
                 },
-                _ = &mut timer, if deadline.is_some() => return Ended::Timeout,
+                _ = &mut timer, if deadline.is_some() => {
+                    // A script keeps Redis busy: the command is waiting on a live server.
+                    if ctx.busy_recently() {
+                        let mut q = pending.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(front) = q.front_mut() {
+                            front.deadline = Some(Instant::now() + ctx.command_timeout);
+                        }
+                        continue;
+                    }
+                    return Ended::Timeout;
+                }
                 _ = armed.notified() => {}
                 _ = async {
                     match abandon {
@@ -622,8 +514,8 @@ async fn pipeline(
             g.complete(outcome);
         }
         let result = Err(err.clone());
-        if let Some(f) = p.on_reply {
-            run_on_reply(f, &result);
+        if let Some(e) = p.effect {
+            ctx.sink.apply(e, &result);
         }
         let _ = p.reply.send(result);
     }
@@ -635,6 +527,7 @@ fn complete(
     ctx: &UpstreamCtx,
     pending: &Mutex<VecDeque<Pending>>,
     frame: Bytes,
+    last_done: &mut Instant,
 ) -> Result<(), Ended> {
     // Out-of-band RESP3 pushes belong to no request.
     if frame.first() == Some(&b'>') {
@@ -647,35 +540,24 @@ fn complete(
     else {
         return Err(Ended::Malformed("reply without a request".to_owned()));
     };
-    let latency = p.sent.elapsed();
+    let now = Instant::now();
+    let latency = now.saturating_duration_since(p.sent.max(*last_done));
+    *last_done = now;
     ctx.metrics.latency.observe(latency.as_secs_f64());
+    if frame.first() == Some(&b'-') && ErrorCode::of(&frame) == ErrorCode::Busy {
+        ctx.note_busy();
+    }
     if let Some(g) = p.guard {
-        let outcome = if is_error_reply(&frame) {
-            match classify_error_reply(&frame, p.is_write) {
-                ReplyClass::Failure(kind) => Outcome::Failure(kind),
-                ReplyClass::AuthProblem => {
-                    ctx.metrics.auth_errors.inc();
-                    Outcome::Success { latency }
-                }
-                ReplyClass::Success => Outcome::Success { latency },
-            }
-        } else {
-            Outcome::Success { latency }
-        };
-        g.complete(outcome);
+        let class = classify_error_reply(&frame, p.is_write);
+        if class == ReplyClass::AuthProblem {
+            ctx.metrics.auth_errors.inc();
+        }
+        g.complete(class.outcome(latency));
     }
     let result = Ok(frame);
-    if let Some(f) = p.on_reply {
-        run_on_reply(f, &result);
+    if let Some(e) = p.effect {
+        ctx.sink.apply(e, &result);
     }
     let _ = p.reply.send(result);
     Ok(())
-}
-
-/// A hook is cache bookkeeping: if it ever panicked, the connection task (shared by many
-/// clients) must carry on.
-fn run_on_reply(f: OnReply, result: &Reply) {
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(result))).is_err() {
-        tracing::error!("reply hook panicked; continuing");
-    }
 }

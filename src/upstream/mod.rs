@@ -1,29 +1,42 @@
 //! Upstream Redis servers: shared pipelined connections, dedicated connections for stateful
-//! clients, and what redfuse learned about the server.
+//! clients, and what redfuse learnt about each server.
 //!
 //! Shared connections are grouped in pools keyed by what a connection's handshake fixes
 //! (protocol version and credentials), so a `HELLO 3` client or one that sent `AUTH` stays
 //! multiplexed with its peers instead of needing a connection of its own. A client keeps one
 //! shared connection per pool for its lifetime: its commands then reach Redis in the order it
 //! sent them, which spreading them over several connections would not guarantee.
+//!
+//! Dedicated connections ([`dedicated`]) are kept warm, so that a client entering a
+//! blocking command or a transaction needs no connect and no handshake first.
+//!
+//! Layout: [`handshake`] opens connections, [`conn`] runs a connection's pipeline,
+//! [`dedicated`] keeps the warm set, [`probe`] checks health, [`backoff`] paces reconnects,
+//! [`info`] remembers what `HELLO` said.
 
 pub mod backoff;
 pub mod conn;
+pub mod dedicated;
+pub mod handshake;
+pub mod info;
 pub mod probe;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use tokio::time::Instant;
 
+use crate::auth::Credentials;
 use crate::breaker::SharedBreaker;
-use crate::config::{Credentials, Role, UpstreamConfig};
-use crate::error::UpstreamError;
+use crate::config::{Role, UpstreamConfig};
+use crate::effect::EffectSink;
 use crate::metrics::UpstreamMetrics;
-use crate::protocol::{Proto, ReplyScanner, reply};
-pub use conn::{Call, ConnHandle, Reply, Setup};
+use crate::resp::Proto;
+pub use conn::{Call, ConnHandle};
+pub use handshake::Setup;
+pub use info::ServerInfo;
 
 /// Everything a connection task needs to know about its upstream.
 pub struct UpstreamCtx {
@@ -34,18 +47,33 @@ pub struct UpstreamCtx {
     pub weight: u32,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
-    pub max_nesting_depth: usize,
+    /// Deepest reply nesting accepted (a bound against a broken upstream, far above what
+    /// Redis sends).
+    pub max_reply_depth: usize,
     pub metrics: UpstreamMetrics,
+    /// Applies the effects replies carry (cache fills, invalidations).
+    pub sink: Arc<dyn EffectSink>,
     /// Shared connections currently connected.
     pub connected: AtomicUsize,
     /// Requests written or queued and not yet answered (the bulkhead counts these).
     pub inflight: AtomicUsize,
     /// Set once a rejection of redfuse's own credentials has been logged.
-    pub auth_warned: std::sync::atomic::AtomicBool,
+    pub auth_warned: AtomicBool,
+    /// The server refuses connections without credentials (`requirepass`): a client that
+    /// never authenticated gets `NOAUTH` in degraded mode too.
+    pub anonymous_denied: AtomicBool,
+    /// Why the server is up but refuses redfuse's own credentials, if it does.
+    misconfigured: Mutex<Option<String>>,
+    /// When a `-BUSY` reply was last seen, in ms since `epoch`.
+    busy_seen: AtomicU64,
+    epoch: Instant,
     /// Wakes shared connections out of their reconnect back-off (the probe saw Redis back).
     pub reconnect: tokio::sync::Notify,
     server_info: RwLock<Option<Arc<ServerInfo>>>,
 }
+
+/// How long after a `-BUSY` reply a command waiting on the server is not timed out.
+const BUSY_GRACE: Duration = Duration::from_secs(3);
 
 impl UpstreamCtx {
     pub fn remember_server_info(&self, info: ServerInfo) {
@@ -61,6 +89,32 @@ impl UpstreamCtx {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
+
+    /// Redis answered `-BUSY`: a script or function keeps it busy.
+    pub fn note_busy(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.busy_seen.store(ms.max(1), Ordering::Relaxed);
+    }
+
+    pub fn busy_recently(&self) -> bool {
+        let seen = self.busy_seen.load(Ordering::Relaxed);
+        seen != 0 && self.epoch.elapsed().as_millis() as u64 <= seen + BUSY_GRACE.as_millis() as u64
+    }
+
+    /// The server answers but refuses redfuse's credentials (`Some(reply)`), or no longer.
+    pub fn set_misconfigured(&self, why: Option<String>) {
+        *self.misconfigured.lock().unwrap_or_else(|e| e.into_inner()) = why;
+        self.metrics
+            .misconfigured
+            .set(self.misconfigured().is_some() as i64);
+    }
+
+    pub fn misconfigured(&self) -> Option<String> {
+        self.misconfigured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// Settings common to every upstream.
@@ -69,105 +123,10 @@ pub struct UpstreamSettings {
     pub connections: usize,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
-    pub max_nesting_depth: usize,
+    pub max_reply_depth: usize,
     pub queue_depth: usize,
     /// Bulkhead: the most requests in flight or queued for one upstream.
     pub max_inflight: usize,
-}
-
-/// What `HELLO` told us about the server, for answering clients' `HELLO` locally.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerInfo {
-    pub server: Bytes,
-    pub version: Bytes,
-    pub mode: Bytes,
-    pub role: Bytes,
-    /// The raw `modules` value as the server sent it.
-    pub modules: Bytes,
-}
-
-impl Default for ServerInfo {
-    fn default() -> Self {
-        ServerInfo {
-            server: Bytes::from_static(b"redis"),
-            version: Bytes::from_static(b"7.0.0"),
-            mode: Bytes::from_static(b"standalone"),
-            role: Bytes::from_static(b"master"),
-            modules: Bytes::from_static(b"*0\r\n"),
-        }
-    }
-}
-
-/// Splits an aggregate frame (array or map) into its children's raw bytes.
-fn children(frame: &Bytes) -> Option<Vec<Bytes>> {
-    let nl = frame.iter().position(|&b| b == b'\n')?;
-    let mut rest = frame.slice(nl + 1..);
-    let mut out = Vec::new();
-    while !rest.is_empty() {
-        let n = ReplyScanner::new().scan(&rest, 64).ok()??;
-        out.push(rest.slice(..n));
-        rest = rest.slice(n..);
-    }
-    Some(out)
-}
-
-fn decode_string(raw: &[u8]) -> Option<Bytes> {
-    use redis_protocol::resp3::decode::complete::decode;
-    use redis_protocol::resp3::types::OwnedFrame;
-    match decode(raw).ok()??.0 {
-        OwnedFrame::BlobString { data, .. } | OwnedFrame::SimpleString { data, .. } => {
-            Some(Bytes::from(data))
-        }
-        OwnedFrame::VerbatimString { data, .. } => Some(Bytes::from(data)),
-        _ => None,
-    }
-}
-
-impl ServerInfo {
-    /// Reads a `HELLO` reply (RESP2 array or RESP3 map of field/value pairs).
-    pub fn parse(reply: &Bytes) -> Option<ServerInfo> {
-        if !matches!(reply.first(), Some(b'*') | Some(b'%')) {
-            return None;
-        }
-        let items = children(reply)?;
-        let mut info = ServerInfo::default();
-        for pair in items.chunks(2) {
-            let [key, value] = pair else { break };
-            match &decode_string(key)?[..] {
-                b"server" => info.server = decode_string(value)?,
-                b"version" => info.version = decode_string(value)?,
-                b"mode" => info.mode = decode_string(value)?,
-                b"role" => info.role = decode_string(value)?,
-                b"modules" => info.modules = value.clone(),
-                _ => {}
-            }
-        }
-        Some(info)
-    }
-
-    /// The `HELLO` reply Redis would send to a client with this id and protocol.
-    pub fn hello_reply(&self, proto: Proto, client_id: u64) -> Bytes {
-        let mut b = BytesMut::with_capacity(160);
-        match proto {
-            Proto::Resp2 => reply::put_header(&mut b, b'*', 14),
-            Proto::Resp3 => reply::put_header(&mut b, b'%', 7),
-        }
-        let field = |b: &mut BytesMut, k: &[u8], v: &[u8]| {
-            reply::put_bulk(b, k);
-            reply::put_bulk(b, v);
-        };
-        field(&mut b, b"server", &self.server);
-        field(&mut b, b"version", &self.version);
-        reply::put_bulk(&mut b, b"proto");
-        b.extend_from_slice(&reply::integer(proto.as_u8() as i64));
-        reply::put_bulk(&mut b, b"id");
-        b.extend_from_slice(&reply::integer(client_id as i64));
-        field(&mut b, b"mode", &self.mode);
-        field(&mut b, b"role", &self.role);
-        reply::put_bulk(&mut b, b"modules");
-        b.extend_from_slice(&self.modules);
-        b.freeze()
-    }
 }
 
 /// One request's bulkhead slot, released when the request is answered or dropped.
@@ -182,7 +141,7 @@ impl Drop for Inflight {
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
     proto: Proto,
-    credentials: Option<Credentials>,
+    credentials: Option<Arc<Credentials>>,
 }
 
 struct Pool {
@@ -190,16 +149,13 @@ struct Pool {
     next: AtomicUsize,
 }
 
-/// Dedicated connections kept for reuse, per handshake.
-const IDLE_DEDICATED_PER_SETUP: usize = 16;
-
 /// One upstream Redis server.
 pub struct Upstream {
     pub ctx: Arc<UpstreamCtx>,
     pub breaker: SharedBreaker,
     settings: UpstreamSettings,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
-    idle: Mutex<HashMap<Setup, Vec<ConnHandle>>>,
+    warm: Arc<dedicated::WarmSet>,
 }
 
 impl Upstream {
@@ -208,6 +164,7 @@ impl Upstream {
         settings: UpstreamSettings,
         metrics: UpstreamMetrics,
         breaker: SharedBreaker,
+        sink: Arc<dyn EffectSink>,
     ) -> Upstream {
         let name: Arc<str> = if config.name.is_empty() {
             config.addr.as_str().into()
@@ -222,20 +179,25 @@ impl Upstream {
             weight: config.weight,
             connect_timeout: settings.connect_timeout,
             command_timeout: settings.command_timeout,
-            max_nesting_depth: settings.max_nesting_depth,
+            max_reply_depth: settings.max_reply_depth,
             metrics,
+            sink,
             connected: AtomicUsize::new(0),
             inflight: AtomicUsize::new(0),
+            auth_warned: AtomicBool::new(false),
+            anonymous_denied: AtomicBool::new(false),
+            misconfigured: Mutex::new(None),
+            busy_seen: AtomicU64::new(0),
+            epoch: Instant::now(),
             reconnect: tokio::sync::Notify::new(),
-            auth_warned: std::sync::atomic::AtomicBool::new(false),
             server_info: RwLock::new(None),
         });
         Upstream {
+            warm: Arc::new(dedicated::WarmSet::new(ctx.clone())),
             ctx,
             breaker,
             settings,
             pools: Mutex::new(HashMap::new()),
-            idle: Mutex::new(HashMap::new()),
         }
     }
 
@@ -258,7 +220,7 @@ impl Upstream {
     }
 
     /// A shared connection for this protocol and credentials; starts the pool on first use.
-    pub fn shared_conn(&self, proto: Proto, credentials: &Option<Credentials>) -> ConnHandle {
+    pub fn shared_conn(&self, proto: Proto, credentials: &Option<Arc<Credentials>>) -> ConnHandle {
         let key = PoolKey {
             proto,
             credentials: credentials.clone(),
@@ -289,36 +251,23 @@ impl Upstream {
         pool.conns[i].clone()
     }
 
-    /// A connection for one client alone, reused from the idle set when one with the same
-    /// handshake is there.
-    /// A connection for one client alone, reused from the idle set when one with the same
-    /// handshake is there. The flag says whether it is new: only a new one proves the
-    /// server answered (for the breaker).
-    pub async fn dedicated(&self, setup: &Setup) -> Result<(ConnHandle, bool), UpstreamError> {
-        {
-            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(list) = idle.get_mut(setup) {
-                while let Some(c) = list.pop() {
-                    if !c.is_closed() {
-                        return Ok((c, false));
-                    }
-                }
-            }
-        }
-        let stream = conn::open(&self.ctx, setup).await?;
-        Ok((conn::spawn_dedicated(self.ctx.clone(), stream, 1024), true))
+    /// A connection for one client alone: a warm one with this handshake when there is one
+    /// (no connect, no round trip), else one opened now.
+    pub async fn dedicated(
+        &self,
+        setup: &Setup,
+    ) -> Result<ConnHandle, crate::error::UpstreamError> {
+        self.warm.take(setup).await
     }
 
-    /// Returns a dedicated connection whose server-side state matches `setup` again.
+    /// Gives back a dedicated connection whose server-side state matches `setup` again.
     pub fn release_dedicated(&self, setup: Setup, c: ConnHandle) {
-        if c.is_closed() {
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.entry(setup).or_default();
-        if list.len() < IDLE_DEDICATED_PER_SETUP {
-            list.push(c);
-        }
+        self.warm.give_back(setup, c);
+    }
+
+    /// Dedicated connections ready to be handed out.
+    pub fn warm_dedicated(&self) -> usize {
+        self.warm.ready()
     }
 
     /// Whether at least one shared connection is up.
@@ -327,27 +276,11 @@ impl Upstream {
     }
 
     /// Starts the default pool (RESP2 with the configured credentials) so that redfuse
-    /// connects at start-up rather than on the first command.
-    pub fn warm_up(&self, credentials: &Option<Credentials>) {
+    /// connects at start-up rather than on the first command, and keeps dedicated
+    /// connections of that handshake warm.
+    pub fn warm_up(&self, credentials: &Option<Arc<Credentials>>) {
         let _ = self.shared_conn(Proto::Resp2, credentials);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_hello_and_answers_in_both_protocols() {
-        let resp3 = Bytes::from_static(
-            b"%7\r\n$6\r\nserver\r\n$5\r\nredis\r\n$7\r\nversion\r\n$6\r\n7.0.15\r\n$5\r\nproto\r\n:3\r\n$2\r\nid\r\n:9\r\n$4\r\nmode\r\n$10\r\nstandalone\r\n$4\r\nrole\r\n$6\r\nmaster\r\n$7\r\nmodules\r\n*0\r\n",
-        );
-        let info = ServerInfo::parse(&resp3).unwrap();
-        assert_eq!(&info.version[..], b"7.0.15");
-        let mine = info.hello_reply(Proto::Resp3, 9);
-        assert_eq!(mine, resp3);
-        let two = info.hello_reply(Proto::Resp2, 4);
-        assert!(two.starts_with(b"*14\r\n$6\r\nserver\r\n$5\r\nredis\r\n"));
-        assert!(two.ends_with(b"$7\r\nmodules\r\n*0\r\n"));
+        self.warm
+            .keep(Setup::new(Proto::Resp2, credentials.clone()));
     }
 }

@@ -6,8 +6,16 @@
 //! keeps probing while HalfOpen, so a recovered Redis closes the breaker within the open
 //! period plus a few round trips. A successful probe after a failure also wakes the shared
 //! connections out of their reconnect back-off.
+//!
+//! What the probe judges is whether the server *answers*. A server that refuses the
+//! probe's credentials (`NOAUTH`, `WRONGPASS`) or this one connection (`max number of
+//! clients`) is up: with redfuse's own credentials refused it is *up, misconfigured*
+//! (logged, `redfuse_upstream_misconfigured`, shown by `/ready`), which an open breaker
+//! would only hide. While the breaker is Open because the server said `-BUSY` or
+//! `-LOADING`, the probe keeps asking, and the first normal answer starts probing at once.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -15,29 +23,39 @@ use prometheus::IntCounter;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::Upstream;
-use super::conn::{self, Setup, outcome_of_error, roundtrip};
-use crate::breaker::{ReplyClass, State, classify_error_reply};
-use crate::config::Credentials;
+use super::conn::outcome_of_error;
+use super::handshake::{Setup, open, roundtrip};
+use crate::auth::Credentials;
+use crate::breaker::{FailureKind, Outcome, State};
 use crate::error::UpstreamError;
-use crate::protocol::{Proto, is_error_reply};
+use crate::resp::{ErrorCode, Proto};
 
 /// Per-upstream probe counters: `redfuse_health_probe_total{upstream,result}`.
 #[derive(Clone)]
 pub struct ProbeMetrics {
     pub success: IntCounter,
     pub failure: IntCounter,
-    /// The breaker did not admit the probe (Open, or HalfOpen permits taken).
+    /// The breaker did not admit the probe (HalfOpen permits taken).
     pub skipped: IntCounter,
 }
 
 const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 
+/// What one probe found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Health {
+    Up,
+    /// Up, but refusing redfuse's own credentials.
+    Misconfigured(String),
+    Down(Outcome),
+}
+
 pub async fn run(
     upstream: Arc<Upstream>,
-    credentials: Option<Credentials>,
+    credentials: Option<Arc<Credentials>>,
     interval: Duration,
     metrics: ProbeMetrics,
     mut shutdown: watch::Receiver<bool>,
@@ -63,61 +81,117 @@ pub async fn run(
             _ = shutdown.changed() => return,
         }
         next = Instant::now() + interval;
-        let Ok(guard) = upstream.breaker.try_acquire() else {
-            metrics.skipped.inc();
-            continue;
+        let guard = match upstream.breaker.try_acquire() {
+            Ok(g) => Some(g),
+            // Open: ask anyway, without a permit; only a recovery from the server's own
+            // condition acts on the answer.
+            Err(_) if upstream.breaker.state() == State::Open => None,
+            Err(_) => {
+                metrics.skipped.inc();
+                continue;
+            }
         };
-        let result = async {
-            // A kept connection may have died with the old server: one retry on a new one, so
-            // a restarted Redis is not judged by its predecessor's socket.
-            if let Some(s) = stream.as_mut() {
-                buf.clear();
-                match roundtrip(&ctx, s, PING, &mut buf).await {
-                    Ok(reply) => return Ok(reply),
-                    Err(UpstreamError::Timeout { upstream, timeout }) => {
-                        return Err(UpstreamError::Timeout { upstream, timeout });
-                    }
-                    Err(_) => stream = None,
+        let started = Instant::now();
+        let health = probe_once(&upstream, &setup, &mut stream, &mut buf).await;
+        match &health {
+            Health::Misconfigured(why) => {
+                if ctx.misconfigured().as_deref() != Some(why.as_str()) {
+                    warn!(upstream = %ctx.name, reply = %why, "upstream is up but refuses redfuse's credentials; check username/password");
                 }
+                ctx.set_misconfigured(Some(why.clone()));
             }
-            let s = stream.insert(conn::open(&ctx, &setup).await?);
-            buf.clear();
-            roundtrip(&ctx, s, PING, &mut buf).await
+            Health::Up => ctx.set_misconfigured(None),
+            Health::Down(_) => {}
         }
-        .await;
-        match result {
-            Ok(reply) => {
-                let class = if is_error_reply(&reply) {
-                    classify_error_reply(&reply, false)
-                } else {
-                    ReplyClass::Success
-                };
-                let healthy = !matches!(class, ReplyClass::Failure(_));
-                let latency = guard.elapsed();
-                guard.complete(class.outcome(latency));
-                if healthy {
-                    metrics.success.inc();
-                    if was_failing {
-                        debug!(upstream = %ctx.name, "health probe succeeded again; waking reconnects");
-                        ctx.reconnect.notify_waiters();
-                    }
-                    was_failing = false;
-                } else {
-                    metrics.failure.inc();
-                    was_failing = true;
-                }
+        let outcome = match &health {
+            Health::Up | Health::Misconfigured(_) => Outcome::Success {
+                latency: started.elapsed(),
+            },
+            Health::Down(o) => *o,
+        };
+        match guard {
+            Some(g) => g.complete(outcome),
+            None if matches!(outcome, Outcome::Success { .. }) => {
+                upstream.breaker.server_recovered();
             }
-            Err(e) => {
-                debug!(upstream = %ctx.name, "health probe failed: {e}");
-                guard.complete(outcome_of_error(&e));
-                metrics.failure.inc();
-                stream = None;
-                was_failing = true;
+            None => {}
+        }
+        if matches!(health, Health::Down(_)) {
+            metrics.failure.inc();
+            was_failing = true;
+        } else {
+            metrics.success.inc();
+            if was_failing {
+                debug!(upstream = %ctx.name, "health probe succeeded again; waking reconnects");
+                ctx.reconnect.notify_waiters();
             }
+            was_failing = false;
         }
         // While half-open, keep probing back to back: each success counts toward closing.
         if upstream.breaker.state() == State::HalfOpen {
             next = Instant::now();
+        }
+    }
+}
+
+async fn probe_once(
+    upstream: &Upstream,
+    setup: &Setup,
+    stream: &mut Option<TcpStream>,
+    buf: &mut BytesMut,
+) -> Health {
+    let ctx = &upstream.ctx;
+    let result = async {
+        // A kept connection may have died with the old server: one retry on a new one, so
+        // a restarted Redis is not judged by its predecessor's socket.
+        if let Some(s) = stream.as_mut() {
+            buf.clear();
+            match roundtrip(ctx, s, PING, buf).await {
+                Ok(reply) => return Ok(reply),
+                Err(e @ UpstreamError::Timeout { .. }) => return Err(e),
+                Err(_) => *stream = None,
+            }
+        }
+        let s = stream.insert(open(ctx, setup).await?);
+        buf.clear();
+        roundtrip(ctx, s, PING, buf).await
+    }
+    .await;
+    match result {
+        Ok(reply) => match ErrorCode::of(&reply) {
+            ErrorCode::NotAnError => Health::Up,
+            ErrorCode::Busy => {
+                ctx.note_busy();
+                Health::Down(Outcome::Failure(FailureKind::Busy))
+            }
+            ErrorCode::Loading => Health::Down(Outcome::Failure(FailureKind::Loading)),
+            ErrorCode::MasterDown => Health::Down(Outcome::Failure(FailureKind::MasterDown)),
+            ErrorCode::ClusterDown => Health::Down(Outcome::Failure(FailureKind::ClusterDown)),
+            ErrorCode::TryAgain => Health::Down(Outcome::Failure(FailureKind::TryAgain)),
+            ErrorCode::Malformed => Health::Down(Outcome::Failure(FailureKind::MalformedReply)),
+            // An answer, whatever it says.
+            _ => Health::Up,
+        },
+        Err(UpstreamError::Auth { reply, .. }) => {
+            *stream = None;
+            match &setup.credentials {
+                Some(_) => Health::Misconfigured(reply.to_string()),
+                // No credentials: Redis requires them of clients, which is theirs to give.
+                None => {
+                    ctx.anonymous_denied.store(true, Ordering::Relaxed);
+                    Health::Up
+                }
+            }
+        }
+        // It answered: full for this connection, not down.
+        Err(UpstreamError::Refused { .. }) => {
+            *stream = None;
+            Health::Up
+        }
+        Err(e) => {
+            debug!(upstream = %ctx.name, "health probe failed: {e}");
+            *stream = None;
+            Health::Down(outcome_of_error(&e))
         }
     }
 }

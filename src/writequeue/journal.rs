@@ -134,6 +134,9 @@ const RECORD_HEADER_LEN: usize = 28;
 const CHECKSUMMED_HEADER_LEN: usize = 20;
 const KIND_ENTRY: u32 = 1;
 const KIND_ACK: u32 = 2;
+/// An entry with the identity it is replayed as: the frame is
+/// `name_len u16 | name | command`.
+const KIND_ENTRY_AS: u32 = 3;
 /// Dead bytes tolerated on top of the live ones before compacting, so small
 /// journals are not rewritten on every ack.
 const COMPACT_SLACK: u64 = 1024 * 1024;
@@ -219,15 +222,49 @@ pub struct Entry {
     pub seq: u64,
     /// The database the client had selected when it sent the write.
     pub db: u32,
+    /// The Redis user the client's commands ran as (empty: none); `None` for entries
+    /// written before identities were recorded, which replay as redfuse itself.
+    pub identity: Option<Bytes>,
     /// The exact RESP command frame as the client sent it.
     pub frame: Bytes,
 }
 
+impl Entry {
+    fn kind(&self) -> u32 {
+        if self.identity.is_some() {
+            KIND_ENTRY_AS
+        } else {
+            KIND_ENTRY
+        }
+    }
+
+    /// The record's payload on disk.
+    fn payload(&self) -> std::borrow::Cow<'_, [u8]> {
+        match &self.identity {
+            None => std::borrow::Cow::Borrowed(&self.frame[..]),
+            Some(name) => {
+                let mut p = Vec::with_capacity(2 + name.len() + self.frame.len());
+                p.extend_from_slice(&(name.len() as u16).to_le_bytes());
+                p.extend_from_slice(name);
+                p.extend_from_slice(&self.frame);
+                std::borrow::Cow::Owned(p)
+            }
+        }
+    }
+
+    fn record_len(&self) -> u64 {
+        record_len(self.identity.as_ref().map_or(0, |n| 2 + n.len()) + self.frame.len())
+    }
+}
+
+/// Longest identity name recorded with an entry.
+pub const MAX_IDENTITY_LEN: usize = u16::MAX as usize;
+
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     /// The byte or entry cap would be exceeded; the write was not queued.
-    #[error("write queue is full (max_bytes {max_bytes} or max_entries reached)")]
-    Full { max_bytes: usize },
+    #[error("write queue is full ({what})")]
+    Full { what: String },
     /// The journal file could not be read or written; the message names the file.
     #[error("write queue journal I/O error: {0}")]
     Io(std::io::Error),
@@ -312,31 +349,40 @@ impl Journal {
     /// Queues a write and returns its seq. The record reaches the file (and is
     /// fsynced under `always`) before the entry is visible in memory, so an
     /// `Ok` means a restart will replay it. On any error nothing was queued.
-    pub fn append(&self, db: u32, frame: Bytes) -> Result<u64, JournalError> {
+    pub fn append(&self, db: u32, identity: Bytes, frame: Bytes) -> Result<u64, JournalError> {
         let mut guard = self.lock();
         let state = &mut *guard;
         if state.entries.len() >= self.max_entries {
             return Err(self.reject(Reject::Entries));
         }
-        if frame.len() > MAX_FRAME_LEN || state.bytes.saturating_add(frame.len()) > self.max_bytes {
+        if frame.len() > MAX_FRAME_LEN - MAX_IDENTITY_LEN - 2
+            || identity.len() > MAX_IDENTITY_LEN
+            || state.bytes.saturating_add(frame.len()) > self.max_bytes
+        {
             return Err(self.reject(Reject::Bytes));
         }
         let seq = state.next_seq;
         let Some(next_seq) = seq.checked_add(1) else {
             return Err(JournalError::Corrupt("sequence numbers exhausted".into()));
         };
+        let entry = Entry {
+            seq,
+            db,
+            identity: Some(identity),
+            frame,
+        };
         if let Some(disk) = state.disk.as_mut() {
-            if let Err(e) = disk.write_record(KIND_ENTRY, db, seq, &frame, self.fsync) {
+            if let Err(e) = disk.write_record(entry.kind(), db, seq, &entry.payload(), self.fsync) {
                 self.count_rejected(Reject::Io);
                 let err = disk.io_error("cannot append to", e);
                 tracing::warn!(error = %err, "write queue append failed");
                 return Err(err);
             }
-            disk.live += record_len(frame.len());
+            disk.live += entry.record_len();
         }
         state.next_seq = next_seq;
-        state.bytes += frame.len();
-        state.entries.push_back(Entry { seq, db, frame });
+        state.bytes += entry.frame.len();
+        state.entries.push_back(entry);
         self.observe(state);
         Ok(seq)
     }
@@ -364,7 +410,7 @@ impl Journal {
             }
             if let Some(entry) = state.entries.pop_front() {
                 state.bytes -= entry.frame.len();
-                removed_on_disk += record_len(entry.frame.len());
+                removed_on_disk += entry.record_len();
                 last_acked = Some(entry.seq);
             }
         }
@@ -407,6 +453,10 @@ impl Journal {
 
     pub fn is_empty(&self) -> bool {
         self.depth.load(std::sync::atomic::Ordering::Acquire) == 0
+    }
+
+    pub fn metrics(&self) -> Option<&WriteQueueMetrics> {
+        self.metrics.as_ref()
     }
 
     /// Number of queued entries.
@@ -495,9 +545,11 @@ impl Journal {
 
     fn reject(&self, why: Reject) -> JournalError {
         self.count_rejected(why);
-        JournalError::Full {
-            max_bytes: self.max_bytes,
-        }
+        let what = match why {
+            Reject::Entries => format!("max_entries {} reached", self.max_entries),
+            _ => format!("max_bytes {} reached", self.max_bytes),
+        };
+        JournalError::Full { what }
     }
 }
 
@@ -579,11 +631,7 @@ impl Disk {
                 .and_then(|()| file.sync_all())
                 .map_err(|e| io_err("cannot truncate", e))?;
         }
-        let live = recovered
-            .entries
-            .iter()
-            .map(|e| record_len(e.frame.len()))
-            .sum();
+        let live = recovered.entries.iter().map(Entry::record_len).sum();
         let disk = Disk {
             path: path.to_path_buf(),
             file,
@@ -708,9 +756,10 @@ impl Disk {
             out.write_all(&file_header())?;
             let mut len = FILE_HEADER_LEN as u64;
             for e in entries {
-                out.write_all(&record_header(KIND_ENTRY, e.db, e.seq, &e.frame))?;
-                out.write_all(&e.frame)?;
-                len += record_len(e.frame.len());
+                let payload = e.payload();
+                out.write_all(&record_header(e.kind(), e.db, e.seq, &payload))?;
+                out.write_all(&payload)?;
+                len += e.record_len();
             }
             out.flush()?;
             drop(out);
@@ -828,7 +877,7 @@ fn recover(file: &File, path: &Path) -> Result<Recovered, JournalError> {
         let mut head = [0u8; RECORD_HEADER_LEN];
         r.read_exact(&mut head).map_err(io_err)?;
         let h = RecordHeader::parse(&head);
-        let implausible = if h.kind != KIND_ENTRY && h.kind != KIND_ACK {
+        let implausible = if !matches!(h.kind, KIND_ENTRY | KIND_ACK | KIND_ENTRY_AS) {
             Some(format!("unknown record kind {}", h.kind))
         } else if h.len as usize > MAX_FRAME_LEN {
             Some(format!(
@@ -864,7 +913,7 @@ fn recover(file: &File, path: &Path) -> Result<Recovered, JournalError> {
             return Err(corrupt(pos, format!("checksum mismatch (seq {})", h.seq)));
         }
         match h.kind {
-            KIND_ENTRY => {
+            KIND_ENTRY | KIND_ENTRY_AS => {
                 if h.seq <= last_seq || h.seq == u64::MAX {
                     return Err(corrupt(
                         pos,
@@ -872,11 +921,27 @@ fn recover(file: &File, path: &Path) -> Result<Recovered, JournalError> {
                     ));
                 }
                 last_seq = h.seq;
+                let mut frame = Bytes::from(frame);
+                let identity = if h.kind == KIND_ENTRY_AS {
+                    let name_len = frame
+                        .get(..2)
+                        .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+                        .filter(|n| 2 + n <= frame.len())
+                        .ok_or_else(|| {
+                            corrupt(pos, format!("malformed identity (seq {})", h.seq))
+                        })?;
+                    let name = frame.slice(2..2 + name_len);
+                    frame = frame.slice(2 + name_len..);
+                    Some(name)
+                } else {
+                    None
+                };
                 out.bytes += frame.len();
                 out.entries.push_back(Entry {
                     seq: h.seq,
                     db: h.db,
-                    frame: Bytes::from(frame),
+                    identity,
+                    frame,
                 });
             }
             _ => {
@@ -1173,7 +1238,7 @@ mod tests {
         FILE_HEADER_LEN as u64
             + frames[..index]
                 .iter()
-                .map(|f| record_len(f.len()))
+                .map(|f| record_len(2 + f.len()))
                 .sum::<u64>()
     }
 
@@ -1181,7 +1246,8 @@ mod tests {
         let j = Journal::open(&on_disk(path, FsyncPolicy::Always)).expect("open");
         let frames: Vec<Bytes> = (0..3).map(set).collect();
         for (db, f) in frames.iter().enumerate() {
-            j.append(db as u32, f.clone()).expect("append");
+            j.append(db as u32, Bytes::new(), f.clone())
+                .expect("append");
         }
         frames
     }
@@ -1206,7 +1272,8 @@ mod tests {
         assert!(j.is_empty());
         for i in 0..5 {
             assert_eq!(
-                j.append(i as u32 % 2, set(i)).expect("append"),
+                j.append(i as u32 % 2, Bytes::new(), set(i))
+                    .expect("append"),
                 i as u64 + 1
             );
         }
@@ -1230,7 +1297,7 @@ mod tests {
         // Acking something already acked, or below the head, changes nothing.
         j.ack(1).expect("ack");
         assert_eq!(seqs(&j), vec![3, 4, 5]);
-        j.append(7, set(9)).expect("append");
+        j.append(7, Bytes::new(), set(9)).expect("append");
         j.ack(5).expect("ack");
         assert_eq!(seqs(&j), vec![6]);
         assert_eq!(j.peek(10)[0].frame, set(9));
@@ -1238,7 +1305,7 @@ mod tests {
         assert!(j.is_empty());
         assert_eq!(j.bytes(), 0);
         // Seqs keep increasing after the queue drained.
-        assert_eq!(j.append(0, set(1)).expect("append"), 7);
+        assert_eq!(j.append(0, Bytes::new(), set(1)).expect("append"), 7);
     }
 
     #[test]
@@ -1253,13 +1320,15 @@ mod tests {
         let j = Journal::open(&cfg)
             .expect("open")
             .with_metrics(metrics.clone());
-        j.append(0, frame.clone()).expect("first fits");
-        j.append(0, frame.clone()).expect("second fits");
+        j.append(0, Bytes::new(), frame.clone())
+            .expect("first fits");
+        j.append(0, Bytes::new(), frame.clone())
+            .expect("second fits");
         let err = j
-            .append(0, frame.clone())
+            .append(0, Bytes::new(), frame.clone())
             .expect_err("third is over the cap");
         assert!(
-            matches!(err, JournalError::Full { max_bytes } if max_bytes == cfg.max_bytes),
+            matches!(&err, JournalError::Full { what } if *what == format!("max_bytes {} reached", cfg.max_bytes)),
             "{err:?}"
         );
         assert_eq!(j.len(), 2, "a refused write changes nothing");
@@ -1267,10 +1336,11 @@ mod tests {
         assert_eq!(metrics.rejected_bytes.get(), 1);
         assert_eq!(metrics.depth.get(), 2);
         // A frame that fits in what is left is still taken.
-        j.append(0, Bytes::from_static(b"x")).expect("small fits");
+        j.append(0, Bytes::new(), Bytes::from_static(b"x"))
+            .expect("small fits");
         // Room comes back once the replay acks.
         j.ack(1).expect("ack");
-        j.append(0, frame).expect("fits after ack");
+        j.append(0, Bytes::new(), frame).expect("fits after ack");
         assert_eq!(seqs(&j), vec![2, 3, 4], "the refused write used no seq");
     }
 
@@ -1285,16 +1355,21 @@ mod tests {
         let j = Journal::open(&cfg)
             .expect("open")
             .with_metrics(metrics.clone());
-        j.append(0, set(0)).expect("append");
-        j.append(0, set(1)).expect("append");
-        let err = j.append(0, set(2)).expect_err("over the entry cap");
-        assert!(matches!(err, JournalError::Full { .. }), "{err:?}");
+        j.append(0, Bytes::new(), set(0)).expect("append");
+        j.append(0, Bytes::new(), set(1)).expect("append");
+        let err = j
+            .append(0, Bytes::new(), set(2))
+            .expect_err("over the entry cap");
+        assert!(
+            matches!(&err, JournalError::Full { what } if what == "max_entries 2 reached"),
+            "{err:?}"
+        );
         assert_eq!(j.len(), 2);
         assert_eq!(metrics.rejected_entries.get(), 1);
         assert_eq!(metrics.rejected_bytes.get(), 0);
         assert_eq!(metrics.depth.get(), 2);
         j.ack(1).expect("ack");
-        j.append(0, set(2)).expect("room again");
+        j.append(0, Bytes::new(), set(2)).expect("room again");
         assert_eq!(
             j.peek(5)
                 .iter()
@@ -1318,7 +1393,7 @@ mod tests {
             assert_eq!(e.frame, frames[i]);
         }
         assert_eq!(j.bytes(), frames.iter().map(|f| f.len()).sum::<usize>());
-        assert_eq!(j.append(0, set(3)).expect("append"), 4);
+        assert_eq!(j.append(0, Bytes::new(), set(3)).expect("append"), 4);
         drop(j);
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen again");
         assert_eq!(seqs(&j), vec![1, 2, 3, 4]);
@@ -1338,7 +1413,7 @@ mod tests {
         assert_eq!(entries.len(), 1);
         assert_eq!((entries[0].seq, &entries[0].frame), (3, &frames[2]));
         assert_eq!(j.bytes(), frames[2].len());
-        assert_eq!(j.append(0, set(7)).expect("append"), 4);
+        assert_eq!(j.append(0, Bytes::new(), set(7)).expect("append"), 4);
     }
 
     #[test]
@@ -1353,13 +1428,13 @@ mod tests {
             assert!(j.is_empty());
             assert_eq!(file_len(&path), 0);
             // The next append writes the header again.
-            j.append(5, set(5)).expect("append");
+            j.append(5, Bytes::new(), set(5)).expect("append");
             j.ack(4).expect("ack");
             assert_eq!(file_len(&path), 0);
         }
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
         assert!(j.is_empty());
-        assert_eq!(j.append(0, set(0)).expect("append"), 1);
+        assert_eq!(j.append(0, Bytes::new(), set(0)).expect("append"), 1);
         drop(j);
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
         assert_eq!(j.peek(10)[0].frame, set(0));
@@ -1380,7 +1455,11 @@ mod tests {
             assert_eq!(seqs(&j), vec![1, 2], "cut {cut}");
             assert_eq!(file_len(&path), record_offset(&frames, 2), "cut {cut}");
             // Restore the third record for the next round.
-            assert_eq!(j.append(2, frames[2].clone()).expect("append"), 3);
+            assert_eq!(
+                j.append(2, Bytes::new(), frames[2].clone())
+                    .expect("append"),
+                3
+            );
             drop(j);
             assert_eq!(file_len(&path), full);
         }
@@ -1409,7 +1488,7 @@ mod tests {
         patch(
             &path,
             record_offset(&frames, 2),
-            &vec![0u8; record_len(frames[2].len()) as usize],
+            &vec![0u8; record_len(2 + frames[2].len()) as usize],
         );
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
         assert_eq!(seqs(&j), vec![1, 2]);
@@ -1423,7 +1502,7 @@ mod tests {
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open");
         assert!(j.is_empty());
         assert_eq!(file_len(&path), 0);
-        j.append(0, set(0)).expect("append");
+        j.append(0, Bytes::new(), set(0)).expect("append");
         drop(j);
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
         assert_eq!(j.len(), 1);
@@ -1555,7 +1634,7 @@ mod tests {
         let path = dir.file();
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open");
         for i in 0..4 {
-            j.append(0, set(i)).expect("append");
+            j.append(0, Bytes::new(), set(i)).expect("append");
             assert_eq!(syncs(&j), i as u64 + 1);
             assert!(!j.is_dirty());
         }
@@ -1571,8 +1650,8 @@ mod tests {
         let dir = TempDir::new("everysec");
         let path = dir.file();
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Everysec)).expect("open");
-        j.append(0, set(0)).expect("append");
-        j.append(0, set(1)).expect("append");
+        j.append(0, Bytes::new(), set(0)).expect("append");
+        j.append(0, Bytes::new(), set(1)).expect("append");
         assert_eq!(syncs(&j), 0, "less than a second since open");
         assert!(j.is_dirty());
         {
@@ -1582,10 +1661,10 @@ mod tests {
                 disk.last_sync = earlier;
             }
         }
-        j.append(0, set(2)).expect("append");
+        j.append(0, Bytes::new(), set(2)).expect("append");
         assert_eq!(syncs(&j), 1, "a second had passed");
         assert!(!j.is_dirty());
-        j.append(0, set(3)).expect("append");
+        j.append(0, Bytes::new(), set(3)).expect("append");
         assert_eq!(syncs(&j), 1);
         j.sync().expect("sync");
         assert_eq!(syncs(&j), 2, "sync flushes what is pending");
@@ -1599,7 +1678,7 @@ mod tests {
         let path = dir.file();
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Never)).expect("open");
         for i in 0..3 {
-            j.append(0, set(i)).expect("append");
+            j.append(0, Bytes::new(), set(i)).expect("append");
         }
         j.ack(1).expect("ack");
         assert_eq!(syncs(&j), 0);
@@ -1615,7 +1694,7 @@ mod tests {
         let path = dir.file();
         let j = Arc::new(Journal::open(&on_disk(&path, FsyncPolicy::Everysec)).expect("open"));
         let task = Journal::spawn_sync_task(&j).expect("everysec with a file has a task");
-        j.append(0, set(0)).expect("append");
+        j.append(0, Bytes::new(), set(0)).expect("append");
         assert!(j.is_dirty());
         tokio::time::sleep(Duration::from_millis(1500)).await;
         for _ in 0..100 {
@@ -1649,16 +1728,16 @@ mod tests {
         j.compact_slack = 0;
         let frames: Vec<Bytes> = (0..10).map(set).collect();
         for f in &frames {
-            j.append(3, f.clone()).expect("append");
+            j.append(3, Bytes::new(), f.clone()).expect("append");
         }
         let full = file_len(&path);
         j.ack(6).expect("ack");
-        let live: u64 = frames[6..].iter().map(|f| record_len(f.len())).sum();
+        let live: u64 = frames[6..].iter().map(|f| record_len(2 + f.len())).sum();
         assert_eq!(file_len(&path), FILE_HEADER_LEN as u64 + live, "compacted");
         assert!(file_len(&path) < full);
         assert!(!compact_path(&path).exists(), "no temp file left");
         // The compacted file is the one appended to from now on.
-        j.append(3, set(10)).expect("append");
+        j.append(3, Bytes::new(), set(10)).expect("append");
         drop(j);
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
         assert_eq!(seqs(&j), vec![7, 8, 9, 10, 11]);
@@ -1671,7 +1750,7 @@ mod tests {
         let path = dir.file();
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open");
         for i in 0..10 {
-            j.append(0, set(i)).expect("append");
+            j.append(0, Bytes::new(), set(i)).expect("append");
         }
         let before = file_len(&path);
         j.ack(3).expect("ack");
@@ -1738,7 +1817,7 @@ mod tests {
             .expect("open")
             .with_metrics(metrics.clone());
         for i in 0..2 {
-            let err = j.append(0, set(i)).expect_err("disk full");
+            let err = j.append(0, Bytes::new(), set(i)).expect_err("disk full");
             assert!(
                 matches!(&err, JournalError::Io(e) if e.to_string().contains("/dev/full")),
                 "{err}"
@@ -1759,7 +1838,8 @@ mod tests {
                 let j = Arc::clone(&j);
                 std::thread::spawn(move || {
                     for i in 0..50 {
-                        j.append(t, set(t as usize * 1000 + i)).expect("append");
+                        j.append(t, Bytes::new(), set(t as usize * 1000 + i))
+                            .expect("append");
                     }
                 })
             })
@@ -1787,7 +1867,7 @@ mod tests {
             .with_metrics(metrics.clone());
         assert_eq!(metrics.depth.get(), 3, "recovered entries count at once");
         assert_eq!(metrics.bytes.get(), j.bytes() as i64);
-        j.append(0, set(42)).expect("append");
+        j.append(0, Bytes::new(), set(42)).expect("append");
         assert_eq!(metrics.depth.get(), 4);
         assert_eq!(metrics.bytes.get(), j.bytes() as i64);
         j.ack(2).expect("ack");
@@ -1897,5 +1977,32 @@ mod tests {
             let err = config.validate().expect_err(field);
             assert!(err.starts_with(field), "{err}");
         }
+    }
+
+    #[test]
+    fn identities_survive_a_reopen_and_legacy_entries_have_none() {
+        let dir = TempDir::new("identity");
+        let path = dir.file();
+        {
+            let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open");
+            j.append(1, Bytes::from_static(b"alice"), set(1))
+                .expect("append");
+            j.append(2, Bytes::new(), set(2)).expect("append");
+        }
+        // A record as the first version wrote them, with no identity.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&record_header(KIND_ENTRY, 3, 3, &set(3)))
+            .unwrap();
+        f.write_all(&set(3)).unwrap();
+        drop(f);
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        let got = j.peek(10);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].identity.as_deref(), Some(&b"alice"[..]));
+        assert_eq!(got[0].frame, set(1));
+        assert_eq!(got[1].identity.as_deref(), Some(&b""[..]));
+        assert_eq!(got[2].identity, None);
+        assert_eq!(got[2].frame, set(3));
+        assert_eq!(j.bytes(), set(1).len() + set(2).len() + set(3).len());
     }
 }

@@ -1,5 +1,4 @@
-//! The in-process reply cache behind degraded mode, and the single-flight that keeps
-//! identical reads from stampeding the upstream.
+//! The in-process reply cache behind degraded mode.
 //!
 //! While the upstream is healthy every cacheable read's reply is remembered; while its
 //! breaker is open those replies are served instead of an error. The cache never decides
@@ -14,52 +13,60 @@
 //!   second place where that can go wrong. Bytes are also what the byte bound counts.
 //!   The protocol version is part of [`CacheKey`] because the same command has
 //!   differently-framed replies under RESP2 and RESP3.
+//! * **Partitioned by identity.** A cached reply carries no ACL, so the Redis user whose
+//!   read filled an entry is part of its [`CacheKey`]: a client is only ever served what
+//!   reads made as its own identity filled.
 //! * **Entries are indexed by the Redis key they read.** A write to `k` makes `GET k`,
-//!   `HGETALL k`, `LRANGE k 0 -1`, ... all wrong at once, and the write only names `k`.
-//!   The index `(db, key) -> {CacheKey}` lets [`Cache::invalidate`] find every one of
-//!   them without scanning, and eviction removes entries from it so it never holds more
-//!   than the LRU does.
+//!   `HGETALL k`, `LRANGE k 0 -1`, ... all wrong at once (for every identity), and the
+//!   write only names `k`. The index `(db, key) -> {CacheKey}` lets [`Cache::invalidate`]
+//!   find every one of them without scanning, and eviction removes entries from it so it
+//!   never holds more than the LRU does.
+//! * **What redfuse learnt about a key is kept beside its replies.** A *key record* holds
+//!   the key's expiry when the commands redfuse forwarded told it (`SET ... EX`, `EXPIRE`,
+//!   `PERSIST` ...), so an entry is never served past the moment Redis expires the key,
+//!   and a *write mark* when a write to the key was acknowledged whose result redfuse does
+//!   not hold: a degraded read that misses the cache must then not answer as if the key
+//!   were absent (see [`Cache::miss_is_unsafe`]). Key records live in the same LRU and
+//!   byte bound; a write mark evicted before its time is remembered in a small bitmap, so
+//!   losing one can only turn a miss reply into an error, never the reverse.
 //! * **No clock reads inside.** Every operation that cares about age takes `now`, and
 //!   the allowed staleness comes from the caller (it depends on the key pattern, which is
-//!   configuration the cache knows nothing about). The caller already reads the clock
-//!   once per request, one reading then serves every key of an MGET consistently, and
-//!   tests control age exactly with paused tokio time.
+//!   configuration the cache knows nothing about). One clock reading then serves every key
+//!   of an MGET consistently, and tests control age exactly with paused tokio time.
 //! * **Stale entries are dropped when found.** An entry's age only grows and the caller's
 //!   `max_stale` for a key is fixed by its pattern, so an entry found too old can never
-//!   be served again (a reload that raises `max_stale` merely loses it early); keeping
-//!   it would only crowd out entries that can be. The lookup still reports
-//!   [`Lookup::Stale`] (not `Miss`) so the metrics show how much was lost to age.
+//!   be served again; keeping it would only crowd out entries that can be. The lookup
+//!   still reports [`Lookup::Stale`] (not `Miss`) so the metrics show how much was lost.
 //! * **One `std::sync::Mutex`.** Every operation is a few hash lookups; nothing awaits
 //!   under the lock and reply copies are made before it is taken.
 //! * **Fill tickets.** A read sent before a write can have its (older) reply arrive after
-//!   the write's invalidation; filling it then would cache a value Redis no longer holds
-//!   until `max_stale` expires. [`Cache::ticket`] taken before the read is sent and
-//!   [`Cache::insert_checked`] refuse such fills. Tickets are striped by a hash of the
-//!   key, so the bookkeeping stays bounded at the price of an occasional needless refusal.
+//!   the write's invalidation; filling it then would cache a value Redis no longer holds.
+//!   [`Cache::ticket`] taken before the read is sent and [`Cache::insert_checked`] refuse
+//!   such fills. Tickets are striped by a hash of the key, so the bookkeeping stays
+//!   bounded at the price of an occasional needless refusal.
 //! * **MGET is cached per key,** as `GET` entries ([`CacheKey::get`]), so that any later
-//!   GET or MGET over an overlapping set of keys can be answered; [`split_array_reply`]
-//!   and [`join_array_reply`] cut and reassemble the array without copying.
+//!   GET or MGET over an overlapping set of keys can be answered.
 //!
-//! [`SingleFlight`] is generic and independent of the cache: the first caller of a key
-//! leads and holds a [`LeaderGuard`]; callers arriving while it works follow, waiting on
-//! a oneshot channel for a clone of its value. A guard dropped without
-//! finishing (error, timeout, cancelled task) closes the channel, so followers wake with
-//! `None` and send their own request rather than hang or share a failure.
+//! [`flight`] holds the single-flight that lets identical reads share one request.
+
+pub mod flight;
+
+pub use flight::{Flight, Follower, LeaderGuard, SingleFlight};
 
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
-use std::hash::{BuildHasher, Hash};
-use std::pin::Pin;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use lru::LruCache;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
-use tokio::sync::oneshot;
 use tokio::time::Instant;
+
+use crate::auth::IdentityId;
+use crate::resp::{Proto, put_decimal};
 
 /// Estimated memory per entry beyond its command, Redis key and reply bytes: the LRU node
 /// and its hash slot, the index slot, allocator rounding and the shared-buffer headers
@@ -73,7 +80,7 @@ pub const ENTRY_OVERHEAD: usize = 480;
 /// client-chosen bytes the LRU already does, so SipHash would buy no DoS resistance there
 /// and would cost more than the rest of an insert.
 type Hasher = lru::DefaultHasher;
-type FastMap<K, V> = HashMap<K, V, Hasher>;
+pub(crate) type FastMap<K, V> = HashMap<K, V, Hasher>;
 type FastSet<K> = HashSet<K, Hasher>;
 
 /// Number of fill-ticket stripes; more means fewer needless refusals, each costs 8 bytes.
@@ -83,17 +90,28 @@ const TICKET_STRIPES: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     pub db: u32,
-    /// RESP protocol version of the connection: 2 or 3.
-    pub proto: u8,
-    /// The upper-cased command name, then each argument, each as `<len>:<bytes>`.
+    /// Whose read filled it; only that identity is served it.
+    pub identity: IdentityId,
+    /// The framing of the stored reply.
+    pub proto: Proto,
+    /// The upper-cased command name, then each argument, each as `<len>:<bytes>`; for a
+    /// key record, the Redis key itself.
     pub command: Bytes,
 }
+
+/// The identity under which key records are kept (no client has it).
+const KEY_RECORD: IdentityId = IdentityId::KEY_RECORD;
 
 impl CacheKey {
     /// Normalises `args` (name first). The name is upper-cased because Redis treats it
     /// case-insensitively; arguments are not, because keys and values are binary. Every
     /// piece is length-prefixed so `HGET ab c` and `HGET a bc` cannot collide.
-    pub fn new<A: AsRef<[u8]>>(db: u32, proto: u8, args: &[A]) -> CacheKey {
+    pub fn new<A: AsRef<[u8]>>(
+        db: u32,
+        identity: IdentityId,
+        proto: Proto,
+        args: &[A],
+    ) -> CacheKey {
         let len = args.iter().map(|a| a.as_ref().len() + 21).sum();
         let mut buf = BytesMut::with_capacity(len);
         for (i, arg) in args.iter().enumerate() {
@@ -101,6 +119,7 @@ impl CacheKey {
         }
         CacheKey {
             db,
+            identity,
             proto,
             command: buf.freeze(),
         }
@@ -111,13 +130,22 @@ impl CacheKey {
     ///
     /// Caveat for the caller: MGET answers nil for a key holding a non-string, where GET
     /// answers WRONGTYPE; storing that nil as a GET entry is a deliberate approximation.
-    pub fn get(db: u32, proto: u8, key: &[u8]) -> CacheKey {
-        CacheKey::new(db, proto, &[b"GET".as_slice(), key])
+    pub fn get(db: u32, identity: IdentityId, proto: Proto, key: &[u8]) -> CacheKey {
+        CacheKey::new(db, identity, proto, &[b"GET".as_slice(), key])
+    }
+
+    fn record(db: u32, redis_key: &[u8]) -> CacheKey {
+        CacheKey {
+            db,
+            identity: KEY_RECORD,
+            proto: Proto::Resp2,
+            command: Bytes::copy_from_slice(redis_key),
+        }
     }
 }
 
 fn push_piece(buf: &mut BytesMut, piece: &[u8], upper: bool) {
-    push_decimal(buf, piece.len());
+    put_decimal(buf, piece.len() as i64);
     buf.put_u8(b':');
     if upper {
         buf.extend(piece.iter().map(u8::to_ascii_uppercase));
@@ -126,18 +154,25 @@ fn push_piece(buf: &mut BytesMut, piece: &[u8], upper: bool) {
     }
 }
 
-fn push_decimal(buf: &mut BytesMut, mut n: usize) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
+/// What redfuse knows of a key's expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ttl {
+    /// Nothing: replies of the key are bounded by `max_stale` only.
+    Unknown,
+    /// The key has no expiry.
+    Persistent,
+    /// Redis expires the key at this moment (or a little after: redfuse counts from when
+    /// it sent the command).
+    At(Instant),
+}
+
+impl Ttl {
+    fn deadline(self) -> Option<Instant> {
+        match self {
+            Ttl::At(t) => Some(t),
+            _ => None,
         }
     }
-    buf.put_slice(&digits[i..]);
 }
 
 /// Bounds of the cache. A zero in any of them disables caching.
@@ -149,6 +184,9 @@ pub struct CacheConfig {
     /// Entries whose charge is larger are not cached: one huge reply would evict
     /// thousands of small ones that are more likely to be asked for again.
     pub max_entry_bytes: usize,
+    /// How long a write mark matters: the longest `max_stale` of any key pattern (past it,
+    /// no reply from before the write could be served anyway).
+    pub written_ttl: Duration,
 }
 
 impl Default for CacheConfig {
@@ -157,9 +195,16 @@ impl Default for CacheConfig {
             max_bytes: 64 << 20,
             max_entries: 1_000_000,
             max_entry_bytes: 1 << 20,
+            written_ttl: Duration::from_secs(300),
         }
     }
 }
+
+/// What a key record counts against the byte bound besides its key.
+const RECORD_OVERHEAD: usize = 160;
+
+/// Bits of each generation of the bitmap of write marks evicted early.
+const LOST_MARK_BITS: usize = 1 << 20;
 
 /// What one entry counts against [`CacheConfig::max_bytes`].
 pub fn entry_charge(key: &CacheKey, redis_key_len: usize, reply_len: usize) -> usize {
@@ -292,11 +337,34 @@ impl CacheMetrics {
     }
 }
 
-struct Entry {
-    reply: Bytes,
-    redis_key: Bytes,
-    filled: Instant,
+/// A cached reply, or a key record (see the module docs).
+enum Entry {
+    Reply {
+        reply: Bytes,
+        redis_key: Bytes,
+        filled: Instant,
+        /// When Redis expires the key, if redfuse knew when this was filled.
+        expires: Option<Instant>,
+        charge: usize,
+    },
+    Record(Record),
+}
+
+#[derive(Clone, Copy)]
+struct Record {
+    /// When a write whose result redfuse does not hold was acknowledged.
+    written: Option<Instant>,
+    ttl: Ttl,
     charge: usize,
+}
+
+impl Entry {
+    fn charge(&self) -> usize {
+        match self {
+            Entry::Reply { charge, .. } => *charge,
+            Entry::Record(r) => r.charge,
+        }
+    }
 }
 
 /// The cached commands that read one Redis key. Almost every key has exactly one, and a
@@ -340,12 +408,52 @@ impl Readers {
     }
 }
 
+/// Write marks evicted before `written_ttl` passed, as a two-generation bitmap of key
+/// hashes: a key whose bit is set may have lost its mark, so a miss on it is answered with
+/// an error. Bits are dropped a generation at a time, once no mark they stand for can
+/// matter any more.
+struct LostMarks {
+    current: Box<[u64]>,
+    previous: Box<[u64]>,
+    since: Instant,
+}
+
+impl LostMarks {
+    fn new(now: Instant) -> LostMarks {
+        LostMarks {
+            current: vec![0; LOST_MARK_BITS / 64].into_boxed_slice(),
+            previous: vec![0; LOST_MARK_BITS / 64].into_boxed_slice(),
+            since: now,
+        }
+    }
+
+    fn rotate(&mut self, now: Instant, ttl: Duration) {
+        if now.saturating_duration_since(self.since) > ttl {
+            std::mem::swap(&mut self.current, &mut self.previous);
+            self.current.iter_mut().for_each(|w| *w = 0);
+            self.since = now;
+        }
+    }
+
+    fn set(&mut self, hash: u64) {
+        let bit = hash as usize % LOST_MARK_BITS;
+        self.current[bit / 64] |= 1 << (bit % 64);
+    }
+
+    fn test(&self, hash: u64) -> bool {
+        let bit = hash as usize % LOST_MARK_BITS;
+        (self.current[bit / 64] | self.previous[bit / 64]) & (1 << (bit % 64)) != 0
+    }
+}
+
 struct State {
     lru: LruCache<CacheKey, Entry>,
-    /// db -> Redis key -> every cached command that read it. Holds exactly the keys the
-    /// LRU holds.
+    /// db -> Redis key -> every cached reply that read it. Holds exactly the replies the
+    /// LRU holds (key records are found by their own key, not through the index).
     index: FastMap<u32, FastMap<Bytes, Readers>>,
     bytes: usize,
+    records: usize,
+    lost: LostMarks,
 }
 
 impl State {
@@ -377,25 +485,34 @@ impl State {
         let Some(entry) = self.lru.pop(key) else {
             return false;
         };
-        self.unaccount(key, entry);
+        self.unaccount(key, entry, None);
         true
     }
 
-    fn unaccount(&mut self, key: &CacheKey, entry: Entry) {
-        self.bytes -= entry.charge;
-        self.remove_from_index(key, entry.redis_key);
+    /// Forgets an entry taken out of the LRU. An evicted write mark (`evicted` carries
+    /// the clock and the hash of its key) is remembered as lost while it still matters.
+    fn unaccount(
+        &mut self,
+        key: &CacheKey,
+        entry: Entry,
+        evicted: Option<(Instant, u64, Duration)>,
+    ) {
+        self.bytes -= entry.charge();
+        match entry {
+            Entry::Reply { redis_key, .. } => self.remove_from_index(key, redis_key),
+            Entry::Record(r) => {
+                self.records -= 1;
+                if let (Some(written), Some((now, hash, ttl))) = (r.written, evicted)
+                    && now.saturating_duration_since(written) <= ttl
+                {
+                    self.lost.set(hash);
+                }
+            }
+        }
     }
 
-    fn evict_until_within(&mut self, config: &CacheConfig) -> u64 {
-        let mut evicted = 0;
-        while self.bytes > config.max_bytes || self.lru.len() > config.max_entries {
-            let Some((key, entry)) = self.lru.pop_lru() else {
-                break;
-            };
-            self.unaccount(&key, entry);
-            evicted += 1;
-        }
-        evicted
+    fn replies(&self) -> usize {
+        self.lru.len() - self.records
     }
 }
 
@@ -412,6 +529,7 @@ pub struct Cache {
 }
 
 impl Cache {
+    #[cfg(test)]
     pub fn new(config: CacheConfig) -> Cache {
         Cache::build(config, None)
     }
@@ -427,6 +545,8 @@ impl Cache {
                 lru: LruCache::unbounded(),
                 index: FastMap::default(),
                 bytes: 0,
+                records: 0,
+                lost: LostMarks::new(Instant::now()),
             }),
             metrics,
             stripes: (0..TICKET_STRIPES).map(|_| AtomicU64::new(0)).collect(),
@@ -435,12 +555,9 @@ impl Cache {
         }
     }
 
-    pub fn config(&self) -> &CacheConfig {
-        &self.config
-    }
-
-    pub fn metrics(&self) -> Option<&CacheMetrics> {
-        self.metrics.as_ref()
+    /// Whether the cache stores anything at all.
+    pub fn enabled(&self) -> bool {
+        self.config.max_bytes > 0 && self.config.max_entries > 0
     }
 
     /// Counts an outcome the cache itself never sees (e.g. a non-cacheable command in
@@ -451,38 +568,74 @@ impl Cache {
         }
     }
 
-    /// Number of entries.
+    /// Number of cached replies (key records are not counted).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.lock().lru.len()
+        self.lock().replies()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Sum of the entries' charges; never above `max_bytes` between calls.
+    /// Sum of the charges of replies and key records; never above `max_bytes` between
+    /// calls.
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.lock().bytes
     }
 
     /// Looks `key` up and counts the outcome. A hit becomes most recently used; an entry
-    /// older than `max_stale` is removed (see the module docs) and reported as `Stale`.
+    /// older than `max_stale`, or past its key's known expiry, is removed (see the module
+    /// docs) and reported as `Stale`.
     pub fn get(&self, key: &CacheKey, now: Instant, max_stale: Duration) -> Lookup {
         let mut st = self.lock();
         let lookup = match st.lru.get(key) {
-            None => Lookup::Miss,
-            Some(e) if now.saturating_duration_since(e.filled) <= max_stale => {
-                Lookup::Hit(e.reply.clone())
+            Some(Entry::Reply {
+                reply,
+                filled,
+                expires,
+                ..
+            }) if now.saturating_duration_since(*filled) <= max_stale
+                && expires.is_none_or(|e| now < e) =>
+            {
+                Lookup::Hit(reply.clone())
             }
-            Some(_) => {
+            Some(Entry::Reply { .. }) => {
                 st.remove(key);
                 self.publish(&st);
                 Lookup::Stale
             }
+            _ => Lookup::Miss,
         };
         drop(st);
         self.count(lookup.result());
         lookup
+    }
+
+    /// Whether answering a miss on `redis_key` with the configured miss reply could show a
+    /// client a value older than a write it saw acknowledged: a write whose result redfuse
+    /// does not hold was acknowledged less than `max_stale` ago (or its mark may have been
+    /// evicted). Such a miss must be answered with an error.
+    pub fn miss_is_unsafe(
+        &self,
+        db: u32,
+        redis_key: &[u8],
+        now: Instant,
+        max_stale: Duration,
+    ) -> bool {
+        let record = CacheKey::record(db, redis_key);
+        let hash = self.stripe_hasher.hash_one((db, redis_key));
+        let st = self.lock();
+        if let Some(Entry::Record(Record {
+            written: Some(at), ..
+        })) = st.lru.peek(&record)
+            && now.saturating_duration_since(*at) <= max_stale
+        {
+            return true;
+        }
+        st.lost.test(hash)
     }
 
     /// Stores `reply` for `key`, registered under `redis_key` in `key.db`, filled at
@@ -491,9 +644,10 @@ impl Cache {
     /// Refused: error replies (`-`, `!`), which are answers about a moment, not data, and
     /// leave any existing entry alone, since a transient error (LOADING, BUSY, OOM) says
     /// nothing about the data and the old entry is exactly what degraded mode needs;
-    /// empty replies (not RESP); entries over `max_entry_bytes` or `max_bytes`, which do
-    /// remove an existing entry for `key`, because Redis has since answered something
-    /// else and serving the older answer later would go back in time.
+    /// empty replies (not RESP); replies of a key already past its known expiry; entries
+    /// over `max_entry_bytes` or `max_bytes`, which do remove an existing entry for `key`,
+    /// because Redis has since answered something else and serving the older answer later
+    /// would go back in time.
     ///
     /// Both byte strings are copied: the caller's are usually slices of a connection's
     /// read buffer, and keeping one alive would pin the whole buffer unaccounted.
@@ -525,13 +679,14 @@ impl Cache {
         }
     }
 
-    fn stripe(&self, db: u32, redis_key: &[u8]) -> usize {
-        (self.stripe_hasher.hash_one((db, redis_key)) % TICKET_STRIPES as u64) as usize
-    }
-
-    fn ticket_current(&self, t: FillTicket) -> bool {
+    /// Whether nothing invalidated the ticket's key since it was taken.
+    pub fn ticket_current(&self, t: FillTicket) -> bool {
         self.stripes[t.stripe].load(Ordering::SeqCst) == t.generation
             && self.clears.load(Ordering::SeqCst) == t.clears
+    }
+
+    fn stripe(&self, db: u32, redis_key: &[u8]) -> usize {
+        (self.stripe_hasher.hash_one((db, redis_key)) % TICKET_STRIPES as u64) as usize
     }
 
     fn insert_inner(
@@ -561,40 +716,57 @@ impl Cache {
             self.count(CacheResult::Bypass);
             return false;
         }
+        let expires = match st.lru.peek(&CacheKey::record(key.db, &redis_key)) {
+            Some(Entry::Record(r)) => r.ttl.deadline(),
+            _ => None,
+        };
+        if expires.is_some_and(|e| e <= now) {
+            drop(st);
+            self.count(CacheResult::Bypass);
+            return false;
+        }
         // A hot key re-read with an unchanged value (the common case) only refreshes its
         // age and recency: no copy, no allocation, no index work.
-        if let Some(existing) = st.lru.get_mut(&key)
-            && existing.reply == reply
+        if let Some(Entry::Reply {
+            reply: old,
+            filled,
+            expires: old_expires,
+            ..
+        }) = st.lru.get_mut(&key)
+            && *old == reply
         {
-            existing.filled = now;
+            *filled = now;
+            *old_expires = expires;
             drop(st);
             self.count(CacheResult::Fill);
             return true;
         }
-        let entry = fits.then(|| Entry {
-            reply: Bytes::copy_from_slice(&reply),
-            redis_key: Bytes::copy_from_slice(&redis_key),
-            filled: now,
-            charge,
-        });
-        let Some(entry) = entry else {
+        if !fits {
             if st.remove(&key) {
                 self.publish(&st);
             }
             drop(st);
             self.count(CacheResult::Bypass);
             return false;
+        }
+        let redis_key = Bytes::copy_from_slice(&redis_key);
+        let entry = Entry::Reply {
+            reply: Bytes::copy_from_slice(&reply),
+            redis_key: redis_key.clone(),
+            filled: now,
+            expires,
+            charge,
         };
-        let (index_key, redis_key) = (key.clone(), entry.redis_key.clone());
-        st.bytes += entry.charge;
+        let index_key = key.clone();
+        st.bytes += charge;
         // Unbounded, so `push` only ever returns the entry it replaced. The same command
         // always names the same Redis key, but unindexing through the old entry keeps the
         // index right even if a caller disagrees with itself.
         if let Some((old_key, old)) = st.lru.push(key, entry) {
-            st.unaccount(&old_key, old);
+            st.unaccount(&old_key, old, None);
         }
         st.add_to_index(index_key, redis_key);
-        let evicted = st.evict_until_within(&self.config);
+        let evicted = self.evict_until_within(&mut st, now);
         self.publish(&st);
         drop(st);
         if let Some(m) = &self.metrics {
@@ -602,6 +774,57 @@ impl Cache {
             m.evictions.inc_by(evicted);
         }
         true
+    }
+
+    /// Records what a write acknowledged at `now` told about `redis_key`: `written` when
+    /// redfuse does not hold its result (a degraded miss must not pretend the key is
+    /// absent), and what it did to the key's expiry. Call after the write's invalidation.
+    pub fn key_written(&self, db: u32, redis_key: &[u8], written: bool, ttl: Ttl, now: Instant) {
+        if !self.enabled() {
+            return;
+        }
+        let record_key = CacheKey::record(db, redis_key);
+        let mut st = self.lock();
+        st.lost.rotate(now, self.config.written_ttl);
+        let written = written.then_some(now);
+        if let Some(Entry::Record(r)) = st.lru.get_mut(&record_key) {
+            r.written = written.or(r.written);
+            r.ttl = ttl;
+        } else {
+            if written.is_none() && ttl == Ttl::Unknown {
+                return;
+            }
+            let charge = redis_key.len() + RECORD_OVERHEAD;
+            st.bytes += charge;
+            st.records += 1;
+            let record = Entry::Record(Record {
+                written,
+                ttl,
+                charge,
+            });
+            if let Some((old_key, old)) = st.lru.push(record_key, record) {
+                st.unaccount(&old_key, old, None);
+            }
+        }
+        let evicted = self.evict_until_within(&mut st, now);
+        self.publish(&st);
+        drop(st);
+        if let Some(m) = &self.metrics {
+            m.evictions.inc_by(evicted);
+        }
+    }
+
+    fn evict_until_within(&self, st: &mut State, now: Instant) -> u64 {
+        let mut evicted = 0;
+        while st.bytes > self.config.max_bytes || st.replies() > self.config.max_entries {
+            let Some((key, entry)) = st.lru.pop_lru() else {
+                break;
+            };
+            let hash = self.stripe_hasher.hash_one((key.db, &key.command[..]));
+            st.unaccount(&key, entry, Some((now, hash, self.config.written_ttl)));
+            evicted += 1;
+        }
+        evicted
     }
 
     /// [`invalidate`](Cache::invalidate) in every database a client can select (Redis's
@@ -616,8 +839,9 @@ impl Cache {
             .sum()
     }
 
-    /// Removes every entry that read `redis_key` in `db` (`GET k`, `HGETALL k`, ...) and
-    /// makes tickets taken for it before now stale. Returns how many were removed.
+    /// Removes every reply that read `redis_key` in `db` (`GET k`, `HGETALL k`, ... of
+    /// every identity) and makes tickets taken for it before now stale. Returns how many
+    /// were removed. The key's record stays.
     pub fn invalidate(&self, db: u32, redis_key: &[u8]) -> usize {
         let stripe = self.stripe(db, redis_key);
         let mut st = self.lock();
@@ -638,11 +862,22 @@ impl Cache {
         removed
     }
 
-    /// Removes every entry of `db` (FLUSHDB, SWAPDB, ...). Returns how many.
+    /// Removes every entry of `db`, key records too (FLUSHDB, SWAPDB, ...). Returns how
+    /// many replies were removed.
     pub fn clear_db(&self, db: u32) -> usize {
         let mut st = self.lock();
         self.clears.fetch_add(1, Ordering::SeqCst);
+        let records: Vec<CacheKey> = st
+            .lru
+            .iter()
+            .filter(|(k, _)| k.db == db && k.identity == KEY_RECORD)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &records {
+            st.remove(k);
+        }
         let Some(by_key) = st.index.remove(&db) else {
+            self.publish(&st);
             return 0;
         };
         let removed = by_key
@@ -659,10 +894,11 @@ impl Cache {
     pub fn clear_all(&self) -> usize {
         let mut st = self.lock();
         self.clears.fetch_add(1, Ordering::SeqCst);
-        let removed = st.lru.len();
+        let removed = st.replies();
         st.lru.clear();
         st.index.clear();
         st.bytes = 0;
+        st.records = 0;
         self.publish(&st);
         drop(st);
         self.count_invalidations(removed);
@@ -673,7 +909,7 @@ impl Cache {
     fn drop_entries(&self, st: &mut State, readers: Readers) -> usize {
         let mut drop_one = |key: &CacheKey| match st.lru.pop(key) {
             Some(entry) => {
-                st.bytes -= entry.charge;
+                st.bytes -= entry.charge();
                 1
             }
             None => 0,
@@ -693,7 +929,7 @@ impl Cache {
     /// Gauges are set under the lock so that concurrent updates cannot land out of order.
     fn publish(&self, st: &State) {
         if let Some(m) = &self.metrics {
-            m.entries.set(st.lru.len() as i64);
+            m.entries.set(st.replies() as i64);
             m.bytes.set(st.bytes as i64);
         }
     }
@@ -705,7 +941,8 @@ impl Cache {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Panics unless the index holds exactly the LRU's entries and `bytes` is their sum.
+    /// Panics unless the index holds exactly the LRU's replies and `bytes` is the sum of
+    /// all charges.
     #[cfg(test)]
     fn check_invariants(&self) {
         let st = self.lock();
@@ -718,238 +955,42 @@ impl Cache {
                 }
                 for key in readers.iter() {
                     assert_eq!(key.db, *db);
-                    let entry = st.lru.peek(key).expect("indexed key missing from the LRU");
-                    assert_eq!(&entry.redis_key, redis_key);
+                    match st.lru.peek(key) {
+                        Some(Entry::Reply { redis_key: rk, .. }) => assert_eq!(rk, redis_key),
+                        _ => panic!("indexed key missing from the LRU"),
+                    }
                     indexed += 1;
                 }
             }
         }
         assert_eq!(
             indexed,
-            st.lru.len(),
-            "index and LRU disagree on the number of entries"
+            st.replies(),
+            "index and LRU disagree on the number of replies"
         );
+        let records = st
+            .lru
+            .iter()
+            .filter(|(k, _)| k.identity == KEY_RECORD)
+            .count();
+        assert_eq!(records, st.records);
         assert_eq!(
             st.bytes,
-            st.lru.iter().map(|(_, e)| e.charge).sum::<usize>()
+            st.lru.iter().map(|(_, e)| e.charge()).sum::<usize>()
         );
-    }
-}
-
-/// Splits an array reply of bulk strings and nulls (an MGET reply, RESP2 or RESP3) into
-/// its elements' frames, as zero-copy slices of `reply`. `None` for anything else,
-/// including a truncated or over-long frame.
-pub fn split_array_reply(reply: &Bytes) -> Option<Vec<Bytes>> {
-    let buf = &reply[..];
-    if buf.first() != Some(&b'*') {
-        return None;
-    }
-    let (n, mut pos) = parse_line_int(buf, 1)?;
-    let n = usize::try_from(n).ok()?;
-    // Every element takes at least three bytes, so a lying header cannot make us
-    // allocate more than the reply's size.
-    let mut parts = Vec::with_capacity(n.min(buf.len() / 3));
-    for _ in 0..n {
-        let start = pos;
-        match *buf.get(pos)? {
-            b'_' => {
-                if buf.get(pos + 1..pos + 3)? != b"\r\n" {
-                    return None;
-                }
-                pos += 3;
-            }
-            b'$' => {
-                let (len, after) = parse_line_int(buf, pos + 1)?;
-                if len == -1 {
-                    pos = after;
-                } else {
-                    let end = after.checked_add(usize::try_from(len).ok()?)?;
-                    if buf.get(end..end.checked_add(2)?)? != b"\r\n" {
-                        return None;
-                    }
-                    pos = end + 2;
-                }
-            }
-            _ => return None,
-        }
-        parts.push(reply.slice(start..pos));
-    }
-    (pos == buf.len()).then_some(parts)
-}
-
-/// Parses a decimal integer running from `from` to the next CRLF; returns it and the
-/// position after the CRLF.
-fn parse_line_int(buf: &[u8], from: usize) -> Option<(i64, usize)> {
-    let rest = buf.get(from..)?;
-    let cr = rest.iter().position(|&b| b == b'\r')?;
-    if rest.get(cr + 1) != Some(&b'\n') {
-        return None;
-    }
-    let (negative, digits) = match &rest[..cr] {
-        [b'-', digits @ ..] => (true, digits),
-        digits => (false, digits),
-    };
-    if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let value = digits
-        .iter()
-        .fold(0i64, |acc, d| acc * 10 + i64::from(d - b'0'));
-    Some((if negative { -value } else { value }, from + cr + 2))
-}
-
-/// Builds an array reply from element frames (inverse of [`split_array_reply`]).
-pub fn join_array_reply(parts: &[Bytes]) -> Bytes {
-    let mut buf = BytesMut::with_capacity(23 + parts.iter().map(Bytes::len).sum::<usize>());
-    buf.put_u8(b'*');
-    push_decimal(&mut buf, parts.len());
-    buf.put_slice(b"\r\n");
-    for part in parts {
-        buf.put_slice(part);
-    }
-    buf.freeze()
-}
-
-/// Each in-flight key with the followers waiting for its leader's value.
-type Flights<K, V> = Arc<Mutex<FastMap<K, Vec<oneshot::Sender<V>>>>>;
-
-fn lock_flights<K, V>(
-    flights: &Flights<K, V>,
-) -> MutexGuard<'_, FastMap<K, Vec<oneshot::Sender<V>>>> {
-    // The map is only inserted into and removed from; a panic cannot leave it half-done.
-    flights.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Lets identical reads in flight at the same time share one upstream request.
-///
-/// The first [`join`](SingleFlight::join) of a key leads: it sends the request and
-/// [`finish`](LeaderGuard::finish)es with the reply. Joins of the same key before that
-/// follow and receive a clone of it. Once the leader finishes (or gives up), the key is
-/// free again: a later join leads a new request rather than getting an old answer.
-///
-/// A flight is one map entry holding its followers' oneshot senders: a leader without
-/// followers (the common case) costs one insert and one remove, and no channel at all.
-pub struct SingleFlight<K, V> {
-    flights: Flights<K, V>,
-    shared: Option<IntCounter>,
-}
-
-/// Result of [`SingleFlight::join`].
-pub enum Flight<K: Hash + Eq, V> {
-    /// Send the request, then call [`LeaderGuard::finish`].
-    Leader(LeaderGuard<K, V>),
-    /// `.await` it: `Some(reply)` from the leader, or `None` if the leader gave up, in
-    /// which case send the request yourself.
-    Follower(Follower<V>),
-}
-
-impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
-    /// `shared` counts followers (`CacheMetrics::singleflight_shared`).
-    pub fn new(shared: Option<IntCounter>) -> Self {
-        SingleFlight {
-            flights: Arc::new(Mutex::new(FastMap::default())),
-            shared,
-        }
-    }
-
-    pub fn join(&self, key: K) -> Flight<K, V> {
-        let mut flights = lock_flights(&self.flights);
-        if let Some(followers) = flights.get_mut(&key) {
-            let (tx, rx) = oneshot::channel();
-            followers.push(tx);
-            drop(flights);
-            if let Some(c) = &self.shared {
-                c.inc();
-            }
-            return Flight::Follower(Follower { rx });
-        }
-        flights.insert(key.clone(), Vec::new());
-        drop(flights);
-        Flight::Leader(LeaderGuard {
-            flights: Arc::clone(&self.flights),
-            key: Some(key),
-        })
-    }
-
-    /// Keys with a leader still working.
-    pub fn in_flight(&self) -> usize {
-        lock_flights(&self.flights).len()
-    }
-}
-
-impl<K: Hash + Eq + Clone, V: Clone> Default for SingleFlight<K, V> {
-    fn default() -> Self {
-        SingleFlight::new(None)
-    }
-}
-
-/// Held by the one caller doing the request. Dropping it unfinished (an error, a
-/// timeout, a cancelled task) releases the followers with `None`.
-pub struct LeaderGuard<K: Hash + Eq, V> {
-    flights: Flights<K, V>,
-    key: Option<K>,
-}
-
-impl<K: Hash + Eq, V> LeaderGuard<K, V> {
-    fn take_followers(&mut self) -> Vec<oneshot::Sender<V>> {
-        let Some(key) = self.key.take() else {
-            return Vec::new();
-        };
-        // Removed before answering, so that a join from now on leads anew instead of
-        // following a flight that is over.
-        lock_flights(&self.flights).remove(&key).unwrap_or_default()
-    }
-}
-
-impl<K: Hash + Eq, V: Clone> LeaderGuard<K, V> {
-    /// Hands `value` to every follower.
-    pub fn finish(mut self, value: V) {
-        for f in self.take_followers() {
-            let _ = f.send(value.clone());
-        }
-    }
-}
-
-impl<K: Hash + Eq, V> Drop for LeaderGuard<K, V> {
-    fn drop(&mut self) {
-        // Dropping the senders is how followers learn of `None`.
-        drop(self.take_followers());
-    }
-}
-
-/// Waits for a leader's value; see [`Flight::Follower`]. Resolves to `None` when the
-/// leader gave up.
-pub struct Follower<V> {
-    rx: oneshot::Receiver<V>,
-}
-
-impl<V> Follower<V> {
-    pub async fn wait(self) -> Option<V> {
-        self.await
-    }
-}
-
-impl<V> Future for Follower<V> {
-    type Output = Option<V>;
-
-    fn poll(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<V>> {
-        Pin::new(&mut self.rx).poll(cx).map(Result::ok)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
-
     use super::*;
+
+    const ANON: IdentityId = IdentityId::ANONYMOUS;
 
     const FRESH: Duration = Duration::from_secs(3600);
 
     fn key(db: u32, args: &[&str]) -> CacheKey {
-        CacheKey::new(db, 2, args)
+        CacheKey::new(db, ANON, Proto::Resp2, args)
     }
 
     fn b(s: &str) -> Bytes {
@@ -961,6 +1002,7 @@ mod tests {
             max_bytes,
             max_entries,
             max_entry_bytes: max_bytes,
+            ..CacheConfig::default()
         })
     }
 
@@ -1014,10 +1056,20 @@ mod tests {
     fn nil_replies_are_cacheable() {
         let cache = Cache::new(CacheConfig::default());
         let now = Instant::now();
-        assert!(cache.insert(CacheKey::get(0, 2, b"k"), b("k"), b("$-1\r\n"), now));
-        assert!(cache.insert(CacheKey::get(0, 3, b"k"), b("k"), b("_\r\n"), now));
+        assert!(cache.insert(
+            CacheKey::get(0, ANON, Proto::Resp2, b"k"),
+            b("k"),
+            b("$-1\r\n"),
+            now
+        ));
+        assert!(cache.insert(
+            CacheKey::get(0, ANON, Proto::Resp3, b"k"),
+            b("k"),
+            b("_\r\n"),
+            now
+        ));
         assert_eq!(
-            cache.get(&CacheKey::get(0, 3, b"k"), now, FRESH),
+            cache.get(&CacheKey::get(0, ANON, Proto::Resp3, b"k"), now, FRESH),
             Lookup::Hit(b("_\r\n"))
         );
     }
@@ -1025,33 +1077,54 @@ mod tests {
     #[test]
     fn keys_differ_by_db_proto_arguments_and_split() {
         assert_eq!(key(0, &["get", "k"]), key(0, &["GET", "k"]));
-        assert_eq!(CacheKey::get(0, 2, b"k"), key(0, &["GET", "k"]));
+        assert_eq!(
+            CacheKey::get(0, ANON, Proto::Resp2, b"k"),
+            key(0, &["GET", "k"])
+        );
         assert_ne!(key(0, &["GET", "k"]), key(0, &["GET", "K"]));
         assert_ne!(key(0, &["GET", "k"]), key(1, &["GET", "k"]));
-        assert_ne!(CacheKey::get(0, 2, b"k"), CacheKey::get(0, 3, b"k"));
+        assert_ne!(
+            CacheKey::get(0, ANON, Proto::Resp2, b"k"),
+            CacheKey::get(0, ANON, Proto::Resp3, b"k")
+        );
         assert_ne!(key(0, &["HGET", "ab", "c"]), key(0, &["HGET", "a", "bc"]));
         assert_ne!(key(0, &["HGET", "a:b", "c"]), key(0, &["HGET", "a", "b:c"]));
         assert_eq!(&key(0, &["get", "k\r\n"]).command[..], b"3:GET3:k\r\n");
 
         let cache = Cache::new(CacheConfig::default());
         let now = Instant::now();
-        cache.insert(CacheKey::get(0, 2, b"k"), b("k"), b("$2\r\nv0\r\n"), now);
-        cache.insert(CacheKey::get(1, 2, b"k"), b("k"), b("$2\r\nv1\r\n"), now);
-        cache.insert(CacheKey::get(0, 3, b"k"), b("k"), b("$2\r\nv3\r\n"), now);
+        cache.insert(
+            CacheKey::get(0, ANON, Proto::Resp2, b"k"),
+            b("k"),
+            b("$2\r\nv0\r\n"),
+            now,
+        );
+        cache.insert(
+            CacheKey::get(1, ANON, Proto::Resp2, b"k"),
+            b("k"),
+            b("$2\r\nv1\r\n"),
+            now,
+        );
+        cache.insert(
+            CacheKey::get(0, ANON, Proto::Resp3, b"k"),
+            b("k"),
+            b("$2\r\nv3\r\n"),
+            now,
+        );
         assert_eq!(
-            cache.get(&CacheKey::get(0, 2, b"k"), now, FRESH),
+            cache.get(&CacheKey::get(0, ANON, Proto::Resp2, b"k"), now, FRESH),
             Lookup::Hit(b("$2\r\nv0\r\n"))
         );
         assert_eq!(
-            cache.get(&CacheKey::get(1, 2, b"k"), now, FRESH),
+            cache.get(&CacheKey::get(1, ANON, Proto::Resp2, b"k"), now, FRESH),
             Lookup::Hit(b("$2\r\nv1\r\n"))
         );
         assert_eq!(
-            cache.get(&CacheKey::get(0, 3, b"k"), now, FRESH),
+            cache.get(&CacheKey::get(0, ANON, Proto::Resp3, b"k"), now, FRESH),
             Lookup::Hit(b("$2\r\nv3\r\n"))
         );
         assert_eq!(
-            cache.get(&CacheKey::get(1, 3, b"k"), now, FRESH),
+            cache.get(&CacheKey::get(1, ANON, Proto::Resp3, b"k"), now, FRESH),
             Lookup::Miss
         );
     }
@@ -1061,7 +1134,7 @@ mod tests {
         let cache = Cache::new(CacheConfig::default());
         let now = Instant::now();
         let raw: &[u8] = b"\xff\x00k\r\n";
-        let k = CacheKey::new(0, 2, &[b"get".as_slice(), raw]);
+        let k = CacheKey::new(0, ANON, Proto::Resp2, &[b"get".as_slice(), raw]);
         assert!(cache.insert(
             k.clone(),
             Bytes::copy_from_slice(raw),
@@ -1069,7 +1142,7 @@ mod tests {
             now
         ));
         assert_eq!(
-            cache.get(&CacheKey::get(0, 2, raw), now, FRESH),
+            cache.get(&CacheKey::get(0, ANON, Proto::Resp2, raw), now, FRESH),
             Lookup::Hit(b("$1\r\nv\r\n"))
         );
         assert_eq!(cache.invalidate(0, raw), 1);
@@ -1089,7 +1162,12 @@ mod tests {
         for (i, k) in of_k.iter().enumerate() {
             assert!(cache.insert(k.clone(), b("k"), b(&format!(":{i}\r\n")), now));
         }
-        cache.insert(CacheKey::get(0, 3, b"k"), b("k"), b(":9\r\n"), now);
+        cache.insert(
+            CacheKey::get(0, ANON, Proto::Resp3, b"k"),
+            b("k"),
+            b(":9\r\n"),
+            now,
+        );
         let others = [
             (key(0, &["GET", "k2"]), "k2"),
             (key(1, &["GET", "k"]), "k"),
@@ -1122,21 +1200,26 @@ mod tests {
         let now = Instant::now();
         for db in 0..3 {
             for k in ["a", "b", "c"] {
-                cache.insert(CacheKey::get(db, 2, k.as_bytes()), b(k), b("+v\r\n"), now);
+                cache.insert(
+                    CacheKey::get(db, ANON, Proto::Resp2, k.as_bytes()),
+                    b(k),
+                    b("+v\r\n"),
+                    now,
+                );
             }
         }
         assert_eq!(cache.clear_db(1), 3);
         assert_eq!(cache.clear_db(1), 0);
         assert_eq!(
-            cache.get(&CacheKey::get(1, 2, b"a"), now, FRESH),
+            cache.get(&CacheKey::get(1, ANON, Proto::Resp2, b"a"), now, FRESH),
             Lookup::Miss
         );
         assert_eq!(
-            cache.get(&CacheKey::get(0, 2, b"a"), now, FRESH),
+            cache.get(&CacheKey::get(0, ANON, Proto::Resp2, b"a"), now, FRESH),
             Lookup::Hit(b("+v\r\n"))
         );
         assert_eq!(
-            cache.get(&CacheKey::get(2, 2, b"c"), now, FRESH),
+            cache.get(&CacheKey::get(2, ANON, Proto::Resp2, b"c"), now, FRESH),
             Lookup::Hit(b("+v\r\n"))
         );
         assert_eq!(cache.len(), 6);
@@ -1156,22 +1239,34 @@ mod tests {
         for i in 0..1_000_000u32 {
             let k = i.to_be_bytes();
             assert!(cache.insert(
-                CacheKey::get(0, 2, &k),
+                CacheKey::get(0, ANON, Proto::Resp2, &k),
                 Bytes::copy_from_slice(&k),
                 reply.clone(),
                 now
             ));
         }
         assert!(cache.bytes() <= 1 << 20, "{} bytes", cache.bytes());
-        let per_entry = entry_charge(&CacheKey::get(0, 2, b"0000"), 4, reply.len());
+        let per_entry = entry_charge(
+            &CacheKey::get(0, ANON, Proto::Resp2, b"0000"),
+            4,
+            reply.len(),
+        );
         assert_eq!(cache.len(), (1 << 20) / per_entry);
         // The newest survive, the oldest are gone.
         assert!(matches!(
-            cache.get(&CacheKey::get(0, 2, &999_999u32.to_be_bytes()), now, FRESH),
+            cache.get(
+                &CacheKey::get(0, ANON, Proto::Resp2, &999_999u32.to_be_bytes()),
+                now,
+                FRESH
+            ),
             Lookup::Hit(_)
         ));
         assert_eq!(
-            cache.get(&CacheKey::get(0, 2, &0u32.to_be_bytes()), now, FRESH),
+            cache.get(
+                &CacheKey::get(0, ANON, Proto::Resp2, &0u32.to_be_bytes()),
+                now,
+                FRESH
+            ),
             Lookup::Miss
         );
         cache.check_invariants();
@@ -1183,7 +1278,7 @@ mod tests {
         let now = Instant::now();
         for i in 0..100u32 {
             cache.insert(
-                CacheKey::get(0, 2, &i.to_be_bytes()),
+                CacheKey::get(0, ANON, Proto::Resp2, &i.to_be_bytes()),
                 Bytes::copy_from_slice(&i.to_be_bytes()),
                 b(":1\r\n"),
                 now,
@@ -1200,7 +1295,7 @@ mod tests {
             ..CacheConfig::default()
         });
         let now = Instant::now();
-        let k = CacheKey::get(0, 2, b"k");
+        let k = CacheKey::get(0, ANON, Proto::Resp2, b"k");
         assert!(cache.insert(k.clone(), b("k"), b("$2\r\nok\r\n"), now));
         let big = Bytes::from(format!("${}\r\n{}\r\n", 100, "x".repeat(100)));
         assert!(!cache.insert(k.clone(), b("k"), big, now));
@@ -1220,26 +1315,40 @@ mod tests {
     #[test]
     fn recently_read_entries_survive_eviction() {
         let reply = b(":1\r\n");
-        let charge = entry_charge(&CacheKey::get(0, 2, b"a"), 1, reply.len());
+        let charge = entry_charge(&CacheKey::get(0, ANON, Proto::Resp2, b"a"), 1, reply.len());
         let cache = small(3 * charge, 100);
         let now = Instant::now();
         for k in ["a", "b", "c"] {
-            assert!(cache.insert(CacheKey::get(0, 2, k.as_bytes()), b(k), reply.clone(), now));
+            assert!(cache.insert(
+                CacheKey::get(0, ANON, Proto::Resp2, k.as_bytes()),
+                b(k),
+                reply.clone(),
+                now
+            ));
         }
         // Reading "a" makes "b" the least recently used.
         assert!(matches!(
-            cache.get(&CacheKey::get(0, 2, b"a"), now, FRESH),
+            cache.get(&CacheKey::get(0, ANON, Proto::Resp2, b"a"), now, FRESH),
             Lookup::Hit(_)
         ));
-        assert!(cache.insert(CacheKey::get(0, 2, b"d"), b("d"), reply.clone(), now));
+        assert!(cache.insert(
+            CacheKey::get(0, ANON, Proto::Resp2, b"d"),
+            b("d"),
+            reply.clone(),
+            now
+        ));
         assert_eq!(
-            cache.get(&CacheKey::get(0, 2, b"b"), now, FRESH),
+            cache.get(&CacheKey::get(0, ANON, Proto::Resp2, b"b"), now, FRESH),
             Lookup::Miss
         );
         for k in ["a", "c", "d"] {
             assert!(
                 matches!(
-                    cache.get(&CacheKey::get(0, 2, k.as_bytes()), now, FRESH),
+                    cache.get(
+                        &CacheKey::get(0, ANON, Proto::Resp2, k.as_bytes()),
+                        now,
+                        FRESH
+                    ),
                     Lookup::Hit(_)
                 ),
                 "{k}"
@@ -1252,7 +1361,7 @@ mod tests {
     fn error_replies_are_refused_and_leave_the_old_entry() {
         let cache = Cache::new(CacheConfig::default());
         let now = Instant::now();
-        let k = CacheKey::get(0, 3, b"k");
+        let k = CacheKey::get(0, ANON, Proto::Resp3, b"k");
         assert!(!cache.insert(k.clone(), b("k"), b("-ERR nope\r\n"), now));
         assert!(!cache.insert(k.clone(), b("k"), b("!9\r\nERR nope!\r\n"), now));
         assert!(!cache.insert(k.clone(), b("k"), Bytes::new(), now));
@@ -1266,7 +1375,7 @@ mod tests {
     async fn entries_older_than_max_stale_are_stale() {
         let cache = Cache::new(CacheConfig::default());
         let max_stale = Duration::from_secs(10);
-        let k = CacheKey::get(0, 2, b"k");
+        let k = CacheKey::get(0, ANON, Proto::Resp2, b"k");
         cache.insert(k.clone(), b("k"), b("+v\r\n"), Instant::now());
 
         tokio::time::advance(Duration::from_secs(10)).await;
@@ -1324,7 +1433,7 @@ mod tests {
     fn a_fill_that_raced_an_invalidation_is_refused() {
         let cache = Cache::new(CacheConfig::default());
         let now = Instant::now();
-        let k = CacheKey::get(0, 2, b"k");
+        let k = CacheKey::get(0, ANON, Proto::Resp2, b"k");
 
         let ticket = cache.ticket(0, b"k");
         cache.invalidate(0, b"k");
@@ -1357,29 +1466,45 @@ mod tests {
         let registry = Registry::new();
         let metrics = CacheMetrics::register(&registry).unwrap();
         let reply = b(":1\r\n");
-        let charge = entry_charge(&CacheKey::get(0, 2, b"a"), 1, reply.len());
+        let charge = entry_charge(&CacheKey::get(0, ANON, Proto::Resp2, b"a"), 1, reply.len());
         let cache = Cache::with_metrics(
             CacheConfig {
                 max_bytes: 2 * charge,
                 max_entries: 10,
                 max_entry_bytes: 1 << 20,
+                ..CacheConfig::default()
             },
             metrics.clone(),
         );
         let now = Instant::now();
         for k in ["a", "b", "c"] {
-            cache.insert(CacheKey::get(0, 2, k.as_bytes()), b(k), reply.clone(), now);
+            cache.insert(
+                CacheKey::get(0, ANON, Proto::Resp2, k.as_bytes()),
+                b(k),
+                reply.clone(),
+                now,
+            );
         }
-        cache.insert(CacheKey::get(0, 2, b"c"), b("c"), b("-ERR\r\n"), now);
-        cache.get(&CacheKey::get(0, 2, b"c"), now, FRESH);
-        cache.get(&CacheKey::get(0, 2, b"a"), now, FRESH);
+        cache.insert(
+            CacheKey::get(0, ANON, Proto::Resp2, b"c"),
+            b("c"),
+            b("-ERR\r\n"),
+            now,
+        );
+        cache.get(&CacheKey::get(0, ANON, Proto::Resp2, b"c"), now, FRESH);
+        cache.get(&CacheKey::get(0, ANON, Proto::Resp2, b"a"), now, FRESH);
         cache.get(
-            &CacheKey::get(0, 2, b"b"),
+            &CacheKey::get(0, ANON, Proto::Resp2, b"b"),
             now + Duration::from_secs(2),
             Duration::from_secs(1),
         );
         cache.count(CacheResult::Bypass);
-        cache.insert(CacheKey::get(0, 2, b"d"), b("d"), reply.clone(), now);
+        cache.insert(
+            CacheKey::get(0, ANON, Proto::Resp2, b"d"),
+            b("d"),
+            reply.clone(),
+            now,
+        );
         assert_eq!(cache.invalidate(0, b"d"), 1);
 
         let count = |r: CacheResult| metrics.requests[r as usize].get();
@@ -1414,122 +1539,85 @@ mod tests {
         assert_eq!(labels, ["hit", "stale_hit", "miss", "fill", "bypass"]);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_joins_share_one_leader() {
-        const N: usize = 100;
-        let registry = Registry::new();
-        let metrics = CacheMetrics::register(&registry).unwrap();
-        let flights: Arc<SingleFlight<CacheKey, Bytes>> =
-            Arc::new(SingleFlight::new(Some(metrics.singleflight_shared.clone())));
-        let before = Arc::new(tokio::sync::Barrier::new(N));
-        let joined = Arc::new(tokio::sync::Barrier::new(N));
-        let leaders = Arc::new(AtomicUsize::new(0));
-        let tasks: Vec<_> = (0..N)
-            .map(|_| {
-                let (flights, before, joined, leaders) = (
-                    flights.clone(),
-                    before.clone(),
-                    joined.clone(),
-                    leaders.clone(),
-                );
-                tokio::spawn(async move {
-                    before.wait().await;
-                    let flight = flights.join(CacheKey::get(0, 2, b"k"));
-                    // Nobody finishes until everyone has joined, so every join overlaps.
-                    joined.wait().await;
-                    match flight {
-                        Flight::Leader(guard) => {
-                            leaders.fetch_add(1, Ordering::SeqCst);
-                            guard.finish(b("$1\r\nv\r\n"));
-                            Some(b("$1\r\nv\r\n"))
-                        }
-                        Flight::Follower(f) => f.await,
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            assert_eq!(task.await.unwrap(), Some(b("$1\r\nv\r\n")));
+    #[tokio::test(start_paused = true)]
+    async fn replies_are_not_served_past_a_known_expiry() {
+        let cache = Cache::new(CacheConfig::default());
+        let now = Instant::now();
+        let k = CacheKey::get(0, ANON, Proto::Resp2, b"k");
+        cache.key_written(0, b"k", false, Ttl::At(now + Duration::from_secs(2)), now);
+        assert!(cache.insert(k.clone(), b("k"), b("$1\r\nv\r\n"), now));
+        assert!(matches!(cache.get(&k, now, FRESH), Lookup::Hit(_)));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(cache.get(&k, Instant::now(), FRESH), Lookup::Stale);
+        // Once expired, a late fill is refused too.
+        assert!(!cache.insert(k.clone(), b("k"), b("$1\r\nv\r\n"), Instant::now()));
+        // PERSIST: no expiry any more.
+        cache.key_written(0, b"k", false, Ttl::Persistent, Instant::now());
+        assert!(cache.insert(k.clone(), b("k"), b("$1\r\nv\r\n"), Instant::now()));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(matches!(
+            cache.get(&k, Instant::now(), FRESH),
+            Lookup::Hit(_)
+        ));
+        assert_eq!(cache.len(), 1, "key records are not replies");
+        cache.check_invariants();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_mark_makes_misses_unsafe_for_max_stale() {
+        let cache = Cache::new(CacheConfig::default());
+        let now = Instant::now();
+        let stale = Duration::from_secs(10);
+        assert!(!cache.miss_is_unsafe(0, b"k", now, stale));
+        cache.key_written(0, b"k", true, Ttl::Unknown, now);
+        assert!(cache.miss_is_unsafe(0, b"k", now, stale));
+        assert!(!cache.miss_is_unsafe(1, b"k", now, stale), "per database");
+        assert!(!cache.miss_is_unsafe(0, b"j", now, stale));
+        // Invalidation leaves the mark; the reply of a later read is served as usual.
+        cache.invalidate(0, b"k");
+        assert!(cache.miss_is_unsafe(0, b"k", now, stale));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(!cache.miss_is_unsafe(0, b"k", Instant::now(), stale));
+        cache.clear_all();
+        cache.check_invariants();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_evicted_write_mark_still_makes_misses_unsafe() {
+        let charge = entry_charge(&CacheKey::get(0, ANON, Proto::Resp2, b"k0"), 2, 9);
+        let cache = small(3 * charge, 100);
+        let now = Instant::now();
+        let stale = Duration::from_secs(60);
+        cache.key_written(0, b"marked", true, Ttl::Unknown, now);
+        for i in 0..10 {
+            let k = format!("k{i}");
+            cache.insert(
+                CacheKey::get(0, ANON, Proto::Resp2, k.as_bytes()),
+                b(&k),
+                b("$3\r\nabc\r\n"),
+                now,
+            );
         }
-        assert_eq!(leaders.load(Ordering::SeqCst), 1);
-        assert_eq!(metrics.singleflight_shared.get(), N as u64 - 1);
-        assert_eq!(flights.in_flight(), 0);
-    }
-
-    #[tokio::test]
-    async fn a_dropped_leader_releases_followers_with_none() {
-        let flights: SingleFlight<&str, u32> = SingleFlight::default();
-        let Flight::Leader(guard) = flights.join("k") else {
-            panic!("first join must lead")
-        };
-        let Flight::Follower(early) = flights.join("k") else {
-            panic!("second join must follow")
-        };
-        let waiting = tokio::spawn(early.into_future());
-        tokio::task::yield_now().await;
-        let Flight::Follower(late) = flights.join("k") else {
-            panic!("third join must follow")
-        };
-        drop(guard);
-        assert_eq!(waiting.await.unwrap(), None);
-        assert_eq!(late.wait().await, None);
-        assert_eq!(flights.in_flight(), 0);
-
-        // The key is free again, and a finished flight does not leak into the next one.
-        let Flight::Leader(guard) = flights.join("k") else {
-            panic!("must lead again")
-        };
-        let Flight::Follower(f) = flights.join("k") else {
-            panic!("must follow")
-        };
-        guard.finish(7);
-        assert_eq!(f.await, Some(7));
-        assert!(matches!(flights.join("k"), Flight::Leader(_)));
-    }
-
-    #[test]
-    fn split_and_join_resp2_mget_replies() {
-        let reply = b("*3\r\n$1\r\na\r\n$-1\r\n$1\r\nc\r\n");
-        let parts = split_array_reply(&reply).unwrap();
-        assert_eq!(parts, [b("$1\r\na\r\n"), b("$-1\r\n"), b("$1\r\nc\r\n")]);
-        // Zero-copy: the parts point into the reply.
-        assert_eq!(parts[0].as_ptr(), reply[4..].as_ptr());
-        assert_eq!(join_array_reply(&parts), reply);
-    }
-
-    #[test]
-    fn split_and_join_resp3_mget_replies() {
-        let reply = b("*3\r\n_\r\n$3\r\n\r\n\r\r\n$0\r\n\r\n");
-        let parts = split_array_reply(&reply).unwrap();
-        assert_eq!(parts, [b("_\r\n"), b("$3\r\n\r\n\r\r\n"), b("$0\r\n\r\n")]);
-        assert_eq!(join_array_reply(&parts), reply);
-        assert_eq!(
-            split_array_reply(&b("*0\r\n")).unwrap(),
-            Vec::<Bytes>::new()
-        );
-        assert_eq!(join_array_reply(&[]), b("*0\r\n"));
-    }
-
-    #[test]
-    fn split_refuses_anything_but_an_array_of_bulks_and_nulls() {
-        for bad in [
-            "",
-            "$1\r\na\r\n",
-            "*-1\r\n",
-            "*1\r\n:1\r\n",
-            "*1\r\n*0\r\n",
-            "*2\r\n$1\r\na\r\n",
-            "*1\r\n$1\r\na\r\nextra",
-            "*1\r\n$2\r\na\r\n",
-            "*1\r\n$1\r\nab\r\n",
-            "*1\r\n$-2\r\n",
-            "*1\r\n_\r",
-            "*1\r\n$\r\n\r\n",
-            "*1\n$1\r\na\r\n",
-            "*99999999999999999999\r\n",
-            "*1\r\n$99999999999999999\r\na\r\n",
-        ] {
-            assert_eq!(split_array_reply(&b(bad)), None, "{bad:?}");
+        cache.check_invariants();
+        assert!(cache.miss_is_unsafe(0, b"marked", now, stale));
+        // After two generations the lost mark no longer matters and is forgotten.
+        for _ in 0..2 {
+            tokio::time::advance(Duration::from_secs(301)).await;
+            cache.key_written(0, b"other", false, Ttl::Persistent, Instant::now());
         }
+        assert!(!cache.miss_is_unsafe(0, b"marked", Instant::now(), stale));
+    }
+
+    #[test]
+    fn identities_are_separate_partitions() {
+        let cache = Cache::new(CacheConfig::default());
+        let now = Instant::now();
+        let alice = CacheKey::get(0, IdentityId::ANONYMOUS, Proto::Resp2, b"k");
+        let mut bob = alice.clone();
+        bob.identity = crate::auth::Identities::new().intern("bob");
+        assert_ne!(alice, bob);
+        assert!(cache.insert(alice.clone(), b("k"), b("$1\r\na\r\n"), now));
+        assert_eq!(cache.get(&bob, now, FRESH), Lookup::Miss);
+        assert_eq!(cache.invalidate(0, b"k"), 1);
     }
 }

@@ -1,25 +1,22 @@
-//! RESP framing: where a frame ends, and the few replies the proxy makes itself.
+//! Client request framing: where a request ends, with Redis's limits and error texts.
 //!
-//! redfuse never decodes a frame it only forwards. A client request is split into
-//! argument slices that share the read buffer (`Bytes::slice`), and the request's original
-//! bytes travel upstream unchanged. Upstream replies are only *measured*: [`ReplyScanner`]
-//! walks a RESP2/RESP3 frame to find its end without building a value, and it is resumable,
-//! so a large array arriving in many reads is walked once, not once per read.
-//!
-//! Limits are checked on the length headers before anything is buffered or reserved, so a
-//! hostile `$999999999999` or `*2147483647` costs a header parse and an error, nothing more.
-//! Error texts match Redis's (`Protocol error: invalid bulk length` ...) so that clients that
-//! match on them keep working.
+//! A request is split into argument slices that share the read buffer (`Bytes::slice`), and
+//! its original bytes travel upstream unchanged. Limits are checked on the length headers
+//! before anything is buffered or reserved, so a hostile `$999999999999` or `*2147483647`
+//! costs a header parse and an error, nothing more. Error texts match Redis's
+//! (`Protocol error: invalid bulk length` ...) so that clients that match on them keep
+//! working.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-/// Bounds on what a client may send (and an upstream may nest), checked before allocating.
+use super::{parse_int, put_line};
+
+/// Bounds on what a client may send, checked before anything is buffered or allocated.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_bulk_len: usize,
     pub max_array_len: usize,
     pub max_inline_len: usize,
-    pub max_nesting_depth: usize,
 }
 
 impl Default for Limits {
@@ -28,7 +25,6 @@ impl Default for Limits {
             max_bulk_len: 512 * 1024 * 1024,
             max_array_len: 1024 * 1024,
             max_inline_len: 64 * 1024,
-            max_nesting_depth: 128,
         }
     }
 }
@@ -40,23 +36,6 @@ pub struct ProtocolError(pub String);
 
 fn perr(msg: impl Into<String>) -> ProtocolError {
     ProtocolError(msg.into())
-}
-
-/// RESP protocol version spoken on a connection (`HELLO 2|3`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Proto {
-    #[default]
-    Resp2,
-    Resp3,
-}
-
-impl Proto {
-    pub fn as_u8(self) -> u8 {
-        match self {
-            Proto::Resp2 => 2,
-            Proto::Resp3 => 3,
-        }
-    }
 }
 
 /// One client command: its wire bytes and its arguments (slices of the same buffer).
@@ -86,43 +65,19 @@ pub fn encode_command<A: AsRef<[u8]>>(args: &[A]) -> Bytes {
     let size: usize = args.iter().map(|a| a.as_ref().len() + 16).sum::<usize>() + 16;
     let mut out = BytesMut::with_capacity(size);
     out.put_u8(b'*');
-    put_decimal(&mut out, args.len() as i64);
+    put_line(&mut out, args.len() as i64);
     for a in args {
         let a = a.as_ref();
         out.put_u8(b'$');
-        put_decimal(&mut out, a.len() as i64);
+        put_line(&mut out, a.len() as i64);
         out.extend_from_slice(a);
         out.extend_from_slice(b"\r\n");
     }
     out.freeze()
 }
 
-fn put_decimal(out: &mut BytesMut, n: i64) {
-    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Parses a decimal integer the way Redis does for length headers (no `+`, no spaces).
-fn parse_int(line: &[u8]) -> Option<i64> {
-    let (neg, digits) = match line.split_first() {
-        Some((b'-', rest)) => (true, rest),
-        _ => (false, line),
-    };
-    if digits.is_empty() || digits.len() > 19 {
-        return None;
-    }
-    let mut v: i64 = 0;
-    for &d in digits {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        v = v.checked_mul(10)?.checked_add((d - b'0') as i64)?;
-    }
-    Some(if neg { -v } else { v })
-}
-
 /// Finds `\r\n` at or after `from`; returns the index of `\r`.
-fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
+pub(crate) fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
     while i < buf.len() {
         let nl = buf[i..].iter().position(|&b| b == b'\n')? + i;
@@ -336,184 +291,6 @@ fn hex(c: u8) -> u8 {
     }
 }
 
-/// Finds the end of one RESP2/RESP3 reply frame without decoding it.
-///
-/// State survives between calls on the same (growing) buffer, so a frame split over many
-/// reads is walked once. Call [`ReplyScanner::scan`] with the whole unconsumed buffer each
-/// time; after it returns `Some(len)`, consume `len` bytes and the scanner is ready for the
-/// next frame.
-#[derive(Debug, Default)]
-pub struct ReplyScanner {
-    pos: usize,
-    /// Children still expected by each open aggregate, innermost last.
-    open: Vec<u64>,
-}
-
-impl ReplyScanner {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub fn scan(&mut self, buf: &[u8], max_depth: usize) -> Result<Option<usize>, ProtocolError> {
-        loop {
-            if self.pos >= buf.len() {
-                return Ok(None);
-            }
-            let Some(cr) = find_crlf(buf, self.pos + 1) else {
-                return Ok(None);
-            };
-            let kind = buf[self.pos];
-            let header = &buf[self.pos + 1..cr];
-            let after = cr + 2;
-            match kind {
-                b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => {
-                    self.pos = after;
-                    if self.element_done() {
-                        return Ok(Some(self.finish()));
-                    }
-                }
-                b'$' | b'!' | b'=' => {
-                    let len =
-                        parse_int(header).ok_or_else(|| perr("invalid bulk length in reply"))?;
-                    if len < 0 {
-                        self.pos = after;
-                    } else {
-                        let end = after + len as usize + 2;
-                        if end > buf.len() {
-                            return Ok(None);
-                        }
-                        self.pos = end;
-                    }
-                    if self.element_done() {
-                        return Ok(Some(self.finish()));
-                    }
-                }
-                b'*' | b'~' | b'>' | b'%' | b'|' => {
-                    let n = parse_int(header)
-                        .ok_or_else(|| perr("invalid multibulk length in reply"))?;
-                    self.pos = after;
-                    let children = match kind {
-                        b'%' => n.max(0) as u64 * 2,
-                        // An attribute map is followed by the value it annotates.
-                        b'|' => n.max(0) as u64 * 2 + 1,
-                        _ => n.max(0) as u64,
-                    };
-                    if children == 0 {
-                        if self.element_done() {
-                            return Ok(Some(self.finish()));
-                        }
-                    } else {
-                        if self.open.len() >= max_depth {
-                            return Err(perr("reply nesting too deep"));
-                        }
-                        self.open.push(children);
-                    }
-                }
-                other => {
-                    return Err(perr(format!(
-                        "unexpected reply type byte '{}'",
-                        other.escape_ascii()
-                    )));
-                }
-            }
-        }
-    }
-
-    /// Marks one element complete; true when that completes the whole frame.
-    fn element_done(&mut self) -> bool {
-        while let Some(top) = self.open.last_mut() {
-            *top -= 1;
-            if *top > 0 {
-                return false;
-            }
-            self.open.pop();
-        }
-        true
-    }
-
-    fn finish(&mut self) -> usize {
-        let len = self.pos;
-        self.pos = 0;
-        len
-    }
-
-    /// Forgets a partially scanned frame (after the connection it belonged to is gone).
-    pub fn reset(&mut self) {
-        self.pos = 0;
-        self.open.clear();
-    }
-}
-
-/// Whether a raw reply is an error reply (`-ERR ...` or RESP3 blob error).
-pub fn is_error_reply(reply: &[u8]) -> bool {
-    matches!(reply.first(), Some(b'-') | Some(b'!'))
-}
-
-/// Replies the proxy makes itself.
-pub mod reply {
-    use super::*;
-
-    pub const OK: &[u8] = b"+OK\r\n";
-    pub const PONG: &[u8] = b"+PONG\r\n";
-
-    pub fn ok() -> Bytes {
-        Bytes::from_static(OK)
-    }
-
-    pub fn simple(s: &str) -> Bytes {
-        let mut b = BytesMut::with_capacity(s.len() + 3);
-        b.put_u8(b'+');
-        b.extend_from_slice(s.as_bytes());
-        b.extend_from_slice(b"\r\n");
-        b.freeze()
-    }
-
-    /// An error reply; `msg` includes the code (`ERR ...`). CR/LF are replaced so the
-    /// reply stays one line whatever the message.
-    pub fn error(msg: &str) -> Bytes {
-        let mut b = BytesMut::with_capacity(msg.len() + 3);
-        b.put_u8(b'-');
-        for &c in msg.as_bytes() {
-            b.put_u8(if c == b'\r' || c == b'\n' { b' ' } else { c });
-        }
-        b.extend_from_slice(b"\r\n");
-        b.freeze()
-    }
-
-    pub fn integer(n: i64) -> Bytes {
-        let mut b = BytesMut::with_capacity(24);
-        b.put_u8(b':');
-        put_decimal(&mut b, n);
-        b.freeze()
-    }
-
-    pub fn bulk(data: &[u8]) -> Bytes {
-        let mut b = BytesMut::with_capacity(data.len() + 16);
-        put_bulk(&mut b, data);
-        b.freeze()
-    }
-
-    pub fn put_bulk(b: &mut BytesMut, data: &[u8]) {
-        b.put_u8(b'$');
-        put_decimal(b, data.len() as i64);
-        b.extend_from_slice(data);
-        b.extend_from_slice(b"\r\n");
-    }
-
-    pub fn put_header(b: &mut BytesMut, kind: u8, n: usize) {
-        b.put_u8(kind);
-        put_decimal(b, n as i64);
-    }
-
-    /// The null reply: `$-1` in RESP2, `_` in RESP3.
-    pub fn null(proto: Proto) -> Bytes {
-        Bytes::from_static(match proto {
-            Proto::Resp2 => b"$-1\r\n",
-            Proto::Resp3 => b"_\r\n",
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -623,69 +400,11 @@ mod tests {
         );
     }
 
-    fn scan_one(input: &[u8]) -> Option<usize> {
-        ReplyScanner::new().scan(input, 16).unwrap()
-    }
-
     #[test]
-    fn reply_scanner_finds_frame_ends() {
-        let frames: &[&[u8]] = &[
-            b"+OK\r\n",
-            b"-ERR x\r\n",
-            b":12\r\n",
-            b"$-1\r\n",
-            b"$5\r\nab\r\nc\r\n",
-            b"*-1\r\n",
-            b"*0\r\n",
-            b"*2\r\n$1\r\na\r\n*1\r\n:1\r\n",
-            b"%1\r\n+k\r\n*2\r\n_\r\n,1.5\r\n",
-            b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n",
-            b"|1\r\n+key\r\n+val\r\n:5\r\n",
-            b"!3\r\nERR\r\n",
-            b"=8\r\ntxt:abcd\r\n",
-            b"~2\r\n#t\r\n(123\r\n",
-        ];
-        for f in frames {
-            let mut input = f.to_vec();
-            input.extend_from_slice(b"+NEXT\r\n");
-            assert_eq!(
-                scan_one(&input),
-                Some(f.len()),
-                "{:?}",
-                String::from_utf8_lossy(f)
-            );
-            for split in 0..f.len() {
-                assert_eq!(scan_one(&f[..split]), None);
-            }
-        }
-    }
-
-    #[test]
-    fn reply_scanner_resumes_across_reads() {
-        let frame = b"*3\r\n$3\r\nabc\r\n*2\r\n:1\r\n:2\r\n$2\r\nxy\r\n";
-        for split in 1..frame.len() {
-            let mut s = ReplyScanner::new();
-            assert_eq!(s.scan(&frame[..split], 8).unwrap(), None);
-            assert_eq!(s.scan(frame, 8).unwrap(), Some(frame.len()));
-            assert_eq!(s.scan(b"+OK\r\n", 8).unwrap(), Some(5));
-        }
-    }
-
-    #[test]
-    fn reply_scanner_bounds_depth_and_rejects_garbage() {
-        let deep = b"*1\r\n".repeat(20);
-        assert!(ReplyScanner::new().scan(&deep, 16).is_err());
-        assert!(ReplyScanner::new().scan(b"?what\r\n", 16).is_err());
-    }
-
-    #[test]
-    fn encodes_commands_and_replies() {
+    fn encodes_commands() {
         assert_eq!(
             &encode_command(&["GET", "k"])[..],
             b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
         );
-        assert_eq!(&reply::error("ERR a\r\nb")[..], b"-ERR a  b\r\n");
-        assert_eq!(&reply::integer(-3)[..], b":-3\r\n");
-        assert_eq!(&reply::null(Proto::Resp3)[..], b"_\r\n");
     }
 }

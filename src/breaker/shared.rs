@@ -1,0 +1,347 @@
+//! The breaker shared by the tasks talking to one upstream: a mutex around the state
+//! machine, the timer task, the watch channel, metrics and log lines.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+#[cfg(test)]
+use super::classify::FailureKind;
+use super::classify::Outcome;
+use super::config::BreakerConfig;
+use super::machine::{Breaker, BreakerSnapshot, Mode, Permit, Rejected, State, Transition};
+use super::metrics::UpstreamBreakerMetrics;
+
+struct Inner {
+    name: String,
+    config: BreakerConfig,
+    breaker: Mutex<Breaker>,
+    metrics: UpstreamBreakerMetrics,
+    /// Separate `Arc` so the timer can wait on it without keeping `Inner`
+    /// alive; see [`SharedBreaker::spawn_timer`].
+    timer_wake: Arc<Notify>,
+    state_tx: watch::Sender<State>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Lets a sleeping timer task notice that the breaker is gone.
+        self.timer_wake.notify_one();
+    }
+}
+
+/// A [`Breaker`] shared by the tasks talking to one upstream. Cheap to clone.
+#[derive(Clone)]
+pub struct SharedBreaker {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for SharedBreaker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedBreaker")
+            .field("name", &self.inner.name)
+            .field("state", &self.state())
+            .field("mode", &self.mode())
+            .finish()
+    }
+}
+
+impl SharedBreaker {
+    /// `name` is used in logs; pass `metrics` from
+    /// `BreakerMetrics::for_upstream(name)` so both carry the same upstream.
+    ///
+    /// # Panics
+    ///
+    /// If `config` is invalid, like [`Breaker::new`].
+    pub fn new(
+        name: &str,
+        config: BreakerConfig,
+        seed: u64,
+        metrics: UpstreamBreakerMetrics,
+    ) -> SharedBreaker {
+        let breaker = Breaker::new(config.clone(), seed);
+        let state = breaker.state();
+        metrics.publish(&breaker.snapshot(Instant::now()));
+        let (state_tx, _) = watch::channel(state);
+        SharedBreaker {
+            inner: Arc::new(Inner {
+                name: name.to_owned(),
+                config,
+                breaker: Mutex::new(breaker),
+                metrics,
+                timer_wake: Arc::new(Notify::new()),
+                state_tx,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Breaker> {
+        // A panic while the lock was held can only have come from this
+        // module's arithmetic, after which the breaker is still a coherent
+        // value; refusing every later request to the upstream would be worse.
+        self.inner.breaker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the task that fires the breaker's timers (call it once, inside
+    /// a tokio runtime). It sleeps until [`Breaker::next_deadline`], calls
+    /// `poll`, and re-arms; calls that move the deadline wake it early.
+    ///
+    /// It exits when `shutdown` completes (pass e.g.
+    /// `async move { let _ = rx.changed().await; }` for a watch channel, or
+    /// `token.cancelled_owned()`), or once every `SharedBreaker` clone (and
+    /// every outstanding [`CallGuard`]) has been dropped: it holds only a weak
+    /// reference, so it never keeps the breaker alive.
+    pub fn spawn_timer<F>(&self, shutdown: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let weak = Arc::downgrade(&self.inner);
+        let wake = Arc::clone(&self.inner.timer_wake);
+        tokio::spawn(run_timer(weak, wake, shutdown))
+    }
+
+    /// Asks to send one request. The guard records the outcome when completed
+    /// and records [`Outcome::Ignored`] if dropped first.
+    pub fn try_acquire(&self) -> Result<CallGuard, Rejected> {
+        let result = {
+            let mut b = self.lock();
+            let before = b.next_deadline();
+            // Read under the lock so the machine sees monotonic time.
+            let result = b.try_acquire(Instant::now());
+            // Why the hot path need not wake the timer.
+            debug_assert_eq!(before, b.next_deadline());
+            result
+        };
+        match result {
+            Ok(permit) => {
+                if permit.is_shadow() {
+                    tracing::debug!(
+                        upstream = %self.inner.name,
+                        "circuit breaker would reject this request (metrics_only mode)"
+                    );
+                }
+                Ok(CallGuard {
+                    breaker: self.clone(),
+                    permit,
+                    started: Instant::now(),
+                    completed: false,
+                })
+            }
+            Err(rejected) => {
+                self.inner.metrics.rejected.inc();
+                Err(rejected)
+            }
+        }
+    }
+
+    fn finish(&self, permit: Permit, outcome: Outcome) {
+        let m = &self.inner.metrics;
+        match outcome {
+            Outcome::Success { latency } => {
+                m.calls_success.inc();
+                if self.inner.config.is_slow(latency) {
+                    m.calls_slow.inc();
+                }
+            }
+            Outcome::Failure(_) => m.calls_failure.inc(),
+            Outcome::Ignored => m.calls_ignored.inc(),
+        }
+        let mut b = self.lock();
+        let now = Instant::now();
+        let before = b.next_deadline();
+        if let Some(t) = b.record(permit, outcome, now) {
+            self.apply(&b, &t, now);
+        }
+        if b.next_deadline() != before {
+            self.inner.timer_wake.notify_one();
+        }
+    }
+
+    fn poll_and_deadline(&self) -> (Option<Transition>, Option<Instant>) {
+        let mut b = self.lock();
+        let now = Instant::now();
+        let t = b.poll(now);
+        match &t {
+            Some(t) => self.apply(&b, t, now),
+            // Window rotation: keep the rate gauges decaying while idle.
+            None => self.inner.metrics.publish(&b.snapshot(now)),
+        }
+        (t, b.next_deadline())
+    }
+
+    /// Side effects of a transition. Runs under the breaker lock so that two
+    /// quick transitions cannot publish out of order.
+    fn apply(&self, b: &Breaker, t: &Transition, now: Instant) {
+        let m = &self.inner.metrics;
+        m.publish(&b.snapshot(now));
+        m.count_transition(t);
+        let name = &self.inner.name;
+        if t.to == State::Open {
+            tracing::warn!(
+                upstream = %name,
+                from = t.from.as_str(),
+                to = t.to.as_str(),
+                reason = t.reason.as_str(),
+                generation = t.generation,
+                "circuit breaker {t}"
+            );
+        } else {
+            tracing::info!(
+                upstream = %name,
+                from = t.from.as_str(),
+                to = t.to.as_str(),
+                reason = t.reason.as_str(),
+                generation = t.generation,
+                "circuit breaker {t}"
+            );
+        }
+        self.inner.state_tx.send_replace(t.to);
+    }
+
+    fn manual(
+        &self,
+        f: impl FnOnce(&mut Breaker, Instant) -> Option<Transition>,
+    ) -> Option<Transition> {
+        let mut b = self.lock();
+        let now = Instant::now();
+        let old_mode = b.mode();
+        let t = f(&mut b, now);
+        match &t {
+            Some(t) => self.apply(&b, t, now),
+            None => self.inner.metrics.publish(&b.snapshot(now)),
+        }
+        if t.is_none() && b.mode() != old_mode {
+            tracing::info!(
+                upstream = %self.inner.name,
+                from = old_mode.as_str(),
+                to = b.mode().as_str(),
+                "circuit breaker mode changed"
+            );
+        }
+        // Manual actions rearrange timers freely; an extra wake-up is cheap.
+        self.inner.timer_wake.notify_one();
+        t
+    }
+
+    pub fn set_mode(&self, mode: Mode) -> Option<Transition> {
+        self.manual(|b, now| b.set_mode(mode, now))
+    }
+
+    pub fn reset(&self) -> Option<Transition> {
+        self.manual(|b, now| b.reset(now))
+    }
+
+    /// The health probe got a normal answer while the breaker is Open because of a
+    /// condition of the server's own (a busy script, loading): probing starts now.
+    pub fn server_recovered(&self) -> Option<Transition> {
+        self.manual(|b, now| b.server_recovered(now))
+    }
+
+    pub fn snapshot(&self) -> BreakerSnapshot {
+        let b = self.lock();
+        b.snapshot(Instant::now())
+    }
+
+    pub fn state(&self) -> State {
+        self.lock().state()
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.lock().mode()
+    }
+
+    /// State changes, for the cache, the write-queue replay and `/ready`.
+    pub fn subscribe(&self) -> watch::Receiver<State> {
+        self.inner.state_tx.subscribe()
+    }
+}
+
+async fn run_timer<F>(weak: Weak<Inner>, wake: Arc<Notify>, shutdown: F)
+where
+    F: Future<Output = ()>,
+{
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let deadline = match weak.upgrade() {
+            // The strong reference is dropped before the await below, so the
+            // timer never keeps the breaker alive.
+            Some(inner) => SharedBreaker { inner }.poll_and_deadline().1,
+            None => return,
+        };
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        // `notify_one` stores a permit when nobody waits, so a wake-up sent
+        // between the poll above and this select is not lost.
+        tokio::select! {
+            biased;
+            () = &mut shutdown => return,
+            () = wake.notified() => {}
+            () = sleep => {}
+        }
+    }
+}
+
+/// An admitted call. Complete it with its outcome; dropping it unfinished
+/// records [`Outcome::Ignored`] (client cancellation) and frees a half-open
+/// probe slot.
+#[must_use = "dropping a CallGuard at once records the call as ignored"]
+pub struct CallGuard {
+    breaker: SharedBreaker,
+    permit: Permit,
+    started: Instant,
+    completed: bool,
+}
+
+impl fmt::Debug for CallGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallGuard")
+            .field("upstream", &self.breaker.inner.name)
+            .field("permit", &self.permit)
+            .finish()
+    }
+}
+
+impl CallGuard {
+    #[cfg(test)]
+    pub fn is_probe(&self) -> bool {
+        self.permit.is_probe()
+    }
+
+    /// Time since admission.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn complete(mut self, outcome: Outcome) {
+        self.completed = true;
+        self.breaker.finish(self.permit, outcome);
+    }
+
+    /// Completes as a success whose latency is the time since admission.
+    pub fn success(self) {
+        let latency = self.elapsed();
+        self.complete(Outcome::Success { latency });
+    }
+
+    #[cfg(test)]
+    pub fn failure(self, kind: FailureKind) {
+        self.complete(Outcome::Failure(kind));
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if !self.completed {
+            self.breaker.finish(self.permit, Outcome::Ignored);
+        }
+    }
+}

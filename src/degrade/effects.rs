@@ -1,0 +1,437 @@
+//! Reply effects applied by the cache's owner: fills, single-flight, and what a write that
+//! has run tells about its keys (see `crate::effect`).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::Degrade;
+use crate::auth::IdentityId;
+use crate::cache::{CacheKey, Ttl};
+use crate::command::{Classified, ids};
+use crate::effect::{EffectSink, FillPlan, ReplyEffect, Written};
+use crate::error::Reply;
+use crate::resp::scan::split_aggregate;
+use crate::resp::{Proto, Request, is_error_reply, parse_int, reply};
+
+impl EffectSink for Degrade {
+    fn apply(&self, effect: ReplyEffect, result: &Reply) {
+        match effect {
+            ReplyEffect::Fill { plan, leader } => {
+                if let Ok(r) = result
+                    && !is_error_reply(r)
+                {
+                    self.apply_fill(plan, r);
+                }
+                if let Some(leader) = leader {
+                    leader.finish(result.clone());
+                }
+            }
+            ReplyEffect::Write(w) => self.written(&w, result),
+            ReplyEffect::Exec(writes) => {
+                // Which of the queued writes ran, and to what effect, is inside the EXEC
+                // reply; redfuse only knows they may all have.
+                for w in &writes {
+                    self.invalidate(w.db, &w.request, &w.class);
+                    self.mark(w, true, Ttl::Unknown);
+                }
+            }
+        }
+    }
+}
+
+impl Degrade {
+    /// Stores a reply per its fill plan. Error replies are never stored; nil ones only when
+    /// configured.
+    fn apply_fill(&self, plan: FillPlan, reply: &Bytes) {
+        let now = Instant::now();
+        let storable = |r: &Bytes| self.policy.cache_nil() || !reply::is_null(r);
+        match plan {
+            FillPlan::Single {
+                key,
+                redis_key,
+                ticket,
+            } => {
+                if storable(reply) {
+                    self.cache
+                        .insert_checked(ticket, key, redis_key, reply.clone(), now);
+                }
+            }
+            FillPlan::Mget { parts } => {
+                let Some(values) = split_aggregate(reply) else {
+                    return;
+                };
+                if values.len() != parts.len() {
+                    return;
+                }
+                for ((key, redis_key, ticket), value) in parts.into_iter().zip(values) {
+                    // Only strings and nulls are GET answers (MGET nils a hash key, GET
+                    // would refuse it).
+                    if matches!(value.first(), Some(b'$' | b'_')) && storable(&value) {
+                        self.cache
+                            .insert_checked(ticket, key, redis_key, value, now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A write has run (`Ok`) or its fate is unknown (`Err`).
+    fn written(&self, w: &Written, result: &Reply) {
+        let Some(db) = w.db else {
+            self.invalidate(None, &w.request, &w.class);
+            return;
+        };
+        let reply = match result {
+            // Redis refused it: nothing changed (WRONGTYPE, NOPERM ...).
+            Ok(r) if is_error_reply(r) => {
+                self.invalidate(w.db, &w.request, &w.class);
+                return;
+            }
+            Ok(r) => Some(r),
+            Err(_) => None,
+        };
+        let learnt = reply.map(|r| learn(&w.class, &w.request.args, r, w.sent));
+        // A plain SET that nothing raced: the cache can show its value.
+        if let (
+            Some(Learnt {
+                own_value: true,
+                ttl,
+                ..
+            }),
+            Some(ticket),
+        ) = (&learnt, w.ticket)
+            && self.cache.ticket_current(ticket)
+        {
+            let key = &w.request.args[1];
+            self.invalidate(w.db, &w.request, &w.class);
+            // Other identities (and other commands) do not hold the new value.
+            self.cache.key_written(db, key, true, *ttl, Instant::now());
+            self.fill_value(db, w.identity, key, &w.request.args[2]);
+            return;
+        }
+        self.invalidate(w.db, &w.request, &w.class);
+        match learnt {
+            Some(l) => self.mark(w, l.value_unknown, l.ttl),
+            None => self.mark(w, true, Ttl::Unknown),
+        }
+    }
+
+    /// Records on every key of a write whether its value is now unknown, and its expiry.
+    fn mark(&self, w: &Written, value_unknown: bool, ttl: Ttl) {
+        let Some(db) = w.db else { return };
+        let now = Instant::now();
+        for i in w.class.keys.iter() {
+            self.cache
+                .key_written(db, &w.request.args[i], value_unknown, ttl, now);
+        }
+    }
+
+    /// `GET key` answers `value` for `identity`, in both protocols.
+    fn fill_value(&self, db: u32, identity: IdentityId, key: &Bytes, value: &[u8]) {
+        let now = Instant::now();
+        let bulk = reply::bulk(value);
+        for proto in [Proto::Resp2, Proto::Resp3] {
+            self.cache.insert(
+                CacheKey::get(db, identity, proto, key),
+                key.clone(),
+                bulk.clone(),
+                now,
+            );
+        }
+    }
+}
+
+/// Whether a write, acknowledged, leaves its key holding exactly its own argument: `SET k v`
+/// (with an expiry or `KEEPTTL`, not `NX`, `XX` or `GET`), `SETEX`, `PSETEX`.
+pub fn fills_own_value(class: &Classified, args: &[Bytes]) -> bool {
+    match class.id {
+        ids::SET if args.len() >= 3 => args[3..].iter().all(|a| {
+            !(a.eq_ignore_ascii_case(b"NX")
+                || a.eq_ignore_ascii_case(b"XX")
+                || a.eq_ignore_ascii_case(b"GET"))
+        }),
+        _ => false,
+    }
+}
+
+/// What an acknowledged write tells about its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Learnt {
+    /// The key holds the write's own argument (see [`fills_own_value`]).
+    own_value: bool,
+    /// redfuse does not hold the key's value any more.
+    value_unknown: bool,
+    ttl: Ttl,
+}
+
+/// Reads an acknowledged write and its reply. Relative expiries count from `sent`, which
+/// is no later than when Redis counted them, so redfuse never believes a key lives longer
+/// than it does.
+fn learn(class: &Classified, args: &[Bytes], reply: &Bytes, sent: Instant) -> Learnt {
+    let unknown = Learnt {
+        own_value: false,
+        value_unknown: true,
+        ttl: Ttl::Unknown,
+    };
+    let int = |r: &Bytes| {
+        r.strip_prefix(b":")
+            .and_then(|r| parse_int(r.strip_suffix(b"\r\n")?))
+    };
+    let arg_int = |i: usize| args.get(i).and_then(|a| parse_int(a));
+    let secs = |n: i64| Duration::from_secs(n.max(0) as u64);
+    let millis = |n: i64| Duration::from_millis(n.max(0) as u64);
+    match class.id {
+        ids::SET if &reply[..] == reply::OK => {
+            let ttl = set_ttl(&args[3..], sent);
+            Learnt {
+                own_value: fills_own_value(class, args),
+                value_unknown: !fills_own_value(class, args),
+                ttl,
+            }
+        }
+        ids::SETEX | ids::PSETEX if &reply[..] == reply::OK => {
+            let ttl = match arg_int(2) {
+                Some(n) if class.is(ids::SETEX) => Ttl::At(sent + secs(n)),
+                Some(n) => Ttl::At(sent + millis(n)),
+                None => Ttl::Unknown,
+            };
+            Learnt {
+                own_value: false,
+                value_unknown: true,
+                ttl,
+            }
+        }
+        ids::EXPIRE | ids::PEXPIRE | ids::EXPIREAT | ids::PEXPIREAT => {
+            let ttl = match (int(reply), arg_int(2)) {
+                (Some(1), Some(n)) => match class.id {
+                    ids::EXPIRE => Ttl::At(sent + secs(n)),
+                    ids::PEXPIRE => Ttl::At(sent + millis(n)),
+                    ids::EXPIREAT => at_unix(secs(n), sent),
+                    _ => at_unix(millis(n), sent),
+                },
+                _ => Ttl::Unknown,
+            };
+            // The value is untouched; the key may now be gone, which a miss says anyway.
+            Learnt {
+                own_value: false,
+                value_unknown: false,
+                ttl,
+            }
+        }
+        ids::PERSIST => Learnt {
+            own_value: false,
+            value_unknown: false,
+            ttl: if int(reply) == Some(1) {
+                Ttl::Persistent
+            } else {
+                Ttl::Unknown
+            },
+        },
+        ids::GETEX => Learnt {
+            own_value: false,
+            value_unknown: false,
+            ttl: if reply::is_null(reply) {
+                Ttl::Unknown
+            } else {
+                getex_ttl(&args[2..], sent)
+            },
+        },
+        // The key is gone: a miss answering "absent" is the truth.
+        ids::DEL | ids::UNLINK | ids::GETDEL => Learnt {
+            own_value: false,
+            value_unknown: false,
+            ttl: Ttl::Unknown,
+        },
+        _ => unknown,
+    }
+}
+
+/// The expiry `SET`'s options leave the key with.
+fn set_ttl(options: &[Bytes], sent: Instant) -> Ttl {
+    let mut it = options.iter();
+    while let Some(opt) = it.next() {
+        let value = || it.clone().next().and_then(|v| parse_int(v));
+        let is = |name: &[u8]| opt.eq_ignore_ascii_case(name);
+        let n = |v: Option<i64>| v.map(|n| n.max(0) as u64);
+        if is(b"EX") {
+            return n(value()).map_or(Ttl::Unknown, |s| Ttl::At(sent + Duration::from_secs(s)));
+        } else if is(b"PX") {
+            return n(value()).map_or(Ttl::Unknown, |m| Ttl::At(sent + Duration::from_millis(m)));
+        } else if is(b"EXAT") {
+            return n(value()).map_or(Ttl::Unknown, |s| at_unix(Duration::from_secs(s), sent));
+        } else if is(b"PXAT") {
+            return n(value()).map_or(Ttl::Unknown, |m| at_unix(Duration::from_millis(m), sent));
+        } else if is(b"KEEPTTL") {
+            return Ttl::Unknown;
+        }
+    }
+    Ttl::Persistent
+}
+
+/// The expiry `GETEX`'s options leave the key with; `Unknown` when it keeps the old one.
+fn getex_ttl(options: &[Bytes], sent: Instant) -> Ttl {
+    match set_ttl(options, sent) {
+        // No option: the expiry is untouched; PERSIST: none.
+        Ttl::Persistent if options.iter().any(|o| o.eq_ignore_ascii_case(b"PERSIST")) => {
+            Ttl::Persistent
+        }
+        Ttl::Persistent => Ttl::Unknown,
+        other => other,
+    }
+}
+
+/// An absolute Unix time as an `Instant`, reading the wall clock once.
+fn at_unix(since_epoch: Duration, now: Instant) -> Ttl {
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    match since_epoch.checked_sub(wall) {
+        Some(ahead) => Ttl::At(now + ahead),
+        None => Ttl::At(now),
+    }
+}
+
+/// A queued write will happen later; until then the cache shows its plain effect (SET,
+/// DEL, HSET) to the identity that wrote it, and forgets the keys for everyone else, so the
+/// application reads its own writes during the outage and no other identity sees them.
+pub(super) fn show_queued_write(
+    d: &Degrade,
+    db: u32,
+    identity: IdentityId,
+    req: &Request,
+    cls: &Classified,
+) {
+    d.invalidate(Some(db), req, cls);
+    let now = Instant::now();
+    let args = &req.args;
+    let both = |redis_key: &Bytes, cmd: &[&[u8]], value: Option<&[u8]>| {
+        for proto in [Proto::Resp2, Proto::Resp3] {
+            let v = value.map_or_else(|| reply::null(proto), reply::bulk);
+            d.cache.insert(
+                CacheKey::new(db, identity, proto, cmd),
+                redis_key.clone(),
+                v,
+                now,
+            );
+        }
+    };
+    for i in cls.keys.iter() {
+        d.cache.key_written(db, &args[i], true, Ttl::Unknown, now);
+    }
+    match cls.id {
+        // Only the plain form: NX/XX/GET/KEEPTTL change what the result would be.
+        ids::SET if args.len() == 3 => both(&args[1], &[b"GET", &args[1]], Some(&args[2])),
+        ids::SETEX | ids::PSETEX if args.len() == 4 => {
+            both(&args[1], &[b"GET", &args[1]], Some(&args[3]))
+        }
+        ids::DEL | ids::UNLINK if d.policy.cache_nil() => {
+            for k in &args[1..] {
+                both(k, &[b"GET", k], None);
+            }
+        }
+        ids::HSET | ids::HMSET if args.len() >= 4 && args.len().is_multiple_of(2) => {
+            for pair in args[2..].chunks(2) {
+                both(&args[1], &[b"HGET", &args[1], &pair[0]], Some(&pair[1]));
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::classify;
+
+    fn args(parts: &[&str]) -> Vec<Bytes> {
+        parts
+            .iter()
+            .map(|p| Bytes::copy_from_slice(p.as_bytes()))
+            .collect()
+    }
+
+    fn learnt(parts: &[&str], reply: &str, sent: Instant) -> Learnt {
+        let a = args(parts);
+        learn(
+            &classify(&a),
+            &a,
+            &Bytes::copy_from_slice(reply.as_bytes()),
+            sent,
+        )
+    }
+
+    #[test]
+    fn plain_sets_fill_their_own_value() {
+        let own = |p: &[&str]| {
+            let a = args(p);
+            fills_own_value(&classify(&a), &a)
+        };
+        assert!(own(&["SET", "k", "v"]));
+        assert!(own(&["set", "k", "v", "EX", "10"]));
+        assert!(own(&["SET", "k", "v", "KEEPTTL"]));
+        assert!(!own(&["SET", "k", "v", "NX"]));
+        assert!(!own(&["SET", "k", "v", "xx"]));
+        assert!(!own(&["SET", "k", "v", "GET"]));
+        assert!(!own(&["INCR", "k"]));
+    }
+
+    #[test]
+    fn expiries_are_learnt_from_acknowledged_writes() {
+        let t = Instant::now();
+        let s = Duration::from_secs;
+        let l = learnt(&["SET", "k", "v", "EX", "2"], "+OK\r\n", t);
+        assert_eq!(l.ttl, Ttl::At(t + s(2)));
+        assert!(l.own_value && !l.value_unknown);
+        assert_eq!(
+            learnt(&["SET", "k", "v", "PX", "1500"], "+OK\r\n", t).ttl,
+            Ttl::At(t + Duration::from_millis(1500))
+        );
+        assert_eq!(
+            learnt(&["SET", "k", "v"], "+OK\r\n", t).ttl,
+            Ttl::Persistent
+        );
+        assert_eq!(
+            learnt(&["SET", "k", "v", "KEEPTTL"], "+OK\r\n", t).ttl,
+            Ttl::Unknown
+        );
+        let nx = learnt(&["SET", "k", "v", "NX"], "$-1\r\n", t);
+        assert!(nx.value_unknown, "not set or set: unknown");
+        assert_eq!(
+            learnt(&["SETEX", "k", "3", "v"], "+OK\r\n", t).ttl,
+            Ttl::At(t + s(3))
+        );
+        assert_eq!(
+            learnt(&["EXPIRE", "k", "5"], ":1\r\n", t).ttl,
+            Ttl::At(t + s(5))
+        );
+        assert_eq!(learnt(&["EXPIRE", "k", "5"], ":0\r\n", t).ttl, Ttl::Unknown);
+        assert!(!learnt(&["EXPIRE", "k", "5"], ":1\r\n", t).value_unknown);
+        assert_eq!(learnt(&["PERSIST", "k"], ":1\r\n", t).ttl, Ttl::Persistent);
+        assert_eq!(
+            learnt(&["GETEX", "k", "PX", "10"], "$1\r\nv\r\n", t).ttl,
+            Ttl::At(t + Duration::from_millis(10))
+        );
+        assert_eq!(learnt(&["GETEX", "k"], "$1\r\nv\r\n", t).ttl, Ttl::Unknown);
+        assert_eq!(
+            learnt(&["GETEX", "k", "PERSIST"], "$1\r\nv\r\n", t).ttl,
+            Ttl::Persistent
+        );
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        match learnt(&["EXPIREAT", "k", &(wall + 100).to_string()], ":1\r\n", t).ttl {
+            Ttl::At(at) => {
+                let d = at - t;
+                assert!(d > s(98) && d <= s(100), "{d:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let incr = learnt(&["INCR", "k"], ":1\r\n", t);
+        assert!(incr.value_unknown);
+        assert_eq!(incr.ttl, Ttl::Unknown);
+        assert!(!learnt(&["DEL", "k"], ":1\r\n", t).value_unknown);
+    }
+}

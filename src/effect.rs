@@ -1,0 +1,147 @@
+//! What a reply changes besides reaching its client, as typed values.
+//!
+//! A request that reads or writes cached keys is sent with a [`ReplyEffect`]; the upstream
+//! connection hands the effect and the reply to its [`EffectSink`] (the owner of the cache,
+//! `degrade::Degrade`) the moment the reply is read, before it travels to the client:
+//! cache fills, single-flight and invalidations must not wait for a client that is slow to
+//! read its replies. The upstream side only carries the value; it never looks inside.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::auth::IdentityId;
+use crate::cache::{CacheKey, FillTicket, LeaderGuard};
+use crate::command::Classified;
+use crate::error::Reply;
+use crate::resp::Request;
+
+/// Single-flight of identical cacheable reads: the same command, db, protocol and
+/// identity, and no write to the key since.
+pub type FlightKey = (CacheKey, FillTicket);
+
+/// The one read in flight that identical reads wait for.
+pub type Leader = LeaderGuard<FlightKey, Reply>;
+
+/// How a cacheable read's reply fills the cache.
+#[derive(Debug, Clone)]
+pub enum FillPlan {
+    Single {
+        key: CacheKey,
+        redis_key: Bytes,
+        ticket: FillTicket,
+    },
+    /// MGET: one GET entry per key, in argument order.
+    Mget {
+        parts: Vec<(CacheKey, Bytes, FillTicket)>,
+    },
+}
+
+impl FillPlan {
+    /// The single-flight identity of a single-key read.
+    pub fn flight_key(&self) -> Option<FlightKey> {
+        match self {
+            FillPlan::Single { key, ticket, .. } => Some((key.clone(), *ticket)),
+            FillPlan::Mget { .. } => None,
+        }
+    }
+}
+
+/// A write that went upstream: what to do about its keys once it has run.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// The client's database; `None` when redfuse could not follow it.
+    pub db: Option<u32>,
+    pub identity: IdentityId,
+    pub request: Request,
+    pub class: Classified,
+    /// When it was sent: relative expiries (`EX 2`) count from here, never later than
+    /// Redis counts them.
+    pub sent: Instant,
+    /// Taken right after the write's own invalidation: still current when the reply
+    /// arrives means no other write to the key went by, so a plain `SET` may fill the cache
+    /// with its own value.
+    pub ticket: Option<FillTicket>,
+}
+
+/// What a reply changes.
+pub enum ReplyEffect {
+    /// A cacheable read: store what it read, and release the reads that waited on it.
+    Fill {
+        plan: FillPlan,
+        leader: Option<Leader>,
+    },
+    /// A write has run (or failed): its keys are invalidated again and what it did to them
+    /// is learnt.
+    Write(Box<Written>),
+    /// `EXEC`: the writes queued in the transaction ran now.
+    Exec(Vec<Written>),
+}
+
+impl std::fmt::Debug for ReplyEffect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplyEffect::Fill { plan, .. } => write!(f, "Fill({plan:?})"),
+            ReplyEffect::Write(w) => write!(f, "Write({})", w.class.name()),
+            ReplyEffect::Exec(w) => write!(f, "Exec({} writes)", w.len()),
+        }
+    }
+}
+
+/// Applies reply effects; implemented by the owner of the cache.
+pub trait EffectSink: Send + Sync {
+    fn apply(&self, effect: ReplyEffect, reply: &Reply);
+}
+
+/// A count of a client's requests in flight of some kind (its writes on shared
+/// connections, its blocking commands, everything on one connection), kept by the client
+/// and decremented by the connection when the reply arrives: the [`Mark`] travels with
+/// the request and is dropped after its effect.
+#[derive(Debug, Default, Clone)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    pub fn new() -> InFlight {
+        InFlight::default()
+    }
+
+    /// Counts one more; the count goes down when the mark is dropped.
+    pub fn mark(&self) -> Mark {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        Mark(self.0.clone())
+    }
+
+    pub fn any(&self) -> bool {
+        self.0.load(Ordering::Acquire) > 0
+    }
+}
+
+/// One request counted in an [`InFlight`].
+#[derive(Debug)]
+pub struct Mark(Arc<AtomicUsize>);
+
+impl Drop for Mark {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_count_until_dropped() {
+        let c = InFlight::new();
+        assert!(!c.any());
+        let a = c.mark();
+        let b = c.clone().mark();
+        assert!(c.any());
+        drop(a);
+        assert!(c.any());
+        drop(b);
+        assert!(!c.any());
+    }
+}

@@ -1,0 +1,171 @@
+//! A client's upstream connections, and the fences that keep its commands in order across
+//! them.
+//!
+//! A client uses one shared connection per upstream, a dedicated connection while it is
+//! pinned, and dedicated connections it gave up while a blocking command may still wait
+//! on them ("retired"). When its commands move from one connection of an upstream to
+//! another, everything sent on the old one must have run first. Each connection is
+//! tracked with a count of this client's requests in flight on it: when nothing is in
+//! flight there is nothing to wait for and the move costs nothing; otherwise a `PING`
+//! fence on the old connection waits until Redis has run what was sent there. The fence
+//! waits on Redis, never on the client reading its replies, so a client that writes a whole
+//! pipeline before reading cannot deadlock it.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::task::JoinHandle;
+
+use crate::effect::{InFlight, Mark};
+use crate::resp::reply;
+use crate::upstream::{Call, ConnHandle, Setup, Upstream};
+
+/// A connection with this client's requests in flight on it counted.
+#[derive(Clone)]
+pub struct Tracked {
+    pub conn: ConnHandle,
+    pub inflight: InFlight,
+}
+
+impl Tracked {
+    pub fn new(conn: ConnHandle) -> Tracked {
+        Tracked {
+            conn,
+            inflight: InFlight::new(),
+        }
+    }
+
+    /// Sends a call on this connection, counted until answered.
+    pub async fn send(&self, mut call: Call, other: Option<Mark>) {
+        call.marks = [Some(self.inflight.mark()), other];
+        self.conn.send(call).await;
+    }
+}
+
+/// The dedicated connection of a pinned client.
+pub struct Dedicated {
+    pub upstream: Arc<Upstream>,
+    pub link: Tracked,
+    /// The handshake it was opened with: it goes back to the warm set only in that state.
+    pub setup: Setup,
+}
+
+/// A raw pipe to Redis (pub/sub, MONITOR, CLIENT TRACKING|REPLY).
+pub struct Tunnel {
+    pub wr: OwnedWriteHalf,
+    pub pipe: JoinHandle<()>,
+}
+
+/// Everything a client holds upstream.
+pub struct Links {
+    /// The client's shared connection per upstream (index as in `Server::upstreams`).
+    pub shared: Vec<Option<Tracked>>,
+    /// Per upstream, the connection the client's previous command went to.
+    last: Vec<Option<Tracked>>,
+    pub pinned: Option<Dedicated>,
+    /// Dedicated connections given up while a blocking command may still wait on them
+    /// (RESET, SUBSCRIBE): abandoned with the rest if the client leaves.
+    pub retired: Vec<ConnHandle>,
+    pub tunnel: Option<Tunnel>,
+    /// The client's writes sent on shared connections and not yet answered: while there
+    /// are any, its reads do not join another client's in-flight read, which may have run
+    /// before the write.
+    pub writes: InFlight,
+    /// Blocking commands sent on the dedicated connection and not yet answered. Nothing
+    /// waits behind one (no release, no fence, no awaited SELECT): a wait there would keep
+    /// redfuse from noticing that the client left, and the command from being dropped with
+    /// it.
+    pub blocking: InFlight,
+}
+
+const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
+
+impl Links {
+    pub fn new(upstreams: usize) -> Links {
+        Links {
+            shared: vec![None; upstreams],
+            last: vec![None; upstreams],
+            pinned: None,
+            retired: Vec::new(),
+            tunnel: None,
+            writes: InFlight::new(),
+            blocking: InFlight::new(),
+        }
+    }
+
+    pub fn blocked(&self) -> bool {
+        self.blocking.any()
+    }
+
+    /// The protocol or credentials changed: shared connections of the old kind are not
+    /// this client's any more (it gets new ones of the new kind on its next command).
+    pub fn forget_shared(&mut self) {
+        self.shared.iter_mut().for_each(|c| *c = None);
+    }
+
+    /// Waits until everything this client sent to another connection of the same upstream
+    /// has run, then records `next` as where its commands go. Across upstreams (replica
+    /// reads) there is no order to keep: replication lag already gives none.
+    pub async fn fence(&mut self, upstream: usize, next: &Tracked) {
+        let prev = match self.last[upstream].replace(next.clone()) {
+            Some(prev) if prev.conn.id != next.conn.id => prev,
+            _ => return,
+        };
+        if prev.inflight.any() {
+            await_ping(&prev.conn).await;
+        }
+    }
+
+    /// Fences every connection this client used, and forgets them (before a `RESET`, a
+    /// pipe, `WAIT`). A connection with a blocking command waiting is skipped: nothing
+    /// waits behind one.
+    pub async fn fence_all(&mut self) {
+        let blocked = self
+            .blocked()
+            .then(|| self.pinned.as_ref().map(|p| p.link.conn.id))
+            .flatten();
+        let n = self.last.len();
+        for prev in std::mem::replace(&mut self.last, vec![None; n])
+            .into_iter()
+            .flatten()
+        {
+            if Some(prev.conn.id) != blocked && prev.inflight.any() {
+                await_ping(&prev.conn).await;
+            }
+        }
+    }
+
+    /// The dedicated connection is not this client's any more; where the next command
+    /// to its upstream goes is fenced against it no longer.
+    pub fn unlink(&mut self, upstream: usize) {
+        self.last[upstream] = None;
+    }
+
+    /// Keeps a dedicated connection that may still hold a blocking command of this client,
+    /// so it can be abandoned if the client leaves; ones already finished are let go.
+    pub fn retire(&mut self, conn: ConnHandle) {
+        self.retired.retain(|c| !c.is_closed());
+        self.retired.push(conn);
+    }
+
+    /// The client left: a blocking command of its must not outlive it (Redis would drop
+    /// it), or it would take data nobody reads.
+    pub fn abandon(&self) {
+        if let Some(p) = &self.pinned {
+            p.link.conn.abandon();
+        }
+        for c in &self.retired {
+            c.abandon();
+        }
+    }
+}
+
+/// Sends a `PING` on `conn` and waits for it: everything sent there before has then run.
+/// True when the connection answered `PONG` (inside a transaction the answer would be
+/// `QUEUED`, and such a connection must never be handed to another client).
+pub async fn await_ping(conn: &ConnHandle) -> bool {
+    let (call, rx) = Call::new(Bytes::from_static(PING), false, false);
+    conn.send(call).await;
+    matches!(rx.await, Ok(Ok(reply)) if &reply[..] == reply::PONG)
+}

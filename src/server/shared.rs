@@ -1,0 +1,130 @@
+//! Stateless commands on the client's shared pipelined connection: breaker admission,
+//! replica failover for reads, the write queue's gate, the bulkhead, the cache plan and
+//! single-flight, then the send.
+
+use crate::cache::Flight;
+use crate::command::Classified;
+use crate::effect::ReplyEffect;
+use crate::error::UpstreamError;
+use crate::resp::Request;
+use crate::upstream::Call;
+
+use super::links::Tracked;
+use super::session::{Flow, Session};
+use super::writer::{Fallback, Slot, SlotKind};
+
+impl Session {
+    /// A command with no connection state: on the dedicated connection while the client
+    /// holds one it cannot release yet, else shared.
+    pub(super) async fn forward(&mut self, req: Request, cls: Classified) -> Flow {
+        if self.links.pinned.is_some() {
+            if !self.state.releasable(self.links.blocked()) {
+                return self
+                    .pinned_send(req, cls, false, super::route::Then::Nothing)
+                    .await;
+            }
+            self.release_dedicated().await;
+        }
+        let mut admitted = None;
+        for index in self.server.route(cls.read) {
+            let upstream = &self.server.upstreams[index];
+            if let Ok(guard) = upstream.breaker.try_acquire() {
+                admitted = Some((index, guard));
+                break;
+            }
+        }
+        let Some((index, guard)) = admitted else {
+            if cls.write {
+                // The write never reaches Redis, but its keys may be queued or shown by a
+                // rule: what the cache held for them is no longer the truth either way.
+                self.server.degrade.invalidate(self.state.db, &req, &cls);
+            }
+            return self.degraded(&req, &cls).await;
+        };
+        let upstream = self.server.upstreams[index].clone();
+        if cls.write
+            && index == self.server.primary_index()
+            && let Err(gate) = self
+                .server
+                .degrade
+                .queue
+                .wait_for_replay(self.server.config.command_timeout)
+                .await
+        {
+            drop(guard);
+            self.fail(cls.id, UpstreamError::unavailable(upstream.name(), gate))
+                .await;
+            return Flow::Continue;
+        }
+        let Some(inflight) = upstream.admit() else {
+            // Shed load here rather than pile onto a struggling Redis; not the server's fault.
+            drop(guard);
+            upstream.ctx.metrics.bulkhead_overflow.inc();
+            let err = UpstreamError::Overloaded {
+                upstream: upstream.name().clone(),
+            };
+            self.fail(cls.id, err).await;
+            return Flow::Continue;
+        };
+        let view = self.view();
+        let mut effect = None;
+        let mut fallback = None;
+        let mut write_mark = None;
+        if cls.write {
+            let identity = view.identity;
+            let written = self
+                .server
+                .degrade
+                .before_write(self.state.db, identity, &req, &cls);
+            effect = Some(ReplyEffect::Write(Box::new(written)));
+            write_mark = Some(self.links.writes.mark());
+        } else if cls.read
+            && let Some(plan) = self.server.degrade.plan_fill(view, &req, &cls)
+        {
+            let mut leader = None;
+            // While this client has writes in flight, a read in flight of another client
+            // may have run before them: it must send its own.
+            if !self.links.writes.any()
+                && let Some(key) = plan.flight_key()
+            {
+                match self.server.flights.join(key) {
+                    Flight::Leader(guard) => leader = Some(guard),
+                    Flight::Follower(follower) => {
+                        // The identical read already in flight answers this one too.
+                        drop((guard, inflight));
+                        let fallback = Fallback::new(plan, view, &cls, &req);
+                        self.push(Slot {
+                            command: cls.id,
+                            kind: SlotKind::Follower(follower, Some(Box::new(fallback))),
+                        })
+                        .await;
+                        return Flow::Continue;
+                    }
+                }
+            }
+            fallback = Some(Box::new(Fallback::new(plan.clone(), view, &cls, &req)));
+            effect = Some(ReplyEffect::Fill { plan, leader });
+        }
+        let link = match &self.links.shared[index] {
+            Some(c) => c.clone(),
+            None => {
+                let identity = self.state.identity().and_then(|i| i.credentials.clone());
+                let c = Tracked::new(upstream.shared_conn(self.state.proto, &identity));
+                self.links.shared[index] = Some(c.clone());
+                c
+            }
+        };
+        self.links.fence(index, &link).await;
+        let (mut call, rx) = Call::new(req.raw, false, cls.write);
+        call.guard = Some(guard);
+        call.inflight = Some(inflight);
+        call.effect = effect;
+        link.send(call, write_mark).await;
+        self.push(Slot {
+            command: cls.id,
+            kind: SlotKind::Waiting(rx, fallback),
+        })
+        .await;
+        Flow::Continue
+    }
+}
