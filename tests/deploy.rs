@@ -1644,6 +1644,68 @@ fn promql(expr: &str) -> (Vec<Selector>, Vec<String>) {
     (sels, groups)
 }
 
+#[test]
+fn grafana_dashboard_and_provisioning_fit_together() {
+    let dash: Value = serde_json::from_str(&read("deploy/grafana/redfuse.json"))
+        .expect("deploy/grafana/redfuse.json is JSON");
+    assert!(
+        dash["uid"].is_string() && dash["title"].is_string(),
+        "uid and title"
+    );
+    let mut ids = BTreeSet::new();
+    let mut queries = 0;
+    for p in arr(&dash["panels"], "panels") {
+        let id = p["id"].as_i64().expect("panel id");
+        assert!(ids.insert(id), "panel id {id} is used twice");
+        for k in ["h", "w", "x", "y"] {
+            assert!(
+                p["gridPos"][k].is_i64(),
+                "panel {}: gridPos.{k}",
+                p["title"]
+            );
+        }
+        for t in p["targets"].as_array().into_iter().flatten() {
+            queries += 1;
+            assert_eq!(
+                t["datasource"]["uid"], "${datasource}",
+                "panel {}: queries use the datasource variable",
+                p["title"]
+            );
+        }
+    }
+    assert!(queries >= 20, "{queries} queries");
+    let vars = arr(&dash["templating"]["list"], "templating");
+    let ds = vars
+        .iter()
+        .find(|v| v["name"] == "datasource" && v["type"] == "datasource")
+        .expect("a datasource variable");
+    assert_eq!(ds["query"], "prometheus");
+    // Provisioning: the data source's uid is the variable's default, the dashboard provider
+    // reads the folder compose mounts the dashboard into.
+    let source = yaml_doc("deploy/grafana/provisioning/datasources/prometheus.yml");
+    let source = &arr(&source["datasources"], "datasources")[0];
+    assert_eq!(source["type"], "prometheus");
+    assert_eq!(source["uid"], ds["current"]["value"], "data source uid");
+    let provider = yaml_doc("deploy/grafana/provisioning/dashboards/redfuse.yml");
+    let folder = s(
+        &arr(&provider["providers"], "providers")[0]["options"]["path"],
+        "provider path",
+    )
+    .to_string();
+    let compose = yaml_doc("docker-compose.yml");
+    let mounts = serde_json::to_string(&compose["services"]["grafana"]["volumes"]).unwrap();
+    assert!(
+        mounts.contains(&format!(
+            "./deploy/grafana/redfuse.json:{folder}/redfuse.json"
+        )),
+        "compose should mount the dashboard into {folder}: {mounts}"
+    );
+    assert!(
+        mounts.contains("./deploy/grafana/provisioning:/etc/grafana/provisioning"),
+        "{mounts}"
+    );
+}
+
 /// Every PromQL expression of the dashboard (panels, nested rows, `label_values` variables)
 /// and of the alert rules, with where it comes from.
 fn dashboard_and_alert_exprs() -> Vec<(String, String)> {
