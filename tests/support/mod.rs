@@ -8,6 +8,7 @@
 //! - [`http_get`] / [`http_post`] + [`metric_value`] / [`metric_sum`]: admin endpoint helpers.
 #![allow(dead_code, unused_imports)]
 
+pub mod acl;
 pub mod client;
 pub mod http;
 pub mod procs;
