@@ -78,6 +78,8 @@ pub enum ReplyEffect {
     Write(Box<Written>),
     /// `EXEC`: the writes queued in the transaction ran now.
     Exec(Vec<Written>),
+    /// A write queued during an outage was replayed to Redis.
+    Replayed(Box<Written>),
 }
 
 impl std::fmt::Debug for ReplyEffect {
@@ -86,6 +88,7 @@ impl std::fmt::Debug for ReplyEffect {
             ReplyEffect::Fill { plan, .. } => write!(f, "Fill({plan:?})"),
             ReplyEffect::Write(w) => write!(f, "Write({})", w.class.name()),
             ReplyEffect::Exec(w) => write!(f, "Exec({} writes)", w.len()),
+            ReplyEffect::Replayed(w) => write!(f, "Replayed({})", w.class.name()),
         }
     }
 }

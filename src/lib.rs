@@ -212,6 +212,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         queue,
         server.primary().clone(),
         server.config.credentials.clone(),
+        server.degrade.clone(),
         shutdown_rx.clone(),
     ));
     let client_addr = clients.local_addr().map_err(|source| StartError::Bind {

@@ -166,6 +166,32 @@ pub enum Ttl {
     At(Instant),
 }
 
+/// Whose degraded misses a write mark concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// A write Redis acknowledged: any client may have seen it succeed.
+    ByAll,
+    /// A write queued during an outage: only its identity was told it succeeded (Redis,
+    /// and every other identity, still hold the old value).
+    By(IdentityId),
+}
+
+impl Seen {
+    fn merge(self, other: Seen) -> Seen {
+        match (self, other) {
+            (Seen::By(a), Seen::By(b)) if a == b => self,
+            _ => Seen::ByAll,
+        }
+    }
+
+    fn includes(self, identity: IdentityId) -> bool {
+        match self {
+            Seen::ByAll => true,
+            Seen::By(i) => i == identity,
+        }
+    }
+}
+
 impl Ttl {
     fn deadline(self) -> Option<Instant> {
         match self {
@@ -352,8 +378,8 @@ enum Entry {
 
 #[derive(Clone, Copy)]
 struct Record {
-    /// When a write whose result redfuse does not hold was acknowledged.
-    written: Option<Instant>,
+    /// When a write whose result redfuse does not hold was acknowledged, and to whom.
+    written: Option<(Instant, Seen)>,
     ttl: Ttl,
     charge: usize,
 }
@@ -502,7 +528,7 @@ impl State {
             Entry::Reply { redis_key, .. } => self.remove_from_index(key, redis_key),
             Entry::Record(r) => {
                 self.records -= 1;
-                if let (Some(written), Some((now, hash, ttl))) = (r.written, evicted)
+                if let (Some((written, _)), Some((now, hash, ttl))) = (r.written, evicted)
                     && now.saturating_duration_since(written) <= ttl
                 {
                     self.lost.set(hash);
@@ -622,6 +648,7 @@ impl Cache {
         &self,
         db: u32,
         redis_key: &[u8],
+        identity: IdentityId,
         now: Instant,
         max_stale: Duration,
     ) -> bool {
@@ -629,8 +656,10 @@ impl Cache {
         let hash = self.stripe_hasher.hash_one((db, redis_key));
         let st = self.lock();
         if let Some(Entry::Record(Record {
-            written: Some(at), ..
+            written: Some((at, seen)),
+            ..
         })) = st.lru.peek(&record)
+            && seen.includes(identity)
             && now.saturating_duration_since(*at) <= max_stale
         {
             return true;
@@ -776,19 +805,30 @@ impl Cache {
         true
     }
 
-    /// Records what a write acknowledged at `now` told about `redis_key`: `written` when
-    /// redfuse does not hold its result (a degraded miss must not pretend the key is
-    /// absent), and what it did to the key's expiry. Call after the write's invalidation.
-    pub fn key_written(&self, db: u32, redis_key: &[u8], written: bool, ttl: Ttl, now: Instant) {
+    /// Records what a write acknowledged at `now` told about `redis_key`: `written` (and to
+    /// whom) when redfuse does not hold its result, so a degraded miss must not pretend the
+    /// key is absent, and what it did to the key's expiry. Call after the write's
+    /// invalidation.
+    pub fn key_written(
+        &self,
+        db: u32,
+        redis_key: &[u8],
+        written: Option<Seen>,
+        ttl: Ttl,
+        now: Instant,
+    ) {
         if !self.enabled() {
             return;
         }
         let record_key = CacheKey::record(db, redis_key);
         let mut st = self.lock();
         st.lost.rotate(now, self.config.written_ttl);
-        let written = written.then_some(now);
+        let written = written.map(|seen| (now, seen));
         if let Some(Entry::Record(r)) = st.lru.get_mut(&record_key) {
-            r.written = written.or(r.written);
+            r.written = match (written, r.written) {
+                (Some((at, seen)), Some((_, before))) => Some((at, seen.merge(before))),
+                (new, old) => new.or(old),
+            };
             r.ttl = ttl;
         } else {
             if written.is_none() && ttl == Ttl::Unknown {
@@ -856,6 +896,28 @@ impl Cache {
             st.index.remove(&db);
         }
         let removed = self.drop_entries(&mut st, keys);
+        self.publish(&st);
+        drop(st);
+        self.count_invalidations(removed);
+        removed
+    }
+
+    /// Removes what `identity`'s reads of `redis_key` filled, and nobody else's (a write
+    /// queued during an outage changes only what its writer sees).
+    pub fn invalidate_for(&self, db: u32, redis_key: &[u8], identity: IdentityId) -> usize {
+        let stripe = self.stripe(db, redis_key);
+        let mut st = self.lock();
+        self.stripes[stripe].fetch_add(1, Ordering::SeqCst);
+        let keys: Vec<CacheKey> = match st.index.get(&db).and_then(|k| k.get(redis_key)) {
+            Some(Readers::One(k)) if k.identity == identity => vec![k.clone()],
+            Some(Readers::Many(set)) => set
+                .iter()
+                .filter(|k| k.identity == identity)
+                .cloned()
+                .collect(),
+            _ => Vec::new(),
+        };
+        let removed = keys.iter().filter(|k| st.remove(k)).count();
         self.publish(&st);
         drop(st);
         self.count_invalidations(removed);
@@ -1544,7 +1606,7 @@ mod tests {
         let cache = Cache::new(CacheConfig::default());
         let now = Instant::now();
         let k = CacheKey::get(0, ANON, Proto::Resp2, b"k");
-        cache.key_written(0, b"k", false, Ttl::At(now + Duration::from_secs(2)), now);
+        cache.key_written(0, b"k", None, Ttl::At(now + Duration::from_secs(2)), now);
         assert!(cache.insert(k.clone(), b("k"), b("$1\r\nv\r\n"), now));
         assert!(matches!(cache.get(&k, now, FRESH), Lookup::Hit(_)));
         tokio::time::advance(Duration::from_secs(2)).await;
@@ -1552,7 +1614,7 @@ mod tests {
         // Once expired, a late fill is refused too.
         assert!(!cache.insert(k.clone(), b("k"), b("$1\r\nv\r\n"), Instant::now()));
         // PERSIST: no expiry any more.
-        cache.key_written(0, b"k", false, Ttl::Persistent, Instant::now());
+        cache.key_written(0, b"k", None, Ttl::Persistent, Instant::now());
         assert!(cache.insert(k.clone(), b("k"), b("$1\r\nv\r\n"), Instant::now()));
         tokio::time::advance(Duration::from_secs(60)).await;
         assert!(matches!(
@@ -1568,16 +1630,28 @@ mod tests {
         let cache = Cache::new(CacheConfig::default());
         let now = Instant::now();
         let stale = Duration::from_secs(10);
-        assert!(!cache.miss_is_unsafe(0, b"k", now, stale));
-        cache.key_written(0, b"k", true, Ttl::Unknown, now);
-        assert!(cache.miss_is_unsafe(0, b"k", now, stale));
-        assert!(!cache.miss_is_unsafe(1, b"k", now, stale), "per database");
-        assert!(!cache.miss_is_unsafe(0, b"j", now, stale));
+        let bob = crate::auth::Identities::new().intern("bob");
+        assert!(!cache.miss_is_unsafe(0, b"k", ANON, now, stale));
+        cache.key_written(0, b"k", Some(Seen::ByAll), Ttl::Unknown, now);
+        assert!(cache.miss_is_unsafe(0, b"k", ANON, now, stale));
+        assert!(cache.miss_is_unsafe(0, b"k", bob, now, stale));
+        assert!(
+            !cache.miss_is_unsafe(1, b"k", ANON, now, stale),
+            "per database"
+        );
+        assert!(!cache.miss_is_unsafe(0, b"j", ANON, now, stale));
         // Invalidation leaves the mark; the reply of a later read is served as usual.
         cache.invalidate(0, b"k");
-        assert!(cache.miss_is_unsafe(0, b"k", now, stale));
+        assert!(cache.miss_is_unsafe(0, b"k", ANON, now, stale));
         tokio::time::advance(Duration::from_secs(11)).await;
-        assert!(!cache.miss_is_unsafe(0, b"k", Instant::now(), stale));
+        assert!(!cache.miss_is_unsafe(0, b"k", ANON, Instant::now(), stale));
+        // A queued write concerns its writer only, until another identity queues one too.
+        cache.key_written(0, b"q", Some(Seen::By(bob)), Ttl::Unknown, Instant::now());
+        assert!(cache.miss_is_unsafe(0, b"q", bob, Instant::now(), stale));
+        assert!(!cache.miss_is_unsafe(0, b"q", ANON, Instant::now(), stale));
+        cache.key_written(0, b"q", Some(Seen::By(ANON)), Ttl::Unknown, Instant::now());
+        assert!(cache.miss_is_unsafe(0, b"q", bob, Instant::now(), stale));
+        assert!(cache.miss_is_unsafe(0, b"q", ANON, Instant::now(), stale));
         cache.clear_all();
         cache.check_invariants();
     }
@@ -1588,7 +1662,7 @@ mod tests {
         let cache = small(3 * charge, 100);
         let now = Instant::now();
         let stale = Duration::from_secs(60);
-        cache.key_written(0, b"marked", true, Ttl::Unknown, now);
+        cache.key_written(0, b"marked", Some(Seen::ByAll), Ttl::Unknown, now);
         for i in 0..10 {
             let k = format!("k{i}");
             cache.insert(
@@ -1599,13 +1673,13 @@ mod tests {
             );
         }
         cache.check_invariants();
-        assert!(cache.miss_is_unsafe(0, b"marked", now, stale));
+        assert!(cache.miss_is_unsafe(0, b"marked", ANON, now, stale));
         // After two generations the lost mark no longer matters and is forgotten.
         for _ in 0..2 {
             tokio::time::advance(Duration::from_secs(301)).await;
-            cache.key_written(0, b"other", false, Ttl::Persistent, Instant::now());
+            cache.key_written(0, b"other", None, Ttl::Persistent, Instant::now());
         }
-        assert!(!cache.miss_is_unsafe(0, b"marked", Instant::now(), stale));
+        assert!(!cache.miss_is_unsafe(0, b"marked", ANON, Instant::now(), stale));
     }
 
     #[test]
@@ -1618,6 +1692,10 @@ mod tests {
         assert_ne!(alice, bob);
         assert!(cache.insert(alice.clone(), b("k"), b("$1\r\na\r\n"), now));
         assert_eq!(cache.get(&bob, now, FRESH), Lookup::Miss);
+        assert!(cache.insert(bob.clone(), b("k"), b("$1\r\nb\r\n"), now));
+        assert_eq!(cache.invalidate_for(0, b"k", bob.identity), 1);
+        assert!(matches!(cache.get(&alice, now, FRESH), Lookup::Hit(_)));
+        cache.check_invariants();
         assert_eq!(cache.invalidate(0, b"k"), 1);
     }
 }

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use super::Degrade;
 use crate::auth::IdentityId;
-use crate::cache::{CacheKey, Ttl};
+use crate::cache::{CacheKey, Seen, Ttl};
 use crate::command::{Classified, ids};
 use crate::effect::{EffectSink, FillPlan, ReplyEffect, Written};
 use crate::error::Reply;
@@ -29,6 +29,11 @@ impl EffectSink for Degrade {
                 }
             }
             ReplyEffect::Write(w) => self.written(&w, result),
+            // A queued write reached Redis: everyone's view of its keys is outdated now.
+            ReplyEffect::Replayed(w) => {
+                self.invalidate(w.db, &w.request, &w.class);
+                self.mark(&w, true, Ttl::Unknown);
+            }
             ReplyEffect::Exec(writes) => {
                 // Which of the queued writes ran, and to what effect, is inside the EXEC
                 // reply; redfuse only knows they may all have.
@@ -107,7 +112,8 @@ impl Degrade {
             let key = &w.request.args[1];
             self.invalidate(w.db, &w.request, &w.class);
             // Other identities (and other commands) do not hold the new value.
-            self.cache.key_written(db, key, true, *ttl, Instant::now());
+            self.cache
+                .key_written(db, key, Some(Seen::ByAll), *ttl, Instant::now());
             self.fill_value(db, w.identity, key, &w.request.args[2]);
             return;
         }
@@ -123,8 +129,13 @@ impl Degrade {
         let Some(db) = w.db else { return };
         let now = Instant::now();
         for i in w.class.keys.iter() {
-            self.cache
-                .key_written(db, &w.request.args[i], value_unknown, ttl, now);
+            self.cache.key_written(
+                db,
+                &w.request.args[i],
+                value_unknown.then_some(Seen::ByAll),
+                ttl,
+                now,
+            );
         }
     }
 
@@ -294,8 +305,9 @@ fn at_unix(since_epoch: Duration, now: Instant) -> Ttl {
 }
 
 /// A queued write will happen later; until then the cache shows its plain effect (SET,
-/// DEL, HSET) to the identity that wrote it, and forgets the keys for everyone else, so the
-/// application reads its own writes during the outage and no other identity sees them.
+/// DEL, HSET) to the identity that wrote it, or makes its misses errors, so the application
+/// reads its own writes during the outage; every other identity keeps what Redis still
+/// holds.
 pub(super) fn show_queued_write(
     d: &Degrade,
     db: u32,
@@ -303,9 +315,14 @@ pub(super) fn show_queued_write(
     req: &Request,
     cls: &Classified,
 ) {
-    d.invalidate(Some(db), req, cls);
     let now = Instant::now();
     let args = &req.args;
+    // Redis still holds the old values, and so may every other identity's cache.
+    for i in cls.keys.iter() {
+        d.cache.invalidate_for(db, &args[i], identity);
+        d.cache
+            .key_written(db, &args[i], Some(Seen::By(identity)), Ttl::Unknown, now);
+    }
     let both = |redis_key: &Bytes, cmd: &[&[u8]], value: Option<&[u8]>| {
         for proto in [Proto::Resp2, Proto::Resp3] {
             let v = value.map_or_else(|| reply::null(proto), reply::bulk);
@@ -317,9 +334,6 @@ pub(super) fn show_queued_write(
             );
         }
     };
-    for i in cls.keys.iter() {
-        d.cache.key_written(db, &args[i], true, Ttl::Unknown, now);
-    }
     match cls.id {
         // Only the plain form: NX/XX/GET/KEEPTTL change what the result would be.
         ids::SET if args.len() == 3 => both(&args[1], &[b"GET", &args[1]], Some(&args[2])),

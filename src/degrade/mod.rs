@@ -33,7 +33,7 @@ use bytes::Bytes;
 use prometheus::{IntCounterVec, Opts, Registry};
 use tokio::time::Instant;
 
-use crate::auth::{Identities, IdentityId};
+use crate::auth::{Credentials, Identities, IdentityId};
 use crate::cache::{Cache, CacheKey, CacheResult, Lookup};
 use crate::command::{Cacheable, Classified, absent_reply, ids};
 use crate::effect::{FillPlan, Written};
@@ -273,7 +273,10 @@ impl Degrade {
                         values.push(bytes);
                         continue;
                     }
-                    if self.cache.miss_is_unsafe(key.db, redis_key, now, max_stale) {
+                    if self
+                        .cache
+                        .miss_is_unsafe(key.db, redis_key, view.identity, now, max_stale)
+                    {
                         self.count(command, "cache_miss_written");
                         return (written_error(err), Origin::Error);
                     }
@@ -303,10 +306,13 @@ impl Degrade {
         err: &UpstreamError,
         now: Instant,
     ) -> (Bytes, Origin) {
-        if self
-            .cache
-            .miss_is_unsafe(db, redis_key, now, self.policy.max_stale(redis_key))
-        {
+        if self.cache.miss_is_unsafe(
+            db,
+            redis_key,
+            view.identity,
+            now,
+            self.policy.max_stale(redis_key),
+        ) {
             self.count(command, "cache_miss_written");
             return (written_error(err), Origin::Error);
         }
@@ -333,6 +339,7 @@ impl Degrade {
     pub fn reply(
         &self,
         view: ClientView,
+        credentials: Option<&Arc<Credentials>>,
         req: &Request,
         cls: &Classified,
         err: &UpstreamError,
@@ -361,7 +368,10 @@ impl Degrade {
                     self.count(name, "queue_unknown_db");
                     return (error_reply(&Error::Upstream(err.clone())), Origin::Error);
                 };
-                match self.queue.append(db, view.identity, req.raw.clone()) {
+                match self
+                    .queue
+                    .append(db, view.identity, credentials.cloned(), req.raw.clone())
+                {
                     Ok(_) => {
                         self.count(name, rule);
                         effects::show_queued_write(self, db, view.identity, req, cls);

@@ -13,7 +13,7 @@ pub const NOAUTH: &[u8] = b"-NOAUTH Authentication required.\r\n";
 /// Redis's reply to `AUTH` with credentials it does not accept.
 pub const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
 /// Redis's reply to `HELLO` without `AUTH` from a client that has not authenticated.
-pub const NOAUTH_HELLO: &[u8] = b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n";
+pub const NOAUTH_HELLO: &[u8] = b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n";
 
 pub fn ok() -> Bytes {
     Bytes::from_static(OK)

@@ -132,7 +132,9 @@ impl Session {
         }
         let candidate = Arc::new(candidate);
         let last = server.identities.last_accepted(&candidate);
-        if last.is_some_and(|at| at.elapsed() < RECHECK_AFTER) {
+        // Checked lately, or Redis is down and checked it before: no round trip.
+        let down = server.primary().breaker.state() == crate::breaker::State::Open;
+        if last.is_some_and(|at| down || at.elapsed() < RECHECK_AFTER) {
             return Ok(server.identities.identity(Some(candidate)));
         }
         match self.ask_redis(frame).await {
@@ -153,14 +155,10 @@ impl Session {
     }
 
     /// Sends the client's own `AUTH` frame to the primary on a connection of its own.
+    /// Asked even while the breaker is open (bounded by the connect timeout): only Redis can
+    /// say whether credentials it never accepted are good, and it may be back already.
     async fn ask_redis(&self, frame: &[u8]) -> Result<(), Asked> {
-        let upstream = self.server.primary();
-        if upstream.breaker.state() == crate::breaker::State::Open {
-            return Err(Asked::Unavailable(UpstreamError::CircuitOpen {
-                upstream: upstream.name().clone(),
-            }));
-        }
-        let ctx = &upstream.ctx;
+        let ctx = &self.server.primary().ctx;
         let mut stream = connect(ctx).await.map_err(Asked::Unavailable)?;
         let mut buf = BytesMut::with_capacity(256);
         let reply = roundtrip(ctx, &mut stream, frame, &mut buf)

@@ -290,7 +290,11 @@ impl Session {
         let err = UpstreamError::CircuitOpen {
             upstream: self.server.primary().name().clone(),
         };
-        let (reply, origin) = self.server.degrade.reply(self.view(), req, cls, &err);
+        let credentials = self.state.identity().and_then(|i| i.credentials.as_ref());
+        let (reply, origin) = self
+            .server
+            .degrade
+            .reply(self.view(), credentials, req, cls, &err);
         self.push(Slot {
             command: cls.id,
             kind: SlotKind::Ready(reply, origin),

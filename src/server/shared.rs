@@ -34,11 +34,6 @@ impl Session {
             }
         }
         let Some((index, guard)) = admitted else {
-            if cls.write {
-                // The write never reaches Redis, but its keys may be queued or shown by a
-                // rule: what the cache held for them is no longer the truth either way.
-                self.server.degrade.invalidate(self.state.db, &req, &cls);
-            }
             return self.degraded(&req, &cls).await;
         };
         let upstream = self.server.upstreams[index].clone();

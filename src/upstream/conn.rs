@@ -15,7 +15,9 @@
 //! A reply's latency is its *service time*: from when Redis could start on it (it was sent,
 //! and the reply before it had fully arrived) to when its own reply had arrived. Time spent
 //! behind other requests' large replies on the same pipe, or waiting for a client to read,
-//! is not the server being slow. While Redis answers `-BUSY` (a script is running), a
+//! is not the server being slow. The per-command timeout is counted the same way: from
+//! when the request reached the head of the pipeline, so it bounds how long Redis makes no
+//! progress, not how much other clients queued ahead. While Redis answers `-BUSY` (a script is running), a
 //! command waiting behind the script is not timed out: Redis is alive and answers the
 //! moment the script ends or is killed (the health probe keeps seeing `-BUSY` meanwhile).
 
@@ -533,14 +535,21 @@ fn complete(
     if frame.first() == Some(&b'>') {
         return Ok(());
     }
-    let Some(p) = pending
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .pop_front()
-    else {
-        return Err(Ended::Malformed("reply without a request".to_owned()));
-    };
     let now = Instant::now();
+    let p = {
+        let mut q = pending.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(p) = q.pop_front() else {
+            return Err(Ended::Malformed("reply without a request".to_owned()));
+        };
+        // The next request's time starts now if it was waiting behind this one: the
+        // timeout bounds how long Redis makes no progress, not how much was queued.
+        if let Some(next) = q.front_mut()
+            && let Some(deadline) = next.deadline.as_mut()
+        {
+            *deadline = (*deadline).max(now + ctx.command_timeout);
+        }
+        p
+    };
     let latency = now.saturating_duration_since(p.sent.max(*last_done));
     *last_done = now;
     ctx.metrics.latency.observe(latency.as_secs_f64());

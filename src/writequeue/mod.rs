@@ -36,7 +36,7 @@ use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::auth::{Identities, IdentityId};
+use crate::auth::{Credentials, Identities, IdentityId};
 pub use journal::{Journal, JournalError, WriteQueueConfig, WriteQueueMetrics};
 
 /// How long Redis may keep refusing a queued write with `OOM` before it is dead-lettered.
@@ -79,10 +79,10 @@ pub struct DeadLetter {
     pub db: u32,
     /// The Redis user it was to run as (empty: none).
     pub identity: String,
-    /// The command's name.
+    /// The command's name, lower case.
+    pub name: String,
+    /// The whole command, its arguments separated by spaces (binary bytes escaped).
     pub command: String,
-    /// The whole command, printable (binary bytes escaped).
-    pub frame: String,
     /// Redis's reply, or why redfuse could not send it.
     pub reason: String,
     /// Metric label: `auth`, `permission`, `wrongtype`, `oom`, `identity` or `error`.
@@ -97,6 +97,10 @@ pub struct WriteQueue {
     stalled: AtomicBool,
     dead: Mutex<VecDeque<DeadLetter>>,
     dead_path: Option<PathBuf>,
+    /// The credentials each queued write's client had, by seq: it is replayed with exactly
+    /// those (never with credentials of the same user given later, after a password
+    /// rotation, say). Memory only; after a restart see `replay`.
+    credentials: Mutex<std::collections::HashMap<u64, Arc<Credentials>>>,
     metrics: QueueMetrics,
 }
 
@@ -140,6 +144,7 @@ impl WriteQueue {
             stalled: AtomicBool::new(false),
             dead: Mutex::new(dead),
             dead_path,
+            credentials: Mutex::new(std::collections::HashMap::new()),
             metrics,
         })
     }
@@ -148,13 +153,41 @@ impl WriteQueue {
         self.journal.is_empty()
     }
 
-    /// Queues a write made as `identity` in database `db`.
-    pub fn append(&self, db: u32, identity: IdentityId, frame: Bytes) -> Result<u64, QueueError> {
+    /// Queues a write made in database `db` as `identity`, authenticated with
+    /// `credentials`.
+    pub fn append(
+        &self,
+        db: u32,
+        identity: IdentityId,
+        credentials: Option<Arc<Credentials>>,
+        frame: Bytes,
+    ) -> Result<u64, QueueError> {
         let name = Bytes::from(self.identities.name(identity));
-        self.journal.append(db, name, frame).map_err(|e| match e {
+        let seq = self.journal.append(db, name, frame).map_err(|e| match e {
             JournalError::Full { what } => QueueError::Full { what },
             other => QueueError::Journal(other),
-        })
+        })?;
+        if let Some(c) = credentials {
+            self.lock_credentials().insert(seq, c);
+        }
+        Ok(seq)
+    }
+
+    fn lock_credentials(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Arc<Credentials>>> {
+        self.credentials.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The credentials the client of entry `seq` had, while redfuse still holds them.
+    fn credentials_of(&self, seq: u64) -> Option<Arc<Credentials>> {
+        self.lock_credentials().get(&seq).cloned()
+    }
+
+    /// Entry `seq` left the queue (replayed or dead-lettered).
+    fn done(&self, seq: u64) -> Result<(), JournalError> {
+        self.lock_credentials().remove(&seq);
+        self.journal.ack(seq)
     }
 
     /// Waits, up to `timeout`, until queued writes have been replayed, so that a newer
@@ -207,13 +240,22 @@ impl WriteQueue {
             db: entry.db,
             identity: String::from_utf8_lossy(entry.identity.as_deref().unwrap_or_default())
                 .into_owned(),
-            command: command_name(&entry.frame),
-            frame: entry.frame.escape_ascii().to_string(),
+            name: String::new(),
+            command: printable(&entry.frame),
             reason: reason.trim_end().to_owned(),
             class: class.to_owned(),
             at_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
+        };
+        let letter = DeadLetter {
+            name: letter
+                .command
+                .split(' ')
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase(),
+            ..letter
         };
         tracing::warn!(
             seq = letter.seq,
@@ -236,7 +278,7 @@ impl WriteQueue {
             dead.push_back(letter);
             self.metrics.dead_letters.set(dead.len() as i64);
         }
-        self.journal.ack(entry.seq)
+        self.done(entry.seq)
     }
 
     /// The dead letters, oldest first.
@@ -304,12 +346,17 @@ impl QueueMetrics {
     }
 }
 
-/// The name of the command in a RESP frame, lower-cased, for logs.
-fn command_name(frame: &[u8]) -> String {
+/// A RESP command frame as text: its arguments separated by spaces, binary bytes escaped.
+fn printable(frame: &[u8]) -> String {
     let mut buf = bytes::BytesMut::from(frame);
     match crate::resp::parse_request(&mut buf, &crate::resp::Limits::default()) {
-        Ok(Some(r)) => String::from_utf8_lossy(r.name()).to_ascii_lowercase(),
-        _ => "?".into(),
+        Ok(Some(r)) => r
+            .args
+            .iter()
+            .map(|a| a.escape_ascii().to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => frame.escape_ascii().to_string(),
     }
 }
 
@@ -360,7 +407,7 @@ mod tests {
         let q = Arc::new(queue(None));
         assert_eq!(q.wait_for_replay(Duration::from_secs(1)).await, Ok(()));
         let alice = q.identities.intern("alice");
-        q.append(0, alice, Bytes::from_static(b"*1\r\n$4\r\nINCR\r\n"))
+        q.append(0, alice, None, Bytes::from_static(b"*1\r\n$4\r\nINCR\r\n"))
             .unwrap();
         assert_eq!(
             q.wait_for_replay(Duration::from_secs(1)).await,
@@ -376,7 +423,7 @@ mod tests {
         q.journal.ack(entry.seq).unwrap();
         q.pass_ended(false);
         assert_eq!(waiter.await.unwrap(), Ok(()));
-        q.append(0, alice, Bytes::from_static(b"*1\r\n$4\r\nINCR\r\n"))
+        q.append(0, alice, None, Bytes::from_static(b"*1\r\n$4\r\nINCR\r\n"))
             .unwrap();
         q.pass_ended(true);
         assert_eq!(
@@ -397,6 +444,7 @@ mod tests {
             q.append(
                 2,
                 IdentityId::ANONYMOUS,
+                None,
                 Bytes::from_static(b"*2\r\n$4\r\nINCR\r\n$1\r\nk\r\n"),
             )
             .unwrap();
@@ -412,7 +460,8 @@ mod tests {
         );
         let dead = q.dead_letters();
         assert_eq!(dead.len(), 1);
-        assert_eq!(dead[0].command, "incr");
+        assert_eq!(dead[0].name, "incr");
+        assert_eq!(dead[0].command, "INCR k");
         assert_eq!(dead[0].db, 2);
         assert_eq!(dead[0].reason, "-NOAUTH Authentication required.");
         assert_eq!(q.drain_dead_letters(), 1);

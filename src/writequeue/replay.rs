@@ -20,8 +20,10 @@ use super::WriteQueue;
 use super::journal::Entry;
 use crate::auth::Credentials;
 use crate::breaker::State;
+use crate::command::classify;
+use crate::effect::{EffectSink, ReplyEffect, Written};
 use crate::error::UpstreamError;
-use crate::resp::{ErrorCode, Proto, encode_command};
+use crate::resp::{ErrorCode, Limits, Proto, encode_command, parse_request};
 use crate::upstream::handshake::{open, roundtrip};
 use crate::upstream::{Setup, Upstream};
 
@@ -34,6 +36,7 @@ pub async fn run(
     queue: Arc<WriteQueue>,
     primary: Arc<Upstream>,
     own: Option<Arc<Credentials>>,
+    sink: Arc<dyn EffectSink>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut states = primary.breaker.subscribe();
@@ -46,6 +49,7 @@ pub async fn run(
                 queue: &queue,
                 primary: &primary,
                 own: &own,
+                sink: &*sink,
                 conns: HashMap::new(),
                 oom_since: &mut oom_since,
                 replayed: 0,
@@ -87,6 +91,8 @@ struct Pass<'a> {
     queue: &'a WriteQueue,
     primary: &'a Upstream,
     own: &'a Option<Arc<Credentials>>,
+    /// Told about every replayed write, so the cache forgets the values it changed.
+    sink: &'a dyn EffectSink,
     /// A connection per identity (`None`: redfuse's own), with its selected database.
     conns: HashMap<Option<Bytes>, (TcpStream, u32)>,
     /// The entry Redis has been refusing with `OOM`, and since when.
@@ -96,7 +102,8 @@ struct Pass<'a> {
 
 /// How one entry went.
 enum Outcome {
-    Done,
+    /// Redis took it, with this reply.
+    Done(Bytes),
     /// Redis refused it for good: to the dead letters, with a reason class.
     Dead(String, &'static str),
     /// Redis refused it for now: the pass stops.
@@ -112,9 +119,10 @@ impl Pass<'_> {
             }
             for entry in &batch {
                 match self.replay(entry).await? {
-                    Outcome::Done => {
+                    Outcome::Done(reply) => {
                         self.ack(entry.seq)?;
                         self.replayed += 1;
+                        self.replayed_effect(entry, reply);
                     }
                     Outcome::Dead(reason, class) => {
                         self.queue
@@ -132,20 +140,45 @@ impl Pass<'_> {
         }
     }
 
+    /// The write is in Redis now: the cache's view of its keys is outdated for everyone.
+    fn replayed_effect(&self, entry: &Entry, reply: Bytes) {
+        let mut buf = BytesMut::from(&entry.frame[..]);
+        let Ok(Some(request)) = parse_request(&mut buf, &Limits::default()) else {
+            return;
+        };
+        let identity = match &entry.identity {
+            Some(name) if !name.is_empty() => {
+                self.queue.identities.intern(&String::from_utf8_lossy(name))
+            }
+            _ => crate::auth::IdentityId::ANONYMOUS,
+        };
+        let written = Written {
+            db: Some(entry.db),
+            identity,
+            class: classify(&request.args),
+            request,
+            sent: Instant::now(),
+            ticket: None,
+        };
+        self.sink
+            .apply(ReplyEffect::Replayed(Box::new(written)), &Ok(reply));
+    }
+
     fn ack(&self, seq: u64) -> Result<(), UpstreamError> {
-        self.queue
-            .journal
-            .ack(seq)
-            .map_err(|e| self.journal_error(e))
+        self.queue.done(seq).map_err(|e| self.journal_error(e))
     }
 
     fn journal_error(&self, e: impl std::fmt::Display) -> UpstreamError {
         UpstreamError::unavailable(self.primary.name(), format!("journal: {e}"))
     }
 
-    /// The credentials to replay an entry with: `Err` with the reason when redfuse no
-    /// longer holds them.
+    /// The credentials to replay an entry with: its client's own while redfuse holds them;
+    /// after a restart, redfuse's own for its own user, or those the user authenticated
+    /// with last since the restart; `Err` with the reason when there are none.
     fn credentials(&self, entry: &Entry) -> Result<Option<Arc<Credentials>>, String> {
+        if let Some(c) = self.queue.credentials_of(entry.seq) {
+            return Ok(Some(c));
+        }
         let Some(name) = &entry.identity else {
             return Ok(self.own.clone());
         };
@@ -206,7 +239,7 @@ impl Pass<'_> {
         Ok(match ErrorCode::of(&reply) {
             ErrorCode::NotAnError => {
                 *self.oom_since = None;
-                Outcome::Done
+                Outcome::Done(reply)
             }
             ErrorCode::Loading
             | ErrorCode::Busy
