@@ -300,9 +300,9 @@ mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
 # metric NAME [LABELS]: a value from a redfuse's /metrics (admin port of target $METRIC_OF).
 metric() {
-    local admin=${ADMIN_OF[$METRIC_OF]} name=$1 labels=${2:-}
-    curl -fsS --max-time 5 "http://127.0.0.1:$admin/metrics" 2>/dev/null |
-        awk -v want="$name$labels" '$1 == want { print $2; found = 1; exit } END { if (!found) print "" }'
+    local admin=${ADMIN_OF[$METRIC_OF]} name=$1 labels=${2:-} body
+    body=$(curl -fsS --max-time 5 "http://127.0.0.1:$admin/metrics" 2>/dev/null) || body=""
+    awk -v want="$name$labels" '$1 == want && !found { print $2; found = 1 }' <<<"$body"
 }
 METRIC_OF=redfuse
 
@@ -717,7 +717,8 @@ if [[ $BREAKER == 1 ]] && has_target redfuse && [[ -z ${DEAD[redfuse]:-} && -z $
             for i in 1 2 3 4 5; do
                 timeout 5 redis-cli -h 127.0.0.1 -p "${PORT_OF[redfuse]}" get key:000000000000 >/dev/null 2>&1 || true
             done
-            if curl -fsS --max-time 5 "http://127.0.0.1:${ADMIN_OF[redfuse]}/ready" 2>/dev/null | grep -q '"breaker":"open"'; then
+            ready=$(curl -fsS --max-time 5 "http://127.0.0.1:${ADMIN_OF[redfuse]}/ready" 2>/dev/null || true)
+            if [[ $ready == *'"breaker":"open"'* ]]; then
                 opened=1
                 break
             fi
@@ -733,8 +734,8 @@ if [[ $BREAKER == 1 ]] && has_target redfuse && [[ -z ${DEAD[redfuse]:-} && -z $
             for ((r = 1; r <= BREAKER_ROUNDS; r++)); do
                 for w in breaker_p16 breaker_p1; do
                     run_workload "$r" redfuse "$w"
-                    state=$(curl -fsS --max-time 5 "http://127.0.0.1:${ADMIN_OF[redfuse]}/ready" 2>/dev/null |
-                        sed -n 's/.*"breaker":"\([a-z_]*\)".*/\1/p')
+                    state=$(curl -fsS --max-time 5 "http://127.0.0.1:${ADMIN_OF[redfuse]}/ready" 2>/dev/null || true)
+                    state=$(sed -n 's/.*"breaker":"\([a-z_]*\)".*/\1/p' <<<"$state")
                     BREAKER_STATES+="${state:-?} "
                 done
             done
@@ -846,7 +847,7 @@ redis_ver=$(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p')
 nc_ver=$(command -v nutcracker >/dev/null && nutcracker -V 2>&1 | sed -n 's/.*nutcracker-\([0-9.]*\).*/\1/p' | head -n 1 || true)
 rc_ver=""
 if has_target rcproxy; then
-    rc_ver=$(sed -n 's/^\[rcproxy-\([^]]*\)\].*/\1/p' "$WORKDIR/rcproxy.log" | head -n 1)
+    rc_ver=$(sed -n 's/^\[rcproxy-\([^]]*\)\].*/\1/p;T;q' "$WORKDIR/rcproxy.log" || true)
 fi
 rf_rev=$(git -C "$REPO_DIR" describe --always --dirty 2>/dev/null || echo "uncommitted")
 
