@@ -414,12 +414,12 @@ check_roundtrip() {
     timeout 5 redis-cli -h 127.0.0.1 -p "$port" del "$key" >/dev/null 2>&1 || true
 }
 
-# resp_stream CMD PREFIX N [SIZE]: RESP for CMD PREFIX%012d (0 <= i < N), with a SIZE-byte
-# value for SET.
+# resp_stream CMD PREFIX N [SIZE] [FROM]: RESP for CMD PREFIX%012d (FROM <= i < N), with a
+# SIZE-byte value for SET.
 resp_stream() {
-    awk -v cmd="$1" -v pre="$2" -v n="$3" -v d="${4:-0}" 'BEGIN {
+    awk -v cmd="$1" -v pre="$2" -v n="$3" -v d="${4:-0}" -v from="${5:-0}" 'BEGIN {
         if (cmd == "SET") { v = sprintf("%*s", d, ""); gsub(/ /, "x", v) }
-        for (i = 0; i < n; i++) {
+        for (i = from; i < n; i++) {
             k = sprintf("%s%012d", pre, i)
             if (cmd == "SET")
                 printf "*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n", length(k), k, d, v
@@ -437,6 +437,19 @@ pipe_to() {
         return 1
     fi
     grep -q 'errors: 0,' "$logf" || { cat "$logf" >&2; return 1; }
+}
+
+# pipe_chunked TARGET LOGNAME CMD PREFIX N [SIZE]: like `resp_stream ... | pipe_to`, in chunks
+# of PIPE_CHUNK commands, each answered before the next is sent. A proxy may refuse an
+# unbounded pipeline (redfuse's bulkhead answers "overloaded" past max_inflight_per_upstream,
+# 10000 by default), which is right for it and not what a fill is meant to measure.
+PIPE_CHUNK=5000
+pipe_chunked() {
+    local t=$1 name=$2 cmd=$3 pre=$4 n=$5 size=${6:-0} from
+    for ((from = 0; from < n; from += PIPE_CHUNK)); do
+        resp_stream "$cmd" "$pre" "$((from + PIPE_CHUNK < n ? from + PIPE_CHUNK : n))" "$size" "$from" |
+            pipe_to "$t" "$name" || return 1
+    done
 }
 
 # ------------------------------------------------------------------- build --
@@ -507,8 +520,8 @@ log "prefilling $KEYSPACE keys of $DATA_SIZE bytes, the hot key, and $MIX_KEYSPA
 # warm, as in steady state.
 warm_cache() {
     local t=$1
-    { resp_stream GET key: "$KEYSPACE"; printf '*2\r\n$3\r\nGET\r\n$16\r\nkey:__rand_int__\r\n'; } |
-        pipe_to "$t" "warm-$t"
+    pipe_chunked "$t" "warm-$t" GET key: "$KEYSPACE" &&
+        printf '*2\r\n$3\r\nGET\r\n$16\r\nkey:__rand_int__\r\n' | pipe_to "$t" "warm-$t"
 }
 for t in redfuse redfuse-nocache; do
     has_target "$t" || continue
@@ -677,7 +690,7 @@ if [[ $MEMORY == 1 && -z ${DEAD[direct]:-} ]]; then
         MEM_IDLE_BYTES=$(metric redfuse_cache_bytes)
         log "memory: idle RSS $(mib "$MEM_IDLE") MiB; filling $MEM_FILL_KEYS distinct keys through it"
         if resp_stream SET fill: "$MEM_FILL_KEYS" "$DATA_SIZE" | pipe_to direct mem-prefill &&
-            resp_stream GET fill: "$MEM_FILL_KEYS" | pipe_to redfuse-mem mem-fill; then
+            pipe_chunked redfuse-mem mem-fill GET fill: "$MEM_FILL_KEYS"; then
             sleep 1
             MEM_FULL=$(rss_kb "${PID_OF[redfuse-mem]}")
             MEM_HWM=$(rss_kb "${PID_OF[redfuse-mem]}" VmHWM)
