@@ -677,6 +677,13 @@ log "rounds took $((SECONDS - T_ROUNDS_START)) s"
 for t in "${ORDERED[@]}"; do
     PEAK[$t]=$(rss_kb "${PID_OF[$t]}" VmHWM)
 done
+# The cache-on redfuse after the rounds (mixed sizes, churn, 50 clients' buffers), next to
+# its accounting: the clean fill below isolates the cache, this shows it in use.
+ROUNDS_RSS="" ROUNDS_CACHE_BYTES=""
+if has_target redfuse && [[ -z ${DEAD[redfuse]:-} ]]; then
+    ROUNDS_RSS=$(rss_kb "${PID_OF[redfuse]}")
+    ROUNDS_CACHE_BYTES=$(metric redfuse_cache_bytes)
+fi
 
 # ------------------------------------------------------------------ memory --
 
@@ -983,6 +990,10 @@ REPORT="$WORKDIR/results.md"
         echo "- $name: $([[ -n ${PEAK[$t]:-} ]] && echo "$(mib "${PEAK[$t]}") MiB" || echo "n/a")$idle"
     done
     echo
+    if [[ -n $ROUNDS_RSS ]]; then
+        echo "redfuse (cache on) after the rounds: RSS $(mib "$ROUNDS_RSS") MiB, redfuse_cache_bytes ${ROUNDS_CACHE_BYTES:-n/a} ($(mib "$((${ROUNDS_CACHE_BYTES:-0} / 1024))") MiB)."
+        echo
+    fi
     if [[ -n $MEM_IDLE ]]; then
         echo "A fresh redfuse (default config, cache cap 64 MiB = 67108864 B), $MEM_FILL_KEYS distinct keys of $DATA_SIZE B read through it:"
         echo
