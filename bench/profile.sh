@@ -148,15 +148,17 @@ if [[ $PERF_RECORD == 1 ]]; then
     perf record -F "$PERF_FREQ" --call-graph dwarf,32768 -p "$RF_PID" -o "$WORKDIR/perf.data" -- \
         "${BENCH[@]}" >"$WORKDIR/bench-record.csv" 2>"$WORKDIR/perf-record.err" ||
         die "perf record failed: $(tail -n 3 "$WORKDIR/perf-record.err")"
+    perf report -i "$WORKDIR/perf.data" --no-children --sort dso --stdio -g none >"$WORKDIR/by-dso.txt" 2>/dev/null || true
+    perf report -i "$WORKDIR/perf.data" --no-children --sort symbol --stdio -g none >"$WORKDIR/self.txt" 2>/dev/null || true
+    perf report -i "$WORKDIR/perf.data" --children --sort symbol --stdio -g none >"$WORKDIR/children.txt" 2>/dev/null || true
     echo "Samples by object:"
-    perf report -i "$WORKDIR/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 5
+    awk '!/^#/ && NF && n++ < 5' "$WORKDIR/by-dso.txt"
     echo
     echo "Top $TOP symbols (self):"
-    perf report -i "$WORKDIR/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null |
-        grep -v '^#' | grep -v '^$' | head -n "$TOP" | cut -c1-150
+    awk -v top="$TOP" '!/^#/ && NF && n++ < top { print substr($0, 1, 150) }' "$WORKDIR/self.txt"
     echo
     echo "Selected symbols (including callees):"
-    perf report -i "$WORKDIR/perf.data" --children --sort symbol --stdio -g none 2>/dev/null |
-        grep -E 'write_replies::|Session::forward::|__x64_sys_sendto|__schedule$|handle_softirqs|insert_inner|apply_fill|SingleFlight|LruCache|memcmp|conn::complete' |
-        grep -v '(inlined)' | awk '!seen[$NF]++' | cut -c1-150
+    awk '/write_replies::|Session::forward::|__x64_sys_sendto|__schedule *$|handle_softirqs|insert_inner|apply_fill|SingleFlight|LruCache|memcmp|conn::complete/ &&
+         !/\(inlined\)/ { sym = $0; sub(/^[^]]*\] /, "", sym); sub(/ +$/, "", sym)
+                            if (!seen[sym]++) print substr($0, 1, 150) }' "$WORKDIR/children.txt"
 fi
