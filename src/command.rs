@@ -1015,6 +1015,12 @@ impl Classified {
     pub fn is(&self, id: usize) -> bool {
         self.id == id
     }
+
+    /// Slow by nature: Redis does not flag it `FAST` (scripts, `KEYS`, `SORT`, range
+    /// reads, `DEBUG` ...), or redfuse does not know it.
+    pub fn slow(&self) -> bool {
+        !self.spec.is_some_and(|s| s.flags.contains(Flags::FAST))
+    }
 }
 
 /// Classifies a request by its arguments (`args[0]` is the name).

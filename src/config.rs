@@ -136,6 +136,7 @@ pub struct FileConfig {
     pub balance: Option<Balance>,
     pub max_inflight_per_upstream: Option<usize>,
     pub health_probe_interval_ms: Option<u64>,
+    pub health_probe_timeout_ms: Option<u64>,
     pub cache: Option<CacheSection>,
     pub fail_open: Option<FailOpenConfig>,
     pub write_queue: Option<WriteQueueConfig>,
@@ -326,6 +327,8 @@ pub struct Config {
     pub max_inflight_per_upstream: usize,
     /// 0 disables the active health probe.
     pub health_probe_interval: Duration,
+    /// No answer from the probe within this is a failed probe (a frozen server).
+    pub health_probe_timeout: Duration,
     pub cache: CacheSection,
     pub fail_open: FailOpenConfig,
     pub write_queue: WriteQueueConfig,
@@ -513,7 +516,8 @@ impl Config {
             read_policy: file.read_policy.unwrap_or_default(),
             balance: file.balance.unwrap_or_default(),
             max_inflight_per_upstream: file.max_inflight_per_upstream.unwrap_or(10_000),
-            health_probe_interval: ms(file.health_probe_interval_ms.unwrap_or(1000)),
+            health_probe_interval: ms(file.health_probe_interval_ms.unwrap_or(500)),
+            health_probe_timeout: ms(file.health_probe_timeout_ms.unwrap_or(1200)),
             cache: file.cache.unwrap_or_default(),
             fail_open: file.fail_open.unwrap_or_default(),
             write_queue: file.write_queue.unwrap_or_default(),
@@ -574,6 +578,10 @@ impl Config {
             self.max_inflight_per_upstream as u64,
         )?;
         positive("max_bulk_len", self.limits.max_bulk_len as u64)?;
+        positive(
+            "health_probe_timeout_ms",
+            self.health_probe_timeout.as_millis() as u64,
+        )?;
         positive("max_array_len", self.limits.max_array_len as u64)?;
         positive("max_nesting_depth", self.max_reply_depth as u64)?;
         self.check_exposure()?;

@@ -200,7 +200,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             tokio::spawn(upstream::probe::run(
                 u.clone(),
                 config.credentials.clone(),
-                config.health_probe_interval,
+                upstream::probe::ProbeTiming {
+                    interval: config.health_probe_interval,
+                    timeout: config.health_probe_timeout,
+                },
                 u.ctx.metrics.probe.clone(),
                 shutdown_rx.clone(),
             ));

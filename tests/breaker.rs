@@ -189,7 +189,21 @@ fn refused_upstream_opens_from_health_probes_alone() {
             &[("upstream", "main"), ("result", "failure")]
         )
         .unwrap()
-            >= 5.0
+            >= 1.0
+    );
+    assert!(
+        metric_value(
+            &m,
+            "redfuse_breaker_transitions_total",
+            &[
+                ("upstream", "main"),
+                ("to", "open"),
+                ("reason", "health_probe")
+            ]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "opened by the probe's own rule"
     );
     let (status, body) = http_get(&rf.admin_addr(), "/ready");
     assert_eq!(

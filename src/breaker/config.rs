@@ -43,6 +43,10 @@ pub struct BreakerConfig {
     /// Longest HalfOpen may last before re-opening; set it to the command
     /// timeout (default 5000).
     pub half_open_max_wait_ms: u64,
+    /// Health probes failing in a row that open a Closed breaker (default 1): a frozen or
+    /// black-holed Redis answers nothing, so client traffic alone may take a command timeout
+    /// per failure to notice.
+    pub probe_failures_to_open: u32,
 }
 
 impl Default for BreakerConfig {
@@ -62,6 +66,7 @@ impl Default for BreakerConfig {
             half_open_permits: 3,
             success_threshold: 3,
             half_open_max_wait_ms: 5_000,
+            probe_failures_to_open: 1,
         }
     }
 }
@@ -129,6 +134,7 @@ impl BreakerConfig {
         at_least_one("half_open_permits", self.half_open_permits.into())?;
         at_least_one("success_threshold", self.success_threshold.into())?;
         duration("half_open_max_wait_ms", self.half_open_max_wait_ms)?;
+        at_least_one("probe_failures_to_open", self.probe_failures_to_open.into())?;
         Ok(())
     }
 

@@ -158,6 +158,11 @@ pub enum Reason {
     HalfOpenTimeout {
         waited: Duration,
     },
+    /// The health probe failed this many times in a row.
+    HealthProbe {
+        failures: u32,
+        kind: FailureKind,
+    },
     /// The server answers normally again after a condition of its own (`-BUSY`, `-LOADING`)
     /// opened the breaker: probing starts without waiting out the open period.
     ServerRecovered {
@@ -179,6 +184,7 @@ impl Reason {
             Reason::ProbeFailure { .. } => "probe_failure",
             Reason::HalfOpenTimeout { .. } => "half_open_timeout",
             Reason::ServerRecovered { .. } => "server_recovered",
+            Reason::HealthProbe { .. } => "health_probe",
             Reason::Manual { .. } => "manual",
         }
     }
@@ -224,6 +230,12 @@ impl fmt::Display for Reason {
                 "{label}: no verdict after {:.3}s in half-open",
                 waited.as_secs_f64()
             ),
+            Reason::HealthProbe { failures, kind } => {
+                write!(
+                    f,
+                    "{label}: {failures} health probes failed in a row ({kind})"
+                )
+            }
             Reason::ServerRecovered { kind } => {
                 write!(f, "{label}: the server answers again after {kind}")
             }
@@ -621,6 +633,26 @@ impl Breaker {
             }
             Mode::Normal | Mode::MetricsOnly => None,
         }
+    }
+
+    /// The health probe has failed `failures` times in a row (the last with `kind`): a
+    /// Closed breaker opens at `probe_failures_to_open`.
+    pub fn probes_failed(
+        &mut self,
+        failures: u32,
+        kind: FailureKind,
+        now: Instant,
+    ) -> Option<Transition> {
+        self.init_clock(now);
+        if self.state != State::Closed
+            || !self.mode.evaluates()
+            || failures < self.config.probe_failures_to_open
+        {
+            return None;
+        }
+        self.last_failure = Some(kind);
+        self.maybe_reset_backoff(now);
+        Some(self.transition(State::Open, Reason::HealthProbe { failures, kind }, now))
     }
 
     /// The server answers normally again. When what opened the breaker was a condition

@@ -236,6 +236,12 @@ impl SharedBreaker {
         self.manual(|b, now| b.reset(now))
     }
 
+    /// The health probe has failed `failures` times in a row; see
+    /// [`Breaker::probes_failed`].
+    pub fn probes_failed(&self, failures: u32, kind: super::FailureKind) -> Option<Transition> {
+        self.manual(|b, now| b.probes_failed(failures, kind, now))
+    }
+
     /// The health probe got a normal answer while the breaker is Open because of a
     /// condition of the server's own (a busy script, loading): probing starts now.
     pub fn server_recovered(&self) -> Option<Transition> {

@@ -1260,3 +1260,60 @@ async fn snapshot_serializes() {
     assert_eq!(v["half_open_permits_in_use"], 1);
     assert!(v["next_probe_in_seconds"].is_null());
 }
+
+#[tokio::test(start_paused = true)]
+async fn silent_probes_open_a_closed_breaker() {
+    let mut b = Breaker::new(
+        BreakerConfig {
+            probe_failures_to_open: 2,
+            ..no_jitter()
+        },
+        1,
+    );
+    let now = Instant::now();
+    let kind = FailureKind::CommandTimeout;
+    assert_eq!(
+        b.probes_failed(1, kind, now),
+        None,
+        "one is not enough here"
+    );
+    let t = b
+        .probes_failed(2, kind, now)
+        .expect("two silent probes open it");
+    assert_eq!((t.from, t.to), (State::Closed, State::Open));
+    assert_eq!(t.reason, Reason::HealthProbe { failures: 2, kind });
+    assert_eq!(b.probes_failed(3, kind, now), None, "already open");
+    let mut forced = Breaker::new(no_jitter(), 1);
+    forced.set_mode(Mode::ForceClosed, now);
+    assert_eq!(
+        forced.probes_failed(9, kind, now),
+        None,
+        "forced closed stays closed"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_server_heals_as_soon_as_it_answers() {
+    let mut b = Breaker::new(no_jitter(), 1);
+    let now = Instant::now();
+    for _ in 0..b.config().consecutive_failures {
+        let p = b.try_acquire(now).unwrap();
+        b.record(p, Outcome::Failure(FailureKind::Busy), now);
+    }
+    assert_eq!(b.state(), State::Open);
+    let t = b
+        .server_recovered(now + ms(10))
+        .expect("busy ended: probing starts at once");
+    assert_eq!((t.from, t.to), (State::Open, State::HalfOpen));
+    assert_eq!(
+        t.reason,
+        Reason::ServerRecovered {
+            kind: FailureKind::Busy
+        }
+    );
+    // A breaker opened by timeouts keeps its back-off: a flapping network must not flap it.
+    let mut c = Breaker::new(no_jitter(), 1);
+    trip(&mut c, now);
+    assert_eq!(c.server_recovered(now + ms(10)), None);
+    assert_eq!(c.state(), State::Open);
+}

@@ -139,6 +139,7 @@ impl Session {
             None
         };
         let (mut call, rx) = Call::new(req.raw, blocking, true);
+        call.slow = cls.slow();
         call.effect = effect;
         let mark = blocking.then(|| self.links.blocking.mark());
         if blocking {

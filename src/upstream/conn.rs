@@ -48,6 +48,10 @@ pub struct Call {
     /// Blocking commands wait as long as the server makes them wait.
     pub blocking: bool,
     pub is_write: bool,
+    /// Slow by nature (no `FAST` flag in Redis's table: scripts, KEYS, range reads ...):
+    /// while one is waiting on Redis, a health probe that gets no answer is not proof of a
+    /// frozen server.
+    pub slow: bool,
     /// The breaker permit this call was admitted with; completed when the reply arrives.
     pub guard: Option<CallGuard>,
     /// The bulkhead slot, held until the reply arrives.
@@ -68,6 +72,7 @@ impl Call {
                 reply: tx,
                 blocking,
                 is_write,
+                slow: false,
                 guard: None,
                 inflight: None,
                 effect: None,
@@ -328,11 +333,13 @@ impl Ended {
     }
 }
 
-struct Pending {
+struct Pending<'a> {
     reply: oneshot::Sender<Reply>,
     sent: Instant,
     deadline: Option<Instant>,
     is_write: bool,
+    /// Counted in `UpstreamCtx::slow_in_flight` until answered.
+    _slow: Option<SlowMark<'a>>,
     guard: Option<CallGuard>,
     _inflight: Option<Inflight>,
     effect: Option<ReplyEffect>,
@@ -350,7 +357,7 @@ async fn pipeline(
     abandon: Option<&Abandon>,
 ) -> Ended {
     let (mut rd, mut wr) = stream.split();
-    let pending: Mutex<VecDeque<Pending>> = Mutex::new(VecDeque::new());
+    let pending: Mutex<VecDeque<Pending<'_>>> = Mutex::new(VecDeque::new());
     let armed = Notify::new();
     // Set when every handle is gone: replies still pending (a client's last BLPOP during a
     // graceful shutdown) are read before the connection ends.
@@ -385,6 +392,7 @@ async fn pipeline(
                         sent: now,
                         deadline,
                         is_write: call.is_write,
+                        _slow: call.slow.then(|| SlowMark::new(ctx)),
                         guard: call.guard,
                         _inflight: call.inflight,
                         effect: call.effect,
@@ -496,7 +504,7 @@ async fn pipeline(
         _ => {}
     }
     let err = end.error(ctx);
-    let drained: Vec<Pending> = pending
+    let drained: Vec<Pending<'_>> = pending
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .drain(..)
@@ -524,10 +532,29 @@ async fn pipeline(
     end
 }
 
+/// One slow-by-nature command waiting on Redis (see [`Call::slow`]).
+struct SlowMark<'a>(&'a UpstreamCtx);
+
+impl<'a> SlowMark<'a> {
+    fn new(ctx: &'a UpstreamCtx) -> SlowMark<'a> {
+        ctx.slow_in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        SlowMark(ctx)
+    }
+}
+
+impl Drop for SlowMark<'_> {
+    fn drop(&mut self) {
+        self.0
+            .slow_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Hands a reply frame to the oldest pending request.
-fn complete(
-    ctx: &UpstreamCtx,
-    pending: &Mutex<VecDeque<Pending>>,
+fn complete<'a>(
+    ctx: &'a UpstreamCtx,
+    pending: &Mutex<VecDeque<Pending<'a>>>,
     frame: Bytes,
     last_done: &mut Instant,
 ) -> Result<(), Ended> {

@@ -57,6 +57,8 @@ pub struct UpstreamCtx {
     pub connected: AtomicUsize,
     /// Requests written or queued and not yet answered (the bulkhead counts these).
     pub inflight: AtomicUsize,
+    /// Slow-by-nature commands waiting on Redis (see `conn::Call::slow`).
+    pub slow_in_flight: AtomicUsize,
     /// Set once a rejection of redfuse's own credentials has been logged.
     pub auth_warned: AtomicBool,
     /// The server refuses connections without credentials (`requirepass`): a client that
@@ -184,6 +186,7 @@ impl Upstream {
             sink,
             connected: AtomicUsize::new(0),
             inflight: AtomicUsize::new(0),
+            slow_in_flight: AtomicUsize::new(0),
             auth_warned: AtomicBool::new(false),
             anonymous_denied: AtomicBool::new(false),
             misconfigured: Mutex::new(None),

@@ -13,6 +13,17 @@
 //! (logged, `redfuse_upstream_misconfigured`, shown by `/ready`), which an open breaker
 //! would only hide. While the breaker is Open because the server said `-BUSY` or
 //! `-LOADING`, the probe keeps asking, and the first normal answer starts probing at once.
+//!
+//! # Noticing a frozen server
+//!
+//! A frozen or black-holed Redis (SIGSTOP, a paused VM, a dropped NAT entry) refuses
+//! nothing: connections hang. Client traffic alone would notice one command timeout at a
+//! time, so the probe has its own short timeout (`health_probe_timeout_ms`, 1.2 s), and
+//! `probe_failures_to_open` (1) silent probes open the breaker: within the probe interval
+//! plus its timeout of the freeze, traffic or not. A command that is slow by nature (a
+//! script, `KEYS`, `DEBUG SLEEP`, a large range read: no `FAST` flag in Redis's table)
+//! waiting on Redis excuses a silent probe, for at most the command timeout, so legitimately
+//! slow commands do not open the breaker by themselves.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -51,15 +62,26 @@ enum Health {
     /// Up, but refusing redfuse's own credentials.
     Misconfigured(String),
     Down(Outcome),
+    /// No answer within the probe timeout.
+    Silent,
+}
+
+/// How often and how patiently the probe asks.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeTiming {
+    pub interval: Duration,
+    /// No answer within this (connect, handshake and `PING`) is a failed probe.
+    pub timeout: Duration,
 }
 
 pub async fn run(
     upstream: Arc<Upstream>,
     credentials: Option<Arc<Credentials>>,
-    interval: Duration,
+    timing: ProbeTiming,
     metrics: ProbeMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let interval = timing.interval;
     let ctx = upstream.ctx.clone();
     let mut states = upstream.breaker.subscribe();
     let setup = Setup::new(Proto::Resp2, credentials);
@@ -67,6 +89,9 @@ pub async fn run(
     let mut buf = BytesMut::with_capacity(256);
     let mut next = Instant::now();
     let mut was_failing = false;
+    // Failed probes in a row, and since when failures have been excused by a slow command.
+    let mut failures = 0u32;
+    let mut excused_since: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {}
@@ -92,7 +117,19 @@ pub async fn run(
             }
         };
         let started = Instant::now();
-        let health = probe_once(&upstream, &setup, &mut stream, &mut buf).await;
+        let health = match tokio::time::timeout(
+            timing.timeout,
+            probe_once(&upstream, &setup, &mut stream, &mut buf),
+        )
+        .await
+        {
+            Ok(h) => h,
+            Err(_) => {
+                // The connection may still owe this PING's answer: start afresh.
+                stream = None;
+                Health::Silent
+            }
+        };
         match &health {
             Health::Misconfigured(why) => {
                 if ctx.misconfigured().as_deref() != Some(why.as_str()) {
@@ -101,12 +138,19 @@ pub async fn run(
                 ctx.set_misconfigured(Some(why.clone()));
             }
             Health::Up => ctx.set_misconfigured(None),
-            Health::Down(_) => {}
+            Health::Down(_) | Health::Silent => {}
         }
+        // No answer while a command slow by nature waits on Redis: Redis is presumably busy
+        // with it, and that command's own timeout decides (for at most that long).
+        let excused = health == Health::Silent
+            && ctx.slow_in_flight.load(Ordering::Relaxed) > 0
+            && excused_since.get_or_insert_with(Instant::now).elapsed() < ctx.command_timeout;
         let outcome = match &health {
             Health::Up | Health::Misconfigured(_) => Outcome::Success {
                 latency: started.elapsed(),
             },
+            Health::Silent if excused => Outcome::Ignored,
+            Health::Silent => Outcome::Failure(FailureKind::CommandTimeout),
             Health::Down(o) => *o,
         };
         match guard {
@@ -116,7 +160,14 @@ pub async fn run(
             }
             None => {}
         }
-        if matches!(health, Health::Down(_)) {
+        if let Outcome::Failure(kind) = outcome {
+            failures += 1;
+            upstream.breaker.probes_failed(failures, kind);
+        } else if !excused {
+            failures = 0;
+            excused_since = None;
+        }
+        if matches!(health, Health::Down(_) | Health::Silent) {
             metrics.failure.inc();
             was_failing = true;
         } else {
