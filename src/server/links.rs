@@ -152,7 +152,9 @@ impl Links {
     /// The client left: a blocking command of its must not outlive it (Redis would drop
     /// it), or it would take data nobody reads.
     pub fn abandon(&self) {
-        if let Some(p) = &self.pinned {
+        if let Some(p) = &self.pinned
+            && self.blocked()
+        {
             p.link.conn.abandon();
         }
         for c in &self.retired {

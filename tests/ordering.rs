@@ -1,0 +1,173 @@
+//! Ordering a client can observe across connections, and a server kept busy by a script.
+//!
+//! A blocking command needs a connection of its own; if getting one took a connect and a
+//! handshake, another client's command sent right after could reach Redis first. These
+//! tests send the blocking command and the other client's command back to back, as Redis's
+//! own test suite does, and require Redis's outcome every time.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Client A sends `BLPOP k 0`, client B then immediately sends `LPUSH k v`: A gets the
+/// value, every time, as it does talking to Redis directly. Each A is a new client, as in
+/// Redis's own test suite, so each needs a connection of its own upstream.
+#[test]
+fn a_blocking_pop_sent_before_a_push_always_gets_it() {
+    let (_redis, rf) = setup(&[]);
+    let mut pusher = rf.client();
+    let mut hangs = Vec::new();
+    for i in 0..1000 {
+        let mut a = rf.client();
+        // Connected and answered: the session exists before the race starts.
+        assert_eq!(a.cmd(&["PING"]), b"+PONG\r\n");
+        let key = format!("order:{i}");
+        a.send_cmd(&["BLPOP", &key, "0"]);
+        // The push and a DEL in one write: if the push overtook the pop, the DEL would
+        // remove the value before the pop arrives, and the pop would wait forever.
+        let mut both = resp_cmd(&["LPUSH", &key, "v"]);
+        both.extend(resp_cmd(&["DEL", &key]));
+        pusher.send(&both);
+        match a.try_read_frame(Duration::from_secs(2)) {
+            Ok(reply) => {
+                let want = resp_cmd(&[key.as_str(), "v"]);
+                assert_frame(&reply, &want, &format!("trial {i}: BLPOP reply"));
+            }
+            Err(_) => hangs.push(i),
+        }
+        assert_eq!(pusher.read_frame(), b":1\r\n", "trial {i}: LPUSH reply");
+        // Popped before the DEL ran: nothing left to delete, as with Redis directly.
+        let del = pusher.read_frame();
+        if del != b":0\r\n" && !hangs.contains(&i) {
+            hangs.push(i);
+        }
+    }
+    assert!(
+        hangs.is_empty(),
+        "the push overtook the blocking pop in {} of 1000 trials: {:?}",
+        hangs.len(),
+        &hangs[..hangs.len().min(20)]
+    );
+}
+
+/// `XREADGROUP ... BLOCK` then `DEL` of the stream from another connection: Redis wakes the
+/// reader with "the stream key no longer exists"; if the DEL overtook the read, the reader
+/// would get `NOGROUP` instead.
+#[test]
+fn a_blocked_group_read_sees_its_stream_deleted() {
+    let (redis, rf) = setup(&[]);
+    let mut deleter = rf.client();
+    for i in 0..200 {
+        let stream = format!("stream:{i}");
+        redis.cmd(&["XGROUP", "CREATE", &stream, "g", "$", "MKSTREAM"]);
+        let mut reader = rf.client();
+        assert_eq!(reader.cmd(&["PING"]), b"+PONG\r\n");
+        reader.send_cmd(&[
+            "XREADGROUP",
+            "GROUP",
+            "g",
+            "c",
+            "BLOCK",
+            "0",
+            "STREAMS",
+            &stream,
+            ">",
+        ]);
+        deleter.send_cmd(&["DEL", &stream]);
+        let got = reader
+            .try_read_frame(Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("trial {i}: XREADGROUP never woke up: {e:?}"));
+        assert_frame(
+            &got,
+            b"-UNBLOCKED the stream key no longer exists\r\n",
+            &format!("trial {i}"),
+        );
+        assert_eq!(deleter.read_frame(), b":1\r\n");
+    }
+}
+
+/// A Lua loop that runs until killed (or 20 s): Redis answers `-BUSY` to everyone else after
+/// `busy-reply-threshold`.
+const BUSY_SCRIPT: &str = "local t = redis.call('TIME') local s = tonumber(t[1]) \
+     while true do local n = redis.call('TIME') if tonumber(n[1]) - s > 20 then break end end \
+     return 1";
+
+fn busy_redis() -> RedisServer {
+    RedisServer::start_with(&["--busy-reply-threshold", "100"])
+}
+
+/// Waits until Redis reports a script running (answers `-BUSY`).
+fn wait_busy(redis: &RedisServer) {
+    eventually("redis busy with the script", secs(5), || {
+        let mut c = RawClient::connect(&redis.addr());
+        c.cmd(&["PING"]).starts_with(b"-BUSY")
+    });
+}
+
+/// While a script keeps Redis busy, the breaker opens (`-BUSY` is a failure), but `SCRIPT
+/// KILL` still reaches Redis, the script's own client gets Redis's answer rather than a
+/// redfuse timeout, and the breaker heals as soon as Redis answers again.
+#[test]
+fn script_kill_reaches_a_busy_redis_and_the_breaker_heals_at_once() {
+    let redis = busy_redis();
+    // A command timeout far shorter than the script, and a long open period: healing must
+    // not wait for it.
+    let dir = TempDir::new("ordering");
+    let config = dir.write(
+        "redfuse.toml",
+        &format!(
+            "upstream = \"{}\"\ncommand_timeout_ms = 1000\n[breaker]\nopen_base_ms = 30000\nopen_max_ms = 60000\nhalf_open_max_wait_ms = 1000\n",
+            redis.addr()
+        ),
+    );
+    let rf = start_with_config(&config);
+    let mut setter = rf.client();
+    assert_eq!(setter.cmd(&["SET", "k", "before"]), b"+OK\r\n");
+
+    let mut script = rf.client();
+    script.send_cmd(&["EVAL", BUSY_SCRIPT, "0"]);
+    wait_busy(&redis);
+    // Bystanders meet -BUSY (or degraded answers once the breaker is open).
+    let mut bystander = rf.client();
+    eventually("breaker open on -BUSY", secs(5), || {
+        bystander.cmd(&["GET", "k"]);
+        http_get(&rf.admin_addr(), "/breakers")
+            .1
+            .contains("\"state\":\"open\"")
+    });
+    // The script's client is still waiting on Redis, past its command timeout.
+    std::thread::sleep(ms(1500));
+    let mut killer = rf.client();
+    let killed = killer.cmd_str(&["SCRIPT", "KILL"]);
+    assert_eq!(killed, "+OK\r\n", "SCRIPT KILL through an open breaker");
+    let answer = script
+        .try_read_frame(secs(5))
+        .expect("the script's client gets an answer");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert!(
+        answer.starts_with("-ERR") && answer.contains("killed") && !answer.contains("redfuse"),
+        "the script's client must get Redis's answer, not a redfuse timeout: {answer:?}"
+    );
+    // Healed as soon as Redis answers: far sooner than the 30 s open period.
+    let started = Instant::now();
+    eventually("writes reach Redis again", secs(5), || {
+        setter.cmd(&["SET", "k", "after"]) == b"+OK\r\n"
+    });
+    assert_eq!(redis.cmd(&["GET", "k"]), b"$5\r\nafter\r\n");
+    eprintln!("healed {:?} after the kill", started.elapsed());
+}
+
+/// `SHUTDOWN NOSAVE` from a client reaches a Redis busy with a script, as it would directly.
+#[test]
+fn shutdown_nosave_reaches_a_busy_redis() {
+    let mut redis = busy_redis();
+    let rf = Redfuse::start(&redis.addr(), &["--command-timeout-ms", "1000"]);
+    let mut script = rf.client();
+    script.send_cmd(&["EVAL", BUSY_SCRIPT, "0"]);
+    wait_busy(&redis);
+    let mut admin = rf.client();
+    admin.send_cmd(&["SHUTDOWN", "NOSAVE"]);
+    eventually("redis-server exited", secs(5), || !redis.is_running());
+}
