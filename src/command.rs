@@ -1007,9 +1007,14 @@ pub struct Classified {
 /// per-command metric arrays can have a row for them.
 pub const UNKNOWN: usize = TABLE.len();
 
+/// The name of the command with this id (`"unknown"` for [`UNKNOWN`]).
+pub fn name_of(id: usize) -> &'static str {
+    TABLE.get(id).map_or("unknown", |s| s.name)
+}
+
 impl Classified {
     pub fn name(&self) -> &'static str {
-        self.spec.map_or("unknown", |s| s.name)
+        name_of(self.id)
     }
 
     pub fn is(&self, id: usize) -> bool {

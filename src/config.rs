@@ -131,6 +131,11 @@ pub struct FileConfig {
     pub threads: Option<usize>,
     pub admin_token: Option<String>,
     pub ready_requires_upstream: Option<bool>,
+    /// A client whose unwritten replies exceed this many bytes is disconnected (0: never).
+    pub client_output_hard_limit_bytes: Option<usize>,
+    /// ... or exceed this many bytes for longer than `client_output_soft_limit_seconds`.
+    pub client_output_soft_limit_bytes: Option<usize>,
+    pub client_output_soft_limit_seconds: Option<u64>,
     pub breaker: Option<BreakerConfig>,
     pub read_policy: Option<ReadPolicy>,
     pub balance: Option<Balance>,
@@ -317,6 +322,8 @@ pub struct Config {
     /// `max_nesting_depth`: the deepest upstream reply accepted.
     pub max_reply_depth: usize,
     pub idle_timeout: Option<Duration>,
+    /// `client-output-buffer-limit`-style bounds on a client's unwritten replies.
+    pub output_limits: crate::effect::OutputLimits,
     pub shutdown_timeout: Duration,
     pub threads: usize,
     pub admin_token: Option<String>,
@@ -497,6 +504,13 @@ impl Config {
                 .max_nesting_depth
                 .or(file.max_nesting_depth)
                 .unwrap_or(DEFAULT_MAX_REPLY_DEPTH),
+            output_limits: crate::effect::OutputLimits {
+                // Above the largest single reply Redis can send (a 512 MiB string), so only a
+                // client that does not read hits it; the soft limit catches those sooner.
+                hard: file.client_output_hard_limit_bytes.unwrap_or(600 << 20),
+                soft: file.client_output_soft_limit_bytes.unwrap_or(32 << 20),
+                soft_for: Duration::from_secs(file.client_output_soft_limit_seconds.unwrap_or(10)),
+            },
             idle_timeout: match cli.idle_timeout_ms.or(file.idle_timeout_ms).unwrap_or(0) {
                 0 => None,
                 n => Some(ms(n)),

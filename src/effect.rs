@@ -148,3 +148,146 @@ mod tests {
         assert!(!c.any());
     }
 }
+
+/// A client's replies that have arrived from Redis but not yet been written to its socket,
+/// in bytes, against `client-output-buffer-limit`-style limits: past the hard limit, or
+/// above the soft limit for longer than its grace period, the client is disconnected (as
+/// Redis does), so one client that does not read cannot grow redfuse without bound.
+#[derive(Debug)]
+pub struct OutputBudget {
+    pending: AtomicUsize,
+    hard: usize,
+    soft: usize,
+    soft_for: std::time::Duration,
+    /// When `pending` last went above `soft` (ms since `epoch`; 0: it is not above).
+    above_soft_since: std::sync::atomic::AtomicU64,
+    epoch: Instant,
+    exceeded: tokio::sync::Notify,
+    over: std::sync::atomic::AtomicBool,
+}
+
+/// Limits of [`OutputBudget`]; zero disables a limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputLimits {
+    pub hard: usize,
+    pub soft: usize,
+    pub soft_for: std::time::Duration,
+}
+
+impl OutputBudget {
+    pub fn new(limits: OutputLimits) -> OutputBudget {
+        OutputBudget {
+            pending: AtomicUsize::new(0),
+            hard: if limits.hard == 0 {
+                usize::MAX
+            } else {
+                limits.hard
+            },
+            soft: if limits.soft == 0 {
+                usize::MAX
+            } else {
+                limits.soft
+            },
+            soft_for: limits.soft_for,
+            above_soft_since: std::sync::atomic::AtomicU64::new(0),
+            epoch: Instant::now(),
+            exceeded: tokio::sync::Notify::new(),
+            over: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A reply of `n` bytes arrived for the client.
+    pub fn add(&self, n: usize) {
+        let now = self.pending.fetch_add(n, Ordering::AcqRel) + n;
+        if now > self.hard {
+            self.exceed();
+        } else if now > self.soft {
+            let ms = (self.epoch.elapsed().as_millis() as u64).max(1);
+            match self
+                .above_soft_since
+                .compare_exchange(0, ms, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {}
+                Err(since) if ms.saturating_sub(since) > self.soft_for.as_millis() as u64 => {
+                    self.exceed()
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// `n` bytes of replies were written to the client (or dropped).
+    pub fn sub(&self, n: usize) {
+        let now = self
+            .pending
+            .fetch_sub(n, Ordering::AcqRel)
+            .saturating_sub(n);
+        if now <= self.soft {
+            self.above_soft_since.store(0, Ordering::Release);
+        }
+    }
+
+    fn exceed(&self) {
+        self.over.store(true, Ordering::Release);
+        self.exceeded.notify_waiters();
+    }
+
+    pub fn is_exceeded(&self) -> bool {
+        self.over.load(Ordering::Acquire)
+    }
+
+    /// Resolves once a limit is exceeded.
+    pub async fn exceeded(&self) {
+        loop {
+            let notified = self.exceeded.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_exceeded() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn hard_and_soft_limits() {
+        let b = OutputBudget::new(OutputLimits {
+            hard: 100,
+            soft: 50,
+            soft_for: Duration::from_secs(10),
+        });
+        b.add(40);
+        b.sub(40);
+        b.add(60);
+        assert!(!b.is_exceeded(), "above soft, within its grace");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        b.add(1);
+        assert!(!b.is_exceeded());
+        b.sub(30);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        b.add(1);
+        assert!(!b.is_exceeded(), "went back under soft: the grace restarts");
+        b.add(20);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        b.add(1);
+        assert!(b.is_exceeded(), "above soft for longer than its grace");
+        let c = OutputBudget::new(OutputLimits {
+            hard: 100,
+            soft: 0,
+            soft_for: Duration::ZERO,
+        });
+        c.add(101);
+        assert!(c.is_exceeded());
+        c.exceeded().await;
+    }
+}

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub client_connections_total: IntCounter,
     pub client_rejected_total: IntCounter,
     pub client_protocol_errors: IntCounter,
+    /// Clients disconnected for exceeding their output buffer limit.
+    pub client_output_overflows: IntCounter,
     pub upstream_protocol_errors: IntCounter,
     pub bytes_received: IntCounter,
     pub bytes_sent: IntCounter,
@@ -191,6 +193,11 @@ impl Metrics {
         registry.register(Box::new(client_connections.clone()))?;
         registry.register(Box::new(client_connections_total.clone()))?;
         registry.register(Box::new(client_rejected_total.clone()))?;
+        let client_output_overflows = IntCounter::new(
+            "redfuse_client_output_limit_disconnects_total",
+            "Clients disconnected because their unwritten replies exceeded the output buffer limit",
+        )?;
+        registry.register(Box::new(client_output_overflows.clone()))?;
         registry.register(Box::new(protocol_errors.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
         registry.register(Box::new(commands_vec.clone()))?;
@@ -207,6 +214,7 @@ impl Metrics {
             client_connections_total,
             client_rejected_total,
             client_protocol_errors: protocol_errors.with_label_values(&["client"]),
+            client_output_overflows,
             upstream_protocol_errors: protocol_errors.with_label_values(&["upstream"]),
             bytes_received: bytes.with_label_values(&["in"]),
             bytes_sent: bytes.with_label_values(&["out"]),

@@ -326,3 +326,68 @@ fn idle_timeout_closes_idle_client_but_not_active_one() {
         "active client still connected",
     );
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A client that pipelines large reads and never reads the replies is disconnected once its
+/// unwritten replies pass the output limit, instead of growing redfuse without bound; other
+/// clients carry on.
+#[test]
+fn a_client_that_never_reads_is_cut_off_at_its_output_limit() {
+    let redis = RedisServer::start();
+    let value = "x".repeat(100 * 1024);
+    let mut filler = redis.client();
+    for i in 0..200 {
+        filler.send_cmd(&["SET", &format!("big:{i}"), &value]);
+    }
+    for _ in 0..200 {
+        filler.read_frame();
+    }
+    let dir = TempDir::new("limits");
+    let config = dir.write(
+        "redfuse.toml",
+        &format!(
+            "upstream = \"{}\"\nclient_output_hard_limit_bytes = 8388608\nclient_output_soft_limit_bytes = 4194304\nclient_output_soft_limit_seconds = 60\n",
+            redis.addr()
+        ),
+    );
+    let rf = start_with_config(&config);
+    let before = rss_kib(rf.pid());
+    let mut hog = rf.client();
+    // 6,000 distinct reads of ~100 KB (600 MB of replies), never read.
+    let mut pipeline = Vec::new();
+    for i in 0..6000 {
+        let end = 100_000 + i % 1000;
+        pipeline.extend(resp_cmd(&[
+            "GETRANGE",
+            &format!("big:{}", i % 200),
+            "0",
+            &end.to_string(),
+        ]));
+    }
+    let _ = hog.try_send(&pipeline);
+    eventually("the hog is disconnected", secs(20), || {
+        metric_value(
+            &rf.metrics(),
+            "redfuse_client_output_limit_disconnects_total",
+            &[],
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    });
+    let grown = rss_kib(rf.pid()).saturating_sub(before);
+    assert!(
+        grown < 200 * 1024,
+        "redfuse grew by {grown} KiB for a client limited to 8 MiB"
+    );
+    let mut other = rf.client();
+    assert_eq!(other.cmd(&["SET", "k", "v"]), b"+OK\r\n");
+    assert_eq!(other.cmd(&["GET", "k"]), b"$1\r\nv\r\n");
+}

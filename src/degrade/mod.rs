@@ -30,12 +30,14 @@ pub mod effects;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use prometheus::{IntCounterVec, Opts, Registry};
+use std::sync::OnceLock;
+
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::time::Instant;
 
 use crate::auth::{Credentials, Identities, IdentityId};
 use crate::cache::{Cache, CacheKey, CacheResult, Lookup};
-use crate::command::{Cacheable, Classified, absent_reply, ids};
+use crate::command::{Cacheable, Classified, absent_reply, ids, name_of};
 use crate::effect::{FillPlan, Written};
 use crate::error::{Error, UpstreamError, error_reply};
 use crate::resp::reply::Absent;
@@ -74,6 +76,9 @@ pub struct Degrade {
     pub queue: Arc<WriteQueue>,
     pub identities: Arc<Identities>,
     failopen_replies: IntCounterVec,
+    /// `failopen_replies{command,rule="cache_hit"}` per command id, resolved on first use:
+    /// the one degraded answer that is on a hot path (every read while a breaker is open).
+    hits: Vec<OnceLock<IntCounter>>,
 }
 
 impl Degrade {
@@ -100,7 +105,20 @@ impl Degrade {
             queue,
             identities,
             failopen_replies,
+            hits: (0..=crate::command::UNKNOWN)
+                .map(|_| OnceLock::new())
+                .collect(),
         })
+    }
+
+    fn count_hit(&self, id: usize) {
+        if let Some(cell) = self.hits.get(id) {
+            cell.get_or_init(|| {
+                self.failopen_replies
+                    .with_label_values(&[name_of(id), "cache_hit"])
+            })
+            .inc();
+        }
     }
 
     fn count(&self, command: &str, rule: &str) {
@@ -248,19 +266,20 @@ impl Degrade {
         &self,
         view: ClientView,
         plan: &FillPlan,
-        command: &'static str,
+        id: usize,
         absent: Option<Absent>,
         err: &UpstreamError,
     ) -> (Bytes, Origin) {
         if view.noauth {
             return (Bytes::from_static(reply::NOAUTH), Origin::Error);
         }
+        let command = name_of(id);
         let now = Instant::now();
         match plan {
             FillPlan::Single { key, redis_key, .. } => {
                 let max_stale = self.policy.max_stale(redis_key);
                 if let Lookup::Hit(bytes) = self.cache.get(key, now, max_stale) {
-                    self.count(command, "cache_hit");
+                    self.count_hit(id);
                     return (bytes, Origin::Fallback);
                 }
                 self.miss(view, command, absent, key.db, redis_key, err, now)
@@ -353,7 +372,7 @@ impl Degrade {
         }
         if let Some(plan) = self.cache_keys(view, req, cls, false) {
             let absent = absent_reply(cls.id, &req.args);
-            return self.cached_answer(view, &plan, cls.name(), absent, err);
+            return self.cached_answer(view, &plan, cls.id, absent, err);
         }
         let keys: Vec<&[u8]> = cls.keys.iter().map(|i| &req.args[i][..]).collect();
         let name = cls.name();

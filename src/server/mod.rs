@@ -36,6 +36,22 @@ use crate::upstream::Upstream;
 
 pub use listener::serve;
 
+/// Upstreams to try, best first; one (the primary, for writes or with no replicas) needs
+/// no allocation.
+pub enum RouteOrder {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+impl RouteOrder {
+    pub fn iter(&self) -> std::iter::Copied<std::slice::Iter<'_, usize>> {
+        match self {
+            RouteOrder::One(i) => std::slice::from_ref(i).iter().copied(),
+            RouteOrder::Many(v) => v.iter().copied(),
+        }
+    }
+}
+
 /// State shared by all sessions.
 pub struct Server {
     pub config: Config,
@@ -102,12 +118,11 @@ impl Server {
     /// to the primary alone. Reads follow `read_policy` and `balance` among upstreams whose
     /// breaker is not open, and fail over to replicas in priority order when the primary's
     /// breaker rejects them.
-    pub fn route(&self, is_read: bool) -> Vec<usize> {
-        let mut order = Vec::with_capacity(self.upstreams.len());
+    pub fn route(&self, is_read: bool) -> RouteOrder {
         if !is_read || self.upstreams.len() == 1 {
-            order.push(self.primary);
-            return order;
+            return RouteOrder::One(self.primary);
         }
+        let mut order = Vec::with_capacity(self.upstreams.len());
         let healthy = |i: &usize| self.upstreams[*i].breaker.state() != crate::breaker::State::Open;
         let mut replicas: Vec<usize> = (0..self.upstreams.len())
             .filter(|&i| i != self.primary)
@@ -131,7 +146,7 @@ impl Server {
                 order.extend(down);
             }
         }
-        order
+        RouteOrder::Many(order)
     }
 
     /// Orders equally eligible upstreams by the configured balancing strategy.

@@ -71,6 +71,7 @@ impl Session {
         req: Request,
         cls: &Classified,
         blocking: bool,
+        to_writer: bool,
     ) -> Result<Option<oneshot::Receiver<Reply>>, Flow> {
         if cls.write
             && let Err(gate) = self
@@ -140,6 +141,8 @@ impl Session {
         };
         let (mut call, rx) = Call::new(req.raw, blocking, true);
         call.slow = cls.slow();
+        // A reply that goes to the writer counts against the client's output limit.
+        call.output = to_writer.then(|| self.output.clone());
         call.effect = effect;
         let mark = blocking.then(|| self.links.blocking.mark());
         if blocking {
@@ -156,7 +159,7 @@ impl Session {
         blocking: bool,
         then: Then,
     ) -> Flow {
-        match self.pinned_call(req, &cls, blocking).await {
+        match self.pinned_call(req, &cls, blocking, true).await {
             Ok(Some(rx)) => {
                 // The state exists only once the command reached the dedicated connection.
                 match then {
@@ -187,7 +190,7 @@ impl Session {
         req: Request,
         cls: &Classified,
     ) -> Result<Option<Bytes>, Flow> {
-        let Some(rx) = self.pinned_call(req, cls, false).await? else {
+        let Some(rx) = self.pinned_call(req, cls, false, false).await? else {
             return Ok(None);
         };
         let reply = match rx.await {

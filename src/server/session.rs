@@ -22,6 +22,7 @@ use super::state::{Auth, ConnState};
 use super::writer::{Slot, SlotKind};
 use crate::command::{Classified, UNKNOWN, classify};
 use crate::degrade::{ClientView, Origin};
+use crate::effect::OutputBudget;
 use crate::error::{Error, UpstreamError, error_reply};
 use crate::resp::{Request, parse_request, reply};
 
@@ -40,6 +41,8 @@ pub(super) struct Session {
     /// Writes queued in the current MULTI: they run at EXEC, whose reply invalidates them
     /// again (a read by another client in between could re-cache the old value).
     pub(super) multi_writes: Vec<crate::effect::Written>,
+    /// Replies arrived and not yet written to the client, against the output limits.
+    pub(super) output: Arc<OutputBudget>,
     slots: mpsc::Sender<Slot>,
 }
 
@@ -69,7 +72,13 @@ pub async fn run(
     // enough that a client writing a whole pipeline before reading its replies does not
     // stall.
     let (slots_tx, slots_rx) = mpsc::channel(16 * 1024);
-    let writer = tokio::spawn(super::writer::write_replies(wr, slots_rx, server.clone()));
+    let output = Arc::new(OutputBudget::new(server.config.output_limits));
+    let writer = tokio::spawn(super::writer::write_replies(
+        wr,
+        slots_rx,
+        server.clone(),
+        output.clone(),
+    ));
     let initial = match server.users {
         Some(_) => Auth::Required,
         None => Auth::Implicit(server.own.clone()),
@@ -78,6 +87,7 @@ pub async fn run(
         links: Links::new(server.upstreams.len()),
         state: ConnState::new(initial),
         multi_writes: Vec::new(),
+        output,
         server,
         id,
         slots: slots_tx,
@@ -185,6 +195,11 @@ impl Session {
                     Ok(n) => self.server.metrics.bytes_received.inc_by(n as u64),
                 },
                 _ = shutdown.changed() => return End::Shutdown,
+                _ = self.output.exceeded() => {
+                    self.server.metrics.client_output_overflows.inc();
+                    debug!(client = self.id, pending = self.output.pending(), "closing a client over its output buffer limit");
+                    return End::ClientGone;
+                }
                 _ = sleep_or_forever(idle_deadline) => {
                     debug!(client = self.id, "closing idle client");
                     return End::Closed;

@@ -25,8 +25,35 @@ impl Session {
             }
             self.release_dedicated().await;
         }
+        let view = self.view();
+        // A read identical to one in flight waits for it: no permit, no bulkhead slot.
+        let mut plan = None;
+        let mut leader = None;
+        if cls.read
+            && let Some(p) = self.server.degrade.plan_fill(view, &req, &cls)
+        {
+            // While this client has writes in flight, a read in flight of another client
+            // may have run before them: it must send its own.
+            if !self.links.writes.any()
+                && let Some(key) = p.flight_key()
+            {
+                match self.server.flights.join(key) {
+                    Flight::Leader(guard) => leader = Some(guard),
+                    Flight::Follower(follower) => {
+                        let fallback = Fallback::new(p, view, &cls, &req);
+                        self.push(Slot {
+                            command: cls.id,
+                            kind: SlotKind::Follower(follower, Some(Box::new(fallback))),
+                        })
+                        .await;
+                        return Flow::Continue;
+                    }
+                }
+            }
+            plan = Some(p);
+        }
         let mut admitted = None;
-        for index in self.server.route(cls.read) {
+        for index in self.server.route(cls.read).iter() {
             let upstream = &self.server.upstreams[index];
             if let Ok(guard) = upstream.breaker.try_acquire() {
                 admitted = Some((index, guard));
@@ -61,42 +88,17 @@ impl Session {
             self.fail(cls.id, err).await;
             return Flow::Continue;
         };
-        let view = self.view();
         let mut effect = None;
         let mut fallback = None;
         let mut write_mark = None;
         if cls.write {
-            let identity = view.identity;
-            let written = self
-                .server
-                .degrade
-                .before_write(self.state.db, identity, &req, &cls);
+            let written =
+                self.server
+                    .degrade
+                    .before_write(self.state.db, view.identity, &req, &cls);
             effect = Some(ReplyEffect::Write(Box::new(written)));
             write_mark = Some(self.links.writes.mark());
-        } else if cls.read
-            && let Some(plan) = self.server.degrade.plan_fill(view, &req, &cls)
-        {
-            let mut leader = None;
-            // While this client has writes in flight, a read in flight of another client
-            // may have run before them: it must send its own.
-            if !self.links.writes.any()
-                && let Some(key) = plan.flight_key()
-            {
-                match self.server.flights.join(key) {
-                    Flight::Leader(guard) => leader = Some(guard),
-                    Flight::Follower(follower) => {
-                        // The identical read already in flight answers this one too.
-                        drop((guard, inflight));
-                        let fallback = Fallback::new(plan, view, &cls, &req);
-                        self.push(Slot {
-                            command: cls.id,
-                            kind: SlotKind::Follower(follower, Some(Box::new(fallback))),
-                        })
-                        .await;
-                        return Flow::Continue;
-                    }
-                }
-            }
+        } else if let Some(plan) = plan {
             fallback = Some(Box::new(Fallback::new(plan.clone(), view, &cls, &req)));
             effect = Some(ReplyEffect::Fill { plan, leader });
         }
@@ -112,6 +114,7 @@ impl Session {
         self.links.fence(index, &link).await;
         let (mut call, rx) = Call::new(req.raw, false, cls.write);
         call.slow = cls.slow();
+        call.output = Some(self.output.clone());
         call.guard = Some(guard);
         call.inflight = Some(inflight);
         call.effect = effect;

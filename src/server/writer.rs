@@ -17,7 +17,7 @@ use super::Server;
 use crate::cache::Follower;
 use crate::command::{Classified, absent_reply};
 use crate::degrade::{ClientView, Origin};
-use crate::effect::FillPlan;
+use crate::effect::{FillPlan, OutputBudget};
 use crate::error::{Error, Reply, UpstreamError, error_reply};
 use crate::metrics::CommandResult;
 use crate::resp::reply::Absent;
@@ -38,7 +38,7 @@ pub enum SlotKind {
 pub struct Fallback {
     plan: FillPlan,
     view: ClientView,
-    command: &'static str,
+    command: usize,
     absent: Option<Absent>,
 }
 
@@ -47,7 +47,7 @@ impl Fallback {
         Fallback {
             plan,
             view,
-            command: cls.name(),
+            command: cls.id,
             absent: absent_reply(cls.id, &req.args),
         }
     }
@@ -82,10 +82,26 @@ fn resolve(server: &Server, result: Reply, fallback: Option<Box<Fallback>>) -> (
     }
 }
 
+/// Writes replies until the client is gone, everything is written, or the client's output
+/// budget is exceeded (its pending replies are then dropped and it is disconnected).
 pub async fn write_replies(
+    wr: OwnedWriteHalf,
+    slots: mpsc::Receiver<Slot>,
+    server: Arc<Server>,
+    output: Arc<OutputBudget>,
+) {
+    tokio::select! {
+        _ = write_loop(wr, slots, &server, &output) => {}
+        // The writer is stuck on a client that does not read: stop holding its replies.
+        _ = output.exceeded() => {}
+    }
+}
+
+async fn write_loop(
     mut wr: OwnedWriteHalf,
     mut slots: mpsc::Receiver<Slot>,
-    server: Arc<Server>,
+    server: &Server,
+    output: &OutputBudget,
 ) {
     let metrics = &server.metrics;
     let mut out = BytesMut::with_capacity(16 * 1024);
@@ -93,7 +109,7 @@ pub async fn write_replies(
         let slot = match slots.try_recv() {
             Ok(slot) => slot,
             Err(_) => {
-                if flush(&mut wr, &mut out, &server).await.is_err() {
+                if flush(&mut wr, &mut out, server).await.is_err() {
                     return;
                 }
                 match slots.recv().await {
@@ -108,30 +124,33 @@ pub async fn write_replies(
                 let result = match rx.try_recv() {
                     Ok(r) => r,
                     Err(oneshot::error::TryRecvError::Empty) => {
-                        if flush(&mut wr, &mut out, &server).await.is_err() {
+                        if flush(&mut wr, &mut out, server).await.is_err() {
                             return;
                         }
                         rx.await.unwrap_or_else(|_| Err(dropped()))
                     }
                     Err(oneshot::error::TryRecvError::Closed) => Err(dropped()),
                 };
-                resolve(&server, result, fallback)
+                if let Ok(b) = &result {
+                    output.sub(b.len());
+                }
+                resolve(server, result, fallback)
             }
             SlotKind::Follower(follower, fallback) => {
                 // Usually the leader's reply is already in: no flush, no wake-up.
                 let result = match follower.try_take() {
                     Ok(v) => v,
                     Err(follower) => {
-                        if flush(&mut wr, &mut out, &server).await.is_err() {
+                        if flush(&mut wr, &mut out, server).await.is_err() {
                             return;
                         }
                         follower.await
                     }
                 };
-                resolve(&server, result.unwrap_or_else(|| Err(dropped())), fallback)
+                resolve(server, result.unwrap_or_else(|| Err(dropped())), fallback)
             }
             SlotKind::Stream(mut rx) => {
-                if flush(&mut wr, &mut out, &server).await.is_err() {
+                if flush(&mut wr, &mut out, server).await.is_err() {
                     return;
                 }
                 while let Some(chunk) = rx.recv().await {
@@ -153,7 +172,7 @@ pub async fn write_replies(
         };
         metrics.count_command(slot.command, result, origin);
         if reply.len() >= BATCH_BYTES {
-            if flush(&mut wr, &mut out, &server).await.is_err() {
+            if flush(&mut wr, &mut out, server).await.is_err() {
                 return;
             }
             metrics.bytes_sent.inc_by(reply.len() as u64);
@@ -162,12 +181,12 @@ pub async fn write_replies(
             }
         } else {
             out.extend_from_slice(&reply);
-            if out.len() >= BATCH_BYTES && flush(&mut wr, &mut out, &server).await.is_err() {
+            if out.len() >= BATCH_BYTES && flush(&mut wr, &mut out, server).await.is_err() {
                 return;
             }
         }
     }
-    let _ = flush(&mut wr, &mut out, &server).await;
+    let _ = flush(&mut wr, &mut out, server).await;
     let _ = wr.shutdown().await;
 }
 

@@ -37,7 +37,7 @@ use super::backoff::Backoff;
 use super::handshake::{Setup, open};
 use super::{Inflight, UpstreamCtx};
 use crate::breaker::{CallGuard, FailureKind, Outcome, ReplyClass, classify_error_reply};
-use crate::effect::{Mark, ReplyEffect};
+use crate::effect::{Mark, OutputBudget, ReplyEffect};
 use crate::error::{ConnectFailure, Reply, UpstreamError};
 use crate::resp::{ErrorCode, ReplyScanner};
 
@@ -61,6 +61,8 @@ pub struct Call {
     pub effect: Option<ReplyEffect>,
     /// The client's counts this request is in; they go down once it is answered.
     pub marks: [Option<Mark>; 2],
+    /// The client's output budget, charged with the reply until the client has it.
+    pub output: Option<Arc<OutputBudget>>,
 }
 
 impl Call {
@@ -77,6 +79,7 @@ impl Call {
                 inflight: None,
                 effect: None,
                 marks: [None, None],
+                output: None,
             },
             rx,
         )
@@ -344,6 +347,7 @@ struct Pending<'a> {
     _inflight: Option<Inflight>,
     effect: Option<ReplyEffect>,
     _marks: [Option<Mark>; 2],
+    output: Option<Arc<OutputBudget>>,
 }
 
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
@@ -397,6 +401,7 @@ async fn pipeline(
                         _inflight: call.inflight,
                         effect: call.effect,
                         _marks: call.marks,
+                        output: call.output,
                     });
                 }
                 if frame.len() >= DIRECT_WRITE_BYTES {
@@ -589,6 +594,9 @@ fn complete<'a>(
             ctx.metrics.auth_errors.inc();
         }
         g.complete(class.outcome(latency));
+    }
+    if let Some(budget) = &p.output {
+        budget.add(frame.len());
     }
     let result = Ok(frame);
     if let Some(e) = p.effect {
