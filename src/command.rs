@@ -2269,4 +2269,78 @@ mod tests {
             all |= flag;
         }
     }
+
+    fn args(parts: &[&str]) -> Vec<Bytes> {
+        parts
+            .iter()
+            .map(|p| Bytes::copy_from_slice(p.as_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn classify_works_out_everything_once() {
+        let c = classify(&args(&["get", "k"]));
+        assert_eq!(
+            (c.id, c.read, c.write, c.blocking),
+            (lookup(b"get").unwrap().id, true, false, false)
+        );
+        assert_eq!(c.cacheable, Cacheable::SingleKeyRead);
+        assert_eq!(c.keys.as_slice(), [1]);
+        assert!(!c.slow(), "GET is FAST");
+        let c = classify(&args(&["EXISTS", "a", "b"]));
+        assert_eq!(c.cacheable, Cacheable::No, "two keys");
+        let c = classify(&args(&["SORT", "l", "STORE", "d"]));
+        assert!(c.write && !c.read);
+        assert_eq!(c.keys.as_slice(), [1, 3]);
+        let c = classify(&args(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]));
+        assert!(c.blocking);
+        let c = classify(&args(&["KEYS", "*"]));
+        assert!(c.slow());
+        let c = classify(&args(&["MODULE.CMD", "k", "v"]));
+        assert_eq!(c.id, UNKNOWN);
+        assert!(
+            c.write && c.slow(),
+            "unknown commands are treated as writes"
+        );
+        assert_eq!(c.keys.as_slice(), [1]);
+        assert_eq!(c.name(), "unknown");
+        assert_eq!(classify(&args(&["GET"])).cacheable, Cacheable::No, "arity");
+    }
+
+    #[test]
+    fn absent_replies_are_typed_per_command() {
+        use crate::resp::reply::Absent;
+        let absent = |p: &[&str]| {
+            let a = args(p);
+            absent_reply(classify(&a).id, &a)
+        };
+        assert_eq!(absent(&["GET", "k"]), Some(Absent::Nil));
+        assert_eq!(absent(&["EXISTS", "k"]), Some(Absent::Integer(0)));
+        assert_eq!(absent(&["HGETALL", "k"]), Some(Absent::EmptyMap));
+        assert_eq!(absent(&["SMEMBERS", "k"]), Some(Absent::EmptySet));
+        assert_eq!(
+            absent(&["LRANGE", "k", "0", "-1"]),
+            Some(Absent::EmptyArray)
+        );
+        assert_eq!(absent(&["HMGET", "k", "a", "b"]), Some(Absent::Nils(2)));
+        assert_eq!(absent(&["GEOPOS", "k", "a"]), Some(Absent::NullArrays(1)));
+        assert_eq!(
+            absent(&["SMISMEMBER", "k", "a", "b", "c"]),
+            Some(Absent::Zeros(3))
+        );
+        assert_eq!(
+            absent(&["LPOS", "k", "x", "COUNT", "2"]),
+            Some(Absent::EmptyArray)
+        );
+        assert_eq!(absent(&["BITPOS", "k", "1"]), Some(Absent::Integer(-1)));
+        assert_eq!(absent(&["TYPE", "k"]), Some(Absent::Status("none")));
+        assert_eq!(absent(&["SET", "k", "v"]), None);
+        // Every cacheable command has one.
+        for spec in COMMANDS.iter().filter(|s| s.cache != Cacheable::No) {
+            if spec.cache == Cacheable::Mget {
+                continue;
+            }
+            assert!(absent_reply(spec.id, &[]).is_some(), "{}", spec.name);
+        }
+    }
 }

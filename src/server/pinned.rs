@@ -340,11 +340,10 @@ impl Session {
 
 /// The `db=N` field of a `CLIENT INFO` reply.
 fn parse_client_info_db(reply: &[u8]) -> Option<u32> {
-    let text = std::str::from_utf8(reply).ok()?;
-    let field = text
-        .split_ascii_whitespace()
-        .find_map(|f| f.strip_prefix("db="))?;
-    field.parse().ok()
+    reply
+        .split(|b| b.is_ascii_whitespace())
+        .find_map(|f| f.strip_prefix(b"db="))
+        .and_then(crate::resp::parse_u32)
 }
 
 #[cfg(test)]
