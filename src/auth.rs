@@ -62,8 +62,6 @@ pub struct IdentityId(u32);
 impl IdentityId {
     /// Connections that never authenticated upstream.
     pub const ANONYMOUS: IdentityId = IdentityId(0);
-    /// Never a client's: the cache files what it knows about keys under it.
-    pub const KEY_RECORD: IdentityId = IdentityId(u32::MAX);
 
     #[cfg(test)]
     pub fn is_anonymous(self) -> bool {

@@ -26,9 +26,10 @@
 //!   `PERSIST` ...), so an entry is never served past the moment Redis expires the key,
 //!   and a *write mark* when a write to the key was acknowledged whose result redfuse does
 //!   not hold: a degraded read that misses the cache must then not answer as if the key
-//!   were absent (see [`Cache::miss_is_unsafe`]). Key records live in the same LRU and
-//!   byte bound; a write mark evicted before its time is remembered in a small bitmap, so
-//!   losing one can only turn a miss reply into an error, never the reverse.
+//!   were absent (see [`Cache::miss_is_unsafe`]). Key records are filed by a hash of the
+//!   key (no copy of it) in an LRU of their own, within the same byte bound; a write mark
+//!   evicted before its time is remembered in a small bitmap, so losing one can only turn a
+//!   miss reply into an error, never the reverse.
 //! * **No clock reads inside.** Every operation that cares about age takes `now`, and
 //!   the allowed staleness comes from the caller (it depends on the key pattern, which is
 //!   configuration the cache knows nothing about). One clock reading then serves every key
@@ -99,9 +100,6 @@ pub struct CacheKey {
     pub command: Bytes,
 }
 
-/// The identity under which key records are kept (no client has it).
-const KEY_RECORD: IdentityId = IdentityId::KEY_RECORD;
-
 impl CacheKey {
     /// Normalises `args` (name first). The name is upper-cased because Redis treats it
     /// case-insensitively; arguments are not, because keys and values are binary. Every
@@ -132,15 +130,6 @@ impl CacheKey {
     /// answers WRONGTYPE; storing that nil as a GET entry is a deliberate approximation.
     pub fn get(db: u32, identity: IdentityId, proto: Proto, key: &[u8]) -> CacheKey {
         CacheKey::new(db, identity, proto, &[b"GET".as_slice(), key])
-    }
-
-    fn record(db: u32, redis_key: &[u8]) -> CacheKey {
-        CacheKey {
-            db,
-            identity: KEY_RECORD,
-            proto: Proto::Resp2,
-            command: Bytes::copy_from_slice(redis_key),
-        }
     }
 }
 
@@ -226,8 +215,8 @@ impl Default for CacheConfig {
     }
 }
 
-/// What a key record counts against the byte bound besides its key.
-const RECORD_OVERHEAD: usize = 160;
+/// What a key record counts against the byte bound.
+const RECORD_CHARGE: usize = 96;
 
 /// Bits of each generation of the bitmap of write marks evicted early.
 const LOST_MARK_BITS: usize = 1 << 20;
@@ -261,9 +250,14 @@ impl Lookup {
 /// Proof of when a fill's read was sent; see [`Cache::ticket`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FillTicket {
-    stripe: usize,
+    /// The key's hash: it picks the stripe, and files the key's record.
+    hash: u64,
     generation: u64,
     clears: u64,
+}
+
+fn stripe_of(hash: u64) -> usize {
+    (hash % TICKET_STRIPES as u64) as usize
 }
 
 /// The `result` label of `redfuse_cache_requests_total`.
@@ -363,34 +357,25 @@ impl CacheMetrics {
     }
 }
 
-/// A cached reply, or a key record (see the module docs).
-enum Entry {
-    Reply {
-        reply: Bytes,
-        redis_key: Bytes,
-        filled: Instant,
-        /// When Redis expires the key, if redfuse knew when this was filled.
-        expires: Option<Instant>,
-        charge: usize,
-    },
-    Record(Record),
-}
-
-#[derive(Clone, Copy)]
-struct Record {
-    /// When a write whose result redfuse does not hold was acknowledged, and to whom.
-    written: Option<(Instant, Seen)>,
-    ttl: Ttl,
+/// A cached reply.
+struct Entry {
+    reply: Bytes,
+    redis_key: Bytes,
+    filled: Instant,
+    /// When Redis expires the key, if redfuse knew when this was filled.
+    expires: Option<Instant>,
     charge: usize,
 }
 
-impl Entry {
-    fn charge(&self) -> usize {
-        match self {
-            Entry::Reply { charge, .. } => *charge,
-            Entry::Record(r) => r.charge,
-        }
-    }
+/// What redfuse learnt about one Redis key (see the module docs), filed by a 64-bit hash of
+/// `(db, key)`: two keys sharing a hash share a record, which can only make a reply expire
+/// early or a miss answer with an error, never the reverse.
+#[derive(Clone, Copy)]
+struct Record {
+    db: u32,
+    /// When a write whose result redfuse does not hold was acknowledged, and to whom.
+    written: Option<(Instant, Seen)>,
+    ttl: Ttl,
 }
 
 /// The cached commands that read one Redis key. Almost every key has exactly one, and a
@@ -475,10 +460,11 @@ impl LostMarks {
 struct State {
     lru: LruCache<CacheKey, Entry>,
     /// db -> Redis key -> every cached reply that read it. Holds exactly the replies the
-    /// LRU holds (key records are found by their own key, not through the index).
+    /// LRU holds.
     index: FastMap<u32, FastMap<Bytes, Readers>>,
+    /// Key records by key hash, least recently used first.
+    records: LruCache<u64, Record>,
     bytes: usize,
-    records: usize,
     lost: LostMarks,
 }
 
@@ -511,34 +497,33 @@ impl State {
         let Some(entry) = self.lru.pop(key) else {
             return false;
         };
-        self.unaccount(key, entry, None);
+        self.unaccount(key, entry);
         true
     }
 
-    /// Forgets an entry taken out of the LRU. An evicted write mark (`evicted` carries
-    /// the clock and the hash of its key) is remembered as lost while it still matters.
-    fn unaccount(
-        &mut self,
-        key: &CacheKey,
-        entry: Entry,
-        evicted: Option<(Instant, u64, Duration)>,
-    ) {
-        self.bytes -= entry.charge();
-        match entry {
-            Entry::Reply { redis_key, .. } => self.remove_from_index(key, redis_key),
-            Entry::Record(r) => {
-                self.records -= 1;
-                if let (Some((written, _)), Some((now, hash, ttl))) = (r.written, evicted)
-                    && now.saturating_duration_since(written) <= ttl
-                {
-                    self.lost.set(hash);
-                }
-            }
+    /// Forgets a reply taken out of the LRU.
+    fn unaccount(&mut self, key: &CacheKey, entry: Entry) {
+        self.bytes -= entry.charge;
+        self.remove_from_index(key, entry.redis_key);
+    }
+
+    /// Drops the least recently used record. A write mark that still matters is remembered
+    /// as lost.
+    fn evict_record(&mut self, now: Instant, written_ttl: Duration) -> bool {
+        let Some((hash, r)) = self.records.pop_lru() else {
+            return false;
+        };
+        self.bytes -= RECORD_CHARGE;
+        if let Some((written, _)) = r.written
+            && now.saturating_duration_since(written) <= written_ttl
+        {
+            self.lost.set(hash);
         }
+        true
     }
 
     fn replies(&self) -> usize {
-        self.lru.len() - self.records
+        self.lru.len()
     }
 }
 
@@ -570,8 +555,8 @@ impl Cache {
             state: Mutex::new(State {
                 lru: LruCache::unbounded(),
                 index: FastMap::default(),
+                records: LruCache::unbounded(),
                 bytes: 0,
-                records: 0,
                 lost: LostMarks::new(Instant::now()),
             }),
             metrics,
@@ -618,22 +603,18 @@ impl Cache {
     pub fn get(&self, key: &CacheKey, now: Instant, max_stale: Duration) -> Lookup {
         let mut st = self.lock();
         let lookup = match st.lru.get(key) {
-            Some(Entry::Reply {
-                reply,
-                filled,
-                expires,
-                ..
-            }) if now.saturating_duration_since(*filled) <= max_stale
-                && expires.is_none_or(|e| now < e) =>
+            Some(e)
+                if now.saturating_duration_since(e.filled) <= max_stale
+                    && e.expires.is_none_or(|x| now < x) =>
             {
-                Lookup::Hit(reply.clone())
+                Lookup::Hit(e.reply.clone())
             }
-            Some(Entry::Reply { .. }) => {
+            Some(_) => {
                 st.remove(key);
                 self.publish(&st);
                 Lookup::Stale
             }
-            _ => Lookup::Miss,
+            None => Lookup::Miss,
         };
         drop(st);
         self.count(lookup.result());
@@ -652,13 +633,12 @@ impl Cache {
         now: Instant,
         max_stale: Duration,
     ) -> bool {
-        let record = CacheKey::record(db, redis_key);
-        let hash = self.stripe_hasher.hash_one((db, redis_key));
+        let hash = self.key_hash(db, redis_key);
         let st = self.lock();
-        if let Some(Entry::Record(Record {
+        if let Some(Record {
             written: Some((at, seen)),
             ..
-        })) = st.lru.peek(&record)
+        }) = st.records.peek(&hash)
             && seen.includes(identity)
             && now.saturating_duration_since(*at) <= max_stale
         {
@@ -700,9 +680,10 @@ impl Cache {
     /// Take this before sending a read whose reply may fill the cache, and hand it to
     /// [`Cache::insert_checked`]. No lock: it is two atomic loads.
     pub fn ticket(&self, db: u32, redis_key: &[u8]) -> FillTicket {
-        let stripe = self.stripe(db, redis_key);
+        let hash = self.key_hash(db, redis_key);
+        let stripe = stripe_of(hash);
         FillTicket {
-            stripe,
+            hash,
             generation: self.stripes[stripe].load(Ordering::SeqCst),
             clears: self.clears.load(Ordering::SeqCst),
         }
@@ -710,12 +691,13 @@ impl Cache {
 
     /// Whether nothing invalidated the ticket's key since it was taken.
     pub fn ticket_current(&self, t: FillTicket) -> bool {
-        self.stripes[t.stripe].load(Ordering::SeqCst) == t.generation
+        self.stripes[stripe_of(t.hash)].load(Ordering::SeqCst) == t.generation
             && self.clears.load(Ordering::SeqCst) == t.clears
     }
 
-    fn stripe(&self, db: u32, redis_key: &[u8]) -> usize {
-        (self.stripe_hasher.hash_one((db, redis_key)) % TICKET_STRIPES as u64) as usize
+    /// The hash of `(db, redis_key)`: it picks the key's ticket stripe and files its record.
+    fn key_hash(&self, db: u32, redis_key: &[u8]) -> u64 {
+        self.stripe_hasher.hash_one((db, redis_key))
     }
 
     fn insert_inner(
@@ -745,9 +727,11 @@ impl Cache {
             self.count(CacheResult::Bypass);
             return false;
         }
-        let expires = match st.lru.peek(&CacheKey::record(key.db, &redis_key)) {
-            Some(Entry::Record(r)) => r.ttl.deadline(),
-            _ => None,
+        let expires = if st.records.is_empty() {
+            None
+        } else {
+            let hash = ticket.map_or_else(|| self.key_hash(key.db, &redis_key), |t| t.hash);
+            st.records.peek(&hash).and_then(|r| r.ttl.deadline())
         };
         if expires.is_some_and(|e| e <= now) {
             drop(st);
@@ -756,16 +740,11 @@ impl Cache {
         }
         // A hot key re-read with an unchanged value (the common case) only refreshes its
         // age and recency: no copy, no allocation, no index work.
-        if let Some(Entry::Reply {
-            reply: old,
-            filled,
-            expires: old_expires,
-            ..
-        }) = st.lru.get_mut(&key)
-            && *old == reply
+        if let Some(old) = st.lru.get_mut(&key)
+            && old.reply == reply
         {
-            *filled = now;
-            *old_expires = expires;
+            old.filled = now;
+            old.expires = expires;
             drop(st);
             self.count(CacheResult::Fill);
             return true;
@@ -779,7 +758,7 @@ impl Cache {
             return false;
         }
         let redis_key = Bytes::copy_from_slice(&redis_key);
-        let entry = Entry::Reply {
+        let entry = Entry {
             reply: Bytes::copy_from_slice(&reply),
             redis_key: redis_key.clone(),
             filled: now,
@@ -792,7 +771,7 @@ impl Cache {
         // always names the same Redis key, but unindexing through the old entry keeps the
         // index right even if a caller disagrees with itself.
         if let Some((old_key, old)) = st.lru.push(key, entry) {
-            st.unaccount(&old_key, old, None);
+            st.unaccount(&old_key, old);
         }
         st.add_to_index(index_key, redis_key);
         let evicted = self.evict_until_within(&mut st, now);
@@ -820,31 +799,23 @@ impl Cache {
         if !self.enabled() {
             return;
         }
-        let record_key = CacheKey::record(db, redis_key);
+        let hash = self.key_hash(db, redis_key);
         let mut st = self.lock();
         st.lost.rotate(now, self.config.written_ttl);
         let written = written.map(|seen| (now, seen));
-        if let Some(Entry::Record(r)) = st.lru.get_mut(&record_key) {
+        if let Some(r) = st.records.get_mut(&hash) {
             r.written = match (written, r.written) {
                 (Some((at, seen)), Some((_, before))) => Some((at, seen.merge(before))),
                 (new, old) => new.or(old),
             };
             r.ttl = ttl;
+            r.db = db;
         } else {
             if written.is_none() && ttl == Ttl::Unknown {
                 return;
             }
-            let charge = redis_key.len() + RECORD_OVERHEAD;
-            st.bytes += charge;
-            st.records += 1;
-            let record = Entry::Record(Record {
-                written,
-                ttl,
-                charge,
-            });
-            if let Some((old_key, old)) = st.lru.push(record_key, record) {
-                st.unaccount(&old_key, old, None);
-            }
+            st.bytes += RECORD_CHARGE;
+            st.records.push(hash, Record { db, written, ttl });
         }
         let evicted = self.evict_until_within(&mut st, now);
         self.publish(&st);
@@ -854,14 +825,19 @@ impl Cache {
         }
     }
 
+    /// Evicts replies, least recently used first, then records, until within the bounds.
+    /// Records are bounded by count too (`max_entries`).
     fn evict_until_within(&self, st: &mut State, now: Instant) -> u64 {
         let mut evicted = 0;
+        while st.records.len() > self.config.max_entries.max(1024) {
+            st.evict_record(now, self.config.written_ttl);
+        }
         while st.bytes > self.config.max_bytes || st.replies() > self.config.max_entries {
-            let Some((key, entry)) = st.lru.pop_lru() else {
-                break;
-            };
-            let hash = self.stripe_hasher.hash_one((key.db, &key.command[..]));
-            st.unaccount(&key, entry, Some((now, hash, self.config.written_ttl)));
+            match st.lru.pop_lru() {
+                Some((key, entry)) => st.unaccount(&key, entry),
+                None if st.evict_record(now, self.config.written_ttl) => {}
+                None => break,
+            }
             evicted += 1;
         }
         evicted
@@ -883,7 +859,7 @@ impl Cache {
     /// every identity) and makes tickets taken for it before now stale. Returns how many
     /// were removed. The key's record stays.
     pub fn invalidate(&self, db: u32, redis_key: &[u8]) -> usize {
-        let stripe = self.stripe(db, redis_key);
+        let stripe = stripe_of(self.key_hash(db, redis_key));
         let mut st = self.lock();
         self.stripes[stripe].fetch_add(1, Ordering::SeqCst);
         let Some(by_key) = st.index.get_mut(&db) else {
@@ -905,7 +881,7 @@ impl Cache {
     /// Removes what `identity`'s reads of `redis_key` filled, and nobody else's (a write
     /// queued during an outage changes only what its writer sees).
     pub fn invalidate_for(&self, db: u32, redis_key: &[u8], identity: IdentityId) -> usize {
-        let stripe = self.stripe(db, redis_key);
+        let stripe = stripe_of(self.key_hash(db, redis_key));
         let mut st = self.lock();
         self.stripes[stripe].fetch_add(1, Ordering::SeqCst);
         let keys: Vec<CacheKey> = match st.index.get(&db).and_then(|k| k.get(redis_key)) {
@@ -929,14 +905,15 @@ impl Cache {
     pub fn clear_db(&self, db: u32) -> usize {
         let mut st = self.lock();
         self.clears.fetch_add(1, Ordering::SeqCst);
-        let records: Vec<CacheKey> = st
-            .lru
+        let records: Vec<u64> = st
+            .records
             .iter()
-            .filter(|(k, _)| k.db == db && k.identity == KEY_RECORD)
-            .map(|(k, _)| k.clone())
+            .filter(|(_, r)| r.db == db)
+            .map(|(h, _)| *h)
             .collect();
-        for k in &records {
-            st.remove(k);
+        for h in &records {
+            st.records.pop(h);
+            st.bytes -= RECORD_CHARGE;
         }
         let Some(by_key) = st.index.remove(&db) else {
             self.publish(&st);
@@ -959,8 +936,8 @@ impl Cache {
         let removed = st.replies();
         st.lru.clear();
         st.index.clear();
+        st.records.clear();
         st.bytes = 0;
-        st.records = 0;
         self.publish(&st);
         drop(st);
         self.count_invalidations(removed);
@@ -971,7 +948,7 @@ impl Cache {
     fn drop_entries(&self, st: &mut State, readers: Readers) -> usize {
         let mut drop_one = |key: &CacheKey| match st.lru.pop(key) {
             Some(entry) => {
-                st.bytes -= entry.charge();
+                st.bytes -= entry.charge;
                 1
             }
             None => 0,
@@ -1018,8 +995,8 @@ impl Cache {
                 for key in readers.iter() {
                     assert_eq!(key.db, *db);
                     match st.lru.peek(key) {
-                        Some(Entry::Reply { redis_key: rk, .. }) => assert_eq!(rk, redis_key),
-                        _ => panic!("indexed key missing from the LRU"),
+                        Some(e) => assert_eq!(&e.redis_key, redis_key),
+                        None => panic!("indexed key missing from the LRU"),
                     }
                     indexed += 1;
                 }
@@ -1030,15 +1007,9 @@ impl Cache {
             st.replies(),
             "index and LRU disagree on the number of replies"
         );
-        let records = st
-            .lru
-            .iter()
-            .filter(|(k, _)| k.identity == KEY_RECORD)
-            .count();
-        assert_eq!(records, st.records);
         assert_eq!(
             st.bytes,
-            st.lru.iter().map(|(_, e)| e.charge()).sum::<usize>()
+            st.lru.iter().map(|(_, e)| e.charge).sum::<usize>() + st.records.len() * RECORD_CHARGE
         );
     }
 }

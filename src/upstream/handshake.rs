@@ -59,6 +59,18 @@ pub async fn connect(ctx: &UpstreamCtx) -> Result<TcpStream, UpstreamError> {
             });
         }
     };
+    // Connecting to a local port nobody listens on can, by TCP's simultaneous open, connect
+    // the socket to itself when the kernel picks that same port as its source: it would then
+    // hold the port the real server needs. Nobody is there: treat it as refused.
+    if let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr())
+        && local == peer
+    {
+        return Err(UpstreamError::Connect {
+            upstream: ctx.name.clone(),
+            failure: ConnectFailure::Refused,
+            reason: "connection refused (connected to itself)".into(),
+        });
+    }
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }
