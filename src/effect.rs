@@ -43,7 +43,7 @@ impl FillPlan {
     /// The single-flight identity of a single-key read.
     pub fn flight_key(&self) -> Option<FlightKey> {
         match self {
-            FillPlan::Single { key, ticket, .. } => Some((key.clone(), *ticket)),
+            FillPlan::Single { key, ticket, .. } => Some((*key, *ticket)),
             FillPlan::Mget { .. } => None,
         }
     }

@@ -61,13 +61,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use lru::LruCache;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::time::Instant;
 
 use crate::auth::IdentityId;
-use crate::resp::{Proto, put_decimal};
+use crate::resp::Proto;
 
 /// Estimated memory per entry beyond its command, Redis key and reply bytes: the LRU node
 /// and its hash slot, the index slot, allocator rounding and the shared-buffer headers
@@ -84,42 +84,65 @@ type Hasher = lru::DefaultHasher;
 pub(crate) type FastMap<K, V> = HashMap<K, V, Hasher>;
 type FastSet<K> = HashSet<K, Hasher>;
 
+/// A re-filled entry moves to the front of the LRU at most this often.
+const PROMOTE_AFTER: Duration = Duration::from_secs(1);
+
 /// Number of fill-ticket stripes; more means fewer needless refusals, each costs 8 bytes.
 const TICKET_STRIPES: usize = 1024;
 
 /// A normalised cacheable command: which reply bytes are stored under.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+///
+/// The command is kept as a 128-bit digest, keyed with a random per-process seed, of the
+/// upper-cased command name and each argument, every piece length-prefixed (so `HGET ab c`
+/// and `HGET a bc` differ): no copy of the arguments is made per read, the LRU, the index
+/// and single-flight hash and compare 32 bytes, and a false match would take a 2^-128
+/// coincidence that clients cannot aim for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     pub db: u32,
     /// Whose read filled it; only that identity is served it.
     pub identity: IdentityId,
     /// The framing of the stored reply.
     pub proto: Proto,
-    /// The upper-cased command name, then each argument, each as `<len>:<bytes>`; for a
-    /// key record, the Redis key itself.
-    pub command: Bytes,
+    digest: [u64; 2],
+}
+
+/// The two keyed hashers of [`CacheKey`] digests: random per process.
+fn key_hashers() -> &'static [Hasher; 2] {
+    static HASHERS: std::sync::OnceLock<[Hasher; 2]> = std::sync::OnceLock::new();
+    HASHERS.get_or_init(|| [Hasher::default(), Hasher::default()])
 }
 
 impl CacheKey {
     /// Normalises `args` (name first). The name is upper-cased because Redis treats it
-    /// case-insensitively; arguments are not, because keys and values are binary. Every
-    /// piece is length-prefixed so `HGET ab c` and `HGET a bc` cannot collide.
+    /// case-insensitively; arguments are not, because keys and values are binary.
     pub fn new<A: AsRef<[u8]>>(
         db: u32,
         identity: IdentityId,
         proto: Proto,
         args: &[A],
     ) -> CacheKey {
-        let len = args.iter().map(|a| a.as_ref().len() + 21).sum();
-        let mut buf = BytesMut::with_capacity(len);
-        for (i, arg) in args.iter().enumerate() {
-            push_piece(&mut buf, arg.as_ref(), i == 0);
-        }
+        use std::hash::Hasher as _;
+        let digest = key_hashers().each_ref().map(|h| {
+            let mut state = h.build_hasher();
+            for (i, arg) in args.iter().enumerate() {
+                let piece = arg.as_ref();
+                state.write_usize(piece.len());
+                if i == 0 {
+                    for b in piece {
+                        state.write_u8(b.to_ascii_uppercase());
+                    }
+                } else {
+                    state.write(piece);
+                }
+            }
+            state.finish()
+        });
         CacheKey {
             db,
             identity,
             proto,
-            command: buf.freeze(),
+            digest,
         }
     }
 
@@ -130,16 +153,6 @@ impl CacheKey {
     /// answers WRONGTYPE; storing that nil as a GET entry is a deliberate approximation.
     pub fn get(db: u32, identity: IdentityId, proto: Proto, key: &[u8]) -> CacheKey {
         CacheKey::new(db, identity, proto, &[b"GET".as_slice(), key])
-    }
-}
-
-fn push_piece(buf: &mut BytesMut, piece: &[u8], upper: bool) {
-    put_decimal(buf, piece.len() as i64);
-    buf.put_u8(b':');
-    if upper {
-        buf.extend(piece.iter().map(u8::to_ascii_uppercase));
-    } else {
-        buf.put_slice(piece);
     }
 }
 
@@ -223,7 +236,7 @@ const LOST_MARK_BITS: usize = 1 << 20;
 
 /// What one entry counts against [`CacheConfig::max_bytes`].
 pub fn entry_charge(key: &CacheKey, redis_key_len: usize, reply_len: usize) -> usize {
-    key.command.len() + redis_key_len + reply_len + ENTRY_OVERHEAD
+    std::mem::size_of_val(key) + redis_key_len + reply_len + ENTRY_OVERHEAD
 }
 
 /// The outcome of [`Cache::get`].
@@ -360,6 +373,9 @@ impl CacheMetrics {
 /// A cached reply.
 struct Entry {
     reply: Bytes,
+    /// A hash of `reply`, so an unchanged re-fill is recognised without reading the stored
+    /// bytes (cold in memory by then).
+    reply_hash: u64,
     redis_key: Bytes,
     filled: Instant,
     /// When Redis expires the key, if redfuse knew when this was filled.
@@ -390,9 +406,7 @@ impl Readers {
     fn insert(&mut self, key: CacheKey) {
         match self {
             Readers::One(k) if *k == key => {}
-            Readers::One(k) => {
-                *self = Readers::Many(Box::new(FastSet::from_iter([k.clone(), key])))
-            }
+            Readers::One(k) => *self = Readers::Many(Box::new(FastSet::from_iter([*k, key]))),
             Readers::Many(set) => {
                 set.insert(key);
             }
@@ -738,13 +752,20 @@ impl Cache {
             self.count(CacheResult::Bypass);
             return false;
         }
-        // A hot key re-read with an unchanged value (the common case) only refreshes its
-        // age and recency: no copy, no allocation, no index work.
-        if let Some(old) = st.lru.get_mut(&key)
-            && old.reply == reply
+        // A key re-read with an unchanged value (the common case) only refreshes its age,
+        // and its recency at most once a second: no copy, no allocation, no index work, and
+        // neither the stored reply nor the LRU's links touched.
+        let reply_hash = key_hashers()[0].hash_one(&reply[..]);
+        if let Some(old) = st.lru.peek_mut(&key)
+            && old.reply.len() == reply.len()
+            && old.reply_hash == reply_hash
         {
+            let promote = now.saturating_duration_since(old.filled) >= PROMOTE_AFTER;
             old.filled = now;
             old.expires = expires;
+            if promote {
+                st.lru.promote(&key);
+            }
             drop(st);
             self.count(CacheResult::Fill);
             return true;
@@ -759,13 +780,14 @@ impl Cache {
         }
         let redis_key = Bytes::copy_from_slice(&redis_key);
         let entry = Entry {
+            reply_hash,
             reply: Bytes::copy_from_slice(&reply),
             redis_key: redis_key.clone(),
             filled: now,
             expires,
             charge,
         };
-        let index_key = key.clone();
+        let index_key = key;
         st.bytes += charge;
         // Unbounded, so `push` only ever returns the entry it replaced. The same command
         // always names the same Redis key, but unindexing through the old entry keeps the
@@ -885,7 +907,7 @@ impl Cache {
         let mut st = self.lock();
         self.stripes[stripe].fetch_add(1, Ordering::SeqCst);
         let keys: Vec<CacheKey> = match st.index.get(&db).and_then(|k| k.get(redis_key)) {
-            Some(Readers::One(k)) if k.identity == identity => vec![k.clone()],
+            Some(Readers::One(k)) if k.identity == identity => vec![*k],
             Some(Readers::Many(set)) => set
                 .iter()
                 .filter(|k| k.identity == identity)
@@ -1063,13 +1085,13 @@ mod tests {
         let cache = Cache::new(CacheConfig::default());
         let now = Instant::now();
         let k = key(0, &["GET", "k"]);
-        assert!(cache.insert(k.clone(), b("k"), b("$1\r\na\r\n"), now));
-        assert!(cache.insert(k.clone(), b("k"), b("$3\r\nabc\r\n"), now));
+        assert!(cache.insert(k, b("k"), b("$1\r\na\r\n"), now));
+        assert!(cache.insert(k, b("k"), b("$3\r\nabc\r\n"), now));
         assert_eq!(cache.len(), 1);
         assert_eq!(cache.bytes(), entry_charge(&k, 1, 9));
         cache.check_invariants();
         // A caller that files the same command under another key moves it there.
-        assert!(cache.insert(k.clone(), b("other"), b("+x\r\n"), now));
+        assert!(cache.insert(k, b("other"), b("+x\r\n"), now));
         cache.check_invariants();
         assert_eq!(cache.invalidate(0, b"k"), 0);
         assert_eq!(cache.invalidate(0, b"other"), 1);
@@ -1122,7 +1144,6 @@ mod tests {
         );
         assert_ne!(key(0, &["HGET", "ab", "c"]), key(0, &["HGET", "a", "bc"]));
         assert_ne!(key(0, &["HGET", "a:b", "c"]), key(0, &["HGET", "a", "b:c"]));
-        assert_eq!(&key(0, &["get", "k\r\n"]).command[..], b"3:GET3:k\r\n");
 
         let cache = Cache::new(CacheConfig::default());
         let now = Instant::now();
@@ -1168,12 +1189,7 @@ mod tests {
         let now = Instant::now();
         let raw: &[u8] = b"\xff\x00k\r\n";
         let k = CacheKey::new(0, ANON, Proto::Resp2, &[b"get".as_slice(), raw]);
-        assert!(cache.insert(
-            k.clone(),
-            Bytes::copy_from_slice(raw),
-            b("$1\r\nv\r\n"),
-            now
-        ));
+        assert!(cache.insert(k, Bytes::copy_from_slice(raw), b("$1\r\nv\r\n"), now));
         assert_eq!(
             cache.get(&CacheKey::get(0, ANON, Proto::Resp2, raw), now, FRESH),
             Lookup::Hit(b("$1\r\nv\r\n"))
@@ -1193,7 +1209,7 @@ mod tests {
             key(0, &["LRANGE", "k", "0", "9"]),
         ];
         for (i, k) in of_k.iter().enumerate() {
-            assert!(cache.insert(k.clone(), b("k"), b(&format!(":{i}\r\n")), now));
+            assert!(cache.insert(*k, b("k"), b(&format!(":{i}\r\n")), now));
         }
         cache.insert(
             CacheKey::get(0, ANON, Proto::Resp3, b"k"),
@@ -1207,7 +1223,7 @@ mod tests {
             (key(0, &["GET", "K"]), "K"),
         ];
         for (k, redis_key) in &others {
-            assert!(cache.insert(k.clone(), b(redis_key), b("+other\r\n"), now));
+            assert!(cache.insert(*k, b(redis_key), b("+other\r\n"), now));
         }
         cache.check_invariants();
 
@@ -1329,9 +1345,9 @@ mod tests {
         });
         let now = Instant::now();
         let k = CacheKey::get(0, ANON, Proto::Resp2, b"k");
-        assert!(cache.insert(k.clone(), b("k"), b("$2\r\nok\r\n"), now));
+        assert!(cache.insert(k, b("k"), b("$2\r\nok\r\n"), now));
         let big = Bytes::from(format!("${}\r\n{}\r\n", 100, "x".repeat(100)));
-        assert!(!cache.insert(k.clone(), b("k"), big, now));
+        assert!(!cache.insert(k, b("k"), big, now));
         assert_eq!(cache.get(&k, now, FRESH), Lookup::Miss);
         assert!(cache.is_empty());
         cache.check_invariants();
@@ -1341,7 +1357,7 @@ mod tests {
             max_bytes: ENTRY_OVERHEAD + 10,
             ..CacheConfig::default()
         });
-        assert!(!tiny.insert(k.clone(), b("k"), b("$20\r\n01234567890123456789\r\n"), now));
+        assert!(!tiny.insert(k, b("k"), b("$20\r\n01234567890123456789\r\n"), now));
         assert!(tiny.is_empty());
     }
 
@@ -1395,12 +1411,12 @@ mod tests {
         let cache = Cache::new(CacheConfig::default());
         let now = Instant::now();
         let k = CacheKey::get(0, ANON, Proto::Resp3, b"k");
-        assert!(!cache.insert(k.clone(), b("k"), b("-ERR nope\r\n"), now));
-        assert!(!cache.insert(k.clone(), b("k"), b("!9\r\nERR nope!\r\n"), now));
-        assert!(!cache.insert(k.clone(), b("k"), Bytes::new(), now));
+        assert!(!cache.insert(k, b("k"), b("-ERR nope\r\n"), now));
+        assert!(!cache.insert(k, b("k"), b("!9\r\nERR nope!\r\n"), now));
+        assert!(!cache.insert(k, b("k"), Bytes::new(), now));
         assert!(cache.is_empty());
-        assert!(cache.insert(k.clone(), b("k"), b("+v\r\n"), now));
-        assert!(!cache.insert(k.clone(), b("k"), b("-LOADING\r\n"), now));
+        assert!(cache.insert(k, b("k"), b("+v\r\n"), now));
+        assert!(!cache.insert(k, b("k"), b("-LOADING\r\n"), now));
         assert_eq!(cache.get(&k, now, FRESH), Lookup::Hit(b("+v\r\n")));
     }
 
@@ -1409,7 +1425,7 @@ mod tests {
         let cache = Cache::new(CacheConfig::default());
         let max_stale = Duration::from_secs(10);
         let k = CacheKey::get(0, ANON, Proto::Resp2, b"k");
-        cache.insert(k.clone(), b("k"), b("+v\r\n"), Instant::now());
+        cache.insert(k, b("k"), b("+v\r\n"), Instant::now());
 
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(
@@ -1424,7 +1440,7 @@ mod tests {
         cache.check_invariants();
 
         // A refill restarts the age.
-        cache.insert(k.clone(), b("k"), b("+w\r\n"), Instant::now());
+        cache.insert(k, b("k"), b("+w\r\n"), Instant::now());
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(
             cache.get(&k, Instant::now(), max_stale),
@@ -1470,23 +1486,17 @@ mod tests {
 
         let ticket = cache.ticket(0, b"k");
         cache.invalidate(0, b"k");
-        assert!(!cache.insert_checked(ticket, k.clone(), b("k"), b("+old\r\n"), now));
+        assert!(!cache.insert_checked(ticket, k, b("k"), b("+old\r\n"), now));
         assert!(cache.is_empty());
 
         let ticket = cache.ticket(0, b"k");
-        assert!(cache.insert_checked(ticket, k.clone(), b("k"), b("+new\r\n"), now));
+        assert!(cache.insert_checked(ticket, k, b("k"), b("+new\r\n"), now));
         // A stale ticket must not disturb the newer entry either.
         let stale = cache.ticket(0, b"k");
         cache.invalidate(0, b"other");
         cache.invalidate(0, b"k");
-        assert!(cache.insert_checked(
-            cache.ticket(0, b"k"),
-            k.clone(),
-            b("k"),
-            b("+newer\r\n"),
-            now
-        ));
-        assert!(!cache.insert_checked(stale, k.clone(), b("k"), b("+old\r\n"), now));
+        assert!(cache.insert_checked(cache.ticket(0, b"k"), k, b("k"), b("+newer\r\n"), now));
+        assert!(!cache.insert_checked(stale, k, b("k"), b("+old\r\n"), now));
         assert_eq!(cache.get(&k, now, FRESH), Lookup::Hit(b("+newer\r\n")));
 
         let ticket = cache.ticket(0, b"k");
@@ -1578,15 +1588,15 @@ mod tests {
         let now = Instant::now();
         let k = CacheKey::get(0, ANON, Proto::Resp2, b"k");
         cache.key_written(0, b"k", None, Ttl::At(now + Duration::from_secs(2)), now);
-        assert!(cache.insert(k.clone(), b("k"), b("$1\r\nv\r\n"), now));
+        assert!(cache.insert(k, b("k"), b("$1\r\nv\r\n"), now));
         assert!(matches!(cache.get(&k, now, FRESH), Lookup::Hit(_)));
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(cache.get(&k, Instant::now(), FRESH), Lookup::Stale);
         // Once expired, a late fill is refused too.
-        assert!(!cache.insert(k.clone(), b("k"), b("$1\r\nv\r\n"), Instant::now()));
+        assert!(!cache.insert(k, b("k"), b("$1\r\nv\r\n"), Instant::now()));
         // PERSIST: no expiry any more.
         cache.key_written(0, b"k", None, Ttl::Persistent, Instant::now());
-        assert!(cache.insert(k.clone(), b("k"), b("$1\r\nv\r\n"), Instant::now()));
+        assert!(cache.insert(k, b("k"), b("$1\r\nv\r\n"), Instant::now()));
         tokio::time::advance(Duration::from_secs(60)).await;
         assert!(matches!(
             cache.get(&k, Instant::now(), FRESH),
@@ -1658,12 +1668,16 @@ mod tests {
         let cache = Cache::new(CacheConfig::default());
         let now = Instant::now();
         let alice = CacheKey::get(0, IdentityId::ANONYMOUS, Proto::Resp2, b"k");
-        let mut bob = alice.clone();
-        bob.identity = crate::auth::Identities::new().intern("bob");
+        let bob = CacheKey::get(
+            0,
+            crate::auth::Identities::new().intern("bob"),
+            Proto::Resp2,
+            b"k",
+        );
         assert_ne!(alice, bob);
-        assert!(cache.insert(alice.clone(), b("k"), b("$1\r\na\r\n"), now));
+        assert!(cache.insert(alice, b("k"), b("$1\r\na\r\n"), now));
         assert_eq!(cache.get(&bob, now, FRESH), Lookup::Miss);
-        assert!(cache.insert(bob.clone(), b("k"), b("$1\r\nb\r\n"), now));
+        assert!(cache.insert(bob, b("k"), b("$1\r\nb\r\n"), now));
         assert_eq!(cache.invalidate_for(0, b"k", bob.identity), 1);
         assert!(matches!(cache.get(&alice, now, FRESH), Lookup::Hit(_)));
         cache.check_invariants();
