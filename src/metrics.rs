@@ -307,7 +307,6 @@ impl Metrics {
 
     /// Commands answered so far and how many of them were errors, summed over
     /// `redfuse_commands_total` (for the status page; not for the per-command path).
-    #[allow(dead_code)]
     pub fn command_totals(&self) -> (u64, u64) {
         let mut total = 0.0;
         let mut errors = 0.0;
