@@ -14,7 +14,8 @@
 //! `[[fail_open.rules]]`) are a TOML array of inline tables, which replaces the file's
 //! whole array: `REDFUSE_UPSTREAMS='[{addr="a:6379"}, {addr="b:6379", role="replica"}]'`.
 //! A `REDFUSE_*` variable that names no key is an error naming it, so that a typo is not
-//! ignored; only [`IGNORED_ENV`] (the bench scripts' own variables) are let through.
+//! ignored; only [`IGNORED_ENV`] (the bench scripts' own variables) and the service links
+//! Kubernetes puts in every pod for a Service named `redfuse...` are let through.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -196,6 +197,29 @@ pub const KEYS: &[Key] = &[
 /// ignored rather than refused.
 pub const IGNORED_ENV: &[&str] = &["REDFUSE_BIN", "REDFUSE_ARGS"];
 
+/// Whether a variable is one Kubernetes sets for a Service whose name starts with
+/// `redfuse` (`REDFUSE_SERVICE_HOST`, `REDFUSE_PORT=tcp://...`, `REDFUSE_PORT_9380_TCP_ADDR`
+/// ...): those are in every pod of the namespace and are not configuration.
+fn is_service_link(name: &str, value: &std::ffi::OsStr) -> bool {
+    if name.ends_with("_SERVICE_HOST") || name.contains("_SERVICE_PORT") {
+        return true;
+    }
+    if name.ends_with("_PORT") {
+        let v = value.to_string_lossy();
+        return ["tcp://", "udp://", "sctp://"]
+            .iter()
+            .any(|p| v.starts_with(p));
+    }
+    // `..._PORT_<n>_<PROTO>` and its `_PROTO`, `_PORT`, `_ADDR`.
+    let parts: Vec<&str> = name.split('_').collect();
+    parts.windows(3).any(|w| {
+        w[0] == "PORT"
+            && !w[1].is_empty()
+            && w[1].bytes().all(|b| b.is_ascii_digit())
+            && ["TCP", "UDP", "SCTP"].contains(&w[2])
+    })
+}
+
 /// The variables clap reads for flags.
 fn flag_env_vars() -> BTreeSet<String> {
     Cli::command()
@@ -243,7 +267,10 @@ pub fn overlay_env(
     vars.sort();
     let mut errors = Vec::new();
     for (var, value) in vars {
-        if flags.contains(&var) || IGNORED_ENV.contains(&var.as_str()) {
+        if flags.contains(&var)
+            || IGNORED_ENV.contains(&var.as_str())
+            || is_service_link(&var, &value)
+        {
             continue;
         }
         let Some(key) = by_env.get(&var) else {
@@ -623,6 +650,13 @@ mod tests {
                 // Flags' variables are clap's and the bench scripts' are not config.
                 ("REDFUSE_LISTEN", "ignored-here"),
                 ("REDFUSE_BIN", "/x"),
+                // Nor are Kubernetes' service links for a Service named `redfuse`.
+                ("REDFUSE_SERVICE_HOST", "10.0.0.1"),
+                ("REDFUSE_SERVICE_PORT_REDFUSE_ADMIN", "9380"),
+                ("REDFUSE_PORT", "tcp://10.0.0.1:9380"),
+                ("REDFUSE_PORT_9380_TCP", "tcp://10.0.0.1:9380"),
+                ("REDFUSE_PORT_9380_TCP_ADDR", "10.0.0.1"),
+                ("REDFUSE_ADMIN_PORT_9380_TCP_PROTO", "tcp"),
                 ("OTHER", "x"),
             ],
         )
