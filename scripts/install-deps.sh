@@ -44,3 +44,10 @@ if ! python3 -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
     pip_install --break-system-packages kubernetes-validate
   python3 -m kubernetes_validate --version >/dev/null
 fi
+
+# chromium (+ a font): headless screenshots of the admin status page (tests/ops.rs)
+if ! { have chromium || have chromium-browser; }; then
+  echo "install-deps: apt-get install chromium"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+fi

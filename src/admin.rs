@@ -1,16 +1,23 @@
-//! The admin HTTP port: `/metrics`, `/healthz`, `/ready`, `/breakers`, `/write-queue`.
+//! The admin HTTP port: `/` (a status page for people), `/metrics`, `/healthz`, `/ready`,
+//! `/breakers`, `/write-queue`, `/config`.
 //!
 //! `/ready` stays 200 while redfuse can serve, even with every upstream down (degraded mode
 //! is still service), unless `ready_requires_upstream` is set: a Redis outage should not pull
 //! every application pod out of its load balancer.
+//!
+//! [`http`] serves the router with a header-read timeout and a connection cap; [`status`]
+//! renders the status page.
+
+pub mod http;
+pub mod status;
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -18,8 +25,10 @@ use tokio::sync::watch;
 use crate::auth::constant_time_eq;
 use crate::server::Server;
 
-pub fn router(server: Arc<Server>) -> Router {
+pub fn router(server: Arc<Server>, sampler: Arc<status::Sampler>) -> Router {
     Router::new()
+        .route("/", get(status_page))
+        .route("/config", get(config))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
@@ -28,20 +37,45 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/write-queue", get(write_queue))
         .route("/write-queue/dead-letters", get(dead_letters))
         .route("/write-queue/dead-letters/drain", post(drain_dead_letters))
+        .layer(Extension(sampler))
         .with_state(server)
 }
 
-pub async fn serve(
-    server: Arc<Server>,
-    listener: TcpListener,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let app = router(server);
-    let _ = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.changed().await;
-        })
-        .await;
+pub async fn serve(server: Arc<Server>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
+    let sampler = Arc::new(status::Sampler::new());
+    tokio::spawn(sampler.clone().run(server.clone(), shutdown.clone()));
+    let rejected = prometheus::IntCounter::new(
+        "redfuse_admin_connections_rejected_total",
+        "Admin connections closed at once because admin_max_connections were being served",
+    )
+    .expect("a valid metric");
+    let _ = server.metrics.registry.register(Box::new(rejected.clone()));
+    let limits = http::Limits {
+        header_timeout: server.config.admin_header_timeout,
+        max_connections: server.config.admin_max_connections,
+        rejected,
+    };
+    let app = router(server, sampler);
+    http::serve(app, listener, limits, shutdown).await;
+}
+
+async fn status_page(
+    State(server): State<Arc<Server>>,
+    Extension(sampler): Extension<Arc<status::Sampler>>,
+) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        status::render(&server, &sampler),
+    )
+        .into_response()
+}
+
+/// The effective configuration, secrets redacted (as `--check-config` prints it).
+async fn config(State(server): State<Arc<Server>>) -> Response {
+    json(server.config.effective_json())
 }
 
 async fn metrics(State(server): State<Arc<Server>>) -> Response {

@@ -1,15 +1,21 @@
 //! One validated [`Config`] from flags, environment, a TOML file and defaults.
 //!
-//! Precedence is flag > env > file > default. clap already folds env into flags
-//! (`REDFUSE_<NAME>`), so every flag is an `Option` with no clap default; the file is read next
-//! and defaults fill the rest. Validation happens once, here, and every message names the field
-//! so that an operator can fix a bad deployment from the log line alone.
+//! Precedence is flag > env > file > default. The file is read into a TOML table, the
+//! environment is laid over it (`REDFUSE_<SECTION>__<KEY>`, see [`keys`]), and the result is
+//! deserialized once into [`FileConfig`], so every key has the same types, validation and
+//! unknown-field checks whichever way it was set. Flags come last: clap folds their own env
+//! vars (`REDFUSE_<NAME>`) into them, so every flag is an `Option` with no clap default.
+//! Validation happens once, here, and every message names the field so that an operator can
+//! fix a bad deployment from the log line alone.
+
+pub mod keys;
+pub mod url;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use std::sync::Arc;
 
@@ -23,18 +29,24 @@ use crate::rules::{
 };
 use crate::writequeue::WriteQueueConfig;
 
-/// Command-line interface. Every flag has an env var `REDFUSE_<NAME>`.
+/// What redacted secrets are shown as.
+pub const REDACTED: &str = "<redacted>";
+
+/// Command-line interface. Every flag has an env var `REDFUSE_<NAME>`; every other
+/// configuration key has one too (listed by `--help`, see [`keys`]).
 #[derive(Debug, Parser, Default)]
 #[command(
     name = "redfuse",
     version,
-    about = "A RESP caching proxy that keeps serving when Redis fails"
+    about = "A RESP caching proxy that keeps serving when Redis fails",
+    after_long_help = keys::env_help()
 )]
 pub struct Cli {
     /// Address clients connect to (default 127.0.0.1:6380).
     #[arg(long, env = "REDFUSE_LISTEN")]
     pub listen: Option<String>,
-    /// Upstream Redis host:port; repeat for replicas (the first is the primary).
+    /// Upstream Redis: host:port, redis://[user[:password]@]host[:port][/0] or rediss://...
+    /// (TLS); repeat for replicas (the first is the primary).
     #[arg(long, env = "REDFUSE_UPSTREAM", value_delimiter = ',')]
     pub upstream: Vec<String>,
     /// Admin HTTP address serving /metrics, /healthz, /ready (default 127.0.0.1:9380).
@@ -43,9 +55,10 @@ pub struct Cli {
     /// TOML configuration file.
     #[arg(long, env = "REDFUSE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Validate this configuration file and exit.
-    #[arg(long, value_name = "FILE")]
-    pub check_config: Option<PathBuf>,
+    /// Validate the configuration this invocation would run (flags, env, and FILE or
+    /// --config), print it with secrets redacted, and exit: 0 when valid, 2 when not.
+    #[arg(long, value_name = "FILE", num_args = 0..=1)]
+    pub check_config: Option<Option<PathBuf>>,
     /// Log filter: error, warn, info, debug, trace (or a tracing directive).
     #[arg(long, env = "REDFUSE_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -100,6 +113,21 @@ pub struct Cli {
     /// Bearer token that enables the mutating admin endpoints (POST /breakers/...).
     #[arg(long, env = "REDFUSE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Connect to every upstream with TLS (one upstream: a rediss:// address).
+    #[arg(long, env = "REDFUSE_TLS")]
+    pub tls: bool,
+    /// PEM CA bundle that verifies the upstreams' certificates (default: the system's roots).
+    #[arg(long, env = "REDFUSE_TLS_CA_CERT_FILE", value_name = "FILE")]
+    pub tls_ca_cert_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for upstreams that require one (tls-auth-clients).
+    #[arg(long, env = "REDFUSE_TLS_CERT_FILE", value_name = "FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-cert-file.
+    #[arg(long, env = "REDFUSE_TLS_KEY_FILE", value_name = "FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Name the upstreams' certificates must carry (default: each upstream's host).
+    #[arg(long, env = "REDFUSE_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
 }
 
 /// The configuration file, every field optional.
@@ -136,6 +164,13 @@ pub struct FileConfig {
     /// ... or exceed this many bytes for longer than `client_output_soft_limit_seconds`.
     pub client_output_soft_limit_bytes: Option<usize>,
     pub client_output_soft_limit_seconds: Option<u64>,
+    pub admin_header_timeout_ms: Option<u64>,
+    pub admin_max_connections: Option<usize>,
+    pub tls: Option<bool>,
+    pub tls_ca_cert_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub tls_server_name: Option<String>,
     pub breaker: Option<BreakerConfig>,
     pub read_policy: Option<ReadPolicy>,
     pub balance: Option<Balance>,
@@ -151,7 +186,7 @@ pub struct FileConfig {
 ///
 /// The policy fields mirror `rules::CachePolicyConfig` on purpose: serde cannot `flatten`
 /// into a struct that denies unknown fields, and a typo in `[cache]` must be reported.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheSection {
     /// Off: nothing is cached and degraded reads get the miss reply.
@@ -218,7 +253,7 @@ impl CacheSection {
 }
 
 /// Where reads go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum ReadPolicy {
     /// Reads go to the primary; replicas only take them while the primary's breaker is open.
@@ -231,7 +266,7 @@ pub enum ReadPolicy {
 }
 
 /// How a read picks among equally eligible upstreams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Balance {
     #[default]
@@ -240,7 +275,7 @@ pub enum Balance {
     Weighted,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     #[default]
@@ -249,12 +284,14 @@ pub enum Role {
 }
 
 /// One upstream Redis.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Name used in metrics, logs and error replies (defaults to the address).
     #[serde(default)]
     pub name: String,
+    /// `host:port`, or a `redis://` / `rediss://` URL in the file; always `host:port` once
+    /// validated (the URL's credentials and scheme are taken out).
     pub addr: String,
     #[serde(default)]
     pub role: Role,
@@ -262,6 +299,45 @@ pub struct UpstreamConfig {
     pub priority: u32,
     #[serde(default = "one")]
     pub weight: u32,
+    /// Connect with TLS (also set by a `rediss://` address or the top-level `tls`).
+    #[serde(default)]
+    pub tls: bool,
+    /// The TLS client settings, once validated (only when `tls`).
+    #[serde(skip)]
+    pub tls_client: Option<TlsClient>,
+}
+
+/// What a TLS upstream connection is made with: the shared client configuration and the
+/// name its certificate must carry.
+#[derive(Clone)]
+pub struct TlsClient {
+    pub(crate) config: Arc<rustls::ClientConfig>,
+    pub(crate) server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl PartialEq for TlsClient {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.config, &other.config) && self.server_name == other.server_name
+    }
+}
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsClient")
+            .field("server_name", &self.server_name.to_str())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The TLS settings as configured (for the effective configuration).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// Top-level `tls`: every upstream uses TLS.
+    pub all: bool,
+    pub ca_cert_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub server_name: Option<String>,
 }
 
 fn one() -> u32 {
@@ -275,24 +351,24 @@ pub enum LogFormat {
 }
 
 /// One `[[users]]` entry: a client user of redfuse's own listener.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
     /// Plain password.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
     /// SHA-256 of the password, in hex (as Redis's ACL `#<hash>`), to keep it out of the
     /// file.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_sha256: Option<String>,
     #[serde(default = "yes")]
     pub enabled: bool,
     /// The upstream ACL user this user's commands run as; default: redfuse's own
     /// credentials (`username`/`password`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_username: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_password: Option<String>,
 }
 
@@ -328,6 +404,11 @@ pub struct Config {
     pub threads: usize,
     pub admin_token: Option<String>,
     pub ready_requires_upstream: bool,
+    /// How long an admin connection may take to send a request's headers.
+    pub admin_header_timeout: Duration,
+    /// Admin connections served at once; more are closed at once.
+    pub admin_max_connections: usize,
+    pub tls: TlsSettings,
     pub breaker: BreakerConfig,
     pub read_policy: ReadPolicy,
     pub balance: Balance,
@@ -339,6 +420,9 @@ pub struct Config {
     pub cache: CacheSection,
     pub fail_open: FailOpenConfig,
     pub write_queue: WriteQueueConfig,
+    /// `[[users]]` with their secrets redacted, for the effective configuration.
+    users_shown: Vec<UserConfig>,
+    requirepass_set: bool,
 }
 
 /// A configuration problem, naming the field.
@@ -356,6 +440,22 @@ pub enum ConfigError {
         field: &'static str,
         message: String,
     },
+    #[error("invalid environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    /// More than one problem, each on its own line.
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    Several(Vec<ConfigError>),
+}
+
+impl ConfigError {
+    /// One error, or all of them.
+    fn from_list(mut errors: Vec<ConfigError>) -> Result<(), ConfigError> {
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(ConfigError::Several(errors)),
+        }
+    }
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
@@ -366,71 +466,175 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 impl FileConfig {
+    /// Reads and checks a file alone (errors point into it, naming the key).
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim().replace('\n', " "),
-        })
+        let text = read_file(path)?;
+        parse_file(path, &text)
+    }
+
+    /// The file as a TOML table, checked as a [`FileConfig`] first so that its errors
+    /// point into the file.
+    pub fn load_table(path: &Path) -> Result<toml::Table, ConfigError> {
+        let text = read_file(path)?;
+        parse_file(path, &text)?;
+        toml::from_str(&text).map_err(|e| parse_error(path, e))
+    }
+
+    /// A table (a file with the environment laid over it) as a [`FileConfig`].
+    pub fn from_table(table: toml::Table) -> Result<FileConfig, ConfigError> {
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: PathBuf::from("(file and environment)"),
+                message: e.to_string().trim().replace('\n', " "),
+            })
+    }
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| parse_error(path, e))
+}
+
+fn parse_error(path: &Path, e: toml::de::Error) -> ConfigError {
+    ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string().trim().replace('\n', " "),
     }
 }
 
 impl Config {
-    /// Loads the file named by `--config` (if any) and merges it under the flags.
+    /// The configuration this process runs with: the file named by `--config` (if any),
+    /// the process environment, then the flags.
     pub fn from_cli(cli: &Cli) -> Result<Config, ConfigError> {
-        let file = match &cli.config {
-            Some(path) => FileConfig::load(path)?,
-            None => FileConfig::default(),
+        Config::load(cli, cli.config.as_deref(), std::env::vars_os())
+    }
+
+    /// Flags over `env` over the file at `path` (if any) over defaults, validated.
+    pub fn load(
+        cli: &Cli,
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(path) => FileConfig::load_table(path)?,
+            None => toml::Table::new(),
         };
-        Config::merge(cli, file)
+        keys::overlay_env(&mut table, env)?;
+        Config::merge(cli, FileConfig::from_table(table)?)
+    }
+
+    /// The built-in defaults (no flags, no file, no environment).
+    pub fn defaults() -> Config {
+        Config::merge(&Cli::default(), FileConfig::default()).expect("the defaults are valid")
     }
 
     /// Merges flags over a file over defaults, then validates.
     pub fn merge(cli: &Cli, file: FileConfig) -> Result<Config, ConfigError> {
-        let upstreams = if !cli.upstream.is_empty() {
-            cli.upstream
-                .iter()
-                .enumerate()
-                .map(|(i, addr)| UpstreamConfig {
-                    name: addr.clone(),
-                    addr: addr.clone(),
-                    role: if i == 0 { Role::Primary } else { Role::Replica },
-                    priority: i as u32,
+        // Where the upstream addresses came from, for messages.
+        let (addr_field, mut upstreams): (&'static str, Vec<UpstreamConfig>) =
+            if !cli.upstream.is_empty() {
+                let list = cli
+                    .upstream
+                    .iter()
+                    .enumerate()
+                    .map(|(i, addr)| UpstreamConfig {
+                        name: String::new(),
+                        addr: addr.clone(),
+                        role: if i == 0 { Role::Primary } else { Role::Replica },
+                        priority: i as u32,
+                        weight: 1,
+                        tls: false,
+                        tls_client: None,
+                    })
+                    .collect();
+                ("upstream", list)
+            } else if let Some(list) = file.upstreams {
+                if file.upstream.is_some() {
+                    return Err(invalid(
+                        "upstream",
+                        "set either `upstream` or `[[upstreams]]`, not both",
+                    ));
+                }
+                ("upstreams.addr", list)
+            } else {
+                let addr = file.upstream.unwrap_or_else(|| "127.0.0.1:6379".to_owned());
+                let single = UpstreamConfig {
+                    name: String::new(),
+                    addr,
+                    role: Role::Primary,
+                    priority: 0,
                     weight: 1,
-                })
-                .collect()
-        } else if let Some(list) = file.upstreams {
-            if file.upstream.is_some() {
-                return Err(invalid(
-                    "upstream",
-                    "set either `upstream` or `[[upstreams]]`, not both",
-                ));
-            }
-            // An unnamed upstream is named by its address, as on the command line.
-            list.into_iter()
-                .map(|mut u| {
-                    if u.name.is_empty() {
-                        u.name = u.addr.clone();
+                    tls: false,
+                    tls_client: None,
+                };
+                ("upstream", vec![single])
+            };
+
+        // URLs: `host:port` to connect to, TLS, and credentials (one set for every upstream).
+        let tls_all = cli.tls || file.tls.unwrap_or(false);
+        let mut url_credentials: Option<(Option<String>, String)> = None;
+        let mut hosts = Vec::with_capacity(upstreams.len());
+        for u in &mut upstreams {
+            let parsed = url::parse(&u.addr).map_err(|m| invalid(addr_field, m))?;
+            if let Some(password) = parsed.password {
+                let found = (parsed.username, password);
+                match &url_credentials {
+                    Some(seen) if *seen != found => {
+                        return Err(invalid(
+                            addr_field,
+                            "the upstream URLs carry different credentials; redfuse \
+                             authenticates to every upstream with one user and password \
+                             (`username`/`password`)",
+                        ));
                     }
-                    u
-                })
-                .collect()
-        } else {
-            let addr = file.upstream.unwrap_or_else(|| "127.0.0.1:6379".to_owned());
-            vec![UpstreamConfig {
-                name: addr.clone(),
-                addr,
-                role: Role::Primary,
-                priority: 0,
-                weight: 1,
-            }]
-        };
+                    _ => url_credentials = Some(found),
+                }
+            }
+            // An unnamed upstream is named by its address (never by a URL with a password).
+            if u.name.is_empty() {
+                u.name = parsed.addr.clone();
+            }
+            u.addr = parsed.addr;
+            u.tls = u.tls || parsed.tls || tls_all;
+            hosts.push(parsed.host);
+        }
 
         let password = cli.password.clone().or(file.password);
         let username = cli.username.clone().or(file.username);
+        let (username, password) = match url_credentials {
+            None => (username, password),
+            Some((url_user, url_password)) => {
+                if password.as_ref().is_some_and(|p| *p != url_password) {
+                    return Err(invalid(
+                        "password",
+                        format!(
+                            "differs from the password in the `{addr_field}` URL; redfuse \
+                             authenticates to every upstream with one password: set it in \
+                             one place"
+                        ),
+                    ));
+                }
+                if let (Some(a), Some(b)) = (&username, &url_user)
+                    && a != b
+                {
+                    return Err(invalid(
+                        "username",
+                        format!(
+                            "`{a}` differs from the user `{b}` in the `{addr_field}` URL; \
+                             redfuse authenticates to every upstream as one user"
+                        ),
+                    ));
+                }
+                (url_user.or(username), Some(url_password))
+            }
+        };
         let credentials = match (username, password) {
             (username, Some(password)) => Some(Arc::new(Credentials { username, password })),
             (Some(_), None) => {
@@ -438,6 +642,16 @@ impl Config {
             }
             (None, None) => None,
         };
+
+        let tls = TlsSettings {
+            all: tls_all,
+            ca_cert_file: cli.tls_ca_cert_file.clone().or(file.tls_ca_cert_file),
+            cert_file: cli.tls_cert_file.clone().or(file.tls_cert_file),
+            key_file: cli.tls_key_file.clone().or(file.tls_key_file),
+            server_name: cli.tls_server_name.clone().or(file.tls_server_name),
+        };
+        resolve_tls(&tls, &mut upstreams, &hosts)?;
+
         let log_format = match cli.log_format.clone().or(file.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -448,10 +662,11 @@ impl Config {
                 ));
             }
         };
-        let users = client_users(
-            cli.requirepass.clone().or(file.requirepass),
-            file.users.unwrap_or_default(),
-        )?;
+        let requirepass = cli.requirepass.clone().or(file.requirepass);
+        let requirepass_set = requirepass.is_some();
+        let file_users = file.users.unwrap_or_default();
+        let users_shown = file_users.iter().map(redact_user).collect();
+        let users = client_users(requirepass, file_users)?;
         let allow_unauthenticated_clients = cli.allow_unauthenticated_clients
             || file.allow_unauthenticated_clients.unwrap_or(false);
         let defaults = Limits::default();
@@ -526,6 +741,9 @@ impl Config {
                 .or(file.admin_token)
                 .filter(|t| !t.is_empty()),
             ready_requires_upstream: file.ready_requires_upstream.unwrap_or(false),
+            admin_header_timeout: ms(file.admin_header_timeout_ms.unwrap_or(5000)),
+            admin_max_connections: file.admin_max_connections.unwrap_or(64),
+            tls,
             breaker: file.breaker.unwrap_or_default(),
             read_policy: file.read_policy.unwrap_or_default(),
             balance: file.balance.unwrap_or_default(),
@@ -535,25 +753,34 @@ impl Config {
             cache: file.cache.unwrap_or_default(),
             fail_open: file.fail_open.unwrap_or_default(),
             write_queue: file.write_queue.unwrap_or_default(),
+            users_shown,
+            requirepass_set,
         };
         config.validate()?;
         Ok(config)
     }
 
+    /// Every problem found, each naming its field.
     fn validate(&self) -> Result<(), ConfigError> {
-        check_addr("listen", &self.listen)?;
-        check_addr("admin_listen", &self.admin_listen)?;
+        let mut errors = Vec::new();
+        let mut check = |r: Result<(), ConfigError>| {
+            if let Err(e) = r {
+                errors.push(e);
+            }
+        };
+        check(check_addr("listen", &self.listen));
+        check(check_addr("admin_listen", &self.admin_listen));
         if self.upstreams.is_empty() {
-            return Err(invalid("upstreams", "at least one upstream is needed"));
+            check(Err(invalid("upstreams", "at least one upstream is needed")));
         }
         let mut names = std::collections::HashSet::new();
         for u in &self.upstreams {
-            check_addr("upstreams.addr", &u.addr)?;
+            check(check_addr("upstreams.addr", &u.addr));
             if !names.insert(u.name.as_str()) {
-                return Err(invalid(
+                check(Err(invalid(
                     "upstreams.name",
                     format!("`{}` is used twice", u.name),
-                ));
+                )));
             }
         }
         let primaries = self
@@ -562,73 +789,150 @@ impl Config {
             .filter(|u| u.role == Role::Primary)
             .count();
         if primaries != 1 {
-            return Err(invalid(
+            check(Err(invalid(
                 "upstreams.role",
                 format!("exactly one primary is needed, found {primaries}"),
-            ));
+            )));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
-            return Err(invalid(
+            check(Err(invalid(
                 "log_level",
                 format!("`{}` is not a log level or filter", self.log_level),
-            ));
+            )));
         }
-        positive("upstream_connections", self.upstream_connections as u64)?;
-        positive(
-            "connect_timeout_ms",
-            self.connect_timeout.as_millis() as u64,
-        )?;
-        positive(
-            "command_timeout_ms",
-            self.command_timeout.as_millis() as u64,
-        )?;
-        positive(
-            "shutdown_timeout_ms",
-            self.shutdown_timeout.as_millis() as u64,
-        )?;
-        positive("max_clients", self.max_clients as u64)?;
-        positive(
-            "max_inflight_per_upstream",
-            self.max_inflight_per_upstream as u64,
-        )?;
-        positive("max_bulk_len", self.limits.max_bulk_len as u64)?;
-        positive(
-            "health_probe_timeout_ms",
-            self.health_probe_timeout.as_millis() as u64,
-        )?;
-        positive("max_array_len", self.limits.max_array_len as u64)?;
-        positive("max_nesting_depth", self.max_reply_depth as u64)?;
-        self.check_exposure()?;
-        if let Err(message) = self.breaker.validate() {
-            return Err(ConfigError::Invalid {
-                field: "breaker",
-                message,
-            });
-        }
-        if let Err(message) = CachePolicy::compile(&self.cache.policy()) {
-            return Err(ConfigError::Invalid {
-                field: "cache",
-                message,
-            });
-        }
-        if let Err(message) = FailOpen::compile_checked(&self.fail_open, |n| {
-            crate::command::lookup(n.as_bytes()).is_some()
-        }) {
-            return Err(ConfigError::Invalid {
-                field: "fail_open",
-                message,
-            });
-        }
-        if let Err(message) = self.write_queue.validate() {
-            return Err(ConfigError::Invalid {
-                field: "write_queue",
-                message,
-            });
+        for (field, v) in [
+            ("upstream_connections", self.upstream_connections as u64),
+            (
+                "connect_timeout_ms",
+                self.connect_timeout.as_millis() as u64,
+            ),
+            (
+                "command_timeout_ms",
+                self.command_timeout.as_millis() as u64,
+            ),
+            (
+                "shutdown_timeout_ms",
+                self.shutdown_timeout.as_millis() as u64,
+            ),
+            ("max_clients", self.max_clients as u64),
+            (
+                "max_inflight_per_upstream",
+                self.max_inflight_per_upstream as u64,
+            ),
+            ("max_bulk_len", self.limits.max_bulk_len as u64),
+            (
+                "health_probe_timeout_ms",
+                self.health_probe_timeout.as_millis() as u64,
+            ),
+            ("max_array_len", self.limits.max_array_len as u64),
+            ("max_nesting_depth", self.max_reply_depth as u64),
+            (
+                "admin_header_timeout_ms",
+                self.admin_header_timeout.as_millis() as u64,
+            ),
+            ("admin_max_connections", self.admin_max_connections as u64),
+        ] {
+            check(positive(field, v));
         }
         if self.upstream_connections > 64 {
-            return Err(invalid("upstream_connections", "at most 64"));
+            check(Err(invalid("upstream_connections", "at most 64")));
         }
-        Ok(())
+        check(self.check_exposure());
+        let sections: [(&'static str, Result<(), String>); 4] = [
+            ("breaker", self.breaker.validate()),
+            (
+                "cache",
+                CachePolicy::compile(&self.cache.policy()).map(|_| ()),
+            ),
+            (
+                "fail_open",
+                FailOpen::compile_checked(&self.fail_open, |n| {
+                    crate::command::lookup(n.as_bytes()).is_some()
+                })
+                .map(|_| ()),
+            ),
+            ("write_queue", self.write_queue.validate()),
+        ];
+        for (field, r) in sections {
+            check(r.map_err(|message| ConfigError::Invalid { field, message }));
+        }
+        ConfigError::from_list(errors)
+    }
+
+    /// The configuration as it runs, in the file's shape (defaults filled in, upstream
+    /// URLs resolved), with every secret replaced by [`REDACTED`]: what `--check-config`
+    /// prints and `GET /config` serves.
+    pub fn effective(&self) -> toml::Table {
+        let secret = |set: bool| set.then_some(REDACTED);
+        let shown = Effective {
+            listen: &self.listen,
+            admin_listen: &self.admin_listen,
+            log_level: &self.log_level,
+            log_format: match self.log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            },
+            username: self
+                .credentials
+                .as_ref()
+                .and_then(|c| c.username.as_deref()),
+            password: secret(self.credentials.is_some()),
+            requirepass: secret(self.requirepass_set),
+            allow_unauthenticated_clients: self.allow_unauthenticated_clients,
+            upstream_connections: self.upstream_connections,
+            connect_timeout_ms: self.connect_timeout.as_millis() as u64,
+            command_timeout_ms: self.command_timeout.as_millis() as u64,
+            max_clients: self.max_clients,
+            max_bulk_len: self.limits.max_bulk_len,
+            max_array_len: self.limits.max_array_len,
+            max_nesting_depth: self.max_reply_depth,
+            idle_timeout_ms: self.idle_timeout.map_or(0, |d| d.as_millis() as u64),
+            shutdown_timeout_ms: self.shutdown_timeout.as_millis() as u64,
+            threads: self.threads,
+            admin_token: secret(self.admin_token.is_some()),
+            ready_requires_upstream: self.ready_requires_upstream,
+            admin_header_timeout_ms: self.admin_header_timeout.as_millis() as u64,
+            admin_max_connections: self.admin_max_connections,
+            read_policy: self.read_policy,
+            balance: self.balance,
+            max_inflight_per_upstream: self.max_inflight_per_upstream,
+            health_probe_interval_ms: self.health_probe_interval.as_millis() as u64,
+            health_probe_timeout_ms: self.health_probe_timeout.as_millis() as u64,
+            client_output_hard_limit_bytes: self.output_limits.hard,
+            client_output_soft_limit_bytes: self.output_limits.soft,
+            client_output_soft_limit_seconds: self.output_limits.soft_for.as_secs(),
+            tls: self.tls.all,
+            tls_ca_cert_file: self.tls.ca_cert_file.as_deref(),
+            tls_cert_file: self.tls.cert_file.as_deref(),
+            tls_key_file: self.tls.key_file.as_deref(),
+            tls_server_name: self.tls.server_name.as_deref(),
+            upstreams: &self.upstreams,
+            users: &self.users_shown,
+            breaker: &self.breaker,
+            cache: &self.cache,
+            fail_open: &self.fail_open,
+            write_queue: WriteQueueShown {
+                max_bytes: self.write_queue.max_bytes,
+                max_entries: self.write_queue.max_entries,
+                journal_path: self.write_queue.journal_path.as_deref(),
+                fsync: format!("{:?}", self.write_queue.fsync).to_ascii_lowercase(),
+            },
+        };
+        toml::Table::try_from(&shown).unwrap_or_else(|e| {
+            let mut t = toml::Table::new();
+            t.insert("error".into(), e.to_string().into());
+            t
+        })
+    }
+
+    /// [`Config::effective`] as a TOML document.
+    pub fn effective_toml(&self) -> String {
+        toml::to_string(&self.effective()).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// [`Config::effective`] as JSON.
+    pub fn effective_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.effective()).unwrap_or_default()
     }
 
     /// Secure by default: redfuse holding upstream credentials lends them to every client
@@ -668,6 +972,121 @@ impl Config {
             .find(|u| u.role == Role::Primary)
             .expect("validated: one primary")
     }
+}
+
+/// The shape of [`Config::effective`]: the file's keys, resolved.
+#[derive(Serialize)]
+struct Effective<'a> {
+    listen: &'a str,
+    admin_listen: &'a str,
+    log_level: &'a str,
+    log_format: &'static str,
+    username: Option<&'a str>,
+    password: Option<&'static str>,
+    requirepass: Option<&'static str>,
+    allow_unauthenticated_clients: bool,
+    upstream_connections: usize,
+    connect_timeout_ms: u64,
+    command_timeout_ms: u64,
+    max_clients: usize,
+    max_bulk_len: usize,
+    max_array_len: usize,
+    max_nesting_depth: usize,
+    idle_timeout_ms: u64,
+    shutdown_timeout_ms: u64,
+    threads: usize,
+    admin_token: Option<&'static str>,
+    ready_requires_upstream: bool,
+    admin_header_timeout_ms: u64,
+    admin_max_connections: usize,
+    read_policy: ReadPolicy,
+    balance: Balance,
+    max_inflight_per_upstream: usize,
+    health_probe_interval_ms: u64,
+    health_probe_timeout_ms: u64,
+    client_output_hard_limit_bytes: usize,
+    client_output_soft_limit_bytes: usize,
+    client_output_soft_limit_seconds: u64,
+    tls: bool,
+    tls_ca_cert_file: Option<&'a Path>,
+    tls_cert_file: Option<&'a Path>,
+    tls_key_file: Option<&'a Path>,
+    tls_server_name: Option<&'a str>,
+    upstreams: &'a [UpstreamConfig],
+    users: &'a [UserConfig],
+    breaker: &'a BreakerConfig,
+    cache: &'a CacheSection,
+    fail_open: &'a FailOpenConfig,
+    write_queue: WriteQueueShown<'a>,
+}
+
+#[derive(Serialize)]
+struct WriteQueueShown<'a> {
+    max_bytes: usize,
+    max_entries: usize,
+    journal_path: Option<&'a Path>,
+    fsync: String,
+}
+
+/// A `[[users]]` entry as shown: every password and hash replaced.
+fn redact_user(u: &UserConfig) -> UserConfig {
+    let hide = |s: &Option<String>| s.as_ref().map(|_| REDACTED.to_owned());
+    UserConfig {
+        name: u.name.clone(),
+        password: hide(&u.password),
+        password_sha256: hide(&u.password_sha256),
+        enabled: u.enabled,
+        upstream_username: u.upstream_username.clone(),
+        upstream_password: hide(&u.upstream_password),
+    }
+}
+
+/// Builds the TLS client settings of the upstreams that use TLS (`hosts[i]` is upstream
+/// `i`'s host). TLS settings with no TLS upstream are refused: they would connect in plain
+/// text while the operator believes otherwise.
+fn resolve_tls(
+    tls: &TlsSettings,
+    upstreams: &mut [UpstreamConfig],
+    hosts: &[String],
+) -> Result<(), ConfigError> {
+    if !upstreams.iter().any(|u| u.tls) {
+        let set = [
+            ("tls_ca_cert_file", tls.ca_cert_file.is_some()),
+            ("tls_cert_file", tls.cert_file.is_some()),
+            ("tls_key_file", tls.key_file.is_some()),
+            ("tls_server_name", tls.server_name.is_some()),
+        ];
+        if let Some((field, _)) = set.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                field,
+                "is set but no upstream uses TLS: use rediss:// addresses, `tls = true` \
+                 (or --tls), or `tls = true` on an [[upstreams]] entry",
+            ));
+        }
+        return Ok(());
+    }
+    let config = crate::upstream::tls::client_config(
+        tls.ca_cert_file.as_deref(),
+        tls.cert_file.as_deref(),
+        tls.key_file.as_deref(),
+    )
+    .map_err(|(field, message)| invalid(field, message))?;
+    for (u, host) in upstreams.iter_mut().zip(hosts) {
+        if !u.tls {
+            continue;
+        }
+        let (field, name) = match &tls.server_name {
+            Some(n) => ("tls_server_name", n.clone()),
+            None => ("upstreams.addr", host.clone()),
+        };
+        let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+            .map_err(|_| invalid(field, format!("`{name}` is not a DNS name or IP address")))?;
+        u.tls_client = Some(TlsClient {
+            config: config.clone(),
+            server_name,
+        });
+    }
+    Ok(())
 }
 
 /// Default of `max_nesting_depth`: eight bytes of bookkeeping a level, and far deeper than

@@ -2,27 +2,22 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use redfuse::config::{Cli, Config, FileConfig, LogFormat};
+use std::path::Path;
+
+use redfuse::config::{Cli, Config, LogFormat};
 use tracing::info;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(path) = &cli.check_config {
-        return match FileConfig::load(path).and_then(|f| Config::merge(&Cli::default(), f)) {
-            Ok(_) => {
-                println!("{}: ok", path.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("redfuse: {e}");
-                ExitCode::from(2)
-            }
-        };
+    if let Some(file) = &cli.check_config {
+        return check_config(&cli, file.as_deref().or(cli.config.as_deref()));
     }
     let config = match Config::from_cli(&cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("redfuse: {e}");
+            for line in e.to_string().lines() {
+                eprintln!("redfuse: {line}");
+            }
             return ExitCode::from(2);
         }
     };
@@ -33,6 +28,34 @@ fn main() -> ExitCode {
             tracing::error!("{e:#}");
             eprintln!("redfuse: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--check-config`: validates what this same invocation would run (flags, environment,
+/// and the file), prints it with secrets redacted, and exits 0, or 2 naming every bad field.
+fn check_config(cli: &Cli, file: Option<&Path>) -> ExitCode {
+    let source = file.map_or("flags, environment and defaults".to_owned(), |p| {
+        p.display().to_string()
+    });
+    match Config::load(cli, file, std::env::vars_os()) {
+        Ok(config) => {
+            use std::io::Write;
+            let text = format!(
+                "# redfuse effective configuration (flag > environment > file > default; \
+                 secrets redacted)\n{}# {source}: ok\n",
+                config.effective_toml()
+            );
+            // A closed stdout (`| head`) is not an invalid configuration.
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for line in e.to_string().lines() {
+                eprintln!("redfuse: {line}");
+            }
+            eprintln!("redfuse: {source}: invalid configuration");
+            ExitCode::from(2)
         }
     }
 }

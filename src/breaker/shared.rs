@@ -1,6 +1,7 @@
 //! The breaker shared by the tasks talking to one upstream: a mutex around the state
 //! machine, the timer task, the watch channel, metrics and log lines.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -26,6 +27,21 @@ struct Inner {
     /// alive; see [`SharedBreaker::spawn_timer`].
     timer_wake: Arc<Notify>,
     state_tx: watch::Sender<State>,
+    /// The last [`RECENT_TRANSITIONS`] transitions, oldest first (the admin status page).
+    recent: Mutex<VecDeque<TransitionRecord>>,
+}
+
+/// Transitions kept per breaker for [`SharedBreaker::recent_transitions`].
+pub const RECENT_TRANSITIONS: usize = 20;
+
+/// One past transition, as shown by the admin status page.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TransitionRecord {
+    /// Wall-clock time, in milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    pub from: &'static str,
+    pub to: &'static str,
+    pub reason: String,
 }
 
 impl Drop for Inner {
@@ -76,6 +92,7 @@ impl SharedBreaker {
                 metrics,
                 timer_wake: Arc::new(Notify::new()),
                 state_tx,
+                recent: Mutex::new(VecDeque::with_capacity(RECENT_TRANSITIONS)),
             }),
         }
     }
@@ -201,6 +218,18 @@ impl SharedBreaker {
             );
         }
         self.inner.state_tx.send_replace(t.to);
+        let mut recent = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() == RECENT_TRANSITIONS {
+            recent.pop_front();
+        }
+        recent.push_back(TransitionRecord {
+            at_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            from: t.from.as_str(),
+            to: t.to.as_str(),
+            reason: t.reason.to_string(),
+        });
     }
 
     fn manual(
@@ -259,6 +288,12 @@ impl SharedBreaker {
 
     pub fn mode(&self) -> Mode {
         self.lock().mode()
+    }
+
+    /// The last transitions, oldest first (at most [`RECENT_TRANSITIONS`]).
+    pub fn recent_transitions(&self) -> Vec<TransitionRecord> {
+        let recent = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.iter().cloned().collect()
     }
 
     /// State changes, for the cache, the write-queue replay and `/ready`.

@@ -14,11 +14,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::task::JoinHandle;
 
 use crate::effect::{InFlight, Mark};
 use crate::resp::reply;
+use crate::upstream::tls::OwnedWriteHalf;
 use crate::upstream::{Call, ConnHandle, Setup, Upstream};
 
 /// A connection with this client's requests in flight on it counted.

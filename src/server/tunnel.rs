@@ -62,7 +62,11 @@ impl Session {
             }
         };
         let (mut rd, mut wr) = stream.into_split();
-        if let Err(e) = wr.write_all(&req.raw).await {
+        let sent = async {
+            wr.write_all(&req.raw).await?;
+            wr.flush().await
+        };
+        if let Err(e) = sent.await {
             let err = UpstreamError::unavailable(upstream.name(), e);
             self.fail(cls.id, err).await;
             return Flow::Continue;
@@ -106,7 +110,7 @@ impl Session {
         let Some(tunnel) = self.links.tunnel.as_mut() else {
             return Flow::Stop;
         };
-        if tunnel.wr.write_all(&req.raw).await.is_err() {
+        if tunnel.wr.write_all(&req.raw).await.is_err() || tunnel.wr.flush().await.is_err() {
             return Flow::Stop;
         }
         // Redis answers QUIT and closes; the pipe then ends and so does the session.

@@ -28,13 +28,13 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::backoff::Backoff;
 use super::handshake::{Setup, open};
+use super::tls::UpstreamStream;
 use super::{Inflight, UpstreamCtx};
 use crate::breaker::{CallGuard, FailureKind, Outcome, ReplyClass, classify_error_reply};
 use crate::effect::{Mark, OutputBudget, ReplyEffect};
@@ -189,7 +189,7 @@ pub fn spawn_shared(ctx: Arc<UpstreamCtx>, setup: Setup, depth: usize) -> ConnHa
 }
 
 /// Runs a dedicated connection on an already opened stream; it ends with its socket.
-pub fn spawn_dedicated(ctx: Arc<UpstreamCtx>, stream: TcpStream, depth: usize) -> ConnHandle {
+pub fn spawn_dedicated(ctx: Arc<UpstreamCtx>, stream: UpstreamStream, depth: usize) -> ConnHandle {
     let (tx, mut rx) = mpsc::channel(depth);
     let id = next_conn_id();
     let abandon = Arc::new(Abandon::default());
@@ -355,7 +355,7 @@ const DIRECT_WRITE_BYTES: usize = 64 * 1024;
 
 async fn pipeline(
     ctx: &UpstreamCtx,
-    mut stream: TcpStream,
+    mut stream: UpstreamStream,
     rx: &mut mpsc::Receiver<Call>,
     mut first: Option<Call>,
     abandon: Option<&Abandon>,
@@ -426,6 +426,10 @@ async fn pipeline(
                     return Ended::Io(e);
                 }
                 out.clear();
+            }
+            // TLS holds back what it could not write at once; a no-op on plain TCP.
+            if let Err(e) = wr.flush().await {
+                return Ended::Io(e);
             }
         }
     };

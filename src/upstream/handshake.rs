@@ -1,6 +1,7 @@
-//! Opening an upstream connection: connect within the timeout, then the handshake
-//! (`HELLO <proto> [AUTH user pass]`, `SELECT`, `CLIENT SETNAME`), and one-off round trips
-//! on a connection that carries nothing else.
+//! Opening an upstream connection: connect (and the TLS handshake, for a TLS upstream)
+//! within the connect timeout, then the Redis handshake (`HELLO <proto> [AUTH user pass]`,
+//! `SELECT`, `CLIENT SETNAME`), and one-off round trips on a connection that carries nothing
+//! else.
 //!
 //! Redis can refuse a connection with a reply rather than a closed socket: `NOAUTH`,
 //! `WRONGPASS` (the identity), `max number of clients reached` (this one connection).
@@ -15,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::warn;
 
+use super::tls::UpstreamStream;
 use super::{ServerInfo, UpstreamCtx};
 use crate::auth::Credentials;
 use crate::error::{ConnectFailure, UpstreamError};
@@ -40,25 +42,25 @@ impl Setup {
     }
 }
 
-/// Connects within the connect timeout.
-pub async fn connect(ctx: &UpstreamCtx) -> Result<TcpStream, UpstreamError> {
-    let attempt =
-        tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(ctx.addr.as_str())).await;
-    let stream = match attempt {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(UpstreamError::connect(&ctx.name, &e)),
-        Err(_) => {
-            return Err(UpstreamError::Connect {
-                upstream: ctx.name.clone(),
-                failure: ConnectFailure::Timeout,
-                reason: format!(
-                    "connect timed out after {} ms",
-                    ctx.connect_timeout.as_millis()
-                )
-                .into(),
-            });
-        }
+/// Connects, with TLS for a TLS upstream, within the connect timeout. A TLS upstream is
+/// never reached in plain text: a failed handshake is a failed connect.
+pub async fn connect(ctx: &UpstreamCtx) -> Result<UpstreamStream, UpstreamError> {
+    let deadline = tokio::time::Instant::now() + ctx.connect_timeout;
+    let timed_out = |what: &str| UpstreamError::Connect {
+        upstream: ctx.name.clone(),
+        failure: ConnectFailure::Timeout,
+        reason: format!(
+            "{what} timed out after {} ms",
+            ctx.connect_timeout.as_millis()
+        )
+        .into(),
     };
+    let stream =
+        match tokio::time::timeout_at(deadline, TcpStream::connect(ctx.addr.as_str())).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(UpstreamError::connect(&ctx.name, &e)),
+            Err(_) => return Err(timed_out("connect")),
+        };
     // Connecting to a local port nobody listens on can, by TCP's simultaneous open, connect
     // the socket to itself when the kernel picks that same port as its source: it would then
     // hold the port the real server needs. Nobody is there: treat it as refused.
@@ -72,14 +74,37 @@ pub async fn connect(ctx: &UpstreamCtx) -> Result<TcpStream, UpstreamError> {
         });
     }
     let _ = stream.set_nodelay(true);
-    Ok(stream)
+    let Some(tls) = &ctx.tls else {
+        return Ok(UpstreamStream::Plain(stream));
+    };
+    match tokio::time::timeout_at(deadline, super::tls::handshake(stream, tls)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(UpstreamError::connect(&ctx.name, &e)),
+        // A plain-text server waits for the end of a command line that never comes.
+        Err(_) => Err(timed_out(
+            "TLS handshake (is the server speaking TLS on this port?)",
+        )),
+    }
+}
+
+/// An I/O error on an upstream connection; TLS alerts that arrive after the handshake
+/// (TLS 1.3 servers check client certificates then) are explained as handshake failures.
+fn io_error(ctx: &UpstreamCtx, e: std::io::Error) -> UpstreamError {
+    match ctx
+        .tls
+        .as_ref()
+        .and_then(|tls| super::tls::explain(&e, tls))
+    {
+        Some(reason) => UpstreamError::unavailable(&ctx.name, reason),
+        None => UpstreamError::unavailable(&ctx.name, e),
+    }
 }
 
 /// Sends one frame on a connection that carries nothing else and reads its reply, within
 /// the command timeout.
 pub async fn roundtrip(
     ctx: &UpstreamCtx,
-    stream: &mut TcpStream,
+    stream: &mut UpstreamStream,
     frame: &[u8],
     buf: &mut BytesMut,
 ) -> Result<Bytes, UpstreamError> {
@@ -87,7 +112,8 @@ pub async fn roundtrip(
         stream
             .write_all(frame)
             .await
-            .map_err(|e| UpstreamError::unavailable(&ctx.name, e))?;
+            .map_err(|e| io_error(ctx, e))?;
+        stream.flush().await.map_err(|e| io_error(ctx, e))?;
         let mut scanner = ReplyScanner::new();
         loop {
             match scanner.scan(buf, ctx.max_reply_depth) {
@@ -108,7 +134,7 @@ pub async fn roundtrip(
                     });
                 }
                 Ok(_) => {}
-                Err(e) => return Err(UpstreamError::unavailable(&ctx.name, e)),
+                Err(e) => return Err(io_error(ctx, e)),
             }
         }
     };
@@ -123,7 +149,7 @@ pub async fn roundtrip(
 
 /// Connects and runs the handshake: `HELLO <proto> [AUTH user pass]`, then `SELECT` and
 /// `CLIENT SETNAME` when the setup asks for them.
-pub async fn open(ctx: &UpstreamCtx, setup: &Setup) -> Result<TcpStream, UpstreamError> {
+pub async fn open(ctx: &UpstreamCtx, setup: &Setup) -> Result<UpstreamStream, UpstreamError> {
     let mut stream = connect(ctx).await?;
     let mut buf = BytesMut::with_capacity(1024);
     let mut hello: Vec<Bytes> = vec![

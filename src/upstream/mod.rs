@@ -20,6 +20,7 @@ pub mod dedicated;
 pub mod handshake;
 pub mod info;
 pub mod probe;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -42,6 +43,8 @@ pub use info::ServerInfo;
 pub struct UpstreamCtx {
     pub name: Arc<str>,
     pub addr: String,
+    /// TLS settings when the upstream is reached over TLS.
+    pub tls: Option<crate::config::TlsClient>,
     pub role: Role,
     pub priority: u32,
     pub weight: u32,
@@ -176,6 +179,7 @@ impl Upstream {
         let ctx = Arc::new(UpstreamCtx {
             name,
             addr: config.addr.clone(),
+            tls: config.tls_client.clone(),
             role: config.role,
             priority: config.priority,
             weight: config.weight,

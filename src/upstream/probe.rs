@@ -31,7 +31,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use prometheus::IntCounter;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -39,6 +38,7 @@ use tracing::{debug, warn};
 use super::Upstream;
 use super::conn::outcome_of_error;
 use super::handshake::{Setup, open, roundtrip};
+use super::tls::UpstreamStream;
 use crate::auth::Credentials;
 use crate::breaker::{FailureKind, Outcome, State};
 use crate::error::UpstreamError;
@@ -85,7 +85,7 @@ pub async fn run(
     let ctx = upstream.ctx.clone();
     let mut states = upstream.breaker.subscribe();
     let setup = Setup::new(Proto::Resp2, credentials);
-    let mut stream: Option<TcpStream> = None;
+    let mut stream: Option<UpstreamStream> = None;
     let mut buf = BytesMut::with_capacity(256);
     let mut next = Instant::now();
     let mut was_failing = false;
@@ -188,7 +188,7 @@ pub async fn run(
 async fn probe_once(
     upstream: &Upstream,
     setup: &Setup,
-    stream: &mut Option<TcpStream>,
+    stream: &mut Option<UpstreamStream>,
     buf: &mut BytesMut,
 ) -> Health {
     let ctx = &upstream.ctx;

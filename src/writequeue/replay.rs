@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -25,6 +24,7 @@ use crate::effect::{EffectSink, ReplyEffect, Written};
 use crate::error::UpstreamError;
 use crate::resp::{ErrorCode, Limits, Proto, encode_command, parse_request};
 use crate::upstream::handshake::{open, roundtrip};
+use crate::upstream::tls::UpstreamStream;
 use crate::upstream::{Setup, Upstream};
 
 /// Entries read from the journal at a time.
@@ -94,7 +94,7 @@ struct Pass<'a> {
     /// Told about every replayed write, so the cache forgets the values it changed.
     sink: &'a dyn EffectSink,
     /// A connection per identity (`None`: redfuse's own), with its selected database.
-    conns: HashMap<Option<Bytes>, (TcpStream, u32)>,
+    conns: HashMap<Option<Bytes>, (UpstreamStream, u32)>,
     /// The entry Redis has been refusing with `OOM`, and since when.
     oom_since: &'a mut Option<(u64, Instant)>,
     replayed: usize,

@@ -14,6 +14,7 @@ pub mod http;
 pub mod procs;
 pub mod relay;
 pub mod resp;
+pub mod tls;
 
 pub use client::{RawClient, ReadError};
 pub use http::{
