@@ -278,8 +278,8 @@ pub enum Push {
     Queued { sent: Duration },
     /// Refused before reaching Redis (queue full, circuit open, OOM...).
     Refused,
-    /// Unknown: timed out, connection lost, or another error.
-    Unknown,
+    /// Unknown: timed out, connection lost, or another error (its class).
+    Unknown(&'static str),
 }
 
 /// Counters and findings of one client.
@@ -469,7 +469,7 @@ impl Client {
                 self.keys.unknown.insert((key.clone(), *ver));
                 self.keys.state.entry(key.clone()).or_default().fresh = None;
             }
-            Op::Push { seq, .. } => self.report.pushes.push((*seq, Push::Unknown)),
+            Op::Push { seq, .. } => self.report.pushes.push((*seq, Push::Unknown("no reply"))),
             _ => {}
         }
     }
@@ -519,7 +519,7 @@ impl Client {
                     if certainly_refused(error_class(frame)) {
                         Push::Refused
                     } else {
-                        Push::Unknown
+                        Push::Unknown(error_class(frame))
                     }
                 } else if frame == b":0\r\n" {
                     Push::Queued { sent }
@@ -527,7 +527,7 @@ impl Client {
                     Push::Stored { sent }
                 } else {
                     self.violation(format!("RPUSH {key} {seq} answered {}", esc(frame)));
-                    Push::Unknown
+                    Push::Unknown("wrong reply")
                 };
                 self.report.pushes.push((*seq, outcome));
             }
@@ -977,7 +977,7 @@ impl WorkloadReport {
             pushes(|p| matches!(p, Push::Stored { .. })),
             pushes(|p| matches!(p, Push::Queued { .. })),
             pushes(|p| matches!(p, Push::Refused)),
-            pushes(|p| matches!(p, Push::Unknown)),
+            pushes(|p| matches!(p, Push::Unknown(_))),
             self.clients
                 .iter()
                 .map(|c| c.reconnects.saturating_sub(1))
@@ -997,9 +997,14 @@ impl WorkloadReport {
             let outcome: HashMap<u64, Push> = c.pushes.iter().copied().collect();
             if let Some(w) = list.windows(2).find(|w| w[0] >= w[1]) {
                 bad.push(format!(
-                    "{key}: {} before {} (duplicate or out of order) in {}",
+                    "{key}: {} before {} (duplicate or out of order; the client saw the push \
+                     of {} {} and of {} {}) in {}",
                     w[0],
                     w[1],
+                    w[0],
+                    describe_push(outcome.get(&w[0])),
+                    w[1],
+                    describe_push(outcome.get(&w[1])),
                     short_list(&list)
                 ));
             }
@@ -1042,6 +1047,16 @@ impl WorkloadReport {
             }
         }
         bad
+    }
+}
+
+fn describe_push(p: Option<&Push>) -> String {
+    match p {
+        None => "never sent".into(),
+        Some(Push::Stored { sent }) => format!("answered by Redis (sent at {sent:.2?})"),
+        Some(Push::Queued { sent }) => format!("queued by the rule (sent at {sent:.2?})"),
+        Some(Push::Refused) => "refused".into(),
+        Some(Push::Unknown(class)) => format!("end unknown ({class})"),
     }
 }
 
