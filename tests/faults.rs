@@ -640,8 +640,11 @@ impl Env {
             .collect();
         eprintln!(
             "[{name}] {}; recovery {recovery:.2?}; RSS at start {rss_before_kib} KiB; \
-             transitions {transitions:?}; queue {queue}",
-            report.summary()
+             transitions {transitions:?}; queue {queue}; cache {cache_bytes} bytes, {} \
+             entries, {} evictions",
+            report.summary(),
+            metric_value(&m, "redfuse_cache_entries", &[]).unwrap_or(-1.0),
+            metric_value(&m, "redfuse_cache_evictions_total", &[]).unwrap_or(-1.0),
         );
         drop(relay);
         drop(dir);
