@@ -10,6 +10,7 @@
 
 pub mod acl;
 pub mod client;
+pub mod faults;
 pub mod http;
 pub mod procs;
 pub mod relay;
