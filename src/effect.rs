@@ -14,9 +14,11 @@ use tokio::time::Instant;
 
 use crate::auth::IdentityId;
 use crate::cache::{CacheKey, FillTicket, LeaderGuard};
-use crate::command::Classified;
+use crate::command::{Classified, absent_reply};
+use crate::degrade::ClientView;
 use crate::error::Reply;
 use crate::resp::Request;
+use crate::resp::reply::Absent;
 
 /// Single-flight of identical cacheable reads: the same command, db, protocol and
 /// identity, and no write to the key since.
@@ -49,6 +51,25 @@ impl FillPlan {
     }
 }
 
+/// What a degraded answer to a cacheable read depends on besides the cache: who asks,
+/// which command, and what Redis answers for a missing key.
+#[derive(Debug, Clone, Copy)]
+pub struct DegradedRead {
+    pub view: ClientView,
+    pub command: usize,
+    pub absent: Option<Absent>,
+}
+
+impl DegradedRead {
+    pub fn new(view: ClientView, cls: &Classified, req: &Request) -> DegradedRead {
+        DegradedRead {
+            view,
+            command: cls.id,
+            absent: absent_reply(cls.id, &req.args),
+        }
+    }
+}
+
 /// A write that went upstream: what to do about its keys once it has run.
 #[derive(Debug, Clone)]
 pub struct Written {
@@ -69,9 +90,13 @@ pub struct Written {
 /// What a reply changes.
 pub enum ReplyEffect {
     /// A cacheable read: store what it read, and release the reads that waited on it.
+    /// With `degraded`, a failure is answered from the cache right then, in pipeline
+    /// order: a write the client sent after this read must not change its answer, and
+    /// the failure effects of such a write are applied just after this one.
     Fill {
         plan: FillPlan,
         leader: Option<Leader>,
+        degraded: Option<DegradedRead>,
     },
     /// A write has run (or failed): its keys are invalidated again and what it did to them
     /// is learnt.
@@ -95,7 +120,9 @@ impl std::fmt::Debug for ReplyEffect {
 
 /// Applies reply effects; implemented by the owner of the cache.
 pub trait EffectSink: Send + Sync {
-    fn apply(&self, effect: ReplyEffect, reply: &Reply);
+    /// Applies `effect` for `reply`, which it may turn into the degraded answer
+    /// ([`crate::error::UpstreamError::Answered`]) of a failed read.
+    fn apply(&self, effect: ReplyEffect, reply: &mut Reply);
 }
 
 /// A count of a client's requests in flight of some kind (its writes on shared

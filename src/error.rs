@@ -84,6 +84,13 @@ pub enum UpstreamError {
     /// Too many requests are in flight or queued for this upstream.
     #[error("upstream '{upstream}' overloaded: too many requests in flight")]
     Overloaded { upstream: Arc<str> },
+    /// The upstream failed a cacheable read (`cause`), and degraded mode answered it the
+    /// moment the failure was known, before the effects of the requests behind it.
+    #[error("{cause}")]
+    Answered {
+        answer: Bytes,
+        cause: Box<UpstreamError>,
+    },
 }
 
 impl UpstreamError {
@@ -91,10 +98,11 @@ impl UpstreamError {
     /// then may degraded mode answer instead. A refusal must reach the client in Redis's own
     /// words (`NOAUTH`, `WRONGPASS`, `max number of clients reached`).
     pub fn is_unavailability(&self) -> bool {
-        !matches!(
-            self,
-            UpstreamError::Auth { .. } | UpstreamError::Refused { .. }
-        )
+        match self {
+            UpstreamError::Auth { .. } | UpstreamError::Refused { .. } => false,
+            UpstreamError::Answered { cause, .. } => cause.is_unavailability(),
+            _ => true,
+        }
     }
 
     pub fn unavailable(upstream: &Arc<str>, reason: impl std::fmt::Display) -> UpstreamError {

@@ -51,6 +51,7 @@
 //! [`flight`] holds the single-flight that lets identical reads share one request.
 
 pub mod flight;
+mod recent;
 
 pub use flight::{Flight, Follower, LeaderGuard, SingleFlight};
 
@@ -68,6 +69,7 @@ use tokio::time::Instant;
 
 use crate::auth::IdentityId;
 use crate::resp::Proto;
+use recent::{Invalidations, Superseded};
 
 /// Estimated memory per entry beyond its command, Redis key and reply bytes: the LRU node
 /// and its hash slot, the index slot, allocator rounding and the shared-buffer headers
@@ -267,6 +269,8 @@ pub struct FillTicket {
     hash: u64,
     generation: u64,
     clears: u64,
+    /// Invalidations begun before the ticket was taken (see `recent`).
+    seq: u64,
 }
 
 fn stripe_of(hash: u64) -> usize {
@@ -480,6 +484,8 @@ struct State {
     records: LruCache<u64, Record>,
     bytes: usize,
     lost: LostMarks,
+    invalidations: Invalidations,
+    superseded: Superseded,
 }
 
 impl State {
@@ -550,6 +556,8 @@ pub struct Cache {
     stripes: Box<[AtomicU64]>,
     /// Bumped (under `state`'s lock) by `clear_db` and `clear_all`.
     clears: AtomicU64,
+    /// Invalidations so far, bumped (under `state`'s lock) after the stripe's.
+    invalidated: AtomicU64,
     stripe_hasher: Hasher,
 }
 
@@ -564,6 +572,8 @@ impl Cache {
     }
 
     fn build(config: CacheConfig, metrics: Option<CacheMetrics>) -> Cache {
+        // Superseded replies are kept beside the byte bound, at a sixteenth of it.
+        let superseded = Superseded::new(config.max_bytes / 16);
         Cache {
             config,
             state: Mutex::new(State {
@@ -572,10 +582,13 @@ impl Cache {
                 records: LruCache::unbounded(),
                 bytes: 0,
                 lost: LostMarks::new(Instant::now()),
+                invalidations: Invalidations::default(),
+                superseded,
             }),
             metrics,
             stripes: (0..TICKET_STRIPES).map(|_| AtomicU64::new(0)).collect(),
             clears: AtomicU64::new(0),
+            invalidated: AtomicU64::new(0),
             stripe_hasher: Hasher::default(),
         }
     }
@@ -611,10 +624,23 @@ impl Cache {
         self.lock().bytes
     }
 
-    /// Looks `key` up and counts the outcome. A hit becomes most recently used; an entry
-    /// older than `max_stale`, or past its key's known expiry, is removed (see the module
-    /// docs) and reported as `Stale`.
+    #[cfg(test)]
     pub fn get(&self, key: &CacheKey, now: Instant, max_stale: Duration) -> Lookup {
+        self.get_for(key, None, now, max_stale)
+    }
+
+    /// Looks `key` up for a read sent with `ticket`, and counts the outcome. A hit becomes
+    /// most recently used; an entry older than `max_stale`, or past its key's known
+    /// expiry, is removed (see the module docs) and reported as `Stale`. A reply an
+    /// invalidation removed after the ticket was taken is still the answer that read would
+    /// have had (see `recent`).
+    pub fn get_for(
+        &self,
+        key: &CacheKey,
+        ticket: Option<FillTicket>,
+        now: Instant,
+        max_stale: Duration,
+    ) -> Lookup {
         let mut st = self.lock();
         let lookup = match st.lru.get(key) {
             Some(e)
@@ -628,7 +654,10 @@ impl Cache {
                 self.publish(&st);
                 Lookup::Stale
             }
-            None => Lookup::Miss,
+            None => match ticket.and_then(|t| st.superseded.get(key, t.seq, now, max_stale)) {
+                Some(reply) => Lookup::Hit(reply),
+                None => Lookup::Miss,
+            },
         };
         drop(st);
         self.count(lookup.result());
@@ -696,17 +725,40 @@ impl Cache {
     pub fn ticket(&self, db: u32, redis_key: &[u8]) -> FillTicket {
         let hash = self.key_hash(db, redis_key);
         let stripe = stripe_of(hash);
+        // The count first: an invalidation it includes has moved the stripe already (they
+        // are bumped in the other order), so `generation` includes it too.
+        let seq = self.invalidated.load(Ordering::SeqCst);
         FillTicket {
             hash,
             generation: self.stripes[stripe].load(Ordering::SeqCst),
             clears: self.clears.load(Ordering::SeqCst),
+            seq,
         }
     }
 
     /// Whether nothing invalidated the ticket's key since it was taken.
     pub fn ticket_current(&self, t: FillTicket) -> bool {
+        let st = self.lock();
+        self.ticket_valid(&st, t)
+    }
+
+    /// [`Cache::ticket_current`] under the lock invalidations bump under: the stripe alone
+    /// when it has not moved, else what is remembered of the key's own invalidations.
+    fn ticket_valid(&self, st: &State, t: FillTicket) -> bool {
+        if self.clears.load(Ordering::SeqCst) != t.clears {
+            return false;
+        }
         self.stripes[stripe_of(t.hash)].load(Ordering::SeqCst) == t.generation
-            && self.clears.load(Ordering::SeqCst) == t.clears
+            || !st.invalidations.since(t.hash, t.seq)
+    }
+
+    /// Bumps the key's stripe and the invalidation count, remembering the key; returns the
+    /// invalidation's number. Call under the lock.
+    fn bump(&self, st: &mut State, hash: u64) -> u64 {
+        self.stripes[stripe_of(hash)].fetch_add(1, Ordering::SeqCst);
+        let seq = self.invalidated.fetch_add(1, Ordering::SeqCst) + 1;
+        st.invalidations.record(hash, seq);
+        seq
     }
 
     /// The hash of `(db, redis_key)`: it picks the key's ticket stripe and files its record.
@@ -735,7 +787,7 @@ impl Cache {
         // Checked under the lock that invalidation bumps under: either the invalidation
         // came first and we see it, or we insert first and it removes what we stored.
         if let Some(t) = ticket
-            && !self.ticket_current(t)
+            && !self.ticket_valid(&st, t)
         {
             drop(st);
             self.count(CacheResult::Bypass);
@@ -881,9 +933,9 @@ impl Cache {
     /// every identity) and makes tickets taken for it before now stale. Returns how many
     /// were removed. The key's record stays.
     pub fn invalidate(&self, db: u32, redis_key: &[u8]) -> usize {
-        let stripe = stripe_of(self.key_hash(db, redis_key));
+        let hash = self.key_hash(db, redis_key);
         let mut st = self.lock();
-        self.stripes[stripe].fetch_add(1, Ordering::SeqCst);
+        let seq = self.bump(&mut st, hash);
         let Some(by_key) = st.index.get_mut(&db) else {
             return 0;
         };
@@ -893,7 +945,7 @@ impl Cache {
         if by_key.is_empty() {
             st.index.remove(&db);
         }
-        let removed = self.drop_entries(&mut st, keys);
+        let removed = self.supersede_entries(&mut st, keys, seq);
         self.publish(&st);
         drop(st);
         self.count_invalidations(removed);
@@ -903,9 +955,9 @@ impl Cache {
     /// Removes what `identity`'s reads of `redis_key` filled, and nobody else's (a write
     /// queued during an outage changes only what its writer sees).
     pub fn invalidate_for(&self, db: u32, redis_key: &[u8], identity: IdentityId) -> usize {
-        let stripe = stripe_of(self.key_hash(db, redis_key));
+        let hash = self.key_hash(db, redis_key);
         let mut st = self.lock();
-        self.stripes[stripe].fetch_add(1, Ordering::SeqCst);
+        self.bump(&mut st, hash);
         let keys: Vec<CacheKey> = match st.index.get(&db).and_then(|k| k.get(redis_key)) {
             Some(Readers::One(k)) if k.identity == identity => vec![*k],
             Some(Readers::Many(set)) => set
@@ -959,11 +1011,30 @@ impl Cache {
         st.lru.clear();
         st.index.clear();
         st.records.clear();
+        st.superseded.clear();
         st.bytes = 0;
         self.publish(&st);
         drop(st);
         self.count_invalidations(removed);
         removed
+    }
+
+    /// Moves to the superseded replies entries already taken out of the index by
+    /// invalidation number `seq`.
+    fn supersede_entries(&self, st: &mut State, readers: Readers, seq: u64) -> usize {
+        let now = Instant::now();
+        let mut move_one = |key: &CacheKey| match st.lru.pop(key) {
+            Some(entry) => {
+                st.bytes -= entry.charge;
+                st.superseded.keep(*key, entry, seq, now);
+                1
+            }
+            None => 0,
+        };
+        match readers {
+            Readers::One(key) => move_one(&key),
+            Readers::Many(keys) => keys.iter().map(move_one).sum(),
+        }
     }
 
     /// Removes from the LRU entries already taken out of the index.
@@ -1050,6 +1121,58 @@ mod tests {
 
     fn b(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    /// Two Redis keys whose tickets share a stripe.
+    fn stripe_mates(cache: &Cache) -> (String, String) {
+        let mut seen: HashMap<usize, String> = HashMap::new();
+        for i in 0.. {
+            let k = format!("k{i}");
+            let stripe = stripe_of(cache.ticket(0, k.as_bytes()).hash);
+            if let Some(other) = seen.insert(stripe, k.clone()) {
+                return (other, k);
+            }
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn a_write_to_a_stripe_mate_does_not_refuse_a_fill() {
+        let cache = Cache::new(CacheConfig::default());
+        let (a, other) = stripe_mates(&cache);
+        let now = Instant::now();
+        let t = cache.ticket(0, a.as_bytes());
+        cache.invalidate(0, other.as_bytes());
+        assert!(cache.ticket_current(t), "only the stripe moved");
+        let ka = key(0, &["GET", &a]);
+        assert!(cache.insert_checked(t, ka, b(&a), b("$1\r\nv\r\n"), now));
+        cache.invalidate(0, a.as_bytes());
+        assert!(!cache.ticket_current(t), "its own key was written");
+    }
+
+    #[test]
+    fn a_read_sent_before_a_write_is_answered_with_the_value_it_would_have_read() {
+        let cache = Cache::new(CacheConfig::default());
+        let now = Instant::now();
+        let k = key(0, &["GET", "k"]);
+        assert!(cache.insert(k, b("k"), b("$3\r\nold\r\n"), now));
+        let before = cache.ticket(0, b"k");
+        // The write is sent: its key's replies are invalidated.
+        assert_eq!(cache.invalidate(0, b"k"), 1);
+        let after = cache.ticket(0, b"k");
+        assert_eq!(
+            cache.get_for(&k, Some(before), now, FRESH),
+            Lookup::Hit(b("$3\r\nold\r\n"))
+        );
+        assert_eq!(cache.get_for(&k, Some(after), now, FRESH), Lookup::Miss);
+        assert_eq!(cache.get(&k, now, FRESH), Lookup::Miss);
+        assert_eq!(cache.len(), 0);
+        // Still bounded by freshness.
+        let later = now + Duration::from_secs(10);
+        assert_eq!(
+            cache.get_for(&k, Some(before), later, Duration::from_secs(5)),
+            Lookup::Miss
+        );
     }
 
     fn small(max_bytes: usize, max_entries: usize) -> Cache {

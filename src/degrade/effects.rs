@@ -11,18 +11,33 @@ use crate::auth::IdentityId;
 use crate::cache::{CacheKey, Seen, Ttl};
 use crate::command::{Classified, ids};
 use crate::effect::{EffectSink, FillPlan, ReplyEffect, Written};
-use crate::error::Reply;
+use crate::error::{Reply, UpstreamError};
 use crate::resp::scan::split_aggregate;
 use crate::resp::{Proto, Request, is_error_reply, parse_int, reply};
 
 impl EffectSink for Degrade {
-    fn apply(&self, effect: ReplyEffect, result: &Reply) {
+    fn apply(&self, effect: ReplyEffect, result: &mut Reply) {
         match effect {
-            ReplyEffect::Fill { plan, leader } => {
-                if let Ok(r) = result
-                    && !is_error_reply(r)
-                {
-                    self.apply_fill(plan, r);
+            ReplyEffect::Fill {
+                plan,
+                leader,
+                degraded,
+            } => {
+                match &*result {
+                    Ok(r) if !is_error_reply(r) => self.apply_fill(plan, r),
+                    Ok(_) => {}
+                    Err(e)
+                        if e.is_unavailability()
+                            && !matches!(e, UpstreamError::Answered { .. }) =>
+                    {
+                        if let Some(d) = degraded {
+                            let (answer, _) =
+                                self.cached_answer(d.view, &plan, d.command, d.absent, e);
+                            let cause = Box::new(e.clone());
+                            *result = Err(UpstreamError::Answered { answer, cause });
+                        }
+                    }
+                    Err(_) => {}
                 }
                 if let Some(leader) = leader {
                     leader.finish(result.clone());

@@ -276,9 +276,13 @@ impl Degrade {
         let command = name_of(id);
         let now = Instant::now();
         match plan {
-            FillPlan::Single { key, redis_key, .. } => {
+            FillPlan::Single {
+                key,
+                redis_key,
+                ticket,
+            } => {
                 let max_stale = self.policy.max_stale(redis_key);
-                if let Lookup::Hit(bytes) = self.cache.get(key, now, max_stale) {
+                if let Lookup::Hit(bytes) = self.cache.get_for(key, Some(*ticket), now, max_stale) {
                     self.count_hit(id);
                     return (bytes, Origin::Fallback);
                 }
@@ -286,9 +290,11 @@ impl Degrade {
             }
             FillPlan::Mget { parts } => {
                 let mut values = Vec::with_capacity(parts.len());
-                for (key, redis_key, _) in parts {
+                for (key, redis_key, ticket) in parts {
                     let max_stale = self.policy.max_stale(redis_key);
-                    if let Lookup::Hit(bytes) = self.cache.get(key, now, max_stale) {
+                    if let Lookup::Hit(bytes) =
+                        self.cache.get_for(key, Some(*ticket), now, max_stale)
+                    {
                         values.push(bytes);
                         continue;
                     }

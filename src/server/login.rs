@@ -161,7 +161,7 @@ impl Session {
         let ctx = &self.server.primary().ctx;
         let mut stream = connect(ctx).await.map_err(Asked::Unavailable)?;
         let mut buf = BytesMut::with_capacity(256);
-        let reply = roundtrip(ctx, &mut stream, frame, &mut buf)
+        let reply = roundtrip(ctx, &mut stream, frame, &mut buf, ctx.connect_timeout)
             .await
             .map_err(Asked::Unavailable)?;
         if is_error_reply(&reply) {

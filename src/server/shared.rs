@@ -4,7 +4,7 @@
 
 use crate::cache::Flight;
 use crate::command::Classified;
-use crate::effect::ReplyEffect;
+use crate::effect::{DegradedRead, ReplyEffect};
 use crate::error::UpstreamError;
 use crate::resp::Request;
 use crate::upstream::Call;
@@ -40,7 +40,10 @@ impl Session {
                 match self.server.flights.join(key) {
                     Flight::Leader(guard) => leader = Some(guard),
                     Flight::Follower(follower) => {
-                        let fallback = Fallback::new(p, view, &cls, &req);
+                        let fallback = Fallback {
+                            plan: p,
+                            read: DegradedRead::new(view, &cls, &req),
+                        };
                         self.push(Slot {
                             command: cls.id,
                             kind: SlotKind::Follower(follower, Some(Box::new(fallback))),
@@ -99,8 +102,16 @@ impl Session {
             effect = Some(ReplyEffect::Write(Box::new(written)));
             write_mark = Some(self.links.writes.mark());
         } else if let Some(plan) = plan {
-            fallback = Some(Box::new(Fallback::new(plan.clone(), view, &cls, &req)));
-            effect = Some(ReplyEffect::Fill { plan, leader });
+            let read = DegradedRead::new(view, &cls, &req);
+            fallback = Some(Box::new(Fallback {
+                plan: plan.clone(),
+                read,
+            }));
+            effect = Some(ReplyEffect::Fill {
+                plan,
+                leader,
+                degraded: Some(read),
+            });
         }
         let link = match &self.links.shared[index] {
             Some(c) => c.clone(),

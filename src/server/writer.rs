@@ -4,7 +4,8 @@
 //! locally or the receiving end of an upstream reply. The writer resolves slots strictly in
 //! order and batches: while the next slot is already resolved its bytes join the same write,
 //! so a pipeline of thousands of commands leaves in a few syscalls. A cacheable read the
-//! upstream failed is answered in degraded mode here.
+//! upstream failed is answered in degraded mode where the failure happened (see
+//! `ReplyEffect::Fill`), or here when it never reached an upstream connection.
 
 use std::sync::Arc;
 
@@ -15,13 +16,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Server;
 use crate::cache::Follower;
-use crate::command::{Classified, absent_reply};
-use crate::degrade::{ClientView, Origin};
-use crate::effect::{FillPlan, OutputBudget};
+use crate::degrade::Origin;
+use crate::effect::{DegradedRead, FillPlan, OutputBudget};
 use crate::error::{Error, Reply, UpstreamError, error_reply};
 use crate::metrics::CommandResult;
-use crate::resp::reply::Absent;
-use crate::resp::{Request, is_error_reply};
+use crate::resp::is_error_reply;
 
 pub enum SlotKind {
     Ready(Bytes, Origin),
@@ -34,23 +33,11 @@ pub enum SlotKind {
     Close,
 }
 
-/// How to answer a cacheable read in degraded mode if the upstream fails it.
+/// How to answer a cacheable read in degraded mode if the upstream fails it and the
+/// failure was not answered already where it happened (a request dropped unsent).
 pub struct Fallback {
-    plan: FillPlan,
-    view: ClientView,
-    command: usize,
-    absent: Option<Absent>,
-}
-
-impl Fallback {
-    pub fn new(plan: FillPlan, view: ClientView, cls: &Classified, req: &Request) -> Fallback {
-        Fallback {
-            plan,
-            view,
-            command: cls.id,
-            absent: absent_reply(cls.id, &req.args),
-        }
-    }
+    pub plan: FillPlan,
+    pub read: DegradedRead,
 }
 
 pub struct Slot {
@@ -75,9 +62,20 @@ const BATCH_BYTES: usize = 64 * 1024;
 fn resolve(server: &Server, result: Reply, fallback: Option<Box<Fallback>>) -> (Bytes, Origin) {
     match (result, fallback) {
         (Ok(b), _) => (b, Origin::Upstream),
-        (Err(e), Some(f)) if e.is_unavailability() => server
-            .degrade
-            .cached_answer(f.view, &f.plan, f.command, f.absent, &e),
+        (Err(UpstreamError::Answered { answer, .. }), _) => {
+            let origin = if is_error_reply(&answer) {
+                Origin::Error
+            } else {
+                Origin::Fallback
+            };
+            (answer, origin)
+        }
+        (Err(e), Some(f)) if e.is_unavailability() => {
+            let r = f.read;
+            server
+                .degrade
+                .cached_answer(r.view, &f.plan, r.command, r.absent, &e)
+        }
         (Err(e), _) => (error_reply(&Error::Upstream(e)), Origin::Error),
     }
 }

@@ -90,9 +90,9 @@ impl Call {
         if let Some(g) = self.guard {
             g.complete(outcome_of_error(&err));
         }
-        let result = Err(err);
+        let mut result = Err(err);
         if let Some(e) = self.effect {
-            ctx.sink.apply(e, &result);
+            ctx.sink.apply(e, &mut result);
         }
         let _ = self.reply.send(result);
     }
@@ -111,6 +111,7 @@ pub fn outcome_of_error(err: &UpstreamError) -> Outcome {
             Outcome::Failure(FailureKind::ConnectionClosed)
         }
         UpstreamError::Malformed { .. } => Outcome::Failure(FailureKind::MalformedReply),
+        UpstreamError::Answered { cause, .. } => outcome_of_error(cause),
         // The server answered, or was never tried.
         UpstreamError::Auth { .. }
         | UpstreamError::Refused { .. }
@@ -532,9 +533,9 @@ async fn pipeline(
             };
             g.complete(outcome);
         }
-        let result = Err(err.clone());
+        let mut result = Err(err.clone());
         if let Some(e) = p.effect {
-            ctx.sink.apply(e, &result);
+            ctx.sink.apply(e, &mut result);
         }
         let _ = p.reply.send(result);
     }
@@ -602,9 +603,9 @@ fn complete<'a>(
     if let Some(budget) = &p.output {
         budget.add(frame.len());
     }
-    let result = Ok(frame);
+    let mut result = Ok(frame);
     if let Some(e) = p.effect {
-        ctx.sink.apply(e, &result);
+        ctx.sink.apply(e, &mut result);
     }
     let _ = p.reply.send(result);
     Ok(())

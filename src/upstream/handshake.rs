@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -100,13 +101,16 @@ fn io_error(ctx: &UpstreamCtx, e: std::io::Error) -> UpstreamError {
     }
 }
 
-/// Sends one frame on a connection that carries nothing else and reads its reply, within
-/// the command timeout.
+/// Sends one frame on a connection that carries nothing else and reads its reply within
+/// `timeout`. Handshake steps pass the connect timeout (setting a connection up is part of
+/// connecting: a client waiting on a fresh connection must not wait a command timeout on
+/// top of it); commands pass the command timeout.
 pub async fn roundtrip(
     ctx: &UpstreamCtx,
     stream: &mut UpstreamStream,
     frame: &[u8],
     buf: &mut BytesMut,
+    timeout: Duration,
 ) -> Result<Bytes, UpstreamError> {
     let fut = async {
         stream
@@ -138,11 +142,11 @@ pub async fn roundtrip(
             }
         }
     };
-    match tokio::time::timeout(ctx.connect_timeout.max(ctx.command_timeout), fut).await {
+    match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
         Err(_) => Err(UpstreamError::Timeout {
             upstream: ctx.name.clone(),
-            timeout: ctx.command_timeout,
+            timeout,
         }),
     }
 }
@@ -164,7 +168,14 @@ pub async fn open(ctx: &UpstreamCtx, setup: &Setup) -> Result<UpstreamStream, Up
         hello.push(Bytes::from(c.user().to_owned()));
         hello.push(Bytes::from(c.password.clone()));
     }
-    let reply = roundtrip(ctx, &mut stream, &encode_command(&hello), &mut buf).await?;
+    let reply = roundtrip(
+        ctx,
+        &mut stream,
+        &encode_command(&hello),
+        &mut buf,
+        ctx.connect_timeout,
+    )
+    .await?;
     if is_error_reply(&reply) {
         return Err(refusal(ctx, setup, &reply));
     }
@@ -178,7 +189,7 @@ pub async fn open(ctx: &UpstreamCtx, setup: &Setup) -> Result<UpstreamStream, Up
     }
     if setup.db != 0 {
         let select = encode_command(&[b"SELECT".as_slice(), setup.db.to_string().as_bytes()]);
-        let reply = roundtrip(ctx, &mut stream, &select, &mut buf).await?;
+        let reply = roundtrip(ctx, &mut stream, &select, &mut buf, ctx.connect_timeout).await?;
         if is_error_reply(&reply) {
             return Err(UpstreamError::Refused {
                 upstream: ctx.name.clone(),
@@ -188,7 +199,7 @@ pub async fn open(ctx: &UpstreamCtx, setup: &Setup) -> Result<UpstreamStream, Up
     }
     if let Some(name) = &setup.client_name {
         let cmd = encode_command(&[b"CLIENT".as_slice(), b"SETNAME", name]);
-        roundtrip(ctx, &mut stream, &cmd, &mut buf).await?;
+        roundtrip(ctx, &mut stream, &cmd, &mut buf, ctx.connect_timeout).await?;
     }
     Ok(stream)
 }

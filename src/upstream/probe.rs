@@ -197,7 +197,7 @@ async fn probe_once(
         // a restarted Redis is not judged by its predecessor's socket.
         if let Some(s) = stream.as_mut() {
             buf.clear();
-            match roundtrip(ctx, s, PING, buf).await {
+            match roundtrip(ctx, s, PING, buf, ctx.command_timeout).await {
                 Ok(reply) => return Ok(reply),
                 Err(e @ UpstreamError::Timeout { .. }) => return Err(e),
                 Err(_) => *stream = None,
@@ -205,7 +205,7 @@ async fn probe_once(
         }
         let s = stream.insert(open(ctx, setup).await?);
         buf.clear();
-        roundtrip(ctx, s, PING, buf).await
+        roundtrip(ctx, s, PING, buf, ctx.command_timeout).await
     }
     .await;
     match result {
@@ -238,6 +238,12 @@ async fn probe_once(
         Err(UpstreamError::Refused { .. }) => {
             *stream = None;
             Health::Up
+        }
+        // Connected, but no answer to the handshake or the PING: as silent as a probe
+        // that ran out of its own time (and excused the same way by a slow command).
+        Err(UpstreamError::Timeout { .. }) => {
+            *stream = None;
+            Health::Silent
         }
         Err(e) => {
             debug!(upstream = %ctx.name, "health probe failed: {e}");

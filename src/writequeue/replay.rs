@@ -161,7 +161,7 @@ impl Pass<'_> {
             ticket: None,
         };
         self.sink
-            .apply(ReplyEffect::Replayed(Box::new(written)), &Ok(reply));
+            .apply(ReplyEffect::Replayed(Box::new(written)), &mut Ok(reply));
     }
 
     fn ack(&self, seq: u64) -> Result<(), UpstreamError> {
@@ -221,14 +221,15 @@ impl Pass<'_> {
         let (stream, db) = self.conns.get_mut(&slot).expect("opened above");
         if entry.db != *db {
             let select = encode_command(&[b"SELECT".as_slice(), entry.db.to_string().as_bytes()]);
-            let reply = roundtrip(ctx, stream, &select, &mut buf).await?;
+            let reply = roundtrip(ctx, stream, &select, &mut buf, ctx.command_timeout).await?;
             if crate::resp::is_error_reply(&reply) {
                 let text = String::from_utf8_lossy(&reply).into_owned();
                 return Ok(Outcome::Dead(text, "error"));
             }
             *db = entry.db;
         }
-        let reply = match roundtrip(ctx, stream, &entry.frame, &mut buf).await {
+        let reply = match roundtrip(ctx, stream, &entry.frame, &mut buf, ctx.command_timeout).await
+        {
             Ok(r) => r,
             Err(e) => {
                 self.conns.remove(&slot);
