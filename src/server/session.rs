@@ -294,7 +294,8 @@ impl Session {
         let (reply, origin) = self
             .server
             .degrade
-            .reply(self.view(), credentials, req, cls, &err);
+            .reply(self.view(), credentials, req, cls, &err)
+            .await;
         self.push(Slot {
             command: cls.id,
             kind: SlotKind::Ready(reply, origin),
