@@ -2626,6 +2626,43 @@ mod tests {
     }
 
     #[test]
+    fn check_journal_path_refuses_unusable_places_and_leaves_nothing_behind() {
+        let dir = TempDir::new("check-path");
+        let check = |path: PathBuf| {
+            WriteQueueConfig {
+                journal_path: Some(path),
+                ..memory()
+            }
+            .check_journal_path()
+        };
+        assert_eq!(memory().check_journal_path(), Ok(()));
+        assert_eq!(check(dir.file()), Ok(()));
+        assert_eq!(
+            fs::read_dir(&dir.0).expect("read dir").count(),
+            0,
+            "the check leaves no file behind"
+        );
+        write_three(&dir.file());
+        assert_eq!(check(dir.file()), Ok(()), "an existing journal is fine");
+
+        let err = check(dir.0.join("missing").join("queue.journal")).unwrap_err();
+        assert!(
+            err.starts_with("journal_path") && err.contains("missing"),
+            "{err}"
+        );
+        let err = check(dir.file().join("under-a-file")).unwrap_err();
+        assert!(err.contains("not a directory"), "{err}");
+        let err = check(dir.0.clone()).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        #[cfg(target_os = "linux")]
+        {
+            // Not writable even for root.
+            let err = check(PathBuf::from("/proc/redfuse.journal")).unwrap_err();
+            assert!(err.contains("not writable"), "{err}");
+        }
+    }
+
+    #[test]
     fn identities_survive_a_reopen_and_legacy_entries_have_none() {
         let dir = TempDir::new("identity");
         let path = dir.file();
