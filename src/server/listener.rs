@@ -44,6 +44,7 @@ pub async fn serve(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    fdlimit::set_backlog(&listener, fdlimit::TCP_BACKLOG);
     let budget = fdlimit::apply(&server.config);
     let limit = Arc::new(Semaphore::new(budget.max_clients));
     let mut spare = fdlimit::SpareFd::open();
@@ -59,11 +60,9 @@ pub async fn serve(
             Err(e) if fdlimit::is_out_of_fds(&e) && spare.release() => {
                 // The client waiting in the backlog gets the error instead of a hang.
                 warn!("accept failed: {e}; refusing a client with the max clients error");
-                if let Ok(Ok((stream, _))) =
-                    tokio::time::timeout(Duration::from_millis(100), listener.accept()).await
-                {
-                    server.metrics.client_rejected_total.inc();
-                    let _ = stream.try_write(MAX_CLIENTS);
+                match fdlimit::refuse_pending(&listener, MAX_CLIENTS) {
+                    Ok(()) => server.metrics.client_rejected_total.inc(),
+                    Err(e) => warn!("cannot refuse the client: {e}"),
                 }
                 spare.reopen();
                 continue;

@@ -154,9 +154,47 @@ pub fn raise_nofile(_wanted: u64) -> io::Result<(u64, u64)> {
     Ok((u64::MAX, u64::MAX))
 }
 
+/// Redis's `tcp-backlog` default: connections the kernel queues before redfuse accepts
+/// them. The standard library listens with 128, which a burst of connects overflows while
+/// the event loop is busy; each connect dropped then waits a second for the SYN retry.
+pub const TCP_BACKLOG: i32 = 511;
+
+/// Sets a listening socket's backlog (calling `listen` again on a listening socket updates
+/// it on Linux and the BSDs; the kernel caps it at `net.core.somaxconn`).
+pub fn set_backlog(listener: &impl std::os::fd::AsRawFd, backlog: i32) {
+    // SAFETY: listen on a socket we own.
+    if unsafe { libc::listen(listener.as_raw_fd(), backlog) } != 0 {
+        tracing::warn!(error = %io::Error::last_os_error(), backlog, "cannot set the listen backlog");
+    }
+}
+
 /// Whether an accept failed because descriptors ran out (process or system wide).
 pub fn is_out_of_fds(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// Accepts one pending connection synchronously and answers it with `reply` before
+/// closing it. Used right after giving up the spare descriptor: no other task can run in
+/// between and take the descriptor that was freed.
+#[cfg(unix)]
+pub fn refuse_pending(listener: &impl std::os::fd::AsRawFd, reply: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    // SAFETY: accept4 on a listening socket we own; null address pointers are allowed.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket accept4 just returned; the stream owns and closes it.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    (&stream).write(reply).map(|_| ())
 }
 
 /// Redis's trick for accepting when out of descriptors: one descriptor kept open to give
