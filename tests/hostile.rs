@@ -525,9 +525,15 @@ fn try_client(addr: &str) -> Result<RawClient, Vec<u8>> {
 fn a_low_open_file_limit_lowers_max_clients_and_refuses_promptly() {
     let redis = RedisServer::start();
     let rf = Limited::start(256, &["--upstream", &redis.addr()]);
-    let line = rf
-        .log_line("max_clients lowered")
-        .expect("the log says max_clients was lowered");
+    let mut line = None;
+    assert!(
+        wait_until(secs(5), || {
+            line = rf.log_line("max_clients lowered");
+            line.is_some()
+        }),
+        "the log says max_clients was lowered"
+    );
+    let line = line.unwrap();
     let derived: usize = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("max_clients="))
@@ -541,15 +547,21 @@ fn a_low_open_file_limit_lowers_max_clients_and_refuses_promptly() {
     for _ in 0..300 {
         conns.push(TcpStream::connect(&rf.addr).expect("connect"));
     }
+    // A refused client has its error at once; a served one has nothing to read.
+    thread::sleep(ms(300));
     let mut served = Vec::new();
     let mut refused = 0;
     for mut s in conns {
-        s.set_read_timeout(Some(ms(200))).unwrap();
+        s.set_nonblocking(true).unwrap();
         let mut buf = [0u8; 64];
         match s.read(&mut buf) {
             Ok(n) if &buf[..n] == MAX_CLIENTS_ERR => refused += 1,
             Ok(n) => panic!("unexpected {}", esc(&buf[..n])),
-            Err(_) => served.push(s), // nothing to say: a served, idle client
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                s.set_nonblocking(false).unwrap();
+                served.push(s);
+            }
+            Err(e) => panic!("{e}"),
         }
     }
     assert_eq!(served.len(), derived, "clients served");
