@@ -360,8 +360,10 @@ impl Degrade {
     }
 
     /// The answer for a request the upstream cannot serve: from the cache, by a miss reply,
-    /// or by a fail-open rule.
-    pub fn reply(
+    /// or by a fail-open rule. Async for the `queue` rule only: its reply waits until the
+    /// write is in the journal (on the journal's disk thread); every other answer is ready
+    /// at once.
+    pub async fn reply(
         &self,
         view: ClientView,
         credentials: Option<&Arc<Credentials>>,
@@ -396,6 +398,7 @@ impl Degrade {
                 match self
                     .queue
                     .append(db, view.identity, credentials.cloned(), req.raw.clone())
+                    .await
                 {
                     Ok(_) => {
                         self.count(name, rule);

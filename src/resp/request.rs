@@ -1,21 +1,38 @@
 //! Client request framing: where a request ends, with Redis's limits and error texts.
 //!
 //! A request is split into argument slices that share the read buffer (`Bytes::slice`), and
-//! its original bytes travel upstream unchanged. Limits are checked on the length headers
-//! before anything is buffered or reserved, so a hostile `$999999999999` or `*2147483647`
-//! costs a header parse and an error, nothing more. Error texts match Redis's
-//! (`Protocol error: invalid bulk length` ...) so that clients that match on them keep
-//! working.
+//! its original bytes travel upstream unchanged. Limits are checked on the length headers,
+//! and nothing is ever reserved or allocated from a declared length: a hostile
+//! `$999999999` or `*2147483647` costs a header parse, and what a client can make redfuse
+//! hold is bounded by the bytes it actually sends (and by `max_bulk_len` per argument).
+//! [`Framer`] remembers how far it got in a partial request, so a large array or a slow
+//! client is walked once, not once per read.
+//!
+//! The limits and error texts are Redis 7.0's (`networking.c`): a multibulk may have up to
+//! `INT_MAX` elements and a bulk up to `proto-max-bulk-len` (512 MiB); a client that has not
+//! authenticated where authentication is required ([`Peer::Unauthenticated`]) may send at
+//! most 10 elements and 16 KiB per bulk (`Protocol error: unauthenticated multibulk
+//! length`, `... bulk length`). Lengths are read like Redis's `string2ll` (no sign, no
+//! leading zeros, no spaces). redfuse is at least as strict as Redis everywhere, so a frame
+//! it forwards is read by Redis exactly as redfuse read it; where Redis is laxer (it skips
+//! the two bytes after a bulk without looking at them) redfuse refuses.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::{parse_int, put_line};
+use super::put_line;
 
-/// Bounds on what a client may send, checked before anything is buffered or allocated.
+/// Redis's `PROTO_INLINE_MAX_SIZE`: the longest header or inline line looked for.
+const MAX_LINE: usize = 64 * 1024;
+
+/// Bounds on what a client may send, checked on the length headers, before anything is
+/// buffered for them.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Longest bulk string (`max_bulk_len`, Redis's `proto-max-bulk-len`; 512 MiB).
     pub max_bulk_len: usize,
+    /// Most elements in a request (`max_array_len`; Redis's `INT_MAX` by default).
     pub max_array_len: usize,
+    /// Longest inline command line (Redis: 64 KiB).
     pub max_inline_len: usize,
 }
 
@@ -23,10 +40,28 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_bulk_len: 512 * 1024 * 1024,
-            max_array_len: 1024 * 1024,
-            max_inline_len: 64 * 1024,
+            max_array_len: i32::MAX as usize,
+            max_inline_len: MAX_LINE,
         }
     }
+}
+
+impl Limits {
+    /// Most elements Redis accepts from a client that has not authenticated.
+    pub const UNAUTHENTICATED_MAX_ARRAY_LEN: i64 = 10;
+    /// Longest bulk Redis accepts from a client that has not authenticated.
+    pub const UNAUTHENTICATED_MAX_BULK_LEN: i64 = 16384;
+}
+
+/// Whether the client has authenticated, which changes Redis's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Peer {
+    /// Authenticated, or no authentication is required: the configured [`Limits`].
+    #[default]
+    Authenticated,
+    /// Authentication is required and the client has not given it yet: at most 10
+    /// elements and 16 KiB per bulk, with Redis's own error texts.
+    Unauthenticated,
 }
 
 /// A malformed frame. The message is the text after `Protocol error: `.
@@ -89,78 +124,240 @@ pub(crate) fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
-/// Takes the next complete request out of `buf`.
+/// Reads a length header the way Redis's `string2ll` does: an optional `-`, then either
+/// `0` alone or a digit 1-9 followed by digits, within `i64`. No `+`, no spaces, no leading
+/// zeros, no `-0`.
+fn parse_len(s: &[u8]) -> Option<i64> {
+    let (neg, digits) = match s.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, s),
+    };
+    match digits {
+        [b'0'] if !neg => return Some(0),
+        [b'1'..=b'9', ..] => {}
+        _ => return None,
+    }
+    let mut v: u64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    if neg {
+        if v > i64::MAX as u64 + 1 {
+            return None;
+        }
+        Some((v as i64).wrapping_neg())
+    } else {
+        i64::try_from(v).ok()
+    }
+}
+
+/// `expected '$', got 'x'` as Redis writes it: a CR or LF shows as a space.
+fn expected_dollar(got: u8) -> ProtocolError {
+    let shown = match got {
+        b'\r' | b'\n' => ' ',
+        b => b as char,
+    };
+    perr(format!("expected '$', got '{shown}'"))
+}
+
+/// Takes the next complete request out of `buf`, as an authenticated client.
 ///
-/// Returns `Ok(None)` when more bytes are needed (after reserving room for a large bulk whose
-/// length has been checked), and skips empty inline lines and `*0`/`*-1` arrays as Redis does.
+/// Stateless: it walks `buf` from its start on every call. Fine for a buffer that holds
+/// whole frames (a journal entry, a test); a connection uses a [`Framer`], which resumes.
 pub fn parse_request(
     buf: &mut BytesMut,
     limits: &Limits,
 ) -> Result<Option<Request>, ProtocolError> {
-    loop {
-        if buf.is_empty() {
-            return Ok(None);
-        }
-        if buf[0] != b'*' {
-            match parse_inline(buf, limits)? {
-                InlineOutcome::Incomplete => return Ok(None),
-                InlineOutcome::Empty => continue,
-                InlineOutcome::Request(r) => return Ok(Some(r)),
-            }
-        }
-        // Multibulk: `*<n>\r\n` followed by n bulk strings.
-        let Some(cr) = find_crlf(buf, 1) else {
-            if buf.len() > 1024 * 64 {
-                return Err(perr("too big mbulk count string"));
-            }
-            return Ok(None);
-        };
-        let count = parse_int(&buf[1..cr]).ok_or_else(|| perr("invalid multibulk length"))?;
-        if count > limits.max_array_len as i64 || count > i32::MAX as i64 {
-            return Err(perr("invalid multibulk length"));
-        }
-        if count <= 0 {
-            buf.advance(cr + 2);
-            continue;
-        }
-        let count = count as usize;
-        let mut pos = cr + 2;
-        // Offsets of each argument, collected before any allocation sized by `count`.
-        let mut spans: Vec<(usize, usize)> = Vec::with_capacity(count.min(64));
-        for _ in 0..count {
-            if pos >= buf.len() {
-                return Ok(None);
-            }
-            if buf[pos] != b'$' {
-                return Err(perr(format!("expected '$', got '{}'", buf[pos] as char)));
-            }
-            let Some(cr) = find_crlf(buf, pos + 1) else {
-                if buf.len() - pos > 1024 * 64 {
-                    return Err(perr("too big bulk count string"));
+    Framer::new().next(buf, limits, Peer::Authenticated)
+}
+
+/// Splits a client's byte stream into requests, resuming where the previous call stopped.
+///
+/// Call [`Framer::next`] with the connection's whole unconsumed buffer each time (bytes are
+/// only ever appended to it between calls); it returns `Ok(None)` when more bytes are
+/// needed, and skips empty inline lines and `*0`/`*-1` arrays as Redis does. Its state is
+/// the position reached in the current request and one span per argument already read, so
+/// it costs memory in proportion to the bytes received, whatever the declared lengths.
+#[derive(Debug, Default)]
+pub struct Framer {
+    /// Where the unread part of the current request starts in the buffer.
+    pos: usize,
+    /// Elements still expected in the current multibulk; 0 between requests.
+    remaining: u64,
+    /// The length of the bulk whose header has been read, while waiting for its bytes.
+    bulk: Option<usize>,
+    /// The arguments read so far, as ranges of the buffer.
+    spans: Vec<(usize, usize)>,
+    /// How far the line being looked for (a header or an inline command) was searched
+    /// without finding its end.
+    searched: usize,
+}
+
+impl Framer {
+    pub fn new() -> Framer {
+        Framer::default()
+    }
+
+    /// Forgets a partial request (the buffer it pointed into was discarded).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+        self.remaining = 0;
+        self.bulk = None;
+        self.spans.clear();
+        self.searched = 0;
+    }
+
+    /// Bytes of `buf` that belong to a request not yet complete.
+    pub fn partial_len(&self) -> usize {
+        self.pos
+    }
+
+    /// The next complete request in `buf`, with Redis's limits for `peer`.
+    pub fn next(
+        &mut self,
+        buf: &mut BytesMut,
+        limits: &Limits,
+        peer: Peer,
+    ) -> Result<Option<Request>, ProtocolError> {
+        loop {
+            if self.remaining == 0 {
+                if buf.is_empty() {
+                    return Ok(None);
                 }
-                return Ok(None);
-            };
-            let len = parse_int(&buf[pos + 1..cr]).ok_or_else(|| perr("invalid bulk length"))?;
-            if len < 0 || len > limits.max_bulk_len as i64 {
-                return Err(perr("invalid bulk length"));
+                if buf[0] != b'*' {
+                    match self.inline(buf, limits)? {
+                        InlineOutcome::Incomplete => return Ok(None),
+                        InlineOutcome::Empty => continue,
+                        InlineOutcome::Request(r) => return Ok(Some(r)),
+                    }
+                }
+                // Multibulk: `*<n>\r\n` followed by n bulk strings.
+                let Some(cr) = self.line_end(buf, 1) else {
+                    if buf.len() > MAX_LINE {
+                        return Err(perr("too big mbulk count string"));
+                    }
+                    return Ok(None);
+                };
+                let count = match parse_len(&buf[1..cr]) {
+                    Some(n) if n <= i64::from(i32::MAX) => n,
+                    _ => return Err(perr("invalid multibulk length")),
+                };
+                if peer == Peer::Unauthenticated && count > Limits::UNAUTHENTICATED_MAX_ARRAY_LEN {
+                    return Err(perr("unauthenticated multibulk length"));
+                }
+                if count > 0 && count as u64 > limits.max_array_len as u64 {
+                    return Err(perr("invalid multibulk length"));
+                }
+                if count <= 0 {
+                    buf.advance(cr + 2);
+                    continue;
+                }
+                self.remaining = count as u64;
+                self.pos = cr + 2;
+                self.spans.clear();
             }
-            let len = len as usize;
-            let start = cr + 2;
-            let end = start + len;
-            if end + 2 > buf.len() {
-                // The length is checked: reserving for it avoids repeated doubling of a large value.
-                buf.reserve(end + 2 - buf.len());
-                return Ok(None);
+            while self.remaining > 0 {
+                let Some(len) = self.bulk else {
+                    if self.pos >= buf.len() {
+                        return Ok(None);
+                    }
+                    if buf[self.pos] != b'$' {
+                        return Err(expected_dollar(buf[self.pos]));
+                    }
+                    let Some(cr) = self.line_end(buf, self.pos + 1) else {
+                        if buf.len() - self.pos > MAX_LINE {
+                            return Err(perr("too big bulk count string"));
+                        }
+                        return Ok(None);
+                    };
+                    let len = match parse_len(&buf[self.pos + 1..cr]) {
+                        Some(n) if n >= 0 && n as u64 <= limits.max_bulk_len as u64 => n,
+                        _ => return Err(perr("invalid bulk length")),
+                    };
+                    if peer == Peer::Unauthenticated && len > Limits::UNAUTHENTICATED_MAX_BULK_LEN {
+                        return Err(perr("unauthenticated bulk length"));
+                    }
+                    self.bulk = Some(len as usize);
+                    self.pos = cr + 2;
+                    continue;
+                };
+                // Nothing is reserved for the declared length: the buffer grows with what
+                // actually arrives.
+                let end = self.pos + len;
+                if buf.len() < end + 2 {
+                    return Ok(None);
+                }
+                if &buf[end..end + 2] != b"\r\n" {
+                    return Err(perr("invalid bulk length"));
+                }
+                self.spans.push((self.pos, end));
+                self.pos = end + 2;
+                self.bulk = None;
+                self.remaining -= 1;
             }
-            if &buf[end..end + 2] != b"\r\n" {
-                return Err(perr("invalid bulk length"));
+            let raw = buf.split_to(self.pos).freeze();
+            let args = self.spans.iter().map(|&(s, e)| raw.slice(s..e)).collect();
+            self.pos = 0;
+            self.spans.clear();
+            if self.spans.capacity() > 1024 {
+                self.spans = Vec::new();
             }
-            spans.push((start, end));
-            pos = end + 2;
+            return Ok(Some(Request { raw, args }));
         }
-        let raw = buf.split_to(pos).freeze();
-        let args = spans.into_iter().map(|(s, e)| raw.slice(s..e)).collect();
-        return Ok(Some(Request { raw, args }));
+    }
+
+    /// Finds the `\r\n` ending the header line that starts before `from`, resuming the
+    /// search where the last call gave up.
+    fn line_end(&mut self, buf: &[u8], from: usize) -> Option<usize> {
+        // Back one byte: a `\r` at the end of the searched part may meet its `\n` now.
+        let start = self.searched.saturating_sub(1).max(from);
+        match find_crlf(buf, start) {
+            Some(cr) => {
+                self.searched = 0;
+                Some(cr)
+            }
+            None => {
+                self.searched = buf.len();
+                None
+            }
+        }
+    }
+
+    fn inline(
+        &mut self,
+        buf: &mut BytesMut,
+        limits: &Limits,
+    ) -> Result<InlineOutcome, ProtocolError> {
+        let from = self.searched.min(buf.len());
+        let Some(nl) = buf[from..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|i| i + from)
+        else {
+            if buf.len() > limits.max_inline_len {
+                return Err(perr("too big inline request"));
+            }
+            self.searched = buf.len();
+            return Ok(InlineOutcome::Incomplete);
+        };
+        self.searched = 0;
+        if nl > limits.max_inline_len {
+            return Err(perr("too big inline request"));
+        }
+        let line = buf.split_to(nl + 1);
+        let mut content = &line[..nl];
+        if content.last() == Some(&b'\r') {
+            content = &content[..content.len() - 1];
+        }
+        let args =
+            split_inline_args(content).ok_or_else(|| perr("unbalanced quotes in request"))?;
+        if args.is_empty() {
+            return Ok(InlineOutcome::Empty);
+        }
+        Ok(InlineOutcome::Request(Request::from_args(args)))
     }
 }
 
@@ -168,28 +365,6 @@ enum InlineOutcome {
     Incomplete,
     Empty,
     Request(Request),
-}
-
-fn parse_inline(buf: &mut BytesMut, limits: &Limits) -> Result<InlineOutcome, ProtocolError> {
-    let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
-        if buf.len() > limits.max_inline_len {
-            return Err(perr("too big inline request"));
-        }
-        return Ok(InlineOutcome::Incomplete);
-    };
-    if nl > limits.max_inline_len {
-        return Err(perr("too big inline request"));
-    }
-    let line = buf.split_to(nl + 1);
-    let mut content = &line[..nl];
-    if content.last() == Some(&b'\r') {
-        content = &content[..content.len() - 1];
-    }
-    let args = split_inline_args(content).ok_or_else(|| perr("unbalanced quotes in request"))?;
-    if args.is_empty() {
-        return Ok(InlineOutcome::Empty);
-    }
-    Ok(InlineOutcome::Request(Request::from_args(args)))
 }
 
 /// Splits an inline command line like Redis's `sdssplitargs`: whitespace separated, with
@@ -388,6 +563,162 @@ mod tests {
         let mut buf = BytesMut::from(&b"*1\r\n$99999999999\r\n"[..]);
         assert!(parse_request(&mut buf, &limits).is_err());
         assert!(buf.capacity() < 1024);
+    }
+
+    #[test]
+    fn lengths_are_read_like_redis_string2ll() {
+        for (input, msg) in [
+            (&b"*01\r\n"[..], "invalid multibulk length"),
+            (b"*+1\r\n", "invalid multibulk length"),
+            (b"* 1\r\n", "invalid multibulk length"),
+            (b"*1 \r\n", "invalid multibulk length"),
+            (b"*\r\n", "invalid multibulk length"),
+            (b"*2147483648\r\n", "invalid multibulk length"),
+            (b"*9223372036854775808\r\n", "invalid multibulk length"),
+            (b"*1\r\n$-0\r\n", "invalid bulk length"),
+            (b"*1\r\n$03\r\nabc\r\n", "invalid bulk length"),
+            (b"*1\r\n$\r\n", "invalid bulk length"),
+            (b"*1\r\n$-2147483648\r\n", "invalid bulk length"),
+            (b"*1\r\n$536870913\r\n", "invalid bulk length"),
+            (b"*1\r\n\r\n", "expected '$', got ' '"),
+        ] {
+            let mut buf = BytesMut::from(input);
+            assert_eq!(
+                parse_request(&mut buf, &Limits::default()).unwrap_err().0,
+                msg,
+                "{}",
+                input.escape_ascii()
+            );
+        }
+        assert_eq!(parse_len(b"0"), Some(0));
+        assert_eq!(parse_len(b"-9223372036854775808"), Some(i64::MIN));
+        assert_eq!(parse_len(b"9223372036854775807"), Some(i64::MAX));
+        assert_eq!(parse_len(b"-"), None);
+        // Negative counts are skipped like `*0`, as Redis does.
+        assert_eq!(
+            parse_all(b"*-5\r\n*-9223372036854775808\r\nPING\r\n")
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn unauthenticated_clients_get_redis_tighter_limits() {
+        let limits = Limits::default();
+        let run = |input: &[u8], peer| {
+            let mut buf = BytesMut::from(input);
+            Framer::new().next(&mut buf, &limits, peer)
+        };
+        let ten = encode_command(&["DEL"; 10]);
+        assert!(run(&ten, Peer::Unauthenticated).unwrap().is_some());
+        let eleven = encode_command(&["DEL"; 11]);
+        assert_eq!(
+            run(&eleven, Peer::Unauthenticated).unwrap_err().0,
+            "unauthenticated multibulk length"
+        );
+        assert!(run(&eleven, Peer::Authenticated).unwrap().is_some());
+        assert_eq!(
+            run(b"*2147483647\r\n", Peer::Unauthenticated)
+                .unwrap_err()
+                .0,
+            "unauthenticated multibulk length"
+        );
+        let at_limit = encode_command(&[&b"AUTH"[..], &[b'x'; 16384]]);
+        assert!(run(&at_limit, Peer::Unauthenticated).unwrap().is_some());
+        assert_eq!(
+            run(b"*2\r\n$4\r\nAUTH\r\n$16385\r\n", Peer::Unauthenticated)
+                .unwrap_err()
+                .0,
+            "unauthenticated bulk length"
+        );
+        // Redis checks the hard limits first.
+        assert_eq!(
+            run(b"*2147483648\r\n", Peer::Unauthenticated)
+                .unwrap_err()
+                .0,
+            "invalid multibulk length"
+        );
+        assert_eq!(
+            run(b"*1\r\n$-1\r\n", Peer::Unauthenticated).unwrap_err().0,
+            "invalid bulk length"
+        );
+    }
+
+    #[test]
+    fn declared_lengths_cost_nothing_until_the_bytes_arrive() {
+        let mut framer = Framer::new();
+        let mut buf = BytesMut::with_capacity(64);
+        buf.extend_from_slice(b"*2147483647\r\n$536870912\r\nabc");
+        assert!(
+            framer
+                .next(&mut buf, &Limits::default(), Peer::Authenticated)
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            buf.capacity(),
+            64,
+            "nothing reserved for the declared sizes"
+        );
+        assert!(framer.spans.capacity() <= 64);
+    }
+
+    #[test]
+    fn a_million_element_command_is_accepted_and_read_once() {
+        // SADD with 1.1M members: more than the old 1M cap, well within Redis's.
+        let n = 1_100_000;
+        let mut input = Vec::with_capacity(n * 16);
+        input.extend_from_slice(format!("*{}\r\n$4\r\nSADD\r\n$1\r\ns\r\n", n + 2).as_bytes());
+        for i in 0..n {
+            let m = i.to_string();
+            input.extend_from_slice(format!("${}\r\n{m}\r\n", m.len()).as_bytes());
+        }
+        // Arriving in 64 KiB reads: each read is walked once.
+        let mut framer = Framer::new();
+        let mut buf = BytesMut::new();
+        let mut got = None;
+        for chunk in input.chunks(64 * 1024) {
+            buf.extend_from_slice(chunk);
+            if let Some(r) = framer
+                .next(&mut buf, &Limits::default(), Peer::Authenticated)
+                .unwrap()
+            {
+                got = Some(r);
+            }
+        }
+        let r = got.expect("complete");
+        assert_eq!(r.args.len(), n + 2);
+        assert_eq!(&r.args[n + 1][..], (n - 1).to_string().as_bytes());
+        assert_eq!(r.raw.len(), input.len());
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_frame_fed_one_byte_at_a_time_resumes_at_every_point() {
+        let mut input = encode_command(&["SET", "key", "a value\r\nwith CRLF"]).to_vec();
+        input.extend_from_slice(b"GET 'inline key'\r\n*0\r\n");
+        input.extend_from_slice(&encode_command(&["PING"]));
+        let want: Vec<Vec<Bytes>> = {
+            let mut buf = BytesMut::from(&input[..]);
+            std::iter::from_fn(|| parse_request(&mut buf, &Limits::default()).unwrap())
+                .map(|r| r.args)
+                .collect()
+        };
+        assert_eq!(want.len(), 3);
+        let mut framer = Framer::new();
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for &b in &input {
+            buf.extend_from_slice(&[b]);
+            while let Some(r) = framer
+                .next(&mut buf, &Limits::default(), Peer::Authenticated)
+                .unwrap()
+            {
+                got.push(r.args);
+            }
+        }
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -1,20 +1,42 @@
 //! The client listener: accept, enforce the connection limit, run each client in its own
 //! task and tracing span, and drain on shutdown.
 //!
-//! A refused client gets Redis's own `max number of clients reached` error. On shutdown
-//! the listener stops accepting, tells sessions to stop reading, and waits for their
-//! in-flight replies up to the drain deadline.
+//! A refused client gets Redis's own `max number of clients reached` error. The limit is
+//! `max_clients`, lowered to what the open file limit allows ([`fdlimit`]); should accept
+//! still run out of descriptors, a spare one is given up for a moment so that the client
+//! gets the same error and a close rather than a connection that hangs (Redis's trick).
+//! On shutdown the listener stops accepting, tells sessions to stop reading, and waits for
+//! their in-flight replies up to the drain deadline.
+
+pub mod checks;
+pub mod fdlimit;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::{Server, session};
+
+const MAX_CLIENTS: &[u8] = b"-ERR max number of clients reached\r\n";
+
+/// Redis's answer to a client over the limit: the error, then a close. Written at once
+/// when the socket takes it (a fresh socket nearly always does), so that a burst of
+/// refused clients does not hold descriptors.
+fn refuse(stream: TcpStream) {
+    if stream.try_write(MAX_CLIENTS).ok() == Some(MAX_CLIENTS.len()) {
+        return;
+    }
+    let mut stream = stream;
+    tokio::spawn(async move {
+        let _ = stream.write_all(MAX_CLIENTS).await;
+        let _ = stream.shutdown().await;
+    });
+}
 
 /// Accepts clients until `shutdown` turns true, then drains within the configured deadline.
 pub async fn serve(
@@ -22,7 +44,10 @@ pub async fn serve(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let limit = Arc::new(Semaphore::new(server.config.max_clients));
+    fdlimit::set_backlog(&listener, fdlimit::TCP_BACKLOG);
+    let budget = fdlimit::apply(&server.config);
+    let limit = Arc::new(Semaphore::new(budget.max_clients));
+    let mut spare = fdlimit::SpareFd::open();
     let mut sessions = JoinSet::new();
     loop {
         while sessions.try_join_next().is_some() {}
@@ -30,23 +55,29 @@ pub async fn serve(
             r = listener.accept() => r,
             _ = shutdown.changed() => break,
         };
-        let (mut stream, peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(a) => a,
+            Err(e) if fdlimit::is_out_of_fds(&e) && spare.release() => {
+                // The client waiting in the backlog gets the error instead of a hang.
+                warn!("accept failed: {e}; refusing a client with the max clients error");
+                match fdlimit::refuse_pending(&listener, MAX_CLIENTS) {
+                    Ok(()) => server.metrics.client_rejected_total.inc(),
+                    Err(e) => warn!("cannot refuse the client: {e}"),
+                }
+                spare.reopen();
+                continue;
+            }
             Err(e) => {
                 // Out of file descriptors and similar: back off briefly instead of spinning.
                 warn!("accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                spare.reopen();
                 continue;
             }
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             server.metrics.client_rejected_total.inc();
-            tokio::spawn(async move {
-                let _ = stream
-                    .write_all(b"-ERR max number of clients reached\r\n")
-                    .await;
-                let _ = stream.shutdown().await;
-            });
+            refuse(stream);
             continue;
         };
         let id = server.next_client_id();

@@ -24,7 +24,8 @@ use crate::command::{Classified, UNKNOWN, classify};
 use crate::degrade::{ClientView, Origin};
 use crate::effect::OutputBudget;
 use crate::error::{Error, UpstreamError, error_reply};
-use crate::resp::{Request, parse_request, reply};
+use crate::resp::request::{Framer, Peer};
+use crate::resp::{Request, reply};
 
 /// Whether the read loop goes on after a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -158,9 +159,15 @@ impl Session {
         let limits = self.server.config.limits;
         let idle = self.server.config.idle_timeout;
         let mut buf = BytesMut::with_capacity(16 * 1024);
+        let mut framer = Framer::new();
         loop {
             loop {
-                match parse_request(&mut buf, &limits) {
+                // Redis's tighter limits until the client authenticates (when it must).
+                let peer = match self.state.auth {
+                    Auth::Required => Peer::Unauthenticated,
+                    _ => Peer::Authenticated,
+                };
+                match framer.next(&mut buf, &limits, peer) {
                     Ok(Some(req)) => {
                         let cls = classify(&req.args);
                         let quit = cls.is(crate::command::ids::QUIT);
@@ -309,7 +316,8 @@ impl Session {
         let (reply, origin) = self
             .server
             .degrade
-            .reply(self.view(), credentials, req, cls, &err);
+            .reply(self.view(), credentials, req, cls, &err)
+            .await;
         self.push(Slot {
             command: cls.id,
             kind: SlotKind::Ready(reply, origin),

@@ -17,10 +17,11 @@
 //! # Memory and disk
 //!
 //! Every queued entry lives in memory (a `VecDeque` of [`Bytes`] frames, so a
-//! peek is a cheap reference-count bump). With `journal_path` set, each change
-//! is also written to an append-only file *before* memory changes, so a write
-//! is only accepted once it is in the file; after a restart [`Journal::open`]
-//! rebuilds the queue from the file. The file is only ever read at start-up.
+//! peek is a cheap reference-count bump). With `journal_path` set, each entry
+//! is also written to an append-only file *before* it becomes visible in
+//! memory, so a write is only accepted once it is in the file; after a restart
+//! [`Journal::open`] rebuilds the queue from the file. The file is only ever
+//! read at start-up.
 //!
 //! Why append-only: appending is the one write pattern where a crash can only
 //! damage the end of the file (the record being written), which recovery can
@@ -40,14 +41,34 @@
 //!   directory is fsynced. This costs O(live bytes) and happens at most once
 //!   per that many acked bytes, so it stays amortised O(1) per entry.
 //!
-//! A restart therefore never replays an acked entry (the marker or the
-//! compaction removed it before `ack` returned, subject to the fsync policy)
-//! and never loses an unacked one (its record was written before `append`
-//! returned).
+//! A restart therefore never loses an unacked entry (its record was written
+//! before `append` returned) and replays an acked one only if redfuse died
+//! between the ack and its marker reaching the file (see *Disk thread*).
 //!
 //! The file is locked exclusively ([`File::try_lock`]) while open: two
 //! redfuse processes appending to one journal would interleave records and
 //! replay each other's writes.
+//!
+//! # Disk thread
+//!
+//! All file I/O (appends, markers, fsyncs, truncation, compaction) runs on one
+//! dedicated thread per journal, never on the event loop: a slow or stalled
+//! disk delays only the clients whose writes are waiting for it.
+//!
+//! * [`Journal::append`] reserves the entry's seq and its room under the caps
+//!   (a short lock, no I/O), hands the record to the disk thread and waits for
+//!   it: the future resolves once the record is in the file (fsynced under
+//!   `always`), and only then is the entry visible to [`Journal::peek`]. The
+//!   client's reply waits for the disk; other clients do not. Appends waiting
+//!   together are written together and share one fsync (group commit).
+//! * [`Journal::ack`] removes the entries from memory at once and queues the
+//!   marker without waiting for it. The disk thread writes jobs in the order
+//!   they were queued, so a marker is always in the file before any record
+//!   appended after it. If a marker cannot be written, the next `ack` returns
+//!   the error (the entries have left memory either way, as they were
+//!   delivered). A redfuse crash between an ack and the write of its marker
+//!   (microseconds) replays that entry again after the restart: delivery is at
+//!   least once, as above.
 //!
 //! # File format (version 1, all integers little-endian)
 //!
@@ -57,6 +78,7 @@
 //! record = len u32 | kind u32 | db u32 | seq u64 | checksum u64 | frame (len bytes)
 //! kind   = 1: entry, frame is the client's RESP command exactly as sent
 //!          2: ack marker, len = 0 and db = 0, every entry with seq <= `seq` is acked
+//!          3: entry with identity, frame is name_len u16 | name | command
 //! checksum = FNV-1a 64 over the first 20 header bytes (len, kind, db, seq) then the frame
 //! ```
 //!
@@ -64,7 +86,7 @@
 //! the first record. Entry seqs are strictly increasing within a file and carry
 //! on after a restart; once the file has been truncated empty they may start
 //! again at 1, which is harmless since an ack only ever names a seq the same
-//! process handed out.
+//! process handed out. A write the disk refused leaves a gap in the seqs.
 //!
 //! # Recovery and corruption
 //!
@@ -74,53 +96,62 @@
 //! bytes actually left in the file before anything is allocated.
 //!
 //! * **Torn tail** (a crash mid-append): an incomplete record header, a record
-//!   running past the end of the file, a bad checksum on the *last* record, or
-//!   a zero-filled tail (some filesystems extend the size before the data
-//!   reaches disk) is cut off with a `warn` log; the records before it are kept.
-//!   A partial header from a crash while the file was being created is cut off
-//!   the same way.
+//!   running past the end of the file, or a zero-filled tail (some filesystems
+//!   extend the size before the data reaches disk; this includes a full-length
+//!   last record whose bytes end in zeros, which no complete record does:
+//!   entry frames end in `\n`) is cut off with a `warn` log; the records before
+//!   it are kept. A partial header from a crash while the file was being
+//!   created is cut off the same way. None of these can hold a write a client
+//!   was told had succeeded: its record was not complete.
+//! * **A corrupt complete record** (the last record is all there but its
+//!   checksum does not match and it does not end in zeros: a flipped bit, not
+//!   a crash mid-write) is treated like damage in the middle, below: it may be
+//!   a write a client was told had succeeded, so redfuse refuses to start
+//!   rather than silently drop it. (Quarantining it and starting anyway was the
+//!   alternative; refusing keeps one rule for every damaged complete record,
+//!   and the error says how to keep the records before it.)
 //! * **Damage in the middle** (a bad checksum or impossible header with valid
 //!   data after it, seqs out of order, a foreign magic or an unknown version):
 //!   [`Journal::open`] fails with [`JournalError::Corrupt`] naming the offset,
 //!   and the file is left untouched. Guessing would either replay garbage or
 //!   silently discard writes clients were told had succeeded; an operator can
-//!   inspect the file and move it aside to start with an empty queue. With
+//!   inspect the file, cut it at the offset (`truncate -s OFFSET`) to keep the
+//!   records before it, or move it aside to start with an empty queue. With
 //!   `fsync = "always"` this needs real disk damage; with the other policies a
 //!   machine crash can also cause it, because the OS may write pages back out
 //!   of order.
 //!
 //! # fsync policy
 //!
-//! * `always`: every append and ack marker is fsynced (`fdatasync`) before the
-//!   call returns. Nothing acknowledged to a client is lost even if the machine
-//!   crashes, at the cost of one disk flush per queued write (milliseconds on
-//!   spinning disks, far less on SSDs with power-loss protection).
-//! * `everysec` (default): an append or ack fsyncs when at least a second has
-//!   passed since the last fsync, and [`Journal::spawn_sync_task`] (or any
-//!   caller of [`Journal::sync`]) flushes a quiet journal. A machine crash
-//!   loses about the last second; a redfuse crash or restart loses nothing,
-//!   since the data is already in the OS page cache.
+//! * `always`: every append and ack marker is fsynced (`fdatasync`) by the disk
+//!   thread; an append's future resolves only after its fsync. Nothing
+//!   acknowledged to a client is lost even if the machine crashes, at the cost
+//!   of one disk flush per batch of queued writes (milliseconds on spinning
+//!   disks, far less on SSDs with power-loss protection).
+//! * `everysec` (default): the disk thread fsyncs after a write when at least a
+//!   second has passed since the last fsync, and [`Journal::spawn_sync_task`]
+//!   (or any caller of [`Journal::sync`]) flushes a quiet journal. A machine
+//!   crash loses about the last second; a redfuse crash or restart loses
+//!   nothing, since the data is already in the OS page cache.
 //! * `never`: flushing is left to the OS. Still safe across redfuse restarts.
 //!
 //! Truncating an emptied journal and compaction are always fsynced: they are
 //! rare, and without it a crash could resurrect acked entries.
-//!
-//! All file I/O happens under the journal's mutex, so it blocks the calling
-//! thread (including a tokio worker) for the duration of the write and any
-//! fsync; callers on a hot path with `fsync = "always"` may prefer
-//! `spawn_blocking`. No lock is held across an `.await`.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde::Deserialize;
+use tokio::sync::oneshot;
 
 /// Largest frame one record may hold, matching Redis's own `proto-max-bulk-len`
 /// default. Recovery never allocates more than this for one record.
@@ -141,6 +172,8 @@ const KIND_ENTRY_AS: u32 = 3;
 /// journals are not rewritten on every ack.
 const COMPACT_SLACK: u64 = 1024 * 1024;
 const EVERYSEC: Duration = Duration::from_secs(1);
+/// Most appends the disk thread writes under one fsync.
+const MAX_BATCH: usize = 1024;
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -200,13 +233,75 @@ impl WriteQueueConfig {
         }
         Ok(())
     }
+
+    /// Whether `journal_path` can be used on this machine, for `--check-config`:
+    /// its directory exists and is writable, and the file, if it exists, is a
+    /// regular file redfuse can read and write. Leaves nothing behind: the
+    /// directory is probed with a uniquely named file removed at once. The
+    /// error starts with `journal_path`.
+    pub fn check_journal_path(&self) -> Result<(), String> {
+        let Some(path) = &self.journal_path else {
+            return Ok(());
+        };
+        let shown = path.display();
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        match fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(format!(
+                    "journal_path `{shown}`: `{}` is not a directory",
+                    dir.display()
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "journal_path `{shown}`: directory `{}` is not usable: {e}",
+                    dir.display()
+                ));
+            }
+        }
+        match fs::metadata(path) {
+            Ok(m) if !m.is_file() => {
+                return Err(format!("journal_path `{shown}` is not a regular file"));
+            }
+            Ok(_) => {
+                OpenOptions::new()
+                    .read(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| format!("journal_path `{shown}` cannot be opened: {e}"))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("journal_path `{shown}`: {e}")),
+        }
+        static PROBES: AtomicU64 = AtomicU64::new(0);
+        let probe = dir.join(format!(
+            ".redfuse-check-{}-{}",
+            std::process::id(),
+            PROBES.fetch_add(1, Ordering::Relaxed)
+        ));
+        match OpenOptions::new().write(true).create_new(true).open(&probe) {
+            Ok(f) => {
+                drop(f);
+                let _ = fs::remove_file(&probe);
+                Ok(())
+            }
+            Err(e) => Err(format!(
+                "journal_path `{shown}`: directory `{}` is not writable: {e}",
+                dir.display()
+            )),
+        }
+    }
 }
 
 /// When the journal file is fsynced; see the module docs for the trade-offs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum FsyncPolicy {
-    /// Before every append and ack returns.
+    /// Before every append completes, and after every ack marker.
     Always,
     /// At most once a second.
     #[default]
@@ -275,42 +370,91 @@ pub enum JournalError {
 
 /// The ordered, bounded queue of writes waiting for the primary.
 ///
-/// `Send + Sync`; share it behind an `Arc`. All methods take a short
-/// `std::sync::Mutex`, held across file I/O but never across an `.await`.
+/// `Send + Sync`; share it behind an `Arc`. Methods take a short
+/// `std::sync::Mutex` and never do file I/O on the calling thread: that is
+/// the disk thread's job (see the module docs).
 pub struct Journal {
-    state: Mutex<State>,
-    /// Queued entries, readable without the lock: every client write asks whether a replay
-    /// is pending, and nearly always the answer is no.
-    depth: std::sync::atomic::AtomicUsize,
+    shared: Arc<Shared>,
+    /// The disk thread, when the journal has a file.
+    disk: Option<DiskThread>,
     max_bytes: usize,
     max_entries: usize,
+}
+
+/// What the callers and the disk thread share.
+struct Shared {
+    state: Mutex<State>,
+    /// Queued entries (written or being written), readable without the lock: every client
+    /// write asks whether a replay is pending, and nearly always the answer is no.
+    depth: AtomicUsize,
+    metrics: OnceLock<WriteQueueMetrics>,
     fsync: FsyncPolicy,
-    metrics: Option<WriteQueueMetrics>,
-    compact_slack: u64,
+    /// Written since the last fsync.
+    dirty: AtomicBool,
+    /// Fsyncs done, for tests and the curious.
+    syncs: AtomicU64,
+    /// Why the last ack marker could not be written; reported by the next `ack`.
+    ack_error: Mutex<Option<JournalError>>,
+    compact_slack: AtomicU64,
 }
 
 struct State {
+    /// Entries in the file (or memory only), oldest first: what `peek` sees.
     entries: VecDeque<Entry>,
-    /// Sum of the queued frames' lengths.
+    /// Appends reserved and handed to the disk thread, not yet in `entries`.
+    pending: usize,
+    /// Sum of the queued frames' lengths, pending ones included.
     bytes: usize,
+    /// Record bytes of `entries` in the file, to decide when to compact.
+    live: u64,
     next_seq: u64,
-    disk: Option<Disk>,
+}
+
+/// The disk thread's end of the journal.
+struct DiskThread {
+    path: PathBuf,
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Work for the disk thread, done in the order it was queued.
+enum Job {
+    Append(Box<PendingAppend>),
+    /// Record that every entry up to this seq is acked.
+    Ack(u64),
+    Sync(oneshot::Sender<Result<(), JournalError>>),
+    /// Other file work that must stay off the event loop (the dead letters file).
+    Run(Box<dyn FnOnce() + Send>),
+    /// Blocks the disk thread until the sender side is dropped (tests: a stalled disk).
+    #[cfg(test)]
+    Hold(mpsc::Receiver<()>),
+    /// Moves the time of the last fsync back (tests of `everysec`).
+    #[cfg(test)]
+    Backdate(Duration),
+}
+
+struct PendingAppend {
+    entry: Entry,
+    done: oneshot::Sender<Result<(), JournalError>>,
 }
 
 impl Journal {
     /// Opens the journal, recovering the entries still pending in
     /// `journal_path` if the file exists (see the module docs for how a torn
-    /// tail and corruption are handled). Entries recovered beyond the caps
-    /// (after the caps were lowered) are kept; appends fail until they drain.
+    /// tail and corruption are handled), and starts its disk thread. Entries
+    /// recovered beyond the caps (after the caps were lowered) are kept;
+    /// appends fail until they drain.
     pub fn open(config: &WriteQueueConfig) -> Result<Journal, JournalError> {
         let mut state = State {
             entries: VecDeque::new(),
+            pending: 0,
             bytes: 0,
+            live: 0,
             next_seq: 1,
-            disk: None,
         };
+        let mut disk = None;
         if let Some(path) = &config.journal_path {
-            let (disk, recovered) = Disk::open(path)?;
+            let (file, recovered) = Disk::open(path, config.fsync)?;
             if !recovered.entries.is_empty() {
                 tracing::info!(
                     path = %path.display(),
@@ -319,40 +463,107 @@ impl Journal {
                     "write queue journal recovered pending writes"
                 );
             }
+            state.live = recovered.entries.iter().map(Entry::record_len).sum();
             state.entries = recovered.entries;
             state.bytes = recovered.bytes;
             state.next_seq = recovered.next_seq;
-            state.disk = Some(disk);
+            disk = Some(file);
         }
-        Ok(Journal {
-            depth: std::sync::atomic::AtomicUsize::new(state.entries.len()),
+        let shared = Arc::new(Shared {
+            depth: AtomicUsize::new(state.entries.len()),
             state: Mutex::new(state),
+            metrics: OnceLock::new(),
+            fsync: config.fsync,
+            dirty: AtomicBool::new(false),
+            syncs: AtomicU64::new(0),
+            ack_error: Mutex::new(None),
+            compact_slack: AtomicU64::new(COMPACT_SLACK),
+        });
+        let disk = match disk {
+            None => None,
+            Some(disk) => {
+                let path = disk.path.clone();
+                let (tx, rx) = mpsc::channel();
+                let thread_shared = shared.clone();
+                let thread = std::thread::Builder::new()
+                    .name("redfuse-journal".into())
+                    .spawn(move || disk.run(&thread_shared, rx))
+                    .map_err(|e| wrap_io(&path, "cannot start the disk thread for", e))?;
+                Some(DiskThread {
+                    path,
+                    jobs: Some(tx),
+                    thread: Some(thread),
+                })
+            }
+        };
+        Ok(Journal {
+            shared,
+            disk,
             max_bytes: config.max_bytes,
             max_entries: config.max_entries,
-            fsync: config.fsync,
-            metrics: None,
-            compact_slack: COMPACT_SLACK,
         })
     }
 
     /// Attaches metrics; the gauges are set at once and kept up to date by
     /// every later call.
-    pub fn with_metrics(mut self, metrics: WriteQueueMetrics) -> Journal {
+    pub fn with_metrics(self, metrics: WriteQueueMetrics) -> Journal {
         {
-            let state = self.lock();
-            metrics.observe(state.entries.len(), state.bytes);
+            let state = self.shared.lock();
+            metrics.observe(state.entries.len() + state.pending, state.bytes);
         }
-        self.metrics = Some(metrics);
+        let _ = self.shared.metrics.set(metrics);
         self
     }
 
-    /// Queues a write and returns its seq. The record reaches the file (and is
-    /// fsynced under `always`) before the entry is visible in memory, so an
-    /// `Ok` means a restart will replay it. On any error nothing was queued.
-    pub fn append(&self, db: u32, identity: Bytes, frame: Bytes) -> Result<u64, JournalError> {
-        let mut guard = self.lock();
+    /// Queues a write and returns its seq once the record is in the file
+    /// (fsynced under `always`); only then does the entry become visible to
+    /// [`Journal::peek`]. An `Ok` means a restart will replay it. On any error
+    /// nothing was queued. The file I/O happens on the disk thread: awaiting
+    /// this never blocks the runtime. Dropping the future does not withdraw
+    /// the write.
+    pub async fn append(
+        &self,
+        db: u32,
+        identity: Bytes,
+        frame: Bytes,
+    ) -> Result<u64, JournalError> {
+        let (seq, written) = self.reserve(db, identity, frame)?;
+        match written {
+            None => Ok(seq),
+            Some(rx) => {
+                rx.await.unwrap_or_else(|_| Err(self.thread_gone()))?;
+                Ok(seq)
+            }
+        }
+    }
+
+    /// [`Journal::append`] for threads outside the async runtime (tests).
+    /// Must not be called from within the runtime.
+    #[cfg(test)]
+    fn append_blocking(&self, db: u32, identity: Bytes, frame: Bytes) -> Result<u64, JournalError> {
+        let (seq, written) = self.reserve(db, identity, frame)?;
+        match written {
+            None => Ok(seq),
+            Some(rx) => {
+                rx.blocking_recv()
+                    .unwrap_or_else(|_| Err(self.thread_gone()))?;
+                Ok(seq)
+            }
+        }
+    }
+
+    /// Checks the caps, takes a seq and hands the record to the disk thread
+    /// (or, memory only, queues it at once).
+    #[allow(clippy::type_complexity)]
+    fn reserve(
+        &self,
+        db: u32,
+        identity: Bytes,
+        frame: Bytes,
+    ) -> Result<(u64, Option<oneshot::Receiver<Result<(), JournalError>>>), JournalError> {
+        let mut guard = self.shared.lock();
         let state = &mut *guard;
-        if state.entries.len() >= self.max_entries {
+        if state.entries.len() + state.pending >= self.max_entries {
             return Err(self.reject(Reject::Entries));
         }
         if frame.len() > MAX_FRAME_LEN - MAX_IDENTITY_LEN - 2
@@ -371,126 +582,156 @@ impl Journal {
             identity: Some(identity),
             frame,
         };
-        if let Some(disk) = state.disk.as_mut() {
-            if let Err(e) = disk.write_record(entry.kind(), db, seq, &entry.payload(), self.fsync) {
-                self.count_rejected(Reject::Io);
-                let err = disk.io_error("cannot append to", e);
-                tracing::warn!(error = %err, "write queue append failed");
-                return Err(err);
-            }
-            disk.live += entry.record_len();
+        let Some(jobs) = self.disk.as_ref().and_then(|d| d.jobs.as_ref()) else {
+            state.next_seq = next_seq;
+            state.bytes += entry.frame.len();
+            state.entries.push_back(entry);
+            self.shared.observe(state);
+            return Ok((seq, None));
+        };
+        let (done, rx) = oneshot::channel();
+        // Sent under the lock, so the disk thread sees the records in seq order.
+        if jobs
+            .send(Job::Append(Box::new(PendingAppend {
+                entry: entry.clone(),
+                done,
+            })))
+            .is_err()
+        {
+            self.shared.count_rejected(Reject::Io);
+            return Err(self.thread_gone());
         }
         state.next_seq = next_seq;
         state.bytes += entry.frame.len();
-        state.entries.push_back(entry);
-        self.observe(state);
-        Ok(seq)
+        state.pending += 1;
+        self.shared.observe(state);
+        Ok((seq, Some(rx)))
     }
 
-    /// Up to `max` entries, oldest first, without removing them.
+    /// Up to `max` entries, oldest first, without removing them. Entries still
+    /// being written are not among them.
     pub fn peek(&self, max: usize) -> Vec<Entry> {
-        self.lock().entries.iter().take(max).cloned().collect()
+        self.shared
+            .lock()
+            .entries
+            .iter()
+            .take(max)
+            .cloned()
+            .collect()
     }
 
     /// Removes every entry with `seq <= upto_seq`, once the primary has
-    /// answered them.
+    /// answered them, and queues the ack marker for the disk thread without
+    /// waiting for it.
     ///
     /// The entries leave memory even if the file cannot be updated: they were
-    /// delivered, and keeping them would send them again now. An `Err` then
-    /// means a restart before the next successful ack could replay them (the
+    /// delivered, and keeping them would send them again now. An `Err` says
+    /// that an earlier marker could not be written (or fsynced): a restart
+    /// before the next marker is written could replay those entries (the
     /// next marker, being cumulative, covers them again).
     pub fn ack(&self, upto_seq: u64) -> Result<(), JournalError> {
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        let mut last_acked = None;
-        let mut removed_on_disk = 0;
-        while let Some(front) = state.entries.front() {
-            if front.seq > upto_seq {
-                break;
-            }
-            if let Some(entry) = state.entries.pop_front() {
-                state.bytes -= entry.frame.len();
-                removed_on_disk += entry.record_len();
-                last_acked = Some(entry.seq);
-            }
-        }
-        let Some(last_acked) = last_acked else {
-            return Ok(());
-        };
-        self.observe(state);
-        let Some(disk) = state.disk.as_mut() else {
-            return Ok(());
-        };
-        disk.live = disk.live.saturating_sub(removed_on_disk);
-        // The marker goes first even when the file is about to be truncated:
-        // if the truncation fails, the marker still keeps a restart from
-        // replaying what was just delivered.
-        let marker = disk.write_record(KIND_ACK, 0, last_acked, &[], self.fsync);
-        if state.entries.is_empty() {
-            return match (disk.clear(), marker) {
-                (Ok(()), _) => Ok(()),
-                (Err(e), Ok(())) => {
-                    let err = disk.io_error("cannot truncate", e);
-                    tracing::warn!(error = %err, "write queue journal not truncated; its ack marker stands");
-                    Ok(())
-                }
-                (Err(e), Err(_)) => Err(disk.io_error("cannot record an ack in or truncate", e)),
-            };
-        }
-        if let Err(e) = marker {
-            return Err(disk.io_error("cannot record an ack in", e));
-        }
-        if disk.should_compact(self.compact_slack)
-            && let Err(e) = disk.compact(&state.entries)
         {
-            // Not fatal: the marker already made the ack durable, and the
-            // next ack retries.
-            let err = disk.io_error("cannot compact", e);
-            tracing::warn!(error = %err, "write queue journal compaction failed");
+            let mut guard = self.shared.lock();
+            let state = &mut *guard;
+            let mut last_acked = None;
+            while let Some(front) = state.entries.front() {
+                if front.seq > upto_seq {
+                    break;
+                }
+                if let Some(entry) = state.entries.pop_front() {
+                    state.bytes -= entry.frame.len();
+                    state.live = state.live.saturating_sub(entry.record_len());
+                    last_acked = Some(entry.seq);
+                }
+            }
+            let Some(last_acked) = last_acked else {
+                return Ok(());
+            };
+            self.shared.observe(state);
+            if let Some(jobs) = self.disk.as_ref().and_then(|d| d.jobs.as_ref()) {
+                // Under the lock, like appends: the marker lands after every
+                // record it covers and before any record appended later.
+                let _ = jobs.send(Job::Ack(last_acked));
+            }
         }
-        Ok(())
+        match self.shared.take_ack_error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.depth.load(std::sync::atomic::Ordering::Acquire) == 0
+        self.shared.depth.load(Ordering::Acquire) == 0
     }
 
     pub fn metrics(&self) -> Option<&WriteQueueMetrics> {
-        self.metrics.as_ref()
+        self.shared.metrics.get()
     }
 
-    /// Number of queued entries.
+    /// Number of queued entries, those still being written included.
     pub fn len(&self) -> usize {
-        self.lock().entries.len()
+        let state = self.shared.lock();
+        state.entries.len() + state.pending
     }
 
     /// Bytes of queued frames (what `max_bytes` limits).
     pub fn bytes(&self) -> usize {
-        self.lock().bytes
+        self.shared.lock().bytes
     }
 
-    /// Fsyncs whatever was written since the last fsync. A no-op without a
-    /// journal file or when nothing is pending.
-    pub fn sync(&self) -> Result<(), JournalError> {
-        let mut state = self.lock();
-        let Some(disk) = state.disk.as_mut() else {
-            return Ok(());
-        };
-        disk.sync().map_err(|e| disk.io_error("cannot fsync", e))
+    /// Fsyncs whatever was written since the last fsync, on the disk thread.
+    /// A no-op without a journal file or when nothing is pending.
+    pub async fn sync(&self) -> Result<(), JournalError> {
+        match self.send_sync() {
+            None => Ok(()),
+            Some(rx) => rx.await.unwrap_or_else(|_| Err(self.thread_gone())),
+        }
+    }
+
+    /// [`Journal::sync`] for threads outside the async runtime (tests).
+    #[cfg(test)]
+    fn sync_blocking(&self) -> Result<(), JournalError> {
+        match self.send_sync() {
+            None => Ok(()),
+            Some(rx) => rx
+                .blocking_recv()
+                .unwrap_or_else(|_| Err(self.thread_gone())),
+        }
+    }
+
+    fn send_sync(&self) -> Option<oneshot::Receiver<Result<(), JournalError>>> {
+        let jobs = self.disk.as_ref()?.jobs.as_ref()?;
+        let (tx, rx) = oneshot::channel();
+        jobs.send(Job::Sync(tx)).ok()?;
+        Some(rx)
+    }
+
+    /// Runs `work` on the disk thread, after everything queued before it; runs
+    /// it right here when the journal has no file. For other file work that
+    /// must stay off the event loop.
+    pub fn run_on_disk_thread(&self, work: impl FnOnce() + Send + 'static) {
+        match self.disk.as_ref().and_then(|d| d.jobs.as_ref()) {
+            Some(jobs) => {
+                if let Err(mpsc::SendError(Job::Run(work))) = jobs.send(Job::Run(Box::new(work))) {
+                    work();
+                }
+            }
+            None => work(),
+        }
     }
 
     /// The journal file, if the queue has one.
     pub fn path(&self) -> Option<PathBuf> {
-        self.lock().disk.as_ref().map(|d| d.path.clone())
+        self.disk.as_ref().map(|d| d.path.clone())
     }
 
     /// Under `fsync = "everysec"` with a journal file, starts a task that
-    /// fsyncs pending writes once a second (on a blocking thread), so the last
+    /// fsyncs pending writes once a second (on the disk thread), so the last
     /// writes before a quiet spell are flushed too. Returns `None` otherwise.
     /// The task ends by itself once the journal is dropped. Must be called
     /// within a tokio runtime.
     pub fn spawn_sync_task(journal: &Arc<Journal>) -> Option<tokio::task::JoinHandle<()>> {
-        if journal.fsync != FsyncPolicy::Everysec || journal.lock().disk.is_none() {
+        if journal.shared.fsync != FsyncPolicy::Everysec || journal.disk.is_none() {
             return None;
         }
         let weak = Arc::downgrade(journal);
@@ -507,44 +748,50 @@ impl Journal {
                 if !journal.is_dirty() {
                     continue;
                 }
-                match tokio::task::spawn_blocking(move || journal.sync()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(error = %e, "write queue journal fsync failed"),
-                    Err(e) => tracing::warn!(error = %e, "write queue journal fsync task failed"),
+                if let Err(e) = journal.sync().await {
+                    tracing::warn!(error = %e, "write queue journal fsync failed");
                 }
             }
         }))
     }
 
     fn is_dirty(&self) -> bool {
-        self.lock()
-            .disk
-            .as_ref()
-            .is_some_and(|d| d.dirty || d.needs_repair)
+        self.shared.dirty.load(Ordering::Acquire)
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic elsewhere cannot leave `State` half-updated in a way that
-        // matters more than refusing all writes would.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn thread_gone(&self) -> JournalError {
+        let path = self.path().unwrap_or_default();
+        wrap_io(
+            &path,
+            "cannot write to",
+            io::Error::other("the journal's disk thread has stopped"),
+        )
     }
 
-    fn observe(&self, state: &State) {
-        self.depth
-            .store(state.entries.len(), std::sync::atomic::Ordering::Release);
-        if let Some(m) = &self.metrics {
-            m.observe(state.entries.len(), state.bytes);
-        }
+    /// Stalls the disk thread until the returned guard is dropped.
+    #[cfg(test)]
+    pub(crate) fn hold_disk(&self) -> mpsc::Sender<()> {
+        let (tx, rx) = mpsc::channel();
+        let jobs = self.disk.as_ref().and_then(|d| d.jobs.as_ref());
+        jobs.expect("a journal file").send(Job::Hold(rx)).unwrap();
+        tx
     }
 
-    fn count_rejected(&self, why: Reject) {
-        if let Some(m) = &self.metrics {
-            m.rejected(why);
-        }
+    #[cfg(test)]
+    fn backdate_last_sync(&self, by: Duration) {
+        let jobs = self.disk.as_ref().and_then(|d| d.jobs.as_ref());
+        jobs.expect("a journal file")
+            .send(Job::Backdate(by))
+            .unwrap();
+    }
+
+    #[cfg(test)]
+    fn set_compact_slack(&self, slack: u64) {
+        self.shared.compact_slack.store(slack, Ordering::Relaxed);
     }
 
     fn reject(&self, why: Reject) -> JournalError {
-        self.count_rejected(why);
+        self.shared.count_rejected(why);
         let what = match why {
             Reject::Entries => format!("max_entries {} reached", self.max_entries),
             _ => format!("max_bytes {} reached", self.max_bytes),
@@ -553,39 +800,83 @@ impl Journal {
     }
 }
 
+impl Drop for Journal {
+    /// Lets the disk thread finish what was queued, then waits for it, so the
+    /// file (and its lock) is released when the journal is gone.
+    fn drop(&mut self) {
+        if let Some(disk) = &mut self.disk {
+            drop(disk.jobs.take());
+            if let Some(thread) = disk.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere cannot leave `State` half-updated in a way that
+        // matters more than refusing all writes would.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn observe(&self, state: &State) {
+        let depth = state.entries.len() + state.pending;
+        self.depth.store(depth, Ordering::Release);
+        if let Some(m) = self.metrics.get() {
+            m.observe(depth, state.bytes);
+        }
+    }
+
+    fn count_rejected(&self, why: Reject) {
+        if let Some(m) = self.metrics.get() {
+            m.rejected(why);
+        }
+    }
+
+    fn set_ack_error(&self, e: Option<JournalError>) {
+        *self.ack_error.lock().unwrap_or_else(|e| e.into_inner()) = e;
+    }
+
+    fn take_ack_error(&self) -> Option<JournalError> {
+        self.ack_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+}
+
 impl fmt::Debug for Journal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = self.lock();
+        let state = self.shared.lock();
         f.debug_struct("Journal")
             .field("len", &state.entries.len())
+            .field("pending", &state.pending)
             .field("bytes", &state.bytes)
             .field("next_seq", &state.next_seq)
-            .field("path", &state.disk.as_ref().map(|d| &d.path))
-            .field("fsync", &self.fsync)
+            .field("path", &self.disk.as_ref().map(|d| &d.path))
+            .field("fsync", &self.shared.fsync)
             .finish_non_exhaustive()
     }
 }
 
-/// The open journal file.
+/// The open journal file, owned by the disk thread.
 struct Disk {
     path: PathBuf,
     file: File,
+    policy: FsyncPolicy,
     /// Length of the file up to the end of the last fully written record.
     len: u64,
-    /// Bytes of the live entries' records, to decide when to compact.
-    live: u64,
-    /// Written since the last fsync.
-    dirty: bool,
     last_sync: Instant,
     /// A failed write could not be rolled back; the next write retries the
     /// rollback first, so nothing is ever appended after a partial record.
     needs_repair: bool,
-    #[cfg(test)]
-    syncs: u64,
+    /// Reused for building records.
+    buf: Vec<u8>,
 }
 
 impl Disk {
-    fn open(path: &Path) -> Result<(Disk, Recovered), JournalError> {
+    fn open(path: &Path, policy: FsyncPolicy) -> Result<(Disk, Recovered), JournalError> {
         let io_err = |what: &str, e: io::Error| wrap_io(path, what, e);
         let existed = fs::metadata(path).is_ok();
         let file = OpenOptions::new()
@@ -631,64 +922,217 @@ impl Disk {
                 .and_then(|()| file.sync_all())
                 .map_err(|e| io_err("cannot truncate", e))?;
         }
-        let live = recovered.entries.iter().map(Entry::record_len).sum();
         let disk = Disk {
             path: path.to_path_buf(),
             file,
+            policy,
             len,
-            live,
-            dirty: false,
             last_sync: Instant::now(),
             needs_repair: false,
-            #[cfg(test)]
-            syncs: 0,
+            buf: Vec::new(),
         };
         Ok((disk, recovered))
     }
 
-    /// Appends one record (and the file header, if the file is empty), then
-    /// fsyncs as the policy says. On failure the file is cut back to where it
-    /// was, so a half-written record never sits in front of later ones.
-    fn write_record(
-        &mut self,
-        kind: u32,
-        db: u32,
-        seq: u64,
-        frame: &[u8],
-        policy: FsyncPolicy,
-    ) -> io::Result<()> {
+    /// The disk thread: does the jobs in order until the journal is dropped.
+    fn run(mut self, shared: &Shared, jobs: mpsc::Receiver<Job>) {
+        let mut next = None;
+        loop {
+            let job = match next.take() {
+                Some(job) => job,
+                None => match jobs.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+            };
+            match job {
+                Job::Append(first) => {
+                    let mut batch = vec![*first];
+                    while batch.len() < MAX_BATCH {
+                        match jobs.try_recv() {
+                            Ok(Job::Append(more)) => batch.push(*more),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.append_batch(shared, batch);
+                }
+                Job::Ack(mut upto) => {
+                    // Markers are cumulative: consecutive ones make one.
+                    loop {
+                        match jobs.try_recv() {
+                            Ok(Job::Ack(more)) => upto = upto.max(more),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.ack(shared, upto);
+                }
+                Job::Sync(done) => {
+                    let r = self
+                        .sync(shared)
+                        .map_err(|e| self.io_error("cannot fsync", e));
+                    let _ = done.send(r);
+                }
+                Job::Run(work) => work(),
+                #[cfg(test)]
+                Job::Hold(release) => {
+                    let _ = release.recv();
+                }
+                #[cfg(test)]
+                Job::Backdate(by) => {
+                    if let Some(earlier) = self.last_sync.checked_sub(by) {
+                        self.last_sync = earlier;
+                    }
+                }
+            }
+        }
+        if self.policy != FsyncPolicy::Never
+            && let Err(e) = self.sync(shared)
+        {
+            tracing::warn!(error = %self.io_error("cannot fsync", e), "write queue journal not flushed at close");
+        }
+    }
+
+    /// Writes a batch of appends, fsyncs once as the policy says, then makes
+    /// the written entries visible in order and answers every caller.
+    fn append_batch(&mut self, shared: &Shared, batch: Vec<PendingAppend>) {
+        let start = self.len;
+        let mut results: Vec<io::Result<()>> = batch
+            .iter()
+            .map(|p| {
+                let payload = p.entry.payload();
+                self.write_record(p.entry.kind(), p.entry.db, p.entry.seq, &payload)
+            })
+            .collect();
+        if results.iter().any(Result::is_ok)
+            && let Err(e) = self.sync_for_policy(shared)
+        {
+            // A failed fsync may have dropped the records' pages: cut them all
+            // away so every caller's error is the whole truth.
+            if self.file.set_len(start).is_err() {
+                self.needs_repair = true;
+            }
+            self.len = start;
+            for r in &mut results {
+                *r = Err(io::Error::new(e.kind(), e.to_string()));
+            }
+        }
+        let mut answers = Vec::with_capacity(batch.len());
+        {
+            let mut state = shared.lock();
+            for (p, r) in batch.into_iter().zip(results) {
+                state.pending -= 1;
+                match r {
+                    Ok(()) => {
+                        state.live += p.entry.record_len();
+                        state.entries.push_back(p.entry);
+                        answers.push((p.done, Ok(())));
+                    }
+                    Err(e) => {
+                        state.bytes -= p.entry.frame.len();
+                        shared.count_rejected(Reject::Io);
+                        let err = self.io_error("cannot append to", e);
+                        tracing::warn!(error = %err, seq = p.entry.seq, "write queue append failed");
+                        answers.push((p.done, Err(err)));
+                    }
+                }
+            }
+            shared.observe(&state);
+        }
+        for (done, r) in answers {
+            let _ = done.send(r);
+        }
+    }
+
+    /// Writes an ack marker; truncates the file when nothing is left, or
+    /// compacts it when dead records outweigh live ones.
+    fn ack(&mut self, shared: &Shared, upto: u64) {
+        // The marker goes first even when the file is about to be truncated:
+        // if the truncation fails, the marker still keeps a restart from
+        // replaying what was just delivered.
+        let start = self.len;
+        let marker = self.write_record(KIND_ACK, 0, upto, &[]).and_then(|()| {
+            match self.sync_for_policy(shared) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    if self.file.set_len(start).is_err() {
+                        self.needs_repair = true;
+                    }
+                    self.len = start;
+                    Err(e)
+                }
+            }
+        });
+        // Only this thread adds entries, so the answer cannot change until
+        // the truncation below is done.
+        let (empty, live) = {
+            let state = shared.lock();
+            (state.entries.is_empty(), state.live)
+        };
+        if empty {
+            let result = match (self.clear(shared), marker) {
+                (Ok(()), _) => None,
+                (Err(e), Ok(())) => {
+                    let err = self.io_error("cannot truncate", e);
+                    tracing::warn!(error = %err, "write queue journal not truncated; its ack marker stands");
+                    None
+                }
+                (Err(e), Err(_)) => Some(self.io_error("cannot record an ack in or truncate", e)),
+            };
+            if let Some(e) = &result {
+                tracing::warn!(error = %e, "write queue ack not recorded");
+            }
+            shared.set_ack_error(result);
+            return;
+        }
+        if let Err(e) = marker {
+            let err = self.io_error("cannot record an ack in", e);
+            tracing::warn!(error = %err, "write queue ack not recorded");
+            shared.set_ack_error(Some(err));
+            return;
+        }
+        shared.set_ack_error(None);
+        if self.should_compact(live, shared.compact_slack.load(Ordering::Relaxed)) {
+            let entries = shared.lock().entries.clone();
+            if let Err(e) = self.compact(shared, &entries) {
+                // Not fatal: the marker already made the ack durable, and the
+                // next ack retries.
+                let err = self.io_error("cannot compact", e);
+                tracing::warn!(error = %err, "write queue journal compaction failed");
+            }
+        }
+    }
+
+    /// Appends one record (and the file header, if the file is empty) without
+    /// fsyncing. On failure the file is cut back to where it was, so a
+    /// half-written record never sits in front of later ones.
+    fn write_record(&mut self, kind: u32, db: u32, seq: u64, frame: &[u8]) -> io::Result<()> {
         self.repair()?;
-        let mut buf = Vec::with_capacity(FILE_HEADER_LEN + RECORD_HEADER_LEN + frame.len());
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
         if self.len == 0 {
             buf.extend_from_slice(&file_header());
         }
         buf.extend_from_slice(&record_header(kind, db, seq, frame));
         buf.extend_from_slice(frame);
-        let sync = match policy {
-            FsyncPolicy::Always => true,
-            FsyncPolicy::Everysec => self.last_sync.elapsed() >= EVERYSEC,
-            FsyncPolicy::Never => false,
-        };
-        let written = (&self.file).write_all(&buf).and_then(|()| {
-            if sync {
-                self.file.sync_data()?;
-            }
-            Ok(())
-        });
+        let written = (&self.file).write_all(&buf);
+        let n = buf.len() as u64;
+        if buf.capacity() <= 1024 * 1024 {
+            self.buf = buf;
+        }
         match written {
             Ok(()) => {
-                self.len += buf.len() as u64;
-                if sync {
-                    self.synced();
-                } else {
-                    self.dirty = true;
-                }
+                self.len += n;
                 Ok(())
             }
             Err(e) => {
-                // A failed fsync may have dropped the record's pages, and a
-                // failed write may have left part of it: cut both away so
-                // the caller's error is the whole truth.
                 if self.file.set_len(self.len).is_err() {
                     self.needs_repair = true;
                 }
@@ -697,53 +1141,65 @@ impl Disk {
         }
     }
 
+    /// Fsyncs what was written if the policy says so now; otherwise marks the
+    /// file dirty.
+    fn sync_for_policy(&mut self, shared: &Shared) -> io::Result<()> {
+        let sync = match self.policy {
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Everysec => self.last_sync.elapsed() >= EVERYSEC,
+            FsyncPolicy::Never => false,
+        };
+        if sync {
+            self.file.sync_data()?;
+            self.synced(shared);
+        } else {
+            shared.dirty.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
     fn repair(&mut self) -> io::Result<()> {
         if self.needs_repair {
             self.file.set_len(self.len)?;
             self.needs_repair = false;
-            self.dirty = true;
         }
         Ok(())
     }
 
-    fn sync(&mut self) -> io::Result<()> {
+    fn sync(&mut self, shared: &Shared) -> io::Result<()> {
         self.repair()?;
-        if self.dirty {
+        if shared.dirty.load(Ordering::Acquire) {
             self.file.sync_data()?;
-            self.synced();
+            self.synced(shared);
         }
         Ok(())
     }
 
-    fn synced(&mut self) {
-        self.dirty = false;
+    fn synced(&mut self, shared: &Shared) {
+        shared.dirty.store(false, Ordering::Release);
+        shared.syncs.fetch_add(1, Ordering::Relaxed);
         self.last_sync = Instant::now();
-        #[cfg(test)]
-        {
-            self.syncs += 1;
-        }
     }
 
     /// Truncates the file to zero length, durably.
-    fn clear(&mut self) -> io::Result<()> {
+    fn clear(&mut self, shared: &Shared) -> io::Result<()> {
         self.file.set_len(0)?;
         // Recorded before the fsync: if only the fsync fails, the file is
         // still empty and the next append must write the header again.
         self.len = 0;
-        self.live = 0;
         self.needs_repair = false;
         self.file.sync_all()?;
-        self.synced();
+        self.synced(shared);
         Ok(())
     }
 
-    fn should_compact(&self, slack: u64) -> bool {
-        let needed = FILE_HEADER_LEN as u64 + self.live;
+    fn should_compact(&self, live: u64, slack: u64) -> bool {
+        let needed = FILE_HEADER_LEN as u64 + live;
         self.len > needed.saturating_mul(2).saturating_add(slack)
     }
 
     /// Rewrites the live entries to a new file and swaps it in atomically.
-    fn compact(&mut self, entries: &VecDeque<Entry>) -> io::Result<()> {
+    fn compact(&mut self, shared: &Shared, entries: &VecDeque<Entry>) -> io::Result<()> {
         let tmp = compact_path(&self.path);
         let built = (|| -> io::Result<(File, u64)> {
             let file = OpenOptions::new()
@@ -783,9 +1239,8 @@ impl Disk {
         tracing::debug!(path = %self.path.display(), from = self.len, to = len, "write queue journal compacted");
         self.file = file;
         self.len = len;
-        self.live = len - FILE_HEADER_LEN as u64;
-        self.dirty = false;
         self.needs_repair = false;
+        shared.dirty.store(false, Ordering::Release);
         sync_dir(&self.path)
     }
 
@@ -810,9 +1265,10 @@ fn recover(file: &File, path: &Path) -> Result<Recovered, JournalError> {
     let io_err = |e: io::Error| wrap_io(path, "cannot read", e);
     let corrupt = |offset: u64, what: String| {
         JournalError::Corrupt(format!(
-            "{}: {what} at offset {offset}; the file was left as it is: \
-             inspect it, or move it aside to start with an empty write queue",
-            path.display()
+            "{path}: {what} at offset {offset}; the file was left as it is: inspect it, \
+             cut it at the offset to keep the records before it (`truncate -s {offset} {path}`), \
+             or move it aside to start with an empty write queue",
+            path = path.display()
         ))
     };
     let file_len = file.metadata().map_err(io_err)?.len();
@@ -898,6 +1354,18 @@ fn recover(file: &File, path: &Path) -> Result<Recovered, JournalError> {
         }
         let end = pos + record_len(h.len as usize);
         if end > file_len {
+            // A crash mid-append, unless the record is all there and only its
+            // length field is damaged: then it may hold a write a client was
+            // told had succeeded.
+            if complete_but_for_its_length(&mut r, &head, pos, file_len).map_err(io_err)? {
+                return Err(corrupt(
+                    pos,
+                    format!(
+                        "damaged length in the last record (seq {}), which is complete: not a torn write",
+                        h.seq
+                    ),
+                ));
+            }
             out.torn = Some("last record runs past the end of the file".into());
             break;
         }
@@ -906,11 +1374,28 @@ fn recover(file: &File, path: &Path) -> Result<Recovered, JournalError> {
         let mut frame = vec![0u8; h.len as usize];
         r.read_exact(&mut frame).map_err(io_err)?;
         if checksum(&head[..CHECKSUMMED_HEADER_LEN], &frame) != h.checksum {
-            if end == file_len || rest_is_zero(&mut r, end).map_err(io_err)? {
-                out.torn = Some("checksum mismatch in the last record".into());
+            let last = end == file_len || rest_is_zero(&mut r, end).map_err(io_err)?;
+            // Bytes that never reached the disk read as zeros, and no complete
+            // record ends in one: an entry's frame ends in `\n`.
+            let ends_in_zero = match frame.last() {
+                Some(&b) => b == 0,
+                None => head[RECORD_HEADER_LEN - 1] == 0,
+            };
+            if last && ends_in_zero {
+                out.torn =
+                    Some("the last record ends in zeros (it never fully reached the disk)".into());
                 break;
             }
-            return Err(corrupt(pos, format!("checksum mismatch (seq {})", h.seq)));
+            let what = if last {
+                format!(
+                    "checksum mismatch in the last record (seq {}), which is complete: \
+                     not a torn write but damage (a flipped bit?)",
+                    h.seq
+                )
+            } else {
+                format!("checksum mismatch (seq {})", h.seq)
+            };
+            return Err(corrupt(pos, what));
         }
         match h.kind {
             KIND_ENTRY | KIND_ENTRY_AS => {
@@ -957,6 +1442,25 @@ fn recover(file: &File, path: &Path) -> Result<Recovered, JournalError> {
     }
     out.next_seq = last_seq + 1;
     Ok(out)
+}
+
+/// Whether the record at `pos`, whose length field says it runs past the end
+/// of the file, is intact when its length is taken to be what the file holds:
+/// a complete record whose length field was damaged, not a torn one.
+fn complete_but_for_its_length(
+    r: &mut BufReader<&File>,
+    head: &[u8; RECORD_HEADER_LEN],
+    pos: u64,
+    file_len: u64,
+) -> io::Result<bool> {
+    let have = file_len - pos - RECORD_HEADER_LEN as u64;
+    // Under the declared length, itself under MAX_FRAME_LEN: bounded.
+    let mut frame = vec![0u8; have as usize];
+    r.read_exact(&mut frame)?;
+    let mut fixed = *head;
+    fixed[0..4].copy_from_slice(&(have as u32).to_le_bytes());
+    let stored = u64::from_le_bytes(le8(&head[20..28]));
+    Ok(!frame.is_empty() && checksum(&fixed[..CHECKSUMMED_HEADER_LEN], &frame) == stored)
 }
 
 /// Whether every byte from `from` to the end of the file is zero. Reads in
@@ -1229,7 +1733,17 @@ mod tests {
     }
 
     fn syncs(j: &Journal) -> u64 {
-        j.lock().disk.as_ref().map_or(0, |d| d.syncs)
+        settle(j);
+        j.shared.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the disk thread has done everything queued so far.
+    fn settle(j: &Journal) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        j.run_on_disk_thread(move || {
+            let _ = tx.send(());
+        });
+        rx.recv().expect("disk thread");
     }
 
     /// Offset of the record holding entry `index` (0-based), assuming every
@@ -1246,7 +1760,7 @@ mod tests {
         let j = Journal::open(&on_disk(path, FsyncPolicy::Always)).expect("open");
         let frames: Vec<Bytes> = (0..3).map(set).collect();
         for (db, f) in frames.iter().enumerate() {
-            j.append(db as u32, Bytes::new(), f.clone())
+            j.append_blocking(db as u32, Bytes::new(), f.clone())
                 .expect("append");
         }
         frames
@@ -1272,7 +1786,7 @@ mod tests {
         assert!(j.is_empty());
         for i in 0..5 {
             assert_eq!(
-                j.append(i as u32 % 2, Bytes::new(), set(i))
+                j.append_blocking(i as u32 % 2, Bytes::new(), set(i))
                     .expect("append"),
                 i as u64 + 1
             );
@@ -1297,7 +1811,7 @@ mod tests {
         // Acking something already acked, or below the head, changes nothing.
         j.ack(1).expect("ack");
         assert_eq!(seqs(&j), vec![3, 4, 5]);
-        j.append(7, Bytes::new(), set(9)).expect("append");
+        j.append_blocking(7, Bytes::new(), set(9)).expect("append");
         j.ack(5).expect("ack");
         assert_eq!(seqs(&j), vec![6]);
         assert_eq!(j.peek(10)[0].frame, set(9));
@@ -1305,7 +1819,10 @@ mod tests {
         assert!(j.is_empty());
         assert_eq!(j.bytes(), 0);
         // Seqs keep increasing after the queue drained.
-        assert_eq!(j.append(0, Bytes::new(), set(1)).expect("append"), 7);
+        assert_eq!(
+            j.append_blocking(0, Bytes::new(), set(1)).expect("append"),
+            7
+        );
     }
 
     #[test]
@@ -1320,12 +1837,12 @@ mod tests {
         let j = Journal::open(&cfg)
             .expect("open")
             .with_metrics(metrics.clone());
-        j.append(0, Bytes::new(), frame.clone())
+        j.append_blocking(0, Bytes::new(), frame.clone())
             .expect("first fits");
-        j.append(0, Bytes::new(), frame.clone())
+        j.append_blocking(0, Bytes::new(), frame.clone())
             .expect("second fits");
         let err = j
-            .append(0, Bytes::new(), frame.clone())
+            .append_blocking(0, Bytes::new(), frame.clone())
             .expect_err("third is over the cap");
         assert!(
             matches!(&err, JournalError::Full { what } if *what == format!("max_bytes {} reached", cfg.max_bytes)),
@@ -1336,11 +1853,12 @@ mod tests {
         assert_eq!(metrics.rejected_bytes.get(), 1);
         assert_eq!(metrics.depth.get(), 2);
         // A frame that fits in what is left is still taken.
-        j.append(0, Bytes::new(), Bytes::from_static(b"x"))
+        j.append_blocking(0, Bytes::new(), Bytes::from_static(b"x"))
             .expect("small fits");
         // Room comes back once the replay acks.
         j.ack(1).expect("ack");
-        j.append(0, Bytes::new(), frame).expect("fits after ack");
+        j.append_blocking(0, Bytes::new(), frame)
+            .expect("fits after ack");
         assert_eq!(seqs(&j), vec![2, 3, 4], "the refused write used no seq");
     }
 
@@ -1355,10 +1873,10 @@ mod tests {
         let j = Journal::open(&cfg)
             .expect("open")
             .with_metrics(metrics.clone());
-        j.append(0, Bytes::new(), set(0)).expect("append");
-        j.append(0, Bytes::new(), set(1)).expect("append");
+        j.append_blocking(0, Bytes::new(), set(0)).expect("append");
+        j.append_blocking(0, Bytes::new(), set(1)).expect("append");
         let err = j
-            .append(0, Bytes::new(), set(2))
+            .append_blocking(0, Bytes::new(), set(2))
             .expect_err("over the entry cap");
         assert!(
             matches!(&err, JournalError::Full { what } if what == "max_entries 2 reached"),
@@ -1369,7 +1887,8 @@ mod tests {
         assert_eq!(metrics.rejected_bytes.get(), 0);
         assert_eq!(metrics.depth.get(), 2);
         j.ack(1).expect("ack");
-        j.append(0, Bytes::new(), set(2)).expect("room again");
+        j.append_blocking(0, Bytes::new(), set(2))
+            .expect("room again");
         assert_eq!(
             j.peek(5)
                 .iter()
@@ -1393,7 +1912,10 @@ mod tests {
             assert_eq!(e.frame, frames[i]);
         }
         assert_eq!(j.bytes(), frames.iter().map(|f| f.len()).sum::<usize>());
-        assert_eq!(j.append(0, Bytes::new(), set(3)).expect("append"), 4);
+        assert_eq!(
+            j.append_blocking(0, Bytes::new(), set(3)).expect("append"),
+            4
+        );
         drop(j);
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen again");
         assert_eq!(seqs(&j), vec![1, 2, 3, 4]);
@@ -1413,7 +1935,10 @@ mod tests {
         assert_eq!(entries.len(), 1);
         assert_eq!((entries[0].seq, &entries[0].frame), (3, &frames[2]));
         assert_eq!(j.bytes(), frames[2].len());
-        assert_eq!(j.append(0, Bytes::new(), set(7)).expect("append"), 4);
+        assert_eq!(
+            j.append_blocking(0, Bytes::new(), set(7)).expect("append"),
+            4
+        );
     }
 
     #[test]
@@ -1426,15 +1951,20 @@ mod tests {
             assert!(file_len(&path) > 0);
             j.ack(3).expect("ack");
             assert!(j.is_empty());
+            settle(&j);
             assert_eq!(file_len(&path), 0);
             // The next append writes the header again.
-            j.append(5, Bytes::new(), set(5)).expect("append");
+            j.append_blocking(5, Bytes::new(), set(5)).expect("append");
             j.ack(4).expect("ack");
+            settle(&j);
             assert_eq!(file_len(&path), 0);
         }
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
         assert!(j.is_empty());
-        assert_eq!(j.append(0, Bytes::new(), set(0)).expect("append"), 1);
+        assert_eq!(
+            j.append_blocking(0, Bytes::new(), set(0)).expect("append"),
+            1
+        );
         drop(j);
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
         assert_eq!(j.peek(10)[0].frame, set(0));
@@ -1456,7 +1986,7 @@ mod tests {
             assert_eq!(file_len(&path), record_offset(&frames, 2), "cut {cut}");
             // Restore the third record for the next round.
             assert_eq!(
-                j.append(2, Bytes::new(), frames[2].clone())
+                j.append_blocking(2, Bytes::new(), frames[2].clone())
                     .expect("append"),
                 3
             );
@@ -1502,7 +2032,7 @@ mod tests {
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open");
         assert!(j.is_empty());
         assert_eq!(file_len(&path), 0);
-        j.append(0, Bytes::new(), set(0)).expect("append");
+        j.append_blocking(0, Bytes::new(), set(0)).expect("append");
         drop(j);
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
         assert_eq!(j.len(), 1);
@@ -1567,15 +2097,86 @@ mod tests {
     }
 
     #[test]
-    fn bad_checksum_in_the_last_record_is_a_torn_tail() {
+    fn a_corrupt_complete_last_record_refuses_to_start() {
         let dir = TempDir::new("corrupt-last");
         let path = dir.file();
         let frames = write_three(&path);
-        let at = file_len(&path) - 1;
-        patch(&path, at, b"!");
-        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        let last = record_offset(&frames, 2);
+        let original = fs::read(&path).expect("read");
+        // One flipped bit anywhere in the complete last record: in its frame,
+        // its db, its seq or its checksum. It may be a write a client was told
+        // had succeeded, so it is not cut off as a torn tail.
+        for at in [
+            file_len(&path) - 3,
+            last + 8,
+            last + 12,
+            last + 20,
+            last + RECORD_HEADER_LEN as u64,
+        ] {
+            fs::write(&path, &original).expect("restore");
+            patch(&path, at, &[original[at as usize] ^ 0x04]);
+            let damaged = fs::read(&path).expect("read");
+            let err = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect_err("corrupt");
+            match &err {
+                JournalError::Corrupt(m) => {
+                    assert!(m.contains(&format!("offset {last}")), "{m}");
+                    assert!(m.contains("last record"), "{m}");
+                    assert!(m.contains(&format!("truncate -s {last}")), "{m}");
+                }
+                other => panic!("flip at {at}: expected Corrupt, got {other:?}"),
+            }
+            assert_eq!(fs::read(&path).expect("read"), damaged, "file left alone");
+        }
+        // A damaged length field in a complete last record (it now claims to
+        // run past the end of the file) is damage too, not a torn write.
+        fs::write(&path, &original).expect("restore");
+        patch(&path, last, &[original[last as usize] + 1]);
+        let err = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect_err("corrupt");
+        assert!(
+            matches!(&err, JournalError::Corrupt(m) if m.contains("length") && m.contains(&format!("offset {last}"))),
+            "{err}"
+        );
+        // Cutting the file at the offset, as the message says, keeps the others.
+        fs::write(&path, &original).expect("restore");
+        patch(&path, last + 12, &[original[last as usize + 12] ^ 1]);
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(last))
+            .expect("truncate");
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("cut");
         assert_eq!(seqs(&j), vec![1, 2]);
-        assert_eq!(file_len(&path), record_offset(&frames, 2));
+    }
+
+    #[test]
+    fn a_full_length_last_record_ending_in_zeros_is_a_torn_tail() {
+        let dir = TempDir::new("torn-zeros");
+        let path = dir.file();
+        let frames = write_three(&path);
+        let full = file_len(&path);
+        // The size reached the disk and the first page of the record did, the
+        // rest did not: its tail reads as zeros.
+        for zeros in [1usize, 7, frames[2].len()] {
+            write_three_again(&path);
+            patch(&path, full - zeros as u64, &vec![0u8; zeros]);
+            let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("torn");
+            assert_eq!(seqs(&j), vec![1, 2], "{zeros} zeros");
+            drop(j);
+            assert_eq!(file_len(&path), record_offset(&frames, 2));
+        }
+        // A torn ack marker: complete length, zero checksum bytes at its end.
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open");
+        j.ack(1).expect("ack");
+        drop(j);
+        let end = file_len(&path);
+        patch(&path, end - 4, &[0, 0, 0, 0]);
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("torn marker");
+        assert_eq!(seqs(&j), vec![1, 2], "the torn marker acked nothing");
+    }
+
+    fn write_three_again(path: &Path) {
+        let _ = fs::remove_file(path);
+        write_three(path);
     }
 
     #[test]
@@ -1593,14 +2194,21 @@ mod tests {
             "{err}"
         );
 
-        // Under the cap but far past the end of the file: a torn tail, cut
-        // off without allocating the 500 MB it claims.
-        fs::write(&path, &original).expect("restore");
+        // Under the cap but far past the end of the file, and the record is
+        // incomplete: a torn tail, cut off without allocating the 500 MB it
+        // claims.
+        fs::write(&path, &original[..original.len() - 1]).expect("restore");
         let claimed = (MAX_FRAME_LEN as u32 - 1).to_le_bytes();
         patch(&path, record_offset(&frames, 2), &claimed);
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
         assert_eq!(seqs(&j), vec![1, 2]);
         drop(j);
+
+        // The same claim on a record that is all there: damage, refused.
+        fs::write(&path, &original).expect("restore");
+        patch(&path, record_offset(&frames, 2), &claimed);
+        let err = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect_err("corrupt");
+        assert!(matches!(err, JournalError::Corrupt(_)), "{err:?}");
 
         // Over the cap in the last record: nothing valid follows it, but it
         // is not zero either, so it is still reported, not guessed at.
@@ -1634,7 +2242,7 @@ mod tests {
         let path = dir.file();
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open");
         for i in 0..4 {
-            j.append(0, Bytes::new(), set(i)).expect("append");
+            j.append_blocking(0, Bytes::new(), set(i)).expect("append");
             assert_eq!(syncs(&j), i as u64 + 1);
             assert!(!j.is_dirty());
         }
@@ -1646,29 +2254,62 @@ mod tests {
     }
 
     #[test]
+    fn appends_waiting_together_share_one_fsync_and_acks_never_wait() {
+        let dir = TempDir::new("group-commit");
+        let path = dir.file();
+        let j = Arc::new(Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open"));
+        j.append_blocking(0, Bytes::new(), set(0)).expect("append");
+        assert_eq!(syncs(&j), 1);
+        let stall = j.hold_disk();
+        let writers: Vec<_> = (1..=10)
+            .map(|i| {
+                let j = Arc::clone(&j);
+                std::thread::spawn(move || j.append_blocking(0, Bytes::new(), set(i)))
+            })
+            .collect();
+        while j.len() < 11 {
+            std::thread::yield_now();
+        }
+        // The disk is stalled: an ack still returns at once.
+        j.ack(1).expect("ack");
+        assert_eq!(j.len(), 10);
+        assert!(
+            j.peek(100).is_empty(),
+            "nothing is visible before it is durable"
+        );
+        drop(stall);
+        for w in writers {
+            w.join().expect("thread").expect("append");
+        }
+        assert_eq!(
+            syncs(&j),
+            3,
+            "one fsync for the ten appends, then one for the marker"
+        );
+        assert_eq!(j.peek(100).len(), 10);
+        drop(j);
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        assert_eq!(seqs(&j), (2..=11).collect::<Vec<u64>>());
+    }
+
+    #[test]
     fn fsync_everysec_syncs_at_most_once_a_second() {
         let dir = TempDir::new("everysec");
         let path = dir.file();
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Everysec)).expect("open");
-        j.append(0, Bytes::new(), set(0)).expect("append");
-        j.append(0, Bytes::new(), set(1)).expect("append");
+        j.append_blocking(0, Bytes::new(), set(0)).expect("append");
+        j.append_blocking(0, Bytes::new(), set(1)).expect("append");
         assert_eq!(syncs(&j), 0, "less than a second since open");
         assert!(j.is_dirty());
-        {
-            let mut state = j.lock();
-            let disk = state.disk.as_mut().expect("disk");
-            if let Some(earlier) = disk.last_sync.checked_sub(Duration::from_millis(1100)) {
-                disk.last_sync = earlier;
-            }
-        }
-        j.append(0, Bytes::new(), set(2)).expect("append");
+        j.backdate_last_sync(Duration::from_millis(1100));
+        j.append_blocking(0, Bytes::new(), set(2)).expect("append");
         assert_eq!(syncs(&j), 1, "a second had passed");
         assert!(!j.is_dirty());
-        j.append(0, Bytes::new(), set(3)).expect("append");
+        j.append_blocking(0, Bytes::new(), set(3)).expect("append");
         assert_eq!(syncs(&j), 1);
-        j.sync().expect("sync");
+        j.sync_blocking().expect("sync");
         assert_eq!(syncs(&j), 2, "sync flushes what is pending");
-        j.sync().expect("sync");
+        j.sync_blocking().expect("sync");
         assert_eq!(syncs(&j), 2, "and nothing when nothing is");
     }
 
@@ -1678,7 +2319,7 @@ mod tests {
         let path = dir.file();
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Never)).expect("open");
         for i in 0..3 {
-            j.append(0, Bytes::new(), set(i)).expect("append");
+            j.append_blocking(0, Bytes::new(), set(i)).expect("append");
         }
         j.ack(1).expect("ack");
         assert_eq!(syncs(&j), 0);
@@ -1694,7 +2335,7 @@ mod tests {
         let path = dir.file();
         let j = Arc::new(Journal::open(&on_disk(&path, FsyncPolicy::Everysec)).expect("open"));
         let task = Journal::spawn_sync_task(&j).expect("everysec with a file has a task");
-        j.append(0, Bytes::new(), set(0)).expect("append");
+        j.append(0, Bytes::new(), set(0)).await.expect("append");
         assert!(j.is_dirty());
         tokio::time::sleep(Duration::from_millis(1500)).await;
         for _ in 0..100 {
@@ -1724,20 +2365,22 @@ mod tests {
     fn interrupted_replays_compact_the_file() {
         let dir = TempDir::new("compact");
         let path = dir.file();
-        let mut j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open");
-        j.compact_slack = 0;
+        let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open");
+        j.set_compact_slack(0);
         let frames: Vec<Bytes> = (0..10).map(set).collect();
         for f in &frames {
-            j.append(3, Bytes::new(), f.clone()).expect("append");
+            j.append_blocking(3, Bytes::new(), f.clone())
+                .expect("append");
         }
         let full = file_len(&path);
         j.ack(6).expect("ack");
+        settle(&j);
         let live: u64 = frames[6..].iter().map(|f| record_len(2 + f.len())).sum();
         assert_eq!(file_len(&path), FILE_HEADER_LEN as u64 + live, "compacted");
         assert!(file_len(&path) < full);
         assert!(!compact_path(&path).exists(), "no temp file left");
         // The compacted file is the one appended to from now on.
-        j.append(3, Bytes::new(), set(10)).expect("append");
+        j.append_blocking(3, Bytes::new(), set(10)).expect("append");
         drop(j);
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
         assert_eq!(seqs(&j), vec![7, 8, 9, 10, 11]);
@@ -1750,10 +2393,11 @@ mod tests {
         let path = dir.file();
         let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open");
         for i in 0..10 {
-            j.append(0, Bytes::new(), set(i)).expect("append");
+            j.append_blocking(0, Bytes::new(), set(i)).expect("append");
         }
         let before = file_len(&path);
         j.ack(3).expect("ack");
+        settle(&j);
         assert_eq!(
             file_len(&path),
             before + RECORD_HEADER_LEN as u64,
@@ -1817,7 +2461,9 @@ mod tests {
             .expect("open")
             .with_metrics(metrics.clone());
         for i in 0..2 {
-            let err = j.append(0, Bytes::new(), set(i)).expect_err("disk full");
+            let err = j
+                .append_blocking(0, Bytes::new(), set(i))
+                .expect_err("disk full");
             assert!(
                 matches!(&err, JournalError::Io(e) if e.to_string().contains("/dev/full")),
                 "{err}"
@@ -1838,7 +2484,7 @@ mod tests {
                 let j = Arc::clone(&j);
                 std::thread::spawn(move || {
                     for i in 0..50 {
-                        j.append(t, Bytes::new(), set(t as usize * 1000 + i))
+                        j.append_blocking(t, Bytes::new(), set(t as usize * 1000 + i))
                             .expect("append");
                     }
                 })
@@ -1867,7 +2513,7 @@ mod tests {
             .with_metrics(metrics.clone());
         assert_eq!(metrics.depth.get(), 3, "recovered entries count at once");
         assert_eq!(metrics.bytes.get(), j.bytes() as i64);
-        j.append(0, Bytes::new(), set(42)).expect("append");
+        j.append_blocking(0, Bytes::new(), set(42)).expect("append");
         assert_eq!(metrics.depth.get(), 4);
         assert_eq!(metrics.bytes.get(), j.bytes() as i64);
         j.ack(2).expect("ack");
@@ -1980,14 +2626,51 @@ mod tests {
     }
 
     #[test]
+    fn check_journal_path_refuses_unusable_places_and_leaves_nothing_behind() {
+        let dir = TempDir::new("check-path");
+        let check = |path: PathBuf| {
+            WriteQueueConfig {
+                journal_path: Some(path),
+                ..memory()
+            }
+            .check_journal_path()
+        };
+        assert_eq!(memory().check_journal_path(), Ok(()));
+        assert_eq!(check(dir.file()), Ok(()));
+        assert_eq!(
+            fs::read_dir(&dir.0).expect("read dir").count(),
+            0,
+            "the check leaves no file behind"
+        );
+        write_three(&dir.file());
+        assert_eq!(check(dir.file()), Ok(()), "an existing journal is fine");
+
+        let err = check(dir.0.join("missing").join("queue.journal")).unwrap_err();
+        assert!(
+            err.starts_with("journal_path") && err.contains("missing"),
+            "{err}"
+        );
+        let err = check(dir.file().join("under-a-file")).unwrap_err();
+        assert!(err.contains("not a directory"), "{err}");
+        let err = check(dir.0.clone()).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        #[cfg(target_os = "linux")]
+        {
+            // Not writable even for root.
+            let err = check(PathBuf::from("/proc/redfuse.journal")).unwrap_err();
+            assert!(err.contains("not writable"), "{err}");
+        }
+    }
+
+    #[test]
     fn identities_survive_a_reopen_and_legacy_entries_have_none() {
         let dir = TempDir::new("identity");
         let path = dir.file();
         {
             let j = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("open");
-            j.append(1, Bytes::from_static(b"alice"), set(1))
+            j.append_blocking(1, Bytes::from_static(b"alice"), set(1))
                 .expect("append");
-            j.append(2, Bytes::new(), set(2)).expect("append");
+            j.append_blocking(2, Bytes::new(), set(2)).expect("append");
         }
         // A record as the first version wrote them, with no identity.
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();

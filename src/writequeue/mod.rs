@@ -154,8 +154,10 @@ impl WriteQueue {
     }
 
     /// Queues a write made in database `db` as `identity`, authenticated with
-    /// `credentials`.
-    pub fn append(
+    /// `credentials`. Resolves once the write is in the journal file (fsynced under
+    /// `fsync = "always"`); the file I/O runs on the journal's disk thread, so only the
+    /// caller waits for the disk, never the event loop.
+    pub async fn append(
         &self,
         db: u32,
         identity: IdentityId,
@@ -163,10 +165,14 @@ impl WriteQueue {
         frame: Bytes,
     ) -> Result<u64, QueueError> {
         let name = Bytes::from(self.identities.name(identity));
-        let seq = self.journal.append(db, name, frame).map_err(|e| match e {
-            JournalError::Full { what } => QueueError::Full { what },
-            other => QueueError::Journal(other),
-        })?;
+        let seq = self
+            .journal
+            .append(db, name, frame)
+            .await
+            .map_err(|e| match e {
+                JournalError::Full { what } => QueueError::Full { what },
+                other => QueueError::Journal(other),
+            })?;
         if let Some(c) = credentials {
             self.lock_credentials().insert(seq, c);
         }
@@ -264,10 +270,15 @@ impl WriteQueue {
             reason = %letter.reason,
             "queued write refused by Redis for good; moved to the dead letters"
         );
-        if let Some(path) = &self.dead_path
-            && let Err(e) = append_dead_letter(path, &letter)
-        {
-            tracing::warn!(path = %path.display(), error = %e, "cannot record a dead letter on disk; it is kept in memory");
+        if let Some(path) = &self.dead_path {
+            // Off the event loop, in order with the journal's own writes.
+            let path = path.clone();
+            let on_disk = letter.clone();
+            self.journal.run_on_disk_thread(move || {
+                if let Err(e) = append_dead_letter(&path, &on_disk) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot record a dead letter on disk; it is kept in memory");
+                }
+            });
         }
         self.metrics.dead_lettered.with_label_values(&[class]).inc();
         {
@@ -297,10 +308,13 @@ impl WriteQueue {
         let n = dead.len();
         dead.clear();
         self.metrics.dead_letters.set(0);
-        if let Some(path) = &self.dead_path
-            && let Err(e) = std::fs::write(path, b"")
-        {
-            tracing::warn!(path = %path.display(), error = %e, "cannot clear the dead letters file");
+        if let Some(path) = &self.dead_path {
+            let path = path.clone();
+            self.journal.run_on_disk_thread(move || {
+                if let Err(e) = std::fs::write(&path, b"") {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot clear the dead letters file");
+                }
+            });
         }
         n
     }
@@ -395,11 +409,95 @@ mod tests {
     use super::*;
 
     fn queue(path: Option<PathBuf>) -> WriteQueue {
+        queue_with(path, journal::FsyncPolicy::default())
+    }
+
+    fn queue_with(path: Option<PathBuf>, fsync: journal::FsyncPolicy) -> WriteQueue {
         let cfg = WriteQueueConfig {
             journal_path: path,
+            fsync,
             ..WriteQueueConfig::default()
         };
         WriteQueue::open(&cfg, Arc::new(Identities::new()), &Registry::new()).unwrap()
+    }
+
+    /// `fsync = "always"` on a disk that stalls (the disk thread is held): the write
+    /// waits for it, and the event loop (one thread here, as with `--threads 1`) keeps
+    /// serving other clients meanwhile. Deterministic: if the append blocked the
+    /// runtime's only thread, no other client would be answered at all.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stalled_disk_delays_only_the_write_waiting_for_it() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = std::env::temp_dir().join(format!("redfuse-stall-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("journal");
+        let _ = std::fs::remove_file(&path);
+        let q = Arc::new(queue_with(Some(path.clone()), journal::FsyncPolicy::Always));
+        let frame = Bytes::from_static(b"*2\r\n$4\r\nINCR\r\n$7\r\nq:stall\r\n");
+
+        let stall = q.journal.hold_disk();
+        let write = {
+            let q = q.clone();
+            let frame = frame.clone();
+            tokio::spawn(async move { q.append(0, IdentityId::ANONYMOUS, None, frame).await })
+        };
+        // Other clients on the same runtime: a server answering PING, 100 round trips.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(b"+PONG\r\n").await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        for round in 0..100 {
+            let served = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+                c.write_all(b"PING\r\n").await.unwrap();
+                let mut reply = [0u8; 7];
+                c.read_exact(&mut reply).await.unwrap();
+                reply
+            })
+            .await
+            .unwrap_or_else(|_| {
+                panic!("round {round}: the event loop did not serve other clients")
+            });
+            assert_eq!(&served, b"+PONG\r\n");
+            assert!(
+                !write.is_finished(),
+                "the write returned before the disk took it"
+            );
+        }
+        assert_eq!(q.journal.len(), 1, "reserved while it waits");
+        assert!(
+            q.journal.peek(10).is_empty(),
+            "not replayable before it is durable"
+        );
+        assert!(!q.is_empty(), "newer writes still wait for it");
+
+        drop(stall);
+        let seq = tokio::time::timeout(Duration::from_secs(5), write)
+            .await
+            .expect("the write completes once the disk does")
+            .unwrap()
+            .unwrap();
+        assert_eq!(seq, 1);
+        assert_eq!(q.journal.peek(10)[0].frame, frame);
+        let on_disk = std::fs::read(&path).unwrap();
+        assert!(
+            on_disk.windows(frame.len()).any(|w| w == &frame[..]),
+            "the reply came after the record reached the file"
+        );
+        server.abort();
+        drop(q);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test(start_paused = true)]
@@ -408,6 +506,7 @@ mod tests {
         assert_eq!(q.wait_for_replay(Duration::from_secs(1)).await, Ok(()));
         let alice = q.identities.intern("alice");
         q.append(0, alice, None, Bytes::from_static(b"*1\r\n$4\r\nINCR\r\n"))
+            .await
             .unwrap();
         assert_eq!(
             q.wait_for_replay(Duration::from_secs(1)).await,
@@ -424,6 +523,7 @@ mod tests {
         q.pass_ended(false);
         assert_eq!(waiter.await.unwrap(), Ok(()));
         q.append(0, alice, None, Bytes::from_static(b"*1\r\n$4\r\nINCR\r\n"))
+            .await
             .unwrap();
         q.pass_ended(true);
         assert_eq!(
@@ -432,8 +532,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn dead_letters_leave_the_queue_survive_a_restart_and_drain() {
+    #[tokio::test]
+    async fn dead_letters_leave_the_queue_survive_a_restart_and_drain() {
         let dir = std::env::temp_dir().join(format!("redfuse-dead-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("journal");
@@ -447,6 +547,7 @@ mod tests {
                 None,
                 Bytes::from_static(b"*2\r\n$4\r\nINCR\r\n$1\r\nk\r\n"),
             )
+            .await
             .unwrap();
             let e = q.journal.peek(1).remove(0);
             q.dead_letter(&e, "-NOAUTH Authentication required.\r\n", "auth")
