@@ -1,6 +1,6 @@
 # redfuse container image.
 #
-#   docker build -t redfuse .
+#   docker build --build-arg GIT_COMMIT=$(git rev-parse --short=12 HEAD) -t redfuse .
 #   docker run --rm -p 6380:6380 -p 9380:9380 -e REDFUSE_UPSTREAM=redis.internal:6379 redfuse
 #
 # Build stage: the dependencies are compiled in a layer of their own (only Cargo.toml and
@@ -10,8 +10,11 @@
 # against.
 ARG RUST_VERSION=1.95
 FROM docker.io/library/rust:${RUST_VERSION}-slim-bookworm AS build
+# The build context has no .git: the commit for redfuse_build_info comes from here.
+ARG GIT_COMMIT=unknown
+ENV GIT_COMMIT=${GIT_COMMIT}
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 RUN mkdir src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
@@ -28,6 +31,9 @@ RUN touch src/main.rs src/lib.rs \
 # manager). Its "nonroot" user is uid/gid 65532; USER is numeric so that Kubernetes'
 # runAsNonRoot can verify it without reading /etc/passwd.
 FROM gcr.io/distroless/cc-debian12:nonroot
+ARG GIT_COMMIT=unknown
+LABEL org.opencontainers.image.title="redfuse" \
+      org.opencontainers.image.revision="${GIT_COMMIT}"
 COPY --from=build /src/target/image/redfuse /usr/local/bin/redfuse
 COPY deploy/docker/redfuse.toml /etc/redfuse/redfuse.toml
 # Inside a container redfuse must listen on all interfaces to be reachable through published

@@ -1,6 +1,11 @@
 //! Records the git commit redfuse is built from, for `redfuse_build_info{commit}`.
 //! Cheap: two `git rev-parse` calls, re-run only when HEAD or the branch moves. Outside a
-//! git checkout (a container build's context, a source tarball) the commit is "unknown".
+//! git checkout (a container build's context, a source tarball) the commit is the
+//! `GIT_COMMIT` environment variable (the Dockerfile's build argument), else "unknown".
+//!
+//! The variable it sets is not prefixed `REDFUSE_`: cargo also sets it when it runs the
+//! tests, whose redfuse processes inherit it, and every `REDFUSE_*` variable is read as
+//! configuration.
 
 use std::path::Path;
 use std::process::Command;
@@ -23,7 +28,11 @@ fn watch(path: &Path) {
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    let commit = git(&["rev-parse", "--short=12", "HEAD"]);
+    println!("cargo:rerun-if-env-changed=GIT_COMMIT");
+    let given = std::env::var("GIT_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty() && c != "unknown");
+    let commit = given.or_else(|| git(&["rev-parse", "--short=12", "HEAD"]));
     if commit.is_some() {
         if let Some(dir) = git(&["rev-parse", "--path-format=absolute", "--git-dir"]) {
             watch(&Path::new(&dir).join("HEAD"));
@@ -37,7 +46,7 @@ fn main() {
         }
     }
     println!(
-        "cargo:rustc-env=REDFUSE_GIT_COMMIT={}",
+        "cargo:rustc-env=BUILD_GIT_COMMIT={}",
         commit.as_deref().unwrap_or("unknown")
     );
 }

@@ -117,7 +117,7 @@ const LATENCY_BUCKETS: [f64; 15] = [
 ];
 
 /// The commit redfuse was built from (`build.rs`), "unknown" outside a git checkout.
-pub const GIT_COMMIT: &str = match option_env!("REDFUSE_GIT_COMMIT") {
+pub const GIT_COMMIT: &str = match option_env!("BUILD_GIT_COMMIT") {
     Some(c) => c,
     None => "unknown",
 };
