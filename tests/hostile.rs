@@ -847,17 +847,18 @@ fn sigkill_during_replay_loses_and_duplicates_nothing() {
     let rf = o.start();
     o.outage(&rf);
     // Half the writes, a barrier that keeps Redis busy for 3 s the first time it runs
-    // (and does nothing the next), the other half.
+    // and logs itself every time it runs (so running twice shows), the other half.
     let barrier = "if redis.call('EXISTS', KEYS[1]) == 0 then \
                    local s = tonumber(redis.call('TIME')[1]) \
                    while tonumber(redis.call('TIME')[1]) - s < 3 do end \
-                   redis.call('SET', KEYS[1], '1') end return 1";
+                   redis.call('SET', KEYS[1], '1') end \
+                   redis.call('RPUSH', KEYS[2], 'barrier') return 1";
     let half = 150;
     let mut pipeline = Vec::new();
     for i in 0..half {
         pipeline.extend(resp_cmd(&["RPUSH", "q:log", &i.to_string()]));
     }
-    pipeline.extend(resp_cmd(&["EVAL", barrier, "1", "q:barrier"]));
+    pipeline.extend(resp_cmd(&["EVAL", barrier, "2", "q:barrier", "q:log"]));
     for i in half..2 * half {
         pipeline.extend(resp_cmd(&["RPUSH", "q:log", &i.to_string()]));
     }
@@ -868,14 +869,33 @@ fn sigkill_during_replay_loses_and_duplicates_nothing() {
     }
     assert_eq!(depth(&rf), Some(2.0 * half as f64 + 1.0));
 
-    // Redis back: the first half is replayed, then the barrier holds the replay.
+    // Redis back: what comes before the barrier's transaction is replayed, then the
+    // barrier holds the replay.
     o.redis.restart();
-    eventually("the first half replayed", secs(10), || {
-        depth(&rf) == Some(half as f64 + 1.0)
-    });
+    let total = 2.0 * half as f64 + 1.0;
+    eventually(
+        "the replay started and is held at the barrier",
+        secs(10),
+        || {
+            // Busy in the barrier: Redis answers nobody.
+            depth(&rf).is_some_and(|d| d > 0.0 && d < total)
+                && RawClient::try_connect(&o.redis.addr()).is_ok_and(|mut c| {
+                    c.send(b"PING\r\n");
+                    c.try_read_frame(ms(300)).is_err()
+                })
+        },
+    );
+    let held = depth(&rf);
     thread::sleep(ms(300));
-    assert_eq!(depth(&rf), Some(half as f64 + 1.0), "held at the barrier");
+    assert_eq!(depth(&rf), held, "held at the barrier");
     drop(rf); // SIGKILL mid-replay
+    assert!(
+        RawClient::try_connect(&o.redis.addr()).is_ok_and(|mut c| {
+            c.send(b"PING\r\n");
+            c.try_read_frame(ms(300)).is_err()
+        }),
+        "redfuse was killed while Redis ran the barrier"
+    );
     eventually("the barrier script finished", secs(10), || {
         RawClient::try_connect(&o.redis.addr())
             .map(|mut c| {
@@ -889,7 +909,11 @@ fn sigkill_during_replay_loses_and_duplicates_nothing() {
     eventually("replayed after the restart", secs(20), || {
         depth(&rf) == Some(0.0)
     });
-    let want: Vec<String> = (0..2 * half).map(|i| i.to_string()).collect();
+    let want: Vec<String> = (0..half)
+        .map(|i| i.to_string())
+        .chain(["barrier".to_owned()])
+        .chain((half..2 * half).map(|i| i.to_string()))
+        .collect();
     assert_eq!(o.list(), want, "every write exactly once, in order");
     assert_eq!(o.redis.cmd(&["GET", "q:barrier"]), b"$1\r\n1\r\n");
 }

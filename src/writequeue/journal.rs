@@ -74,7 +74,7 @@
 //!
 //! ```text
 //! file   = header record*
-//! header = magic "RFUSEJNL" (8 bytes) | version u32 = 1 | reserved u32 = 0
+//! header = magic "RFUSEJNL" (8 bytes) | version u32 = 1 | epoch u32 (0: none)
 //! record = len u32 | kind u32 | db u32 | seq u64 | checksum u64 | frame (len bytes)
 //! kind   = 1: entry, frame is the client's RESP command exactly as sent
 //!          2: ack marker, len = 0 and db = 0, every entry with seq <= `seq` is acked
@@ -83,7 +83,9 @@
 //! ```
 //!
 //! An empty journal is a zero-length file; the header is written together with
-//! the first record. Entry seqs are strictly increasing within a file and carry
+//! the first record. The epoch is a random number drawn when a journal starts
+//! empty and kept while the file lives: seqs are only unique within an epoch, and
+//! the replay's cursor in Redis names both (see `replay`). Entry seqs are strictly increasing within a file and carry
 //! on after a restart; once the file has been truncated empty they may start
 //! again at 1, which is harmless since an ack only ever names a seq the same
 //! process handed out. A write the disk refused leaves a gap in the seqs.
@@ -379,6 +381,8 @@ pub struct Journal {
     disk: Option<DiskThread>,
     max_bytes: usize,
     max_entries: usize,
+    /// See the file format: names this journal's run of seqs.
+    epoch: u32,
 }
 
 /// What the callers and the disk thread share.
@@ -453,8 +457,14 @@ impl Journal {
             next_seq: 1,
         };
         let mut disk = None;
+        let mut epoch = None;
         if let Some(path) = &config.journal_path {
-            let (file, recovered) = Disk::open(path, config.fsync)?;
+            let (mut file, recovered) = Disk::open(path, config.fsync)?;
+            // Kept only with the entries it numbered: an empty file starts a new run.
+            if !recovered.entries.is_empty() {
+                epoch = recovered.epoch;
+            }
+            file.epoch = *epoch.get_or_insert_with(new_epoch);
             if !recovered.entries.is_empty() {
                 tracing::info!(
                     path = %path.display(),
@@ -501,6 +511,7 @@ impl Journal {
             disk,
             max_bytes: config.max_bytes,
             max_entries: config.max_entries,
+            epoch: epoch.unwrap_or_else(new_epoch),
         })
     }
 
@@ -662,6 +673,11 @@ impl Journal {
 
     pub fn is_empty(&self) -> bool {
         self.shared.depth.load(Ordering::Acquire) == 0
+    }
+
+    /// The run of seqs this journal's entries belong to (see the file format).
+    pub fn epoch(&self) -> u32 {
+        self.epoch
     }
 
     pub fn metrics(&self) -> Option<&WriteQueueMetrics> {
@@ -873,6 +889,8 @@ struct Disk {
     needs_repair: bool,
     /// Reused for building records.
     buf: Vec<u8>,
+    /// Written into every file header.
+    epoch: u32,
 }
 
 impl Disk {
@@ -930,6 +948,7 @@ impl Disk {
             last_sync: Instant::now(),
             needs_repair: false,
             buf: Vec::new(),
+            epoch: 0,
         };
         Ok((disk, recovered))
     }
@@ -1118,7 +1137,7 @@ impl Disk {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         if self.len == 0 {
-            buf.extend_from_slice(&file_header());
+            buf.extend_from_slice(&file_header(self.epoch));
         }
         buf.extend_from_slice(&record_header(kind, db, seq, frame));
         buf.extend_from_slice(frame);
@@ -1209,7 +1228,7 @@ impl Disk {
                 .open(&tmp)?;
             file.set_len(0)?;
             let mut out = BufWriter::with_capacity(256 * 1024, &file);
-            out.write_all(&file_header())?;
+            out.write_all(&file_header(self.epoch))?;
             let mut len = FILE_HEADER_LEN as u64;
             for e in entries {
                 let payload = e.payload();
@@ -1251,6 +1270,8 @@ impl Disk {
 
 /// What [`recover`] found in an existing file.
 struct Recovered {
+    /// The file header's epoch, when it has one.
+    epoch: Option<u32>,
     entries: VecDeque<Entry>,
     bytes: usize,
     next_seq: u64,
@@ -1273,6 +1294,7 @@ fn recover(file: &File, path: &Path) -> Result<Recovered, JournalError> {
     };
     let file_len = file.metadata().map_err(io_err)?.len();
     let mut out = Recovered {
+        epoch: None,
         entries: VecDeque::new(),
         bytes: 0,
         next_seq: 1,
@@ -1289,9 +1311,10 @@ fn recover(file: &File, path: &Path) -> Result<Recovered, JournalError> {
     let mut header = [0u8; FILE_HEADER_LEN];
     let have = file_len.min(FILE_HEADER_LEN as u64) as usize;
     r.read_exact(&mut header[..have]).map_err(io_err)?;
-    let expected = file_header();
+    let expected = file_header(0);
     if have < FILE_HEADER_LEN {
-        if header[..have] == expected[..have] || header[..have].iter().all(|&b| b == 0) {
+        let fixed = have.min(12);
+        if header[..fixed] == expected[..fixed] || header[..have].iter().all(|&b| b == 0) {
             out.torn = Some("incomplete file header".into());
             return Ok(out);
         }
@@ -1318,6 +1341,7 @@ fn recover(file: &File, path: &Path) -> Result<Recovered, JournalError> {
         ));
     }
 
+    out.epoch = Some(u32::from_le_bytes(le4(&header[12..16]))).filter(|e| *e != 0);
     let mut pos = FILE_HEADER_LEN as u64;
     let mut last_seq = 0u64;
     out.good_len = pos;
@@ -1511,11 +1535,22 @@ fn le8(b: &[u8]) -> [u8; 8] {
     a
 }
 
-fn file_header() -> [u8; FILE_HEADER_LEN] {
+fn file_header(epoch: u32) -> [u8; FILE_HEADER_LEN] {
     let mut h = [0u8; FILE_HEADER_LEN];
     h[..8].copy_from_slice(&MAGIC);
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&epoch.to_le_bytes());
     h
+}
+
+/// A new journal epoch: random, never 0 (a file from before epochs).
+fn new_epoch() -> u32 {
+    loop {
+        let e: u32 = rand::random();
+        if e != 0 {
+            return e;
+        }
+    }
 }
 
 /// `frame.len()` must be at most [`MAX_FRAME_LEN`] (the callers check).
@@ -1922,6 +1957,31 @@ mod tests {
     }
 
     #[test]
+    fn the_epoch_lives_as_long_as_the_entries_it_numbered() {
+        let dir = TempDir::new("epoch");
+        let path = dir.file();
+        write_three(&path);
+        let first = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        let epoch = first.epoch();
+        assert_ne!(epoch, 0);
+        drop(first);
+        let again = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        assert_eq!(again.epoch(), epoch, "same entries, same seqs: same epoch");
+        again.ack(3).expect("ack");
+        drop(again);
+        // Empty: its seqs may start at 1 again, so they must not be mistaken for the old.
+        let emptied = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        assert_eq!(seqs(&emptied), Vec::<u64>::new());
+        let fresh = emptied.epoch();
+        emptied
+            .append_blocking(0, Bytes::new(), set(1))
+            .expect("append");
+        drop(emptied);
+        let reopened = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect("reopen");
+        assert_eq!(reopened.epoch(), fresh);
+    }
+
+    #[test]
     fn acked_entries_are_not_replayed_after_reopen() {
         let dir = TempDir::new("ack-reopen");
         let path = dir.file();
@@ -2051,7 +2111,7 @@ mod tests {
         );
         assert_eq!(fs::read(&path).expect("read"), content);
 
-        let mut header = file_header();
+        let mut header = file_header(7);
         header[8..12].copy_from_slice(&99u32.to_le_bytes());
         fs::write(&path, header).expect("write");
         let err = Journal::open(&on_disk(&path, FsyncPolicy::Always)).expect_err("future version");
@@ -2222,7 +2282,7 @@ mod tests {
     fn out_of_order_seqs_are_corruption() {
         let dir = TempDir::new("seq-order");
         let path = dir.file();
-        let mut data = file_header().to_vec();
+        let mut data = file_header(7).to_vec();
         for seq in [5u64, 3] {
             let frame = set(seq as usize);
             data.extend_from_slice(&record_header(KIND_ENTRY, 0, seq, &frame));

@@ -18,8 +18,14 @@
 //!   the dead-letter list and the replay goes on: the order then holds for every write
 //!   that was replayed, and the dead letters are inspectable and drainable through the
 //!   admin API (`GET /write-queue/dead-letters`, `POST /write-queue/dead-letters/drain`).
-//! - Delivery is at least once: an entry replayed but not yet acknowledged when redfuse
-//!   stops is replayed again after a restart.
+//! - Delivery is exactly once: entries are replayed in transactions (`MULTI` ... `EXEC`)
+//!   that also record the last entry's seq in a cursor key of this journal
+//!   ([`WriteQueue::cursor_key`]), so a replay whose outcome was lost (a connection reset
+//!   before `EXEC`'s reply, redfuse killed before the journal's ack reached the disk)
+//!   is recognised as done by the next pass instead of being sent again. Where Redis
+//!   refuses redfuse the cursor (an ACL user without `MULTI` or without access to
+//!   `redfuse:replay:*`), that identity's writes fall back to one at a time, at least
+//!   once (see `replay`).
 
 pub mod journal;
 pub mod replay;
@@ -38,6 +44,30 @@ use tokio::sync::Notify;
 
 use crate::auth::{Credentials, Identities, IdentityId};
 pub use journal::{Journal, JournalError, WriteQueueConfig, WriteQueueMetrics};
+
+fn cursor_key(journal: Option<&std::path::Path>) -> Bytes {
+    use std::os::unix::ffi::OsStrExt;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "redfuse".into());
+    let digest = match journal {
+        Some(path) => {
+            let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+            // FNV-1a: stable across builds, as the same journal must name the same cursor
+            // after a restart or an upgrade.
+            path.as_os_str()
+                .as_bytes()
+                .iter()
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+                })
+        }
+        None => rand::random(),
+    };
+    Bytes::from(format!("redfuse:replay:{host}:{digest:016x}"))
+}
 
 /// How long Redis may keep refusing a queued write with `OOM` before it is dead-lettered.
 pub const OOM_PATIENCE: Duration = Duration::from_secs(30);
@@ -102,6 +132,7 @@ pub struct WriteQueue {
     /// rotation, say). Memory only; after a restart see `replay`.
     credentials: Mutex<std::collections::HashMap<u64, Arc<Credentials>>>,
     metrics: QueueMetrics,
+    cursor_key: Bytes,
 }
 
 #[derive(Clone)]
@@ -146,7 +177,15 @@ impl WriteQueue {
             dead_path,
             credentials: Mutex::new(std::collections::HashMap::new()),
             metrics,
+            cursor_key: cursor_key(config.journal_path.as_deref()),
         })
+    }
+
+    /// The Redis key where the replay records how far it got, unique to this journal:
+    /// `redfuse:replay:<host name>:<digest of the journal's path>` (a random digest for a
+    /// journal in memory, which does not outlive the process anyway).
+    pub fn cursor_key(&self) -> &Bytes {
+        &self.cursor_key
     }
 
     pub fn is_empty(&self) -> bool {
@@ -224,6 +263,13 @@ impl WriteQueue {
 
     pub fn is_stalled(&self) -> bool {
         self.stalled.load(Ordering::Acquire)
+    }
+
+    /// The replay moved on: writes waiting behind it wait again rather than fail fast.
+    fn progressed(&self) {
+        if self.is_stalled() {
+            self.pass_ended(false);
+        }
     }
 
     /// A replay pass ended; `stalled` when Redis refused a queued write for now.
