@@ -118,11 +118,19 @@ impl std::fmt::Debug for ReplyEffect {
     }
 }
 
+/// The upstream connection a reply arrived on. Replies on one connection come in the order
+/// Redis ran the commands: a write answered before a read on the same connection ran
+/// before it, so the read's reply already reflects it (see `cache`'s fill tickets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId(pub u64);
+
 /// Applies reply effects; implemented by the owner of the cache.
 pub trait EffectSink: Send + Sync {
     /// Applies `effect` for `reply`, which it may turn into the degraded answer
-    /// ([`crate::error::UpstreamError::Answered`]) of a failed read.
-    fn apply(&self, effect: ReplyEffect, reply: &mut Reply);
+    /// ([`crate::error::UpstreamError::Answered`]) of a failed read. `via`: the connection
+    /// Redis's reply arrived on; `None` for failures and replies from elsewhere (the
+    /// replay).
+    fn apply(&self, effect: ReplyEffect, reply: &mut Reply, via: Option<ConnId>);
 }
 
 /// A count of a client's requests in flight of some kind (its writes on shared

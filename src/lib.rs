@@ -115,6 +115,34 @@ async fn bind(field: &'static str, addr: &str) -> Result<TcpListener, StartError
         })
 }
 
+/// What only the running machine can judge about a configuration (see
+/// `server::listener::checks`): `errors` make `--check-config` and the start fail;
+/// `warnings` are worth a line. An upstream that does not resolve is only a warning: a
+/// configuration checked outside its cluster names hosts only the cluster's DNS knows,
+/// and at start DNS may not be ready yet (the upstream is retried anyway). The journal's
+/// place is checked with `strict` (`--check-config`); at start, opening it says the same.
+pub fn preflight(config: &Config, strict: bool) -> Preflight {
+    use server::listener::checks;
+    let mut report = Preflight::default();
+    match checks::check_threads(config.threads) {
+        Ok(Some(w)) => report.warnings.push(w),
+        Ok(None) => {}
+        Err(e) => report.errors.push(e),
+    }
+    report.warnings.extend(checks::unresolved_upstreams(config));
+    if strict && let Err(e) = config.write_queue.check_journal_path() {
+        report.errors.push(e);
+    }
+    report
+}
+
+/// See [`preflight`].
+#[derive(Debug, Default)]
+pub struct Preflight {
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
 /// Binds the client and admin listeners and starts serving. Upstreams are connected in the
 /// background, so redfuse starts even when Redis is down.
 pub async fn start(config: Config) -> Result<Running, StartError> {

@@ -22,6 +22,16 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(&config);
+    let checks = redfuse::preflight(&config, false);
+    for w in &checks.warnings {
+        tracing::warn!("{w}");
+    }
+    if !checks.errors.is_empty() {
+        for e in &checks.errors {
+            eprintln!("redfuse: {e}");
+        }
+        return ExitCode::from(2);
+    }
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -41,9 +51,22 @@ fn check_config(cli: &Cli, file: Option<&Path>) -> ExitCode {
     match Config::load(cli, file, std::env::vars_os()) {
         Ok(config) => {
             use std::io::Write;
+            let checks = redfuse::preflight(&config, true);
+            if !checks.errors.is_empty() {
+                for e in &checks.errors {
+                    eprintln!("redfuse: {e}");
+                }
+                eprintln!("redfuse: {source}: invalid configuration");
+                return ExitCode::from(2);
+            }
+            let warnings: String = checks
+                .warnings
+                .iter()
+                .map(|w| format!("# warning: {w}\n"))
+                .collect();
             let text = format!(
                 "# redfuse effective configuration (flag > environment > file > default; \
-                 secrets redacted)\n{}# {source}: ok\n",
+                 secrets redacted)\n{}{warnings}# {source}: ok\n",
                 config.effective_toml()
             );
             // A closed stdout (`| head`) is not an invalid configuration.

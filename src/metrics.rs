@@ -229,7 +229,7 @@ impl Metrics {
         let durations_vec = HistogramVec::new(
             HistogramOpts::new(
                 "redfuse_command_duration_seconds",
-                "Time from reading a client's command to its reply being ready, by command",
+                "Client-side latency: from a command's bytes arriving to its reply going to the client, by command",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["command"],
@@ -307,8 +307,6 @@ impl Metrics {
     /// Observes one client command's duration in `redfuse_command_duration_seconds`. `id`
     /// comes from the command table (or [`command::UNKNOWN`]); the handle is resolved once
     /// per command, later calls are lock-free.
-    // Called from the session layer once it times each command.
-    #[allow(dead_code)]
     pub fn observe_command(&self, id: usize, seconds: f64) {
         self.durations.observe(id, seconds);
     }

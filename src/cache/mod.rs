@@ -68,6 +68,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::time::Instant;
 
 use crate::auth::IdentityId;
+use crate::effect::ConnId;
 use crate::resp::Proto;
 use recent::{Invalidations, Superseded};
 
@@ -712,12 +713,13 @@ impl Cache {
     pub fn insert_checked(
         &self,
         ticket: FillTicket,
+        via: Option<ConnId>,
         key: CacheKey,
         redis_key: Bytes,
         reply: Bytes,
         now: Instant,
     ) -> bool {
-        self.insert_inner(Some(ticket), key, redis_key, reply, now)
+        self.insert_inner(Some((ticket, via)), key, redis_key, reply, now)
     }
 
     /// Take this before sending a read whose reply may fill the cache, and hand it to
@@ -736,28 +738,29 @@ impl Cache {
         }
     }
 
-    /// Whether nothing invalidated the ticket's key since it was taken.
-    pub fn ticket_current(&self, t: FillTicket) -> bool {
+    /// Whether nothing invalidated the ticket's key since it was taken, but replies that
+    /// arrived on `via` before the reply now being stored (see [`ConnId`]).
+    pub fn ticket_current(&self, t: FillTicket, via: Option<ConnId>) -> bool {
         let st = self.lock();
-        self.ticket_valid(&st, t)
+        self.ticket_valid(&st, t, via)
     }
 
     /// [`Cache::ticket_current`] under the lock invalidations bump under: the stripe alone
     /// when it has not moved, else what is remembered of the key's own invalidations.
-    fn ticket_valid(&self, st: &State, t: FillTicket) -> bool {
+    fn ticket_valid(&self, st: &State, t: FillTicket, via: Option<ConnId>) -> bool {
         if self.clears.load(Ordering::SeqCst) != t.clears {
             return false;
         }
         self.stripes[stripe_of(t.hash)].load(Ordering::SeqCst) == t.generation
-            || !st.invalidations.since(t.hash, t.seq)
+            || !st.invalidations.since(t.hash, t.seq, via)
     }
 
-    /// Bumps the key's stripe and the invalidation count, remembering the key; returns the
-    /// invalidation's number. Call under the lock.
-    fn bump(&self, st: &mut State, hash: u64) -> u64 {
+    /// Bumps the key's stripe and the invalidation count, remembering the key and where
+    /// the invalidation came from; returns its number. Call under the lock.
+    fn bump(&self, st: &mut State, hash: u64, via: Option<ConnId>) -> u64 {
         self.stripes[stripe_of(hash)].fetch_add(1, Ordering::SeqCst);
         let seq = self.invalidated.fetch_add(1, Ordering::SeqCst) + 1;
-        st.invalidations.record(hash, seq);
+        st.invalidations.record(hash, seq, via);
         seq
     }
 
@@ -768,7 +771,7 @@ impl Cache {
 
     fn insert_inner(
         &self,
-        ticket: Option<FillTicket>,
+        checked: Option<(FillTicket, Option<ConnId>)>,
         key: CacheKey,
         redis_key: Bytes,
         reply: Bytes,
@@ -786,8 +789,8 @@ impl Cache {
         let mut st = self.lock();
         // Checked under the lock that invalidation bumps under: either the invalidation
         // came first and we see it, or we insert first and it removes what we stored.
-        if let Some(t) = ticket
-            && !self.ticket_valid(&st, t)
+        if let Some((t, via)) = checked
+            && !self.ticket_valid(&st, t, via)
         {
             drop(st);
             self.count(CacheResult::Bypass);
@@ -796,7 +799,7 @@ impl Cache {
         let expires = if st.records.is_empty() {
             None
         } else {
-            let hash = ticket.map_or_else(|| self.key_hash(key.db, &redis_key), |t| t.hash);
+            let hash = checked.map_or_else(|| self.key_hash(key.db, &redis_key), |(t, _)| t.hash);
             st.records.peek(&hash).and_then(|r| r.ttl.deadline())
         };
         if expires.is_some_and(|e| e <= now) {
@@ -933,9 +936,14 @@ impl Cache {
     /// every identity) and makes tickets taken for it before now stale. Returns how many
     /// were removed. The key's record stays.
     pub fn invalidate(&self, db: u32, redis_key: &[u8]) -> usize {
+        self.invalidate_via(db, redis_key, None)
+    }
+
+    /// [`Cache::invalidate`] by the reply of a write that arrived on `via`.
+    pub fn invalidate_via(&self, db: u32, redis_key: &[u8], via: Option<ConnId>) -> usize {
         let hash = self.key_hash(db, redis_key);
         let mut st = self.lock();
-        let seq = self.bump(&mut st, hash);
+        let seq = self.bump(&mut st, hash, via);
         let Some(by_key) = st.index.get_mut(&db) else {
             return 0;
         };
@@ -957,7 +965,7 @@ impl Cache {
     pub fn invalidate_for(&self, db: u32, redis_key: &[u8], identity: IdentityId) -> usize {
         let hash = self.key_hash(db, redis_key);
         let mut st = self.lock();
-        self.bump(&mut st, hash);
+        self.bump(&mut st, hash, None);
         let keys: Vec<CacheKey> = match st.index.get(&db).and_then(|k| k.get(redis_key)) {
             Some(Readers::One(k)) if k.identity == identity => vec![*k],
             Some(Readers::Many(set)) => set
@@ -1143,11 +1151,11 @@ mod tests {
         let now = Instant::now();
         let t = cache.ticket(0, a.as_bytes());
         cache.invalidate(0, other.as_bytes());
-        assert!(cache.ticket_current(t), "only the stripe moved");
+        assert!(cache.ticket_current(t, None), "only the stripe moved");
         let ka = key(0, &["GET", &a]);
-        assert!(cache.insert_checked(t, ka, b(&a), b("$1\r\nv\r\n"), now));
+        assert!(cache.insert_checked(t, None, ka, b(&a), b("$1\r\nv\r\n"), now));
         cache.invalidate(0, a.as_bytes());
-        assert!(!cache.ticket_current(t), "its own key was written");
+        assert!(!cache.ticket_current(t, None), "its own key was written");
     }
 
     #[test]
@@ -1609,22 +1617,22 @@ mod tests {
 
         let ticket = cache.ticket(0, b"k");
         cache.invalidate(0, b"k");
-        assert!(!cache.insert_checked(ticket, k, b("k"), b("+old\r\n"), now));
+        assert!(!cache.insert_checked(ticket, None, k, b("k"), b("+old\r\n"), now));
         assert!(cache.is_empty());
 
         let ticket = cache.ticket(0, b"k");
-        assert!(cache.insert_checked(ticket, k, b("k"), b("+new\r\n"), now));
+        assert!(cache.insert_checked(ticket, None, k, b("k"), b("+new\r\n"), now));
         // A stale ticket must not disturb the newer entry either.
         let stale = cache.ticket(0, b"k");
         cache.invalidate(0, b"other");
         cache.invalidate(0, b"k");
-        assert!(cache.insert_checked(cache.ticket(0, b"k"), k, b("k"), b("+newer\r\n"), now));
-        assert!(!cache.insert_checked(stale, k, b("k"), b("+old\r\n"), now));
+        assert!(cache.insert_checked(cache.ticket(0, b"k"), None, k, b("k"), b("+newer\r\n"), now));
+        assert!(!cache.insert_checked(stale, None, k, b("k"), b("+old\r\n"), now));
         assert_eq!(cache.get(&k, now, FRESH), Lookup::Hit(b("+newer\r\n")));
 
         let ticket = cache.ticket(0, b"k");
         cache.clear_db(5);
-        assert!(!cache.insert_checked(ticket, k, b("k"), b("+old\r\n"), now));
+        assert!(!cache.insert_checked(ticket, None, k, b("k"), b("+old\r\n"), now));
     }
 
     #[test]

@@ -20,9 +20,10 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::{CacheKey, Entry, FastMap};
+use crate::effect::ConnId;
 
 /// Invalidations remembered by key; older ones are only known to have happened.
-const REMEMBERED: usize = 16 * 1024;
+const REMEMBERED: usize = 8 * 1024;
 
 /// How long a superseded reply stays available to the reads that were in flight when it was
 /// superseded: longer than any command timeout in practice; bytes bound it too.
@@ -31,21 +32,52 @@ const GRACE: Duration = Duration::from_secs(30);
 /// The most recent invalidations, by key hash.
 #[derive(Default)]
 pub(super) struct Invalidations {
-    /// Key hash -> sequence number of its last remembered invalidation.
-    last: FastMap<u64, u64>,
+    last: FastMap<u64, KeyInvalidations>,
     order: VecDeque<(u64, u64)>,
     /// The newest invalidation forgotten: a ticket older than this cannot be vouched for.
     floor: u64,
 }
 
+/// A key's latest invalidations by where they came from. A reply's effect on connection
+/// `c` is harmless to the fills of reads on `c` (see `ConnId`); anything else is not.
+#[derive(Default, Clone, Copy)]
+struct KeyInvalidations {
+    /// The latest from no connection (before a write is sent, a failed write, a replay).
+    unsourced: u64,
+    /// The latest of two connections; `others` for any further connection.
+    conns: [(u64, u64); 2],
+    others: u64,
+}
+
+impl KeyInvalidations {
+    fn newest(&self) -> u64 {
+        self.unsourced
+            .max(self.conns[0].1)
+            .max(self.conns[1].1)
+            .max(self.others)
+    }
+}
+
 impl Invalidations {
-    pub(super) fn record(&mut self, hash: u64, seq: u64) {
-        self.last.insert(hash, seq);
+    pub(super) fn record(&mut self, hash: u64, seq: u64, via: Option<ConnId>) {
+        let k = self.last.entry(hash).or_default();
+        match via {
+            None => k.unsourced = seq,
+            Some(ConnId(id)) => {
+                if let Some(slot) = k.conns.iter_mut().find(|(c, s)| *c == id && *s > 0) {
+                    slot.1 = seq;
+                } else {
+                    let oldest = if k.conns[0].1 <= k.conns[1].1 { 0 } else { 1 };
+                    k.others = k.others.max(k.conns[oldest].1);
+                    k.conns[oldest] = (id, seq);
+                }
+            }
+        }
         self.order.push_back((hash, seq));
         if self.order.len() > REMEMBERED
             && let Some((h, s)) = self.order.pop_front()
         {
-            if self.last.get(&h) == Some(&s) {
+            if self.last.get(&h).is_some_and(|k| k.newest() == s) {
                 self.last.remove(&h);
             }
             self.floor = self.floor.max(s);
@@ -53,9 +85,19 @@ impl Invalidations {
     }
 
     /// Whether the key hashing to `hash` may have been invalidated after invalidation
-    /// number `seq`.
-    pub(super) fn since(&self, hash: u64, seq: u64) -> bool {
-        self.floor > seq || self.last.get(&hash).is_some_and(|s| *s > seq)
+    /// number `seq` other than by a reply on `via`.
+    pub(super) fn since(&self, hash: u64, seq: u64, via: Option<ConnId>) -> bool {
+        if self.floor > seq {
+            return true;
+        }
+        let Some(k) = self.last.get(&hash) else {
+            return false;
+        };
+        k.unsourced > seq
+            || k.others > seq
+            || k.conns
+                .iter()
+                .any(|(c, s)| *s > seq && via != Some(ConnId(*c)))
     }
 }
 
@@ -158,19 +200,47 @@ mod tests {
     #[test]
     fn a_moved_stripe_refuses_only_tickets_of_the_invalidated_key() {
         let mut inv = Invalidations::default();
-        inv.record(7, 10);
-        assert!(inv.since(7, 9));
-        assert!(!inv.since(7, 10), "the ticket was taken after it");
-        assert!(!inv.since(8, 9), "another key of the stripe");
+        inv.record(7, 10, None);
+        assert!(inv.since(7, 9, None));
+        assert!(!inv.since(7, 10, None), "the ticket was taken after it");
+        assert!(!inv.since(8, 9, None), "another key of the stripe");
+    }
+
+    #[test]
+    fn replies_on_the_reads_own_connection_do_not_refuse_its_fill() {
+        let c = |id| Some(ConnId(id));
+        let mut inv = Invalidations::default();
+        inv.record(7, 10, c(1));
+        inv.record(7, 11, c(1));
+        assert!(
+            !inv.since(7, 9, c(1)),
+            "both ran before the read, on its connection"
+        );
+        assert!(inv.since(7, 9, c(2)));
+        assert!(inv.since(7, 9, None));
+        inv.record(7, 12, c(2));
+        assert!(
+            inv.since(7, 9, c(1)),
+            "another connection's write may have raced"
+        );
+        inv.record(7, 13, c(3));
+        inv.record(7, 14, c(1));
+        assert!(
+            inv.since(7, 12, c(1)),
+            "a third connection's write is still known"
+        );
+        assert!(!inv.since(7, 14, c(1)));
+        inv.record(7, 15, None);
+        assert!(inv.since(7, 14, c(1)), "sent since: from no connection");
     }
 
     #[test]
     fn forgotten_invalidations_refuse_older_tickets() {
         let mut inv = Invalidations::default();
         for seq in 1..=(REMEMBERED as u64 + 1) {
-            inv.record(seq, seq);
+            inv.record(seq, seq, None);
         }
-        assert!(inv.since(999_999, 0), "older than what was forgotten");
-        assert!(!inv.since(999_999, 1));
+        assert!(inv.since(999_999, 0, None), "older than what was forgotten");
+        assert!(!inv.since(999_999, 1, None));
     }
 }

@@ -10,13 +10,13 @@ use super::Degrade;
 use crate::auth::IdentityId;
 use crate::cache::{CacheKey, Seen, Ttl};
 use crate::command::{Classified, ids};
-use crate::effect::{EffectSink, FillPlan, ReplyEffect, Written};
+use crate::effect::{ConnId, EffectSink, FillPlan, ReplyEffect, Written};
 use crate::error::{Reply, UpstreamError};
 use crate::resp::scan::split_aggregate;
 use crate::resp::{Proto, Request, is_error_reply, parse_int, reply};
 
 impl EffectSink for Degrade {
-    fn apply(&self, effect: ReplyEffect, result: &mut Reply) {
+    fn apply(&self, effect: ReplyEffect, result: &mut Reply, via: Option<ConnId>) {
         match effect {
             ReplyEffect::Fill {
                 plan,
@@ -24,7 +24,7 @@ impl EffectSink for Degrade {
                 degraded,
             } => {
                 match &*result {
-                    Ok(r) if !is_error_reply(r) => self.apply_fill(plan, r),
+                    Ok(r) if !is_error_reply(r) => self.apply_fill(plan, r, via),
                     Ok(_) => {}
                     Err(e)
                         if e.is_unavailability()
@@ -43,7 +43,7 @@ impl EffectSink for Degrade {
                     leader.finish(result.clone());
                 }
             }
-            ReplyEffect::Write(w) => self.written(&w, result),
+            ReplyEffect::Write(w) => self.written(&w, result, via),
             // A queued write reached Redis: everyone's view of its keys is outdated now.
             ReplyEffect::Replayed(w) => {
                 self.invalidate(w.db, &w.request, &w.class);
@@ -64,7 +64,7 @@ impl EffectSink for Degrade {
 impl Degrade {
     /// Stores a reply per its fill plan. Error replies are never stored; nil ones only when
     /// configured.
-    fn apply_fill(&self, plan: FillPlan, reply: &Bytes) {
+    fn apply_fill(&self, plan: FillPlan, reply: &Bytes, via: Option<ConnId>) {
         let now = Instant::now();
         let storable = |r: &Bytes| self.policy.cache_nil() || !reply::is_null(r);
         match plan {
@@ -75,7 +75,7 @@ impl Degrade {
             } => {
                 if storable(reply) {
                     self.cache
-                        .insert_checked(ticket, key, redis_key, reply.clone(), now);
+                        .insert_checked(ticket, via, key, redis_key, reply.clone(), now);
                 }
             }
             FillPlan::Mget { parts } => {
@@ -90,23 +90,25 @@ impl Degrade {
                     // would refuse it).
                     if matches!(value.first(), Some(b'$' | b'_')) && storable(&value) {
                         self.cache
-                            .insert_checked(ticket, key, redis_key, value, now);
+                            .insert_checked(ticket, via, key, redis_key, value, now);
                     }
                 }
             }
         }
     }
 
-    /// A write has run (`Ok`) or its fate is unknown (`Err`).
-    fn written(&self, w: &Written, result: &Reply) {
+    /// A write has run (`Ok`, its reply arrived on `via`) or its fate is unknown (`Err`).
+    fn written(&self, w: &Written, result: &Reply, via: Option<ConnId>) {
         let Some(db) = w.db else {
             self.invalidate(None, &w.request, &w.class);
             return;
         };
+        // A write whose fate is unknown may still run later: from no connection.
+        let via = via.filter(|_| result.is_ok());
         let reply = match result {
             // Redis refused it: nothing changed (WRONGTYPE, NOPERM ...).
             Ok(r) if is_error_reply(r) => {
-                self.invalidate(w.db, &w.request, &w.class);
+                self.invalidate_via(w.db, &w.request, &w.class, via);
                 return;
             }
             Ok(r) => Some(r),
@@ -122,17 +124,17 @@ impl Degrade {
             }),
             Some(ticket),
         ) = (&learnt, w.ticket)
-            && self.cache.ticket_current(ticket)
+            && self.cache.ticket_current(ticket, via)
         {
             let key = &w.request.args[1];
-            self.invalidate(w.db, &w.request, &w.class);
+            self.invalidate_via(w.db, &w.request, &w.class, via);
             // Other identities (and other commands) do not hold the new value.
             self.cache
                 .key_written(db, key, Some(Seen::ByAll), *ttl, Instant::now());
             self.fill_value(db, w.identity, key, &w.request.args[2]);
             return;
         }
-        self.invalidate(w.db, &w.request, &w.class);
+        self.invalidate_via(w.db, &w.request, &w.class, via);
         match learnt {
             Some(l) => self.mark(w, l.value_unknown, l.ttl),
             None => self.mark(w, true, Ttl::Unknown),

@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use crate::auth::{Credentials, Identities, IdentityId};
 use crate::cache::{Cache, CacheKey, CacheResult, Lookup};
 use crate::command::{Cacheable, Classified, absent_reply, ids, name_of};
-use crate::effect::{FillPlan, Written};
+use crate::effect::{ConnId, FillPlan, Written};
 use crate::error::{Error, UpstreamError, error_reply};
 use crate::resp::reply::Absent;
 use crate::resp::scan::join_array;
@@ -212,6 +212,17 @@ impl Degrade {
     /// Drops every entry a write may change. `db` `None`: the client's database is
     /// unknown, so every database is cleared of the keys.
     pub fn invalidate(&self, db: Option<u32>, req: &Request, cls: &Classified) {
+        self.invalidate_via(db, req, cls, None);
+    }
+
+    /// [`Degrade::invalidate`] by the reply of a write that arrived on `via`.
+    pub fn invalidate_via(
+        &self,
+        db: Option<u32>,
+        req: &Request,
+        cls: &Classified,
+        via: Option<ConnId>,
+    ) {
         if matches!(cls.id, ids::FLUSHALL)
             || (db.is_none() && matches!(cls.id, ids::FLUSHDB | ids::SWAPDB))
         {
@@ -237,7 +248,7 @@ impl Degrade {
             }
             _ => {
                 for i in cls.keys.iter() {
-                    self.cache.invalidate(db, &req.args[i]);
+                    self.cache.invalidate_via(db, &req.args[i], via);
                 }
                 // Commands that write a key in another db.
                 match cls.id {

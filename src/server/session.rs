@@ -12,6 +12,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tracing::debug;
 
 use super::Server;
@@ -44,7 +45,9 @@ pub(super) struct Session {
     pub(super) multi_writes: Vec<crate::effect::Written>,
     /// Replies arrived and not yet written to the client, against the output limits.
     pub(super) output: Arc<OutputBudget>,
-    slots: mpsc::Sender<Slot>,
+    slots: mpsc::Sender<(Slot, Instant)>,
+    /// When the bytes being parsed arrived: what the client-side latency counts from.
+    received: Instant,
 }
 
 /// Why a session stopped reading.
@@ -92,6 +95,7 @@ pub async fn run(
         server,
         id,
         slots: slots_tx,
+        received: Instant::now(),
     };
     let end = session.read_loop(&mut rd, &mut shutdown).await;
     if end == End::ClientGone {
@@ -199,7 +203,10 @@ impl Session {
             tokio::select! {
                 r = rd.read_buf(&mut buf) => match r {
                     Ok(0) | Err(_) => return End::ClientGone,
-                    Ok(n) => self.server.metrics.bytes_received.inc_by(n as u64),
+                    Ok(n) => {
+                        self.received = Instant::now();
+                        self.server.metrics.bytes_received.inc_by(n as u64);
+                    }
                 },
                 _ = shutdown.changed() => return End::Shutdown,
                 _ = self.output.exceeded() => {
@@ -217,7 +224,7 @@ impl Session {
 
     pub(super) async fn push(&self, slot: Slot) {
         // The writer only goes away when the client socket is gone; nothing to do then.
-        let _ = self.slots.send(slot).await;
+        let _ = self.slots.send((slot, self.received)).await;
     }
 
     pub(super) async fn push_ready(&self, command: usize, reply: Bytes) {

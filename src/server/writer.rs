@@ -13,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::Server;
 use crate::cache::Follower;
@@ -84,7 +85,7 @@ fn resolve(server: &Server, result: Reply, fallback: Option<Box<Fallback>>) -> (
 /// budget is exceeded (its pending replies are then dropped and it is disconnected).
 pub async fn write_replies(
     wr: OwnedWriteHalf,
-    slots: mpsc::Receiver<Slot>,
+    slots: mpsc::Receiver<(Slot, Instant)>,
     server: Arc<Server>,
     output: Arc<OutputBudget>,
 ) {
@@ -97,14 +98,14 @@ pub async fn write_replies(
 
 async fn write_loop(
     mut wr: OwnedWriteHalf,
-    mut slots: mpsc::Receiver<Slot>,
+    mut slots: mpsc::Receiver<(Slot, Instant)>,
     server: &Server,
     output: &OutputBudget,
 ) {
     let metrics = &server.metrics;
     let mut out = BytesMut::with_capacity(16 * 1024);
     loop {
-        let slot = match slots.try_recv() {
+        let (slot, received) = match slots.try_recv() {
             Ok(slot) => slot,
             Err(_) => {
                 if flush(&mut wr, &mut out, server).await.is_err() {
@@ -169,6 +170,9 @@ async fn write_loop(
             CommandResult::Ok
         };
         metrics.count_command(slot.command, result, origin);
+        // From the arrival of the request's bytes to its reply leaving for the client: what
+        // the client sees of redfuse and Redis together.
+        metrics.observe_command(slot.command, received.elapsed().as_secs_f64());
         if reply.len() >= BATCH_BYTES {
             if flush(&mut wr, &mut out, server).await.is_err() {
                 return;

@@ -37,7 +37,7 @@ use super::handshake::{Setup, open};
 use super::tls::UpstreamStream;
 use super::{Inflight, UpstreamCtx};
 use crate::breaker::{CallGuard, FailureKind, Outcome, ReplyClass, classify_error_reply};
-use crate::effect::{Mark, OutputBudget, ReplyEffect};
+use crate::effect::{ConnId, Mark, OutputBudget, ReplyEffect};
 use crate::error::{ConnectFailure, Reply, UpstreamError};
 use crate::resp::{ErrorCode, ReplyScanner};
 
@@ -92,7 +92,7 @@ impl Call {
         }
         let mut result = Err(err);
         if let Some(e) = self.effect {
-            ctx.sink.apply(e, &mut result);
+            ctx.sink.apply(e, &mut result, None);
         }
         let _ = self.reply.send(result);
     }
@@ -206,7 +206,7 @@ pub fn spawn_dedicated(ctx: Arc<UpstreamCtx>, stream: UpstreamStream, depth: usi
             }
         }
         let gauge = Gauge(&ctx);
-        let end = pipeline(&ctx, stream, &mut rx, None, Some(&watch)).await;
+        let end = pipeline(&ctx, stream, &mut rx, None, Some(&watch), id).await;
         drop(gauge);
         debug!(upstream = %ctx.name, conn = id, "dedicated connection ended: {end:?}");
         rx.close();
@@ -245,7 +245,7 @@ async fn run_shared(ctx: Arc<UpstreamCtx>, setup: Setup, mut rx: mpsc::Receiver<
                 ctx.metrics.connections.inc();
                 ctx.connected
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let end = pipeline(&ctx, stream, &mut rx, first.take(), None).await;
+                let end = pipeline(&ctx, stream, &mut rx, first.take(), None, id).await;
                 ctx.connected
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 ctx.metrics.connections.dec();
@@ -360,6 +360,7 @@ async fn pipeline(
     rx: &mut mpsc::Receiver<Call>,
     mut first: Option<Call>,
     abandon: Option<&Abandon>,
+    id: u64,
 ) -> Ended {
     let (mut rd, mut wr) = stream.split();
     let pending: Mutex<VecDeque<Pending<'_>>> = Mutex::new(VecDeque::new());
@@ -448,7 +449,7 @@ async fn pipeline(
                 match scanner.scan(&buf, ctx.max_reply_depth) {
                     Ok(Some(n)) => {
                         let frame = buf.split_to(n).freeze();
-                        if let Err(end) = complete(ctx, &pending, frame, &mut last_done) {
+                        if let Err(end) = complete(ctx, &pending, frame, &mut last_done, id) {
                             return end;
                         }
                     }
@@ -535,7 +536,7 @@ async fn pipeline(
         }
         let mut result = Err(err.clone());
         if let Some(e) = p.effect {
-            ctx.sink.apply(e, &mut result);
+            ctx.sink.apply(e, &mut result, None);
         }
         let _ = p.reply.send(result);
     }
@@ -567,6 +568,7 @@ fn complete<'a>(
     pending: &Mutex<VecDeque<Pending<'a>>>,
     frame: Bytes,
     last_done: &mut Instant,
+    id: u64,
 ) -> Result<(), Ended> {
     // Out-of-band RESP3 pushes belong to no request.
     if frame.first() == Some(&b'>') {
@@ -605,7 +607,7 @@ fn complete<'a>(
     }
     let mut result = Ok(frame);
     if let Some(e) = p.effect {
-        ctx.sink.apply(e, &mut result);
+        ctx.sink.apply(e, &mut result, Some(ConnId(id)));
     }
     let _ = p.reply.send(result);
     Ok(())

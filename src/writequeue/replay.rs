@@ -483,8 +483,11 @@ impl Pass<'_> {
             sent: Instant::now(),
             ticket: None,
         };
-        self.sink
-            .apply(ReplyEffect::Replayed(Box::new(written)), &mut Ok(reply));
+        self.sink.apply(
+            ReplyEffect::Replayed(Box::new(written)),
+            &mut Ok(reply),
+            None,
+        );
     }
 
     fn ack(&self, seq: u64) -> Result<(), Stop> {

@@ -16,7 +16,6 @@ pub const MAX_THREADS: usize = 1024;
 /// `threads` (0: one per core). `Err` above [`MAX_THREADS`]; `Ok(Some(warning))` above
 /// the number of cores, where extra workers only share cores and add cross-thread
 /// wake-ups.
-#[allow(dead_code)] // To be called from main.rs / config.rs.
 pub fn check_threads(threads: usize) -> Result<Option<String>, String> {
     if threads > MAX_THREADS {
         return Err(format!(
@@ -35,7 +34,6 @@ pub fn check_threads(threads: usize) -> Result<Option<String>, String> {
 
 /// Resolves one upstream's address (blocking: DNS). The error names the upstream, its
 /// address and what the resolver said.
-#[allow(dead_code)] // To be called from main.rs / config.rs.
 pub fn check_upstream_resolves(upstream: &UpstreamConfig) -> Result<(), String> {
     let shown = if upstream.name.is_empty() || upstream.name == upstream.addr {
         format!("`{}`", upstream.addr)
@@ -59,7 +57,6 @@ pub fn check_upstream_resolves(upstream: &UpstreamConfig) -> Result<(), String> 
 }
 
 /// Every upstream that does not resolve, one message each (empty: all resolve).
-#[allow(dead_code)] // To be called from main.rs / config.rs.
 pub fn unresolved_upstreams(config: &Config) -> Vec<String> {
     config
         .upstreams
