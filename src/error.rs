@@ -81,6 +81,14 @@ pub enum UpstreamError {
     /// The circuit breaker rejected the request without trying.
     #[error("upstream '{upstream}' unavailable (circuit open)")]
     CircuitOpen { upstream: Arc<str> },
+    /// The circuit breaker rejected the request, and the upstream cannot work as configured
+    /// (its address does not resolve, it refuses redfuse's credentials): degraded reads
+    /// that miss say so rather than answer as if the key did not exist.
+    #[error("upstream '{upstream}' unavailable (circuit open): misconfigured: {reason}")]
+    Misconfigured {
+        upstream: Arc<str>,
+        reason: Arc<str>,
+    },
     /// Too many requests are in flight or queued for this upstream.
     #[error("upstream '{upstream}' overloaded: too many requests in flight")]
     Overloaded { upstream: Arc<str> },

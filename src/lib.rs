@@ -22,16 +22,22 @@
 //!  -> server::shared    writes invalidate their keys; cacheable reads plan a fill and join
 //!                       a single-flight; the request carries a typed effect::ReplyEffect
 //!  -> upstream::conn    FIFO pipeline, batched writes, per-command timeout; on the reply
-//!                       the breaker hears the outcome and degrade applies the effect
-//!                       (fill, release followers, invalidate again, learn expiries)
-//!  -> server::writer    replies in request order, many frames per write; a cacheable read
-//!                       the upstream failed is answered in degraded mode
+//!                       (or the failure) the breaker hears the outcome and degrade applies
+//!                       the effect in pipeline order (fill, release followers, invalidate
+//!                       again, learn expiries; a failed cacheable read is answered from
+//!                       the cache right there)
+//!  -> server::writer    replies in request order, many frames per write; client-side
+//!                       latency per command
 //! ```
 //!
-//! `writequeue` replays queued writes to the primary, as the identity that queued them,
-//! before newer client writes. `auth` holds the identity model; `config` turns flags, env
-//! and TOML into one validated `Config`; `metrics` owns the Prometheus registry; `admin`
-//! serves `/metrics`, `/healthz`, `/ready`, `/breakers` and `/write-queue`.
+//! `writequeue` replays queued writes to the primary, as the identity that queued them, in
+//! transactions that move a cursor key (exactly once), before newer client writes.
+//! `upstream::probe` pings each upstream on its own connection (a frozen Redis opens the
+//! breaker within interval + timeout). `auth` holds the identity model; `config` turns
+//! flags, env and TOML into one validated `Config`; `metrics` owns the Prometheus registry;
+//! `admin` serves the status page (`/`), `/config` (secrets redacted), `/metrics`,
+//! `/healthz`, `/ready`, `/breakers` (forced states with the admin token) and
+//! `/write-queue` (with its dead letters).
 
 pub(crate) mod admin;
 pub(crate) mod auth;

@@ -917,3 +917,46 @@ fn sigkill_during_replay_loses_and_duplicates_nothing() {
     assert_eq!(o.list(), want, "every write exactly once, in order");
     assert_eq!(o.redis.cmd(&["GET", "q:barrier"]), b"$1\r\n1\r\n");
 }
+
+// ---------------------------------------------------------------------------------------
+// Misconfiguration
+
+/// An upstream host that does not resolve is a configuration error, not an outage: reads
+/// that miss the cache get an error naming the upstream and why (not a nil as if the key did
+/// not exist), `/ready` shows it, `redfuse_upstream_misconfigured` is 1, and
+/// `--check-config` warns.
+#[test]
+fn an_upstream_that_does_not_resolve_is_reported_not_answered_with_nil() {
+    // `.invalid` never resolves (RFC 2606).
+    let upstream = "redis.nowhere.invalid:6379";
+    let rf = Redfuse::start(upstream, &[]);
+    let mut c = rf.client();
+    let mut last = Vec::new();
+    let ok = wait_until(secs(10), || {
+        last = c.cmd(&["GET", "k"]);
+        String::from_utf8_lossy(&last).contains("does not resolve")
+    });
+    let text = String::from_utf8_lossy(&last).into_owned();
+    assert!(ok, "GET with an unresolvable upstream answered {text:?}");
+    assert!(text.starts_with("-ERR redfuse: upstream"), "{text}");
+    assert!(text.contains("redis.nowhere.invalid"), "{text}");
+    let (_, ready) = http_get(&rf.admin_addr(), "/ready");
+    assert!(ready.contains("does not resolve"), "/ready: {ready}");
+    let (_, metrics) = http_get(&rf.admin_addr(), "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("redfuse_upstream_misconfigured{") && l.ends_with(" 1")),
+        "redfuse_upstream_misconfigured is not 1"
+    );
+
+    let out = run_redfuse(&["--check-config", "--upstream", upstream], &[], secs(10));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(
+            "# warning: upstreams.addr: upstream `redis.nowhere.invalid:6379` does not resolve"
+        ),
+        "{stdout}"
+    );
+}

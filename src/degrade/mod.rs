@@ -309,6 +309,10 @@ impl Degrade {
                         values.push(bytes);
                         continue;
                     }
+                    if let UpstreamError::Misconfigured { .. } = err {
+                        self.count(command, "cache_miss_misconfigured");
+                        return (error_reply(&Error::Upstream(err.clone())), Origin::Error);
+                    }
                     if self
                         .cache
                         .miss_is_unsafe(key.db, redis_key, view.identity, now, max_stale)
@@ -342,6 +346,10 @@ impl Degrade {
         err: &UpstreamError,
         now: Instant,
     ) -> (Bytes, Origin) {
+        if let UpstreamError::Misconfigured { .. } = err {
+            self.count(command, "cache_miss_misconfigured");
+            return (error_reply(&Error::Upstream(err.clone())), Origin::Error);
+        }
         if self.cache.miss_is_unsafe(
             db,
             redis_key,

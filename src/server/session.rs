@@ -316,8 +316,15 @@ impl Session {
 
     /// No upstream admits the request: degraded mode answers it.
     pub(super) async fn degraded(&mut self, req: &Request, cls: &Classified) -> Flow {
-        let err = UpstreamError::CircuitOpen {
-            upstream: self.server.primary().name().clone(),
+        let primary = self.server.primary();
+        let err = match primary.ctx.misconfigured() {
+            Some(reason) => UpstreamError::Misconfigured {
+                upstream: primary.name().clone(),
+                reason: reason.into(),
+            },
+            None => UpstreamError::CircuitOpen {
+                upstream: primary.name().clone(),
+            },
         };
         let credentials = self.state.identity().and_then(|i| i.credentials.as_ref());
         let (reply, origin) = self

@@ -116,6 +116,7 @@ pub fn outcome_of_error(err: &UpstreamError) -> Outcome {
         UpstreamError::Auth { .. }
         | UpstreamError::Refused { .. }
         | UpstreamError::CircuitOpen { .. }
+        | UpstreamError::Misconfigured { .. }
         | UpstreamError::Overloaded { .. } => Outcome::Ignored,
     }
 }

@@ -56,12 +56,31 @@ pub async fn connect(ctx: &UpstreamCtx) -> Result<UpstreamStream, UpstreamError>
         )
         .into(),
     };
-    let stream =
-        match tokio::time::timeout_at(deadline, TcpStream::connect(ctx.addr.as_str())).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(UpstreamError::connect(&ctx.name, &e)),
-            Err(_) => return Err(timed_out("connect")),
+    // Resolved apart from connecting, so that a name that does not resolve is told from a
+    // server that is down: it is a configuration error, and degraded reads say so.
+    let unresolved = |why: String| {
+        ctx.set_unresolved(Some(why.clone()));
+        UpstreamError::Connect {
+            upstream: ctx.name.clone(),
+            failure: ConnectFailure::Other,
+            reason: why.into(),
+        }
+    };
+    let addrs: Vec<std::net::SocketAddr> =
+        match tokio::time::timeout_at(deadline, tokio::net::lookup_host(ctx.addr.as_str())).await {
+            Ok(Ok(addrs)) => addrs.collect(),
+            Ok(Err(e)) => return Err(unresolved(format!("{} does not resolve: {e}", ctx.addr))),
+            Err(_) => return Err(timed_out("name resolution")),
         };
+    if addrs.is_empty() {
+        return Err(unresolved(format!("{} resolves to no address", ctx.addr)));
+    }
+    ctx.set_unresolved(None);
+    let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(&addrs[..])).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(UpstreamError::connect(&ctx.name, &e)),
+        Err(_) => return Err(timed_out("connect")),
+    };
     // Connecting to a local port nobody listens on can, by TCP's simultaneous open, connect
     // the socket to itself when the kernel picks that same port as its source: it would then
     // hold the port the real server needs. Nobody is there: treat it as refused.

@@ -69,6 +69,9 @@ pub struct UpstreamCtx {
     pub anonymous_denied: AtomicBool,
     /// Why the server is up but refuses redfuse's own credentials, if it does.
     misconfigured: Mutex<Option<String>>,
+    /// The address does not resolve (a typo, a Service that does not exist): also
+    /// misconfigured, kept apart so that a good probe answer does not hide it.
+    unresolved: Mutex<Option<String>>,
     /// When a `-BUSY` reply was last seen, in ms since `epoch`.
     busy_seen: AtomicU64,
     epoch: Instant,
@@ -114,11 +117,24 @@ impl UpstreamCtx {
             .set(self.misconfigured().is_some() as i64);
     }
 
+    /// The address does not resolve (`Some(why)`), or resolves again.
+    pub fn set_unresolved(&self, why: Option<String>) {
+        *self.unresolved.lock().unwrap_or_else(|e| e.into_inner()) = why;
+        self.metrics
+            .misconfigured
+            .set(self.misconfigured().is_some() as i64);
+    }
+
+    /// Why the upstream cannot be used as configured: its address does not resolve, or it
+    /// refuses redfuse's credentials.
     pub fn misconfigured(&self) -> Option<String> {
-        self.misconfigured
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let unresolved = self.unresolved.lock().unwrap_or_else(|e| e.into_inner());
+        unresolved.clone().or_else(|| {
+            self.misconfigured
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        })
     }
 }
 
@@ -194,6 +210,7 @@ impl Upstream {
             auth_warned: AtomicBool::new(false),
             anonymous_denied: AtomicBool::new(false),
             misconfigured: Mutex::new(None),
+            unresolved: Mutex::new(None),
             busy_seen: AtomicU64::new(0),
             epoch: Instant::now(),
             reconnect: tokio::sync::Notify::new(),
