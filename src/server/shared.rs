@@ -2,6 +2,7 @@
 //! replica failover for reads, the write queue's gate, the bulkhead, the cache plan and
 //! single-flight, then the send.
 
+use crate::breaker::State;
 use crate::cache::Flight;
 use crate::command::Classified;
 use crate::effect::{DegradedRead, ReplyEffect};
@@ -55,6 +56,24 @@ impl Session {
             }
             plan = Some(p);
         }
+        // Queued writes land before newer ones: a write waits for the replay, holding no
+        // breaker permit meanwhile (in half-open, writes waiting on the replay would take
+        // every permit and starve the probes that close the breaker). With the breaker
+        // open, it goes where the queued ones went.
+        if cls.write
+            && !self.server.degrade.queue.is_empty()
+            && self.server.primary().breaker.state() != State::Open
+            && let Err(gate) = self
+                .server
+                .degrade
+                .queue
+                .wait_for_replay(self.server.config.command_timeout)
+                .await
+        {
+            let err = UpstreamError::unavailable(self.server.primary().name(), gate);
+            self.fail(cls.id, err).await;
+            return Flow::Continue;
+        }
         let mut admitted = None;
         for index in self.server.route(cls.read).iter() {
             let upstream = &self.server.upstreams[index];
@@ -67,20 +86,6 @@ impl Session {
             return self.degraded(&req, &cls).await;
         };
         let upstream = self.server.upstreams[index].clone();
-        if cls.write
-            && index == self.server.primary_index()
-            && let Err(gate) = self
-                .server
-                .degrade
-                .queue
-                .wait_for_replay(self.server.config.command_timeout)
-                .await
-        {
-            drop(guard);
-            self.fail(cls.id, UpstreamError::unavailable(upstream.name(), gate))
-                .await;
-            return Flow::Continue;
-        }
         let Some(inflight) = upstream.admit() else {
             // Shed load here rather than pile onto a struggling Redis; not the server's fault.
             drop(guard);

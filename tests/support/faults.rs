@@ -648,15 +648,22 @@ impl Client {
 
     fn run(mut self) -> ClientReport {
         let mut conn: Option<RawClient> = None;
+        // The redfuse process the connection was made to (0: unknown, made while it was
+        // being restarted): a connection to a process that has since been killed may end
+        // at any time, however late this thread notices.
+        let mut conn_pid = 0;
         let mut refused_logged = false;
         while !self.shared.stop.load(Ordering::Relaxed) {
             let c = match conn.as_mut() {
                 Some(c) => c,
                 None => {
                     let addr = self.shared.addr.lock().unwrap().clone();
+                    let down = self.shared.redfuse_down.load(Ordering::SeqCst);
+                    let pid = self.shared.pid.load(Ordering::SeqCst);
                     match RawClient::try_connect(&addr) {
                         Ok(c) => {
                             self.report.reconnects += 1;
+                            conn_pid = if down { 0 } else { pid };
                             conn.insert(c)
                         }
                         Err(e) => {
@@ -688,7 +695,10 @@ impl Client {
                 for op in &ops {
                     self.unanswered(op);
                 }
-                if !down_before && !self.shared.redfuse_down.load(Ordering::SeqCst) {
+                if !down_before
+                    && !self.shared.redfuse_down.load(Ordering::SeqCst)
+                    && conn_pid == self.shared.pid.load(Ordering::SeqCst)
+                {
                     self.violation("redfuse closed the connection (write failed)".into());
                 }
                 conn = None;
@@ -727,7 +737,9 @@ impl Client {
                 for op in &ops[i..] {
                     self.unanswered(op);
                 }
-                let down = down_before || self.shared.redfuse_down.load(Ordering::SeqCst);
+                let down = down_before
+                    || self.shared.redfuse_down.load(Ordering::SeqCst)
+                    || conn_pid != self.shared.pid.load(Ordering::SeqCst);
                 let what = match &e {
                     ReadError::Timeout(_) => format!("no reply within {:?}", self.opts.give_up),
                     ReadError::Closed(_) => "connection closed by redfuse".to_string(),
