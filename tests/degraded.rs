@@ -272,12 +272,14 @@ fn journal_survives_a_redfuse_crash_mid_outage() {
     eventually("journal empty", secs(5), || {
         metric_value(&rf.metrics(), "redfuse_write_queue_depth", &[]) == Some(0.0)
     });
-    let len = std::fs::metadata(s.dir.path().join("journal.bin"))
-        .map(|m| m.len())
-        .unwrap_or(0);
-    assert_eq!(
-        len, 0,
-        "replayed entries are truncated from the journal file"
+    // The journal's disk thread truncates the file once the last ack reaches it.
+    let journal = s.dir.path().join("journal.bin");
+    let len = || std::fs::metadata(&journal).map(|m| m.len()).unwrap_or(0);
+    let truncated = wait_until(secs(5), || len() == 0);
+    assert!(
+        truncated,
+        "replayed entries are truncated from the journal file: {} bytes left",
+        len()
     );
 }
 
