@@ -23,6 +23,7 @@ pub use crate::auth::Credentials;
 use crate::auth::UserSpec;
 use crate::breaker::BreakerConfig;
 use crate::cache::CacheConfig;
+use crate::fleet::{FleetConfig, FleetSettings};
 use crate::resp::Limits;
 use crate::rules::{
     CachePolicy, CachePolicyConfig, FailOpen, FailOpenConfig, MissReply, PatternConfig,
@@ -180,6 +181,7 @@ pub struct FileConfig {
     pub cache: Option<CacheSection>,
     pub fail_open: Option<FailOpenConfig>,
     pub write_queue: Option<WriteQueueConfig>,
+    pub fleet: Option<FleetConfig>,
 }
 
 /// `[cache]`: the degraded-mode reply cache: its bounds and which keys it serves how.
@@ -420,6 +422,8 @@ pub struct Config {
     pub cache: CacheSection,
     pub fail_open: FailOpenConfig,
     pub write_queue: WriteQueueConfig,
+    /// `[fleet]`, resolved: breaker state shared across instances.
+    pub fleet: FleetSettings,
     /// `[[users]]` with their secrets redacted, for the effective configuration.
     users_shown: Vec<UserConfig>,
     requirepass_set: bool,
@@ -669,6 +673,12 @@ impl Config {
         let users = client_users(requirepass, file_users)?;
         let allow_unauthenticated_clients = cli.allow_unauthenticated_clients
             || file.allow_unauthenticated_clients.unwrap_or(false);
+        let fleet = FleetSettings::resolve(
+            file.fleet.unwrap_or_default(),
+            upstreams.iter().find(|u| u.role == Role::Primary),
+            credentials.as_deref(),
+        )
+        .map_err(|(field, message)| invalid(field, message))?;
         let defaults = Limits::default();
         let config = Config {
             listen: cli
@@ -753,6 +763,7 @@ impl Config {
             cache: file.cache.unwrap_or_default(),
             fail_open: file.fail_open.unwrap_or_default(),
             write_queue: file.write_queue.unwrap_or_default(),
+            fleet,
             users_shown,
             requirepass_set,
         };
@@ -917,6 +928,7 @@ impl Config {
                 journal_path: self.write_queue.journal_path.as_deref(),
                 fsync: format!("{:?}", self.write_queue.fsync).to_ascii_lowercase(),
             },
+            fleet: self.fleet.shown(),
         };
         toml::Table::try_from(&shown).unwrap_or_else(|e| {
             let mut t = toml::Table::new();
@@ -1018,6 +1030,7 @@ struct Effective<'a> {
     cache: &'a CacheSection,
     fail_open: &'a FailOpenConfig,
     write_queue: WriteQueueShown<'a>,
+    fleet: FleetConfig,
 }
 
 #[derive(Serialize)]

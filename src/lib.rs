@@ -42,6 +42,7 @@ pub mod config;
 pub(crate) mod degrade;
 pub(crate) mod effect;
 pub(crate) mod error;
+pub mod fleet;
 pub(crate) mod metrics;
 pub mod resp;
 pub(crate) mod rules;
@@ -80,6 +81,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("cannot open the write queue journal (`write_queue.journal_path`): {0}")]
     Journal(#[from] QueueError),
+    #[error("cannot start the fleet sync (`fleet.redis`): {0}")]
+    Fleet(#[from] fleet::FleetError),
     #[error("invalid `{field}`: {message}")]
     Config {
         field: &'static str,
@@ -162,6 +165,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     )?);
 
     let breaker_metrics = BreakerMetrics::register(&metrics.registry)?;
+    let fleet_metrics = fleet::FleetMetrics::register(&metrics.registry)?;
+    let fleet = match config.fleet.enabled() {
+        true => Some(fleet::Fleet::start(
+            config.fleet.clone(),
+            fleet_metrics,
+            shutdown_rx.clone(),
+        )?),
+        false => None,
+    };
     let settings = UpstreamSettings {
         connections: config.upstream_connections,
         connect_timeout: config.connect_timeout,
@@ -185,6 +197,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             breaker.spawn_timer(async move {
                 let _ = stop.changed().await;
             });
+            if let Some(f) = &fleet {
+                f.register(&u.name, &breaker);
+            }
             Arc::new(Upstream::new(
                 u,
                 settings.clone(),
@@ -229,7 +244,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         source,
     })?;
     let clients = tokio::spawn(server::serve(server.clone(), clients, shutdown_rx.clone()));
-    let admin = tokio::spawn(admin::serve(server, admin, shutdown_rx));
+    let ops = admin::Ops { fleet };
+    let admin = tokio::spawn(admin::serve(server, ops, admin, shutdown_rx));
     Ok(Running {
         client_addr,
         admin_addr,

@@ -196,6 +196,18 @@ pub const KEYS: &[Key] = &[
     key("write_queue.max_entries", Int, "Queued writes."),
     key("write_queue.journal_path", Str, "Append-only file that keeps the queue across restarts.").shown("memory only"),
     key("write_queue.fsync", Str, "`always`, `everysec` or `never`."),
+    key("fleet.enabled", Bool, "Share breaker state with the other instances through a coordination Redis (hybrid breaker)."),
+    key("fleet.redis", Str, "Coordination Redis: `host:port` or `redis://[user[:password]@]host[:port]`.").secret().shown("the primary upstream, with redfuse's credentials"),
+    key("fleet.username", Str, "ACL user for the coordination Redis (with `fleet.redis`)."),
+    key("fleet.password", Str, "Password for the coordination Redis (with `fleet.redis`).").secret(),
+    key("fleet.instance_id", Str, "This instance's name in the fleet's hashes and messages.").shown("the host name"),
+    key("fleet.channel", Str, "Pub/sub channel of transitions and fleet-wide actions."),
+    key("fleet.key_prefix", Str, "Breaker states live in the hash `<key_prefix>:<upstream>`, a field per instance."),
+    key("fleet.state_ttl_ms", Int, "The hashes expire this long after their last write; older reports are ignored."),
+    key("fleet.catch_up_interval_ms", Int, "Every hash is read again this often (and at start), to catch up on missed messages."),
+    key("fleet.window_ms", Int, "A remote \"open\" counts this long: the first local failure trips, and toward the quorum."),
+    key("fleet.quorum", Int, "Other instances reporting open within `fleet.window_ms` that open a breaker outright; unset: never on the fleet's word alone."),
+    key("fleet.timeout_ms", Int, "Connect and command timeout of the coordination connections."),
 ];
 
 /// `REDFUSE_*` variables that are not configuration (the bench scripts' own) and are
@@ -558,6 +570,7 @@ mod tests {
             "cache",
             "fail_open",
             "write_queue",
+            "fleet",
             "upstreams[]",
             "users[]",
             "fail_open.rules[]",
@@ -580,7 +593,8 @@ mod tests {
                 .into_iter()
                 .filter(|f| {
                     !scope.is_empty()
-                        || !["breaker", "cache", "fail_open", "write_queue"].contains(&f.as_str())
+                        || !["breaker", "cache", "fail_open", "write_queue", "fleet"]
+                            .contains(&f.as_str())
                 })
                 .collect();
             assert_eq!(listed, want, "keys listed vs fields of `{scope}`");

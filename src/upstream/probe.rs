@@ -103,6 +103,8 @@ pub async fn run(
                     continue;
                 }
             }
+            // Fleet advice: another instance saw this upstream fail.
+            _ = upstream.breaker.probe_wanted() => {}
             _ = shutdown.changed() => return,
         }
         next = Instant::now() + interval;
