@@ -7,8 +7,9 @@
 //!
 //! [`http`] serves the router with a header-read timeout and a connection cap; [`status`]
 //! renders the status page; [`fleet`] serves `/fleet` and the fleet-wide scope of breaker
-//! actions.
+//! actions; [`faults`] serves the drills (`/faults`).
 
+pub mod faults;
 pub mod fleet;
 pub mod http;
 pub mod status;
@@ -31,6 +32,8 @@ use crate::server::Server;
 #[derive(Clone, Default)]
 pub struct Ops {
     pub fleet: Option<crate::fleet::Fleet>,
+    /// `None` unless `[drills] enabled`.
+    pub drills: Option<crate::drill::Drills>,
 }
 
 pub fn router(server: Arc<Server>, ops: Ops, sampler: Arc<status::Sampler>) -> Router {
@@ -46,6 +49,10 @@ pub fn router(server: Arc<Server>, ops: Ops, sampler: Arc<status::Sampler>) -> R
         .route("/write-queue/dead-letters", get(dead_letters))
         .route("/write-queue/dead-letters/drain", post(drain_dead_letters))
         .route("/fleet", get(fleet::status))
+        .route(
+            "/faults",
+            get(faults::list).post(faults::start).delete(faults::clear),
+        )
         .layer(Extension(sampler))
         .layer(Extension(ops))
         .with_state(server)
@@ -159,7 +166,7 @@ async fn breakers(State(server): State<Arc<Server>>) -> Response {
 
 /// Mutating endpoints need `admin_token`, presented as `Authorization: Bearer <token>`.
 /// `None` when allowed, else the refusal to send.
-fn refuse(server: &Server, headers: &HeaderMap) -> Option<Response> {
+pub(crate) fn refuse(server: &Server, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = server.config.admin_token.as_deref() else {
         return Some(
             (
@@ -179,7 +186,7 @@ fn refuse(server: &Server, headers: &HeaderMap) -> Option<Response> {
     None
 }
 
-fn json(body: serde_json::Value) -> Response {
+pub(crate) fn json(body: serde_json::Value) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
         body.to_string(),

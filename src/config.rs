@@ -23,6 +23,7 @@ pub use crate::auth::Credentials;
 use crate::auth::UserSpec;
 use crate::breaker::BreakerConfig;
 use crate::cache::CacheConfig;
+use crate::drill::DrillsConfig;
 use crate::fleet::{FleetConfig, FleetSettings};
 use crate::resp::Limits;
 use crate::rules::{
@@ -182,6 +183,7 @@ pub struct FileConfig {
     pub fail_open: Option<FailOpenConfig>,
     pub write_queue: Option<WriteQueueConfig>,
     pub fleet: Option<FleetConfig>,
+    pub drills: Option<DrillsConfig>,
 }
 
 /// `[cache]`: the degraded-mode reply cache: its bounds and which keys it serves how.
@@ -424,6 +426,8 @@ pub struct Config {
     pub write_queue: WriteQueueConfig,
     /// `[fleet]`, resolved: breaker state shared across instances.
     pub fleet: FleetSettings,
+    /// `[drills]`: fault injection for game days.
+    pub drills: DrillsConfig,
     /// `[[users]]` with their secrets redacted, for the effective configuration.
     users_shown: Vec<UserConfig>,
     requirepass_set: bool,
@@ -764,6 +768,7 @@ impl Config {
             fail_open: file.fail_open.unwrap_or_default(),
             write_queue: file.write_queue.unwrap_or_default(),
             fleet,
+            drills: file.drills.unwrap_or_default(),
             users_shown,
             requirepass_set,
         };
@@ -867,6 +872,11 @@ impl Config {
         for (field, r) in sections {
             check(r.map_err(|message| ConfigError::Invalid { field, message }));
         }
+        check(
+            self.drills
+                .validate(self.admin_token.is_some())
+                .map_err(|(field, message)| invalid(field, message)),
+        );
         ConfigError::from_list(errors)
     }
 
@@ -929,6 +939,7 @@ impl Config {
                 fsync: format!("{:?}", self.write_queue.fsync).to_ascii_lowercase(),
             },
             fleet: self.fleet.shown(),
+            drills: &self.drills,
         };
         toml::Table::try_from(&shown).unwrap_or_else(|e| {
             let mut t = toml::Table::new();
@@ -1031,6 +1042,7 @@ struct Effective<'a> {
     fail_open: &'a FailOpenConfig,
     write_queue: WriteQueueShown<'a>,
     fleet: FleetConfig,
+    drills: &'a DrillsConfig,
 }
 
 #[derive(Serialize)]

@@ -40,6 +40,7 @@ pub(crate) mod cache;
 pub(crate) mod command;
 pub mod config;
 pub(crate) mod degrade;
+pub mod drill;
 pub(crate) mod effect;
 pub(crate) mod error;
 pub mod fleet;
@@ -244,7 +245,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         source,
     })?;
     let clients = tokio::spawn(server::serve(server.clone(), clients, shutdown_rx.clone()));
-    let ops = admin::Ops { fleet };
+    let drills = drill::DrillMetrics::register(&server.metrics.registry)?;
+    let drills =
+        server.config.drills.enabled.then(|| {
+            drill::Drills::start(server.config.drills.clone(), drills, shutdown_rx.clone())
+        });
+    let ops = admin::Ops { fleet, drills };
     let admin = tokio::spawn(admin::serve(server, ops, admin, shutdown_rx));
     Ok(Running {
         client_addr,

@@ -208,6 +208,8 @@ pub const KEYS: &[Key] = &[
     key("fleet.window_ms", Int, "A remote \"open\" counts this long: the first local failure trips, and toward the quorum."),
     key("fleet.quorum", Int, "Other instances reporting open within `fleet.window_ms` that open a breaker outright; unset: never on the fleet's word alone."),
     key("fleet.timeout_ms", Int, "Connect and command timeout of the coordination connections."),
+    key("drills.enabled", Bool, "Allow fault injection drills (`POST /faults`, with `admin_token`)."),
+    key("drills.max_duration_ms", Int, "The longest a drill may be started for."),
 ];
 
 /// `REDFUSE_*` variables that are not configuration (the bench scripts' own) and are
@@ -571,6 +573,7 @@ mod tests {
             "fail_open",
             "write_queue",
             "fleet",
+            "drills",
             "upstreams[]",
             "users[]",
             "fail_open.rules[]",
@@ -593,8 +596,15 @@ mod tests {
                 .into_iter()
                 .filter(|f| {
                     !scope.is_empty()
-                        || !["breaker", "cache", "fail_open", "write_queue", "fleet"]
-                            .contains(&f.as_str())
+                        || ![
+                            "breaker",
+                            "cache",
+                            "fail_open",
+                            "write_queue",
+                            "fleet",
+                            "drills",
+                        ]
+                        .contains(&f.as_str())
                 })
                 .collect();
             assert_eq!(listed, want, "keys listed vs fields of `{scope}`");
