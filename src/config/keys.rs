@@ -553,10 +553,13 @@ mod tests {
             section => format!("[{section}]\n{probe} = 1"),
         };
         let err = toml::from_str::<FileConfig>(&text).unwrap_err().to_string();
+        // serde says "expected one of `a`, `b`, `c`", or "expected `a` or `b`".
         let list = err
             .split_once("expected one of")
+            .or_else(|| err.split_once("expected "))
             .unwrap_or_else(|| panic!("{scope}: {err}"))
-            .1;
+            .1
+            .replace(" or ", ",");
         list.split(',')
             .map(|f| f.trim().trim_matches('`').trim().to_owned())
             .filter(|f| !f.is_empty())
