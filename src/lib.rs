@@ -21,7 +21,8 @@
 //!                         fail-open rule (reply, error, queue -> writequeue)
 //!  -> server::shared    writes invalidate their keys; cacheable reads plan a fill and join
 //!                       a single-flight; the request carries a typed effect::ReplyEffect
-//!  -> upstream::conn    FIFO pipeline, batched writes, per-command timeout; on the reply
+//!  -> upstream::conn    (drill::inject may delay, fail or refuse it first, during a drill)
+//!                       FIFO pipeline, batched writes, per-command timeout; on the reply
 //!                       the breaker hears the outcome and degrade applies the effect
 //!                       (fill, release followers, invalidate again, learn expiries)
 //!  -> server::writer    replies in request order, many frames per write; a cacheable read
@@ -31,7 +32,13 @@
 //! `writequeue` replays queued writes to the primary, as the identity that queued them,
 //! before newer client writes. `auth` holds the identity model; `config` turns flags, env
 //! and TOML into one validated `Config`; `metrics` owns the Prometheus registry; `admin`
-//! serves `/metrics`, `/healthz`, `/ready`, `/breakers` and `/write-queue`.
+//! serves `/metrics`, `/healthz`, `/ready`, `/breakers`, `/write-queue`, `/fleet` and
+//! `/faults`.
+//!
+//! Beside the request path: `fleet` shares breaker transitions with the other instances
+//! through a coordination Redis (published from a queue the breaker never waits on) and
+//! feeds their reports back to each breaker as advice; `drill` injects faults for game
+//! days, checked with one atomic load per request when no drill is active.
 
 pub(crate) mod admin;
 pub(crate) mod auth;

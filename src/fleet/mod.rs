@@ -3,9 +3,9 @@
 //! # Design
 //!
 //! Every breaker stays in memory and decides on the data path alone; the fleet only gives
-//! it *advice* ([`crate::breaker::Advice`]), an input of the pure state machine like a call's
+//! it *advice* (`breaker::Advice`), an input of the pure state machine like a call's
 //! outcome. The sync never sits on the data path and never blocks a transition: a breaker's
-//! transition is handed to [`Publisher`] under the breaker's lock, which only `try_send`s it
+//! transition is handed to `Publisher` under the breaker's lock, which only `try_send`s it
 //! into a bounded queue (a full queue drops it and counts `redfuse_fleet_dropped_total`). A
 //! background task writes it to the hash `<key_prefix>:<upstream>` (field: this instance's
 //! id, value: state, generation, reason, timestamp) with a TTL and publishes it on the
