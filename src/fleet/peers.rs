@@ -70,6 +70,16 @@ impl Peers {
         true
     }
 
+    /// Forgets reports older than `ttl_ms` (instances that went away: pods are replaced
+    /// under new names, and this map must not grow with every one that ever existed).
+    pub fn prune(&mut self, now_unix_ms: u64, ttl_ms: u64) {
+        for instances in self.by_upstream.values_mut() {
+            instances.retain(|_, h| now_unix_ms.saturating_sub(h.report.ts) <= ttl_ms);
+        }
+        self.by_upstream
+            .retain(|_, instances| !instances.is_empty());
+    }
+
     /// Everything heard, for `GET /fleet`.
     pub fn snapshot(&self) -> BTreeMap<String, BTreeMap<String, Heard>> {
         self.by_upstream.clone()
@@ -118,5 +128,16 @@ mod tests {
         let json = serde_json::to_value(heard).unwrap();
         assert_eq!(json["state"], "open");
         assert_eq!(json["received_unix_ms"], 151);
+
+        p.prune(1_120, 1_000);
+        let snap = p.snapshot();
+        assert_eq!(
+            snap["primary"].keys().collect::<Vec<_>>(),
+            ["a"],
+            "b's is too old"
+        );
+        assert!(!snap.contains_key("replica"));
+        p.prune(10_000, 1_000);
+        assert!(p.snapshot().is_empty());
     }
 }

@@ -387,6 +387,10 @@ async fn catch_up_once(fleet: &Fleet) -> Result<(), FleetError> {
             }
         }
     }
+    s.peers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .prune(super::report::unix_ms(), s.settings.config.state_ttl_ms);
     Ok(())
 }
 
