@@ -6,15 +6,18 @@
 //! every application pod out of its load balancer.
 //!
 //! [`http`] serves the router with a header-read timeout and a connection cap; [`status`]
-//! renders the status page.
+//! renders the status page; [`fleet`] serves `/fleet` and the fleet-wide scope of breaker
+//! actions; [`faults`] serves the drills (`/faults`).
 
+pub mod faults;
+pub mod fleet;
 pub mod http;
 pub mod status;
 
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
@@ -25,7 +28,15 @@ use tokio::sync::watch;
 use crate::auth::constant_time_eq;
 use crate::server::Server;
 
-pub fn router(server: Arc<Server>, sampler: Arc<status::Sampler>) -> Router {
+/// What the admin port serves besides the [`Server`]: the optional subsystems.
+#[derive(Clone, Default)]
+pub struct Ops {
+    pub fleet: Option<crate::fleet::Fleet>,
+    /// `None` unless `[drills] enabled`.
+    pub drills: Option<crate::drill::Drills>,
+}
+
+pub fn router(server: Arc<Server>, ops: Ops, sampler: Arc<status::Sampler>) -> Router {
     Router::new()
         .route("/", get(status_page))
         .route("/config", get(config))
@@ -37,11 +48,22 @@ pub fn router(server: Arc<Server>, sampler: Arc<status::Sampler>) -> Router {
         .route("/write-queue", get(write_queue))
         .route("/write-queue/dead-letters", get(dead_letters))
         .route("/write-queue/dead-letters/drain", post(drain_dead_letters))
+        .route("/fleet", get(fleet::status))
+        .route(
+            "/faults",
+            get(faults::list).post(faults::start).delete(faults::clear),
+        )
         .layer(Extension(sampler))
+        .layer(Extension(ops))
         .with_state(server)
 }
 
-pub async fn serve(server: Arc<Server>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    server: Arc<Server>,
+    ops: Ops,
+    listener: TcpListener,
+    shutdown: watch::Receiver<bool>,
+) {
     let sampler = Arc::new(status::Sampler::new());
     tokio::spawn(sampler.clone().run(server.clone(), shutdown.clone()));
     let rejected = prometheus::IntCounter::new(
@@ -55,7 +77,7 @@ pub async fn serve(server: Arc<Server>, listener: TcpListener, shutdown: watch::
         max_connections: server.config.admin_max_connections,
         rejected,
     };
-    let app = router(server, sampler);
+    let app = router(server, ops, sampler);
     http::serve(app, listener, limits, shutdown).await;
 }
 
@@ -144,7 +166,7 @@ async fn breakers(State(server): State<Arc<Server>>) -> Response {
 
 /// Mutating endpoints need `admin_token`, presented as `Authorization: Bearer <token>`.
 /// `None` when allowed, else the refusal to send.
-fn refuse(server: &Server, headers: &HeaderMap) -> Option<Response> {
+pub(crate) fn refuse(server: &Server, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = server.config.admin_token.as_deref() else {
         return Some(
             (
@@ -164,7 +186,7 @@ fn refuse(server: &Server, headers: &HeaderMap) -> Option<Response> {
     None
 }
 
-fn json(body: serde_json::Value) -> Response {
+pub(crate) fn json(body: serde_json::Value) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
         body.to_string(),
@@ -197,12 +219,18 @@ async fn drain_dead_letters(State(server): State<Arc<Server>>, headers: HeaderMa
 
 async fn breaker_action(
     State(server): State<Arc<Server>>,
+    Extension(ops): Extension<Ops>,
     Path((name, action)): Path<(String, String)>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Response {
     if let Some(denied) = refuse(&server, &headers) {
         return denied;
     }
+    let scope = match fleet::Scope::of(&uri, &ops) {
+        Ok(s) => s,
+        Err(refused) => return *refused,
+    };
     let Some(upstream) = server.upstreams.iter().find(|u| *u.ctx.name == *name) else {
         return (
             StatusCode::NOT_FOUND,
@@ -210,35 +238,16 @@ async fn breaker_action(
         )
             .into_response();
     };
-    use crate::breaker::Mode;
     let b = &upstream.breaker;
-    match action.as_str() {
-        "force-open" => {
-            b.set_mode(Mode::ForceOpen);
-        }
-        "force-closed" => {
-            b.set_mode(Mode::ForceClosed);
-        }
-        "disabled" => {
-            b.set_mode(Mode::Disabled);
-        }
-        "metrics-only" => {
-            b.set_mode(Mode::MetricsOnly);
-        }
-        "normal" => {
-            b.set_mode(Mode::Normal);
-        }
-        "reset" => {
-            b.reset();
-        }
-        other => {
-            let msg = format!(
-                "unknown action '{other}': use force-open, force-closed, disabled, metrics-only, normal or reset\n"
-            );
-            return (StatusCode::BAD_REQUEST, msg).into_response();
-        }
+    let action = match action.parse::<crate::breaker::Action>() {
+        Ok(a) => a,
+        Err(msg) => return (StatusCode::BAD_REQUEST, format!("{msg}\n")).into_response(),
+    };
+    action.apply(b);
+    let mut snap = serde_json::to_value(b.snapshot()).unwrap_or_default();
+    if let fleet::Scope::Fleet(f) = scope {
+        snap["fleet"] = fleet::broadcast(&f, &name, action).await;
     }
-    let snap = serde_json::to_value(b.snapshot()).unwrap_or_default();
     (
         [(header::CONTENT_TYPE, "application/json")],
         snap.to_string(),

@@ -23,6 +23,8 @@ pub use crate::auth::Credentials;
 use crate::auth::UserSpec;
 use crate::breaker::BreakerConfig;
 use crate::cache::CacheConfig;
+use crate::drill::DrillsConfig;
+use crate::fleet::{FleetConfig, FleetSettings};
 use crate::resp::Limits;
 use crate::rules::{
     CachePolicy, CachePolicyConfig, FailOpen, FailOpenConfig, MissReply, PatternConfig,
@@ -180,6 +182,8 @@ pub struct FileConfig {
     pub cache: Option<CacheSection>,
     pub fail_open: Option<FailOpenConfig>,
     pub write_queue: Option<WriteQueueConfig>,
+    pub fleet: Option<FleetConfig>,
+    pub drills: Option<DrillsConfig>,
 }
 
 /// `[cache]`: the degraded-mode reply cache: its bounds and which keys it serves how.
@@ -420,6 +424,10 @@ pub struct Config {
     pub cache: CacheSection,
     pub fail_open: FailOpenConfig,
     pub write_queue: WriteQueueConfig,
+    /// `[fleet]`, resolved: breaker state shared across instances.
+    pub fleet: FleetSettings,
+    /// `[drills]`: fault injection for game days.
+    pub drills: DrillsConfig,
     /// `[[users]]` with their secrets redacted, for the effective configuration.
     users_shown: Vec<UserConfig>,
     requirepass_set: bool,
@@ -669,6 +677,12 @@ impl Config {
         let users = client_users(requirepass, file_users)?;
         let allow_unauthenticated_clients = cli.allow_unauthenticated_clients
             || file.allow_unauthenticated_clients.unwrap_or(false);
+        let fleet = FleetSettings::resolve(
+            file.fleet.unwrap_or_default(),
+            upstreams.iter().find(|u| u.role == Role::Primary),
+            credentials.as_deref(),
+        )
+        .map_err(|(field, message)| invalid(field, message))?;
         let defaults = Limits::default();
         let config = Config {
             listen: cli
@@ -753,6 +767,8 @@ impl Config {
             cache: file.cache.unwrap_or_default(),
             fail_open: file.fail_open.unwrap_or_default(),
             write_queue: file.write_queue.unwrap_or_default(),
+            fleet,
+            drills: file.drills.unwrap_or_default(),
             users_shown,
             requirepass_set,
         };
@@ -856,6 +872,11 @@ impl Config {
         for (field, r) in sections {
             check(r.map_err(|message| ConfigError::Invalid { field, message }));
         }
+        check(
+            self.drills
+                .validate(self.admin_token.is_some())
+                .map_err(|(field, message)| invalid(field, message)),
+        );
         ConfigError::from_list(errors)
     }
 
@@ -917,6 +938,8 @@ impl Config {
                 journal_path: self.write_queue.journal_path.as_deref(),
                 fsync: format!("{:?}", self.write_queue.fsync).to_ascii_lowercase(),
             },
+            fleet: self.fleet.shown(),
+            drills: &self.drills,
         };
         toml::Table::try_from(&shown).unwrap_or_else(|e| {
             let mut t = toml::Table::new();
@@ -1018,6 +1041,8 @@ struct Effective<'a> {
     cache: &'a CacheSection,
     fail_open: &'a FailOpenConfig,
     write_queue: WriteQueueShown<'a>,
+    fleet: FleetConfig,
+    drills: &'a DrillsConfig,
 }
 
 #[derive(Serialize)]

@@ -21,7 +21,8 @@
 //!                         fail-open rule (reply, error, queue -> writequeue)
 //!  -> server::shared    writes invalidate their keys; cacheable reads plan a fill and join
 //!                       a single-flight; the request carries a typed effect::ReplyEffect
-//!  -> upstream::conn    FIFO pipeline, batched writes, per-command timeout; on the reply
+//!  -> upstream::conn    (drill::inject may delay, fail or refuse it first, during a drill)
+//!                       FIFO pipeline, batched writes, per-command timeout; on the reply
 //!                       (or the failure) the breaker hears the outcome and degrade applies
 //!                       the effect in pipeline order (fill, release followers, invalidate
 //!                       again, learn expiries; a failed cacheable read is answered from
@@ -36,8 +37,13 @@
 //! breaker within interval + timeout). `auth` holds the identity model; `config` turns
 //! flags, env and TOML into one validated `Config`; `metrics` owns the Prometheus registry;
 //! `admin` serves the status page (`/`), `/config` (secrets redacted), `/metrics`,
-//! `/healthz`, `/ready`, `/breakers` (forced states with the admin token) and
-//! `/write-queue` (with its dead letters).
+//! `/healthz`, `/ready`, `/breakers` (forced states with the admin token), `/write-queue`
+//! (with its dead letters), `/fleet` and `/faults`.
+//!
+//! Beside the request path: `fleet` shares breaker transitions with the other instances
+//! through a coordination Redis (published from a queue the breaker never waits on) and
+//! feeds their reports back to each breaker as advice; `drill` injects faults for game
+//! days, checked with one atomic load per request when no drill is active.
 
 pub(crate) mod admin;
 pub(crate) mod auth;
@@ -46,8 +52,10 @@ pub(crate) mod cache;
 pub(crate) mod command;
 pub mod config;
 pub(crate) mod degrade;
+pub mod drill;
 pub(crate) mod effect;
 pub(crate) mod error;
+pub mod fleet;
 pub(crate) mod metrics;
 pub mod resp;
 pub(crate) mod rules;
@@ -86,6 +94,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("cannot open the write queue journal (`write_queue.journal_path`): {0}")]
     Journal(#[from] QueueError),
+    #[error("cannot start the fleet sync (`fleet.redis`): {0}")]
+    Fleet(#[from] fleet::FleetError),
     #[error("invalid `{field}`: {message}")]
     Config {
         field: &'static str,
@@ -196,6 +206,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     )?);
 
     let breaker_metrics = BreakerMetrics::register(&metrics.registry)?;
+    let fleet_metrics = fleet::FleetMetrics::register(&metrics.registry)?;
+    let fleet = match config.fleet.enabled() {
+        true => Some(fleet::Fleet::start(
+            config.fleet.clone(),
+            fleet_metrics,
+            shutdown_rx.clone(),
+        )?),
+        false => None,
+    };
     let settings = UpstreamSettings {
         connections: config.upstream_connections,
         connect_timeout: config.connect_timeout,
@@ -219,6 +238,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             breaker.spawn_timer(async move {
                 let _ = stop.changed().await;
             });
+            if let Some(f) = &fleet {
+                f.register(&u.name, &breaker);
+            }
             Arc::new(Upstream::new(
                 u,
                 settings.clone(),
@@ -263,7 +285,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         source,
     })?;
     let clients = tokio::spawn(server::serve(server.clone(), clients, shutdown_rx.clone()));
-    let admin = tokio::spawn(admin::serve(server, admin, shutdown_rx));
+    let drills = drill::DrillMetrics::register(&server.metrics.registry)?;
+    let drills =
+        server.config.drills.enabled.then(|| {
+            drill::Drills::start(server.config.drills.clone(), drills, shutdown_rx.clone())
+        });
+    let ops = admin::Ops { fleet, drills };
+    let admin = tokio::spawn(admin::serve(server, ops, admin, shutdown_rx));
     Ok(Running {
         client_addr,
         admin_addr,

@@ -14,6 +14,9 @@ use super::classify::{FailureKind, Outcome};
 use super::config::BreakerConfig;
 use super::window::{Totals, Window};
 
+mod advice;
+pub use advice::{Advice, AdviceEffect, AdvicePolicy, Advised};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
@@ -171,6 +174,19 @@ pub enum Reason {
     Manual {
         action: ManualAction,
     },
+    /// The first local failure while other instances report the upstream open.
+    FleetAdvice {
+        kind: FailureKind,
+        instances: u32,
+    },
+    /// The configured quorum of other instances reports the upstream open.
+    FleetQuorum {
+        instances: u32,
+        quorum: u32,
+    },
+    /// Another instance's breaker closed on its own probes after this one opened: probing
+    /// starts without waiting out the open period.
+    FleetRecovered,
 }
 
 impl Reason {
@@ -186,6 +202,9 @@ impl Reason {
             Reason::ServerRecovered { .. } => "server_recovered",
             Reason::HealthProbe { .. } => "health_probe",
             Reason::Manual { .. } => "manual",
+            Reason::FleetAdvice { .. } => "fleet_advice",
+            Reason::FleetQuorum { .. } => "fleet_quorum",
+            Reason::FleetRecovered => "fleet_recovered",
         }
     }
 }
@@ -245,6 +264,18 @@ impl fmt::Display for Reason {
             Reason::Manual {
                 action: ManualAction::Reset,
             } => write!(f, "{label}: reset"),
+            Reason::FleetAdvice { kind, instances } => write!(
+                f,
+                "{label}: local failure ({kind}) while {instances} other instance(s) report the upstream open"
+            ),
+            Reason::FleetQuorum { instances, quorum } => write!(
+                f,
+                "{label}: {instances} other instance(s) report the upstream open (quorum {quorum})"
+            ),
+            Reason::FleetRecovered => write!(
+                f,
+                "{label}: another instance's breaker closed after the outage, probing now"
+            ),
         }
     }
 }
@@ -344,6 +375,8 @@ pub struct BreakerSnapshot {
     pub half_open_successes: u32,
     /// Would-be rejections admitted under `MetricsOnly` since the last reset.
     pub shadow_rejections: u64,
+    /// Other instances whose breaker reported this upstream open within the fleet window.
+    pub fleet_open_reports: u32,
 }
 
 /// The pure circuit-breaker state machine; see the module docs.
@@ -370,6 +403,8 @@ pub struct Breaker {
     /// The kind of the latest failure, and of the one that opened the breaker.
     last_failure: Option<FailureKind>,
     open_cause: Option<FailureKind>,
+    /// What other instances said about this upstream; see [`advice`].
+    fleet: advice::FleetView,
 }
 
 impl Breaker {
@@ -408,6 +443,7 @@ impl Breaker {
             shadow_rejections: 0,
             last_failure: None,
             open_cause: None,
+            fleet: advice::FleetView::default(),
             config,
         }
     }
@@ -491,12 +527,18 @@ impl Breaker {
         if !self.mode.evaluates() {
             return None;
         }
+        let fleet_advice = match outcome {
+            Outcome::Failure(kind) => self.fleet_advice(kind, now),
+            _ => None,
+        };
         let cfg = &self.config;
         let reason = if failure && self.consecutive_failures >= cfg.consecutive_failures {
             Some(Reason::ConsecutiveFailures {
                 count: self.consecutive_failures,
                 threshold: cfg.consecutive_failures,
             })
+        } else if fleet_advice.is_some() {
+            fleet_advice
         } else {
             let t = self.window.totals;
             if t.calls < u64::from(cfg.minimum_calls) {
@@ -644,15 +686,17 @@ impl Breaker {
         now: Instant,
     ) -> Option<Transition> {
         self.init_clock(now);
-        if self.state != State::Closed
-            || !self.mode.evaluates()
-            || failures < self.config.probe_failures_to_open
-        {
+        if self.state != State::Closed || !self.mode.evaluates() {
             return None;
         }
+        let reason = if failures >= self.config.probe_failures_to_open {
+            Reason::HealthProbe { failures, kind }
+        } else {
+            self.fleet_advice(kind, now)?
+        };
         self.last_failure = Some(kind);
         self.maybe_reset_backoff(now);
-        Some(self.transition(State::Open, Reason::HealthProbe { failures, kind }, now))
+        Some(self.transition(State::Open, reason, now))
     }
 
     /// The server answers normally again. When what opened the breaker was a condition
@@ -711,6 +755,7 @@ impl Breaker {
             half_open_permits_in_use: self.half_open_in_flight,
             half_open_successes: self.half_open_successes,
             shadow_rejections: self.shadow_rejections,
+            fleet_open_reports: self.fleet.open_reports(now),
         }
     }
 
@@ -791,6 +836,7 @@ impl Breaker {
         self.half_open_since = None;
         self.open_until = None;
         let mut open_for = None;
+        self.fleet.entered(to, now);
         match to {
             State::Closed => self.enter_closed(now),
             State::Open => {

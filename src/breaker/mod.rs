@@ -77,6 +77,15 @@
 //! * Every transition clears the rolling window on entry to Closed, so
 //!   failures that caused an opening cannot immediately re-trip it.
 //!
+//! # Fleet advice
+//!
+//! With `[fleet]` configured, other instances' transitions reach the machine as
+//! [`Advice`] (an input like any other, with its own instant): a remote "open" makes the
+//! breaker probe at once and trip on the first local failure, or open outright at a
+//! quorum; a remote recovery starts probing without waiting out the back-off. Advice never
+//! closes a breaker by itself. Rules in `machine/advice.rs`; every transition is handed to
+//! a [`TransitionObserver`] (the fleet's publisher) under the lock, in order.
+//!
 //! # Modes
 //!
 //! See [`Mode`]. A manual mode change that changes the state is a transition
@@ -97,9 +106,11 @@
 //! # Layout
 //!
 //! [`classify`] says what a reply or error means for health, [`config`] holds the
-//! settings, [`machine`] is the pure state machine (with [`window`], its rolling counts),
-//! [`metrics`] its Prometheus families, and [`shared`] the wrapper many tasks share.
+//! settings, [`machine`] is the pure state machine (with [`window`], its rolling counts, and
+//! `machine/advice.rs`, the fleet's advice), [`metrics`] its Prometheus families, [`shared`]
+//! the wrapper many tasks share, and [`action`] names the operator's actions.
 
+pub mod action;
 pub mod classify;
 pub mod config;
 pub mod machine;
@@ -107,11 +118,12 @@ pub mod metrics;
 pub mod shared;
 pub mod window;
 
+pub use action::Action;
 pub use classify::{FailureKind, Outcome, ReplyClass, classify_error_reply};
 pub use config::BreakerConfig;
-pub use machine::{Mode, State};
+pub use machine::{Advice, AdviceEffect, AdvicePolicy, Mode, State, Transition};
 pub use metrics::BreakerMetrics;
-pub use shared::{CallGuard, SharedBreaker};
+pub use shared::{CallGuard, SharedBreaker, TransitionObserver};
 
 #[cfg(test)]
 mod tests;

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -15,7 +15,10 @@ use tokio::time::Instant;
 use super::classify::FailureKind;
 use super::classify::Outcome;
 use super::config::BreakerConfig;
-use super::machine::{Breaker, BreakerSnapshot, Mode, Permit, Rejected, State, Transition};
+use super::machine::{
+    Advice, AdvicePolicy, Advised, Breaker, BreakerSnapshot, Mode, Permit, Rejected, State,
+    Transition,
+};
 use super::metrics::UpstreamBreakerMetrics;
 
 struct Inner {
@@ -29,6 +32,16 @@ struct Inner {
     state_tx: watch::Sender<State>,
     /// The last [`RECENT_TRANSITIONS`] transitions, oldest first (the admin status page).
     recent: Mutex<VecDeque<TransitionRecord>>,
+    /// Told of every transition (the fleet's publisher), set once.
+    observer: OnceLock<Arc<dyn TransitionObserver>>,
+    /// Asks the health probe to run now (fleet advice).
+    probe_now: Notify,
+}
+
+/// Told of every transition of a breaker, under its lock and in order: it must return at
+/// once (the fleet's publisher only queues).
+pub trait TransitionObserver: Send + Sync + 'static {
+    fn transition(&self, upstream: &str, t: &Transition);
 }
 
 /// Transitions kept per breaker for [`SharedBreaker::recent_transitions`].
@@ -93,6 +106,8 @@ impl SharedBreaker {
                 timer_wake: Arc::new(Notify::new()),
                 state_tx,
                 recent: Mutex::new(VecDeque::with_capacity(RECENT_TRANSITIONS)),
+                observer: OnceLock::new(),
+                probe_now: Notify::new(),
             }),
         }
     }
@@ -230,6 +245,10 @@ impl SharedBreaker {
             to: t.to.as_str(),
             reason: t.reason.to_string(),
         });
+        drop(recent);
+        if let Some(o) = self.inner.observer.get() {
+            o.transition(name, t);
+        }
     }
 
     fn manual(
@@ -275,6 +294,43 @@ impl SharedBreaker {
     /// condition of the server's own (a busy script, loading): probing starts now.
     pub fn server_recovered(&self) -> Option<Transition> {
         self.manual(|b, now| b.server_recovered(now))
+    }
+
+    /// Sets the observer told of every transition; false if one was set already.
+    pub fn observe(&self, observer: Arc<dyn TransitionObserver>) -> bool {
+        self.inner.observer.set(observer).is_ok()
+    }
+
+    /// Lets fleet advice act on this breaker; see [`Breaker::advise`].
+    pub fn set_advice_policy(&self, policy: AdvicePolicy) {
+        self.lock().set_advice_policy(policy);
+    }
+
+    /// Takes one report from another instance; asks the health probe to run now when the
+    /// advice says so.
+    pub fn advise(&self, advice: Advice) -> Advised {
+        let advised = {
+            let mut b = self.lock();
+            let now = Instant::now();
+            let advised = b.advise(advice, now);
+            if let Some(t) = &advised.transition {
+                self.apply(&b, t, now);
+            }
+            advised
+        };
+        if advised.transition.is_some() {
+            self.inner.timer_wake.notify_one();
+        }
+        if advised.effect.probe_now() {
+            self.inner.probe_now.notify_one();
+        }
+        advised
+    }
+
+    /// Completes when something (fleet advice) asks the health probe to run now. A request
+    /// made while nobody waits is kept for the next wait.
+    pub async fn probe_wanted(&self) {
+        self.inner.probe_now.notified().await
     }
 
     pub fn snapshot(&self) -> BreakerSnapshot {

@@ -196,6 +196,20 @@ pub const KEYS: &[Key] = &[
     key("write_queue.max_entries", Int, "Queued writes."),
     key("write_queue.journal_path", Str, "Append-only file that keeps the queue across restarts.").shown("memory only"),
     key("write_queue.fsync", Str, "`always`, `everysec` or `never`."),
+    key("fleet.enabled", Bool, "Share breaker state with the other instances through a coordination Redis (hybrid breaker)."),
+    key("fleet.redis", Str, "Coordination Redis: `host:port` or `redis://[user[:password]@]host[:port]`.").secret().shown("the primary upstream, with redfuse's credentials"),
+    key("fleet.username", Str, "ACL user for the coordination Redis (with `fleet.redis`)."),
+    key("fleet.password", Str, "Password for the coordination Redis (with `fleet.redis`).").secret(),
+    key("fleet.instance_id", Str, "This instance's name in the fleet's hashes and messages.").shown("the host name"),
+    key("fleet.channel", Str, "Pub/sub channel of transitions and fleet-wide actions."),
+    key("fleet.key_prefix", Str, "Breaker states live in the hash `<key_prefix>:<upstream>`, a field per instance."),
+    key("fleet.state_ttl_ms", Int, "The hashes expire this long after their last write; older reports are ignored."),
+    key("fleet.catch_up_interval_ms", Int, "Every hash is read again this often (and at start), to catch up on missed messages."),
+    key("fleet.window_ms", Int, "A remote \"open\" counts this long: the first local failure trips, and toward the quorum."),
+    key("fleet.quorum", Int, "Other instances reporting open within `fleet.window_ms` that open a breaker outright; unset: never on the fleet's word alone."),
+    key("fleet.timeout_ms", Int, "Connect and command timeout of the coordination connections."),
+    key("drills.enabled", Bool, "Allow fault injection drills (`POST /faults`, with `admin_token`)."),
+    key("drills.max_duration_ms", Int, "The longest a drill may be started for."),
 ];
 
 /// `REDFUSE_*` variables that are not configuration (the bench scripts' own) and are
@@ -539,10 +553,13 @@ mod tests {
             section => format!("[{section}]\n{probe} = 1"),
         };
         let err = toml::from_str::<FileConfig>(&text).unwrap_err().to_string();
+        // serde says "expected one of `a`, `b`, `c`", or "expected `a` or `b`".
         let list = err
             .split_once("expected one of")
+            .or_else(|| err.split_once("expected "))
             .unwrap_or_else(|| panic!("{scope}: {err}"))
-            .1;
+            .1
+            .replace(" or ", ",");
         list.split(',')
             .map(|f| f.trim().trim_matches('`').trim().to_owned())
             .filter(|f| !f.is_empty())
@@ -558,6 +575,8 @@ mod tests {
             "cache",
             "fail_open",
             "write_queue",
+            "fleet",
+            "drills",
             "upstreams[]",
             "users[]",
             "fail_open.rules[]",
@@ -580,7 +599,15 @@ mod tests {
                 .into_iter()
                 .filter(|f| {
                     !scope.is_empty()
-                        || !["breaker", "cache", "fail_open", "write_queue"].contains(&f.as_str())
+                        || ![
+                            "breaker",
+                            "cache",
+                            "fail_open",
+                            "write_queue",
+                            "fleet",
+                            "drills",
+                        ]
+                        .contains(&f.as_str())
                 })
                 .collect();
             assert_eq!(listed, want, "keys listed vs fields of `{scope}`");

@@ -140,7 +140,13 @@ pub struct Abandon {
 
 impl ConnHandle {
     /// Queues a call; if the task is gone the call is answered with an error.
-    pub async fn send(&self, call: Call) {
+    pub async fn send(&self, mut call: Call) {
+        if crate::drill::inject::armed() {
+            match crate::drill::inject::intercept(&self.ctx, call).await {
+                Some(c) => call = c,
+                None => return,
+            }
+        }
         if let Err(mpsc::error::SendError(call)) = self.tx.send(call).await {
             call.fail(
                 &self.ctx,

@@ -103,6 +103,8 @@ pub async fn run(
                     continue;
                 }
             }
+            // Fleet advice: another instance saw this upstream fail.
+            _ = upstream.breaker.probe_wanted() => {}
             _ = shutdown.changed() => return,
         }
         next = Instant::now() + interval;
@@ -192,7 +194,16 @@ async fn probe_once(
     buf: &mut BytesMut,
 ) -> Health {
     let ctx = &upstream.ctx;
+    let injected = match crate::drill::inject::armed() {
+        true => crate::drill::inject::probe(ctx).await,
+        false => None,
+    };
     let result = async {
+        match injected {
+            Some(crate::drill::inject::ProbeFault::Reply(frame)) => return Ok(frame),
+            Some(crate::drill::inject::ProbeFault::Refused(e)) => return Err(e),
+            None => {}
+        }
         // A kept connection may have died with the old server: one retry on a new one, so
         // a restarted Redis is not judged by its predecessor's socket.
         if let Some(s) = stream.as_mut() {

@@ -5,10 +5,12 @@
 //! - [`Redfuse`]: the binary under test, started on ephemeral ports.
 //! - [`RawClient`] + [`resp_cmd`]: byte-exact RESP2/RESP3 client.
 //! - [`FaultRelay`]: TCP relay with switchable faults, to put between redfuse and Redis.
-//! - [`http_get`] / [`http_post`] + [`metric_value`] / [`metric_sum`]: admin endpoint helpers.
+//! - [`http_get`] / [`http_post`] + [`metric_value`] / [`metric_sum`]: admin endpoint helpers;
+//!   [`admin`]: the same with JSON bodies and bearer tokens.
 #![allow(dead_code, unused_imports)]
 
 pub mod acl;
+pub mod admin;
 pub mod client;
 pub mod faults;
 pub mod http;
