@@ -140,11 +140,11 @@ impl SharedBreaker {
     /// Asks to send one request. The guard records the outcome when completed
     /// and records [`Outcome::Ignored`] if dropped first.
     pub fn try_acquire(&self) -> Result<CallGuard, Rejected> {
+        let now = Instant::now();
         let result = {
             let mut b = self.lock();
             let before = b.next_deadline();
-            // Read under the lock so the machine sees monotonic time.
-            let result = b.try_acquire(Instant::now());
+            let result = b.try_acquire(now);
             // Why the hot path need not wake the timer.
             debug_assert_eq!(before, b.next_deadline());
             result
@@ -160,7 +160,7 @@ impl SharedBreaker {
                 Ok(CallGuard {
                     breaker: self.clone(),
                     permit,
-                    started: Instant::now(),
+                    started: now,
                     completed: false,
                 })
             }

@@ -452,11 +452,15 @@ async fn pipeline(
         let timer = tokio::time::sleep(far);
         tokio::pin!(timer);
         loop {
+            // Replies read together arrived together: one clock reading for all of them.
+            let arrived = Instant::now();
             loop {
                 match scanner.scan(&buf, ctx.max_reply_depth) {
                     Ok(Some(n)) => {
                         let frame = buf.split_to(n).freeze();
-                        if let Err(end) = complete(ctx, &pending, frame, &mut last_done, id) {
+                        if let Err(end) =
+                            complete(ctx, &pending, frame, &mut last_done, arrived, id)
+                        {
                             return end;
                         }
                     }
@@ -575,13 +579,13 @@ fn complete<'a>(
     pending: &Mutex<VecDeque<Pending<'a>>>,
     frame: Bytes,
     last_done: &mut Instant,
+    now: Instant,
     id: u64,
 ) -> Result<(), Ended> {
     // Out-of-band RESP3 pushes belong to no request.
     if frame.first() == Some(&b'>') {
         return Ok(());
     }
-    let now = Instant::now();
     let p = {
         let mut q = pending.lock().unwrap_or_else(|e| e.into_inner());
         let Some(p) = q.pop_front() else {
