@@ -94,7 +94,7 @@ fn upstream_states(server: &Server) -> serde_json::Value {
             json!({
                 "name": &*u.ctx.name,
                 "addr": u.ctx.addr,
-                "role": match u.ctx.role { crate::config::Role::Primary => "primary", crate::config::Role::Replica => "replica" },
+                "role": match u.ctx.role() { crate::config::Role::Primary => "primary", crate::config::Role::Replica => "replica" },
                 "connected": u.is_connected(),
                 "breaker": u.breaker.state().as_str(),
                 // Up, but refusing redfuse's own credentials.

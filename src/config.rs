@@ -175,6 +175,7 @@ pub struct FileConfig {
     pub read_policy: Option<ReadPolicy>,
     pub balance: Option<Balance>,
     pub max_inflight_per_upstream: Option<usize>,
+    pub upstream_drain_timeout_ms: Option<u64>,
     pub health_probe_interval_ms: Option<u64>,
     pub health_probe_timeout_ms: Option<u64>,
     pub cache: Option<CacheSection>,
@@ -307,6 +308,21 @@ pub struct UpstreamConfig {
     pub tls_client: Option<TlsClient>,
 }
 
+impl UpstreamConfig {
+    /// A primary at `addr` (`host:port`), named by its address, with the defaults.
+    pub fn new(addr: &str) -> UpstreamConfig {
+        UpstreamConfig {
+            name: addr.to_owned(),
+            addr: addr.to_owned(),
+            role: Role::Primary,
+            priority: 0,
+            weight: 1,
+            tls: false,
+            tls_client: None,
+        }
+    }
+}
+
 /// What a TLS upstream connection is made with: the shared client configuration and the
 /// name its certificate must carry.
 #[derive(Clone)]
@@ -413,6 +429,9 @@ pub struct Config {
     pub read_policy: ReadPolicy,
     pub balance: Balance,
     pub max_inflight_per_upstream: usize,
+    /// How long an upstream that left the set (or moved) keeps its connections for the
+    /// commands in flight on them.
+    pub drain_timeout: Duration,
     /// 0 disables the active health probe.
     pub health_probe_interval: Duration,
     /// No answer from the probe within this is a failed probe (a frozen server).
@@ -748,6 +767,7 @@ impl Config {
             read_policy: file.read_policy.unwrap_or_default(),
             balance: file.balance.unwrap_or_default(),
             max_inflight_per_upstream: file.max_inflight_per_upstream.unwrap_or(10_000),
+            drain_timeout: ms(file.upstream_drain_timeout_ms.unwrap_or(10_000)),
             health_probe_interval: ms(file.health_probe_interval_ms.unwrap_or(500)),
             health_probe_timeout: ms(file.health_probe_timeout_ms.unwrap_or(1200)),
             cache: file.cache.unwrap_or_default(),
@@ -815,6 +835,10 @@ impl Config {
                 self.shutdown_timeout.as_millis() as u64,
             ),
             ("max_clients", self.max_clients as u64),
+            (
+                "upstream_drain_timeout_ms",
+                self.drain_timeout.as_millis() as u64,
+            ),
             (
                 "max_inflight_per_upstream",
                 self.max_inflight_per_upstream as u64,
@@ -896,6 +920,7 @@ impl Config {
             read_policy: self.read_policy,
             balance: self.balance,
             max_inflight_per_upstream: self.max_inflight_per_upstream,
+            upstream_drain_timeout_ms: self.drain_timeout.as_millis() as u64,
             health_probe_interval_ms: self.health_probe_interval.as_millis() as u64,
             health_probe_timeout_ms: self.health_probe_timeout.as_millis() as u64,
             client_output_hard_limit_bytes: self.output_limits.hard,
@@ -1002,6 +1027,7 @@ struct Effective<'a> {
     read_policy: ReadPolicy,
     balance: Balance,
     max_inflight_per_upstream: usize,
+    upstream_drain_timeout_ms: u64,
     health_probe_interval_ms: u64,
     health_probe_timeout_ms: u64,
     client_output_hard_limit_bytes: usize,

@@ -57,14 +57,17 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::auth::Identities;
-use crate::breaker::{BreakerMetrics, SharedBreaker};
+use crate::breaker::BreakerMetrics;
 use crate::cache::{Cache, CacheMetrics, SingleFlight};
-use crate::config::Config;
+use crate::config::{Config, UpstreamConfig};
 use crate::degrade::Degrade;
 use crate::metrics::Metrics;
 use crate::rules::{CachePolicy, FailOpen};
 use crate::server::Server;
-use crate::upstream::{Upstream, UpstreamSettings};
+use crate::upstream::UpstreamSettings;
+use crate::upstream::probe::ProbeTiming;
+pub use crate::upstream::set::{Applied, SetError};
+use crate::upstream::set::{Factory, Manager};
 use crate::writequeue::{QueueError, WriteQueue};
 
 /// Why redfuse could not start.
@@ -91,12 +94,20 @@ pub enum StartError {
 pub struct Running {
     pub client_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    server: Arc<Server>,
     shutdown: watch::Sender<bool>,
     clients: JoinHandle<()>,
     admin: JoinHandle<()>,
 }
 
 impl Running {
+    /// Reconciles the set of upstreams with `list` (see `upstream::set`): an upstream
+    /// whose address changed gets new connections while in-flight commands finish on the
+    /// old ones, removed upstreams are drained, added ones are probed before they serve.
+    pub async fn apply_upstreams(&self, list: &[UpstreamConfig]) -> Result<Applied, SetError> {
+        self.server.apply_upstreams(list).await
+    }
+
     /// Stops accepting, drains in-flight replies within the configured deadline, and returns.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
@@ -170,52 +181,28 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         queue_depth: 4096,
         max_inflight: config.max_inflight_per_upstream,
     };
-    let upstreams: Vec<Arc<Upstream>> = config
-        .upstreams
-        .iter()
-        .enumerate()
-        .map(|(i, u)| {
-            let breaker = SharedBreaker::new(
-                &u.name,
-                config.breaker.clone(),
-                rand::random::<u64>() ^ i as u64,
-                breaker_metrics.for_upstream(&u.name),
-            );
-            let mut stop = shutdown_rx.clone();
-            breaker.spawn_timer(async move {
-                let _ = stop.changed().await;
-            });
-            Arc::new(Upstream::new(
-                u,
-                settings.clone(),
-                metrics.for_upstream(&u.name),
-                breaker,
-                degrade.clone(),
-            ))
-        })
-        .collect();
-    for u in &upstreams {
-        u.warm_up(&config.credentials);
-        if !config.health_probe_interval.is_zero() {
-            tokio::spawn(upstream::probe::run(
-                u.clone(),
-                config.credentials.clone(),
-                upstream::probe::ProbeTiming {
-                    interval: config.health_probe_interval,
-                    timeout: config.health_probe_timeout,
-                },
-                u.ctx.metrics.probe.clone(),
-                shutdown_rx.clone(),
-            ));
-        }
-    }
+    let manager = Manager::start(
+        Factory {
+            settings,
+            metrics: metrics.clone(),
+            breaker_metrics,
+            sink: degrade.clone(),
+            credentials: config.credentials.clone(),
+            probe: ProbeTiming {
+                interval: config.health_probe_interval,
+                timeout: config.health_probe_timeout,
+            },
+            breaker: config.breaker.clone(),
+            drain_timeout: config.drain_timeout,
+            shutdown: shutdown_rx.clone(),
+        },
+        &config.upstreams,
+    );
     let flights = SingleFlight::new(Some(cache_metrics.singleflight_shared.clone()));
-    let server = Arc::new(Server::new(config, metrics, upstreams, degrade, flights));
-    tokio::spawn(writequeue::replay::run(
+    let server = Arc::new(Server::new(config, metrics, manager, degrade, flights));
+    tokio::spawn(replay_to_primary(
         queue,
-        server.primary().clone(),
-        server.config.credentials.clone(),
-        server.degrade.clone(),
+        server.clone(),
         shutdown_rx.clone(),
     ));
     let client_addr = clients.local_addr().map_err(|source| StartError::Bind {
@@ -229,12 +216,59 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         source,
     })?;
     let clients = tokio::spawn(server::serve(server.clone(), clients, shutdown_rx.clone()));
-    let admin = tokio::spawn(admin::serve(server, admin, shutdown_rx));
+    let admin = tokio::spawn(admin::serve(server.clone(), admin, shutdown_rx));
     Ok(Running {
         client_addr,
         admin_addr,
+        server,
         shutdown: shutdown_tx,
         clients,
         admin,
     })
+}
+
+/// Runs the write-queue replay against the current primary. When the primary changes (a
+/// reload, Sentinel), the replay to the old one is stopped between two passes and awaited
+/// before one to the new primary starts: two replays at once could send an entry twice.
+async fn replay_to_primary(
+    queue: Arc<WriteQueue>,
+    server: Arc<Server>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut changed = server.upstreams.subscribe();
+    loop {
+        let primary = server.primary();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut task = tokio::spawn(writequeue::replay::run(
+            queue.clone(),
+            primary.clone(),
+            server.config.credentials.clone(),
+            server.degrade.clone(),
+            stop_rx,
+        ));
+        loop {
+            tokio::select! {
+                _ = &mut task => return,
+                r = shutdown.changed() => {
+                    if r.is_err() || *shutdown.borrow() {
+                        let _ = stop_tx.send(true);
+                        let _ = task.await;
+                        return;
+                    }
+                }
+                r = changed.changed() => {
+                    if r.is_err() {
+                        let _ = stop_tx.send(true);
+                        let _ = task.await;
+                        return;
+                    }
+                    if server.primary().ctx.id != primary.ctx.id {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = stop_tx.send(true);
+        let _ = task.await;
+    }
 }

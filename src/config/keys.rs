@@ -145,6 +145,7 @@ pub const KEYS: &[Key] = &[
     key("read_policy", Str, "`primary`, `prefer-replica` or `any`."),
     key("balance", Str, "`round-robin`, `least-outstanding` or `weighted`."),
     key("max_inflight_per_upstream", Int, "Bulkhead: requests in flight per upstream."),
+    key("upstream_drain_timeout_ms", Int, "An upstream removed from the set, or moved to a new address, keeps its connections this long for the commands in flight on them."),
     key("health_probe_interval_ms", Int, "Active `PING` probe per upstream; 0: off."),
     key("health_probe_timeout_ms", Int, "A probe with no answer this long failed (a frozen Redis)."),
     key("client_output_hard_limit_bytes", Int, "Disconnect a client whose unwritten replies exceed this; 0: never."),

@@ -25,6 +25,7 @@ use crate::degrade::{ClientView, Origin};
 use crate::effect::OutputBudget;
 use crate::error::{Error, UpstreamError, error_reply};
 use crate::resp::{Request, parse_request, reply};
+use crate::upstream::set::UpstreamSet;
 
 /// Whether the read loop goes on after a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -43,6 +44,10 @@ pub(super) struct Session {
     pub(super) multi_writes: Vec<crate::effect::Written>,
     /// Replies arrived and not yet written to the client, against the output limits.
     pub(super) output: Arc<OutputBudget>,
+    /// The set of upstreams this session routes by, refreshed when a new one is published
+    /// (checked before each request: one atomic load, no lock).
+    pub(super) set: Arc<UpstreamSet>,
+    set_changed: watch::Receiver<u64>,
     slots: mpsc::Sender<Slot>,
 }
 
@@ -83,8 +88,12 @@ pub async fn run(
         Some(_) => Auth::Required,
         None => Auth::Implicit(server.own.clone()),
     };
+    let set_changed = server.upstreams.subscribe();
+    let set = server.upstreams.load();
     let mut session = Session {
-        links: Links::new(server.upstreams.len()),
+        links: Links::new(set.list.len()),
+        set,
+        set_changed,
         state: ConnState::new(initial),
         multi_writes: Vec::new(),
         output,
@@ -195,6 +204,10 @@ impl Session {
                     Ok(n) => self.server.metrics.bytes_received.inc_by(n as u64),
                 },
                 _ = shutdown.changed() => return End::Shutdown,
+                // An idle client lets go of retired upstreams at once too.
+                r = self.set_changed.changed() => if r.is_ok() {
+                    self.refresh_set().await;
+                },
                 _ = self.output.exceeded() => {
                     self.server.metrics.client_output_overflows.inc();
                     debug!(client = self.id, pending = self.output.pending(), "closing a client over its output buffer limit");
@@ -217,7 +230,19 @@ impl Session {
         self.push(Slot::ready(command, reply)).await;
     }
 
+    /// Routes by the current set of upstreams from now on (see `Links::remap`).
+    async fn refresh_set(&mut self) {
+        self.set_changed.borrow_and_update();
+        let set = self.server.upstreams.load();
+        self.links.remap(&self.set, &set);
+        self.set = set;
+        self.move_off_retired().await;
+    }
+
     async fn dispatch(&mut self, req: Request, cls: Classified) -> Flow {
+        if self.set_changed.has_changed().unwrap_or(false) {
+            self.refresh_set().await;
+        }
         let id = cls.id;
         match route::decide(&self.state, &cls, &req.args, self.id) {
             Dispatch::Local(local) => self.local(local, req, cls).await,
@@ -287,7 +312,7 @@ impl Session {
         let identity = self.state.identity();
         let noauth = identity.is_some_and(|i| i.credentials.is_none())
             && self
-                .server
+                .set
                 .primary()
                 .ctx
                 .anonymous_denied
@@ -303,7 +328,7 @@ impl Session {
     /// No upstream admits the request: degraded mode answers it.
     pub(super) async fn degraded(&mut self, req: &Request, cls: &Classified) -> Flow {
         let err = UpstreamError::CircuitOpen {
-            upstream: self.server.primary().name().clone(),
+            upstream: self.set.primary().name().clone(),
         };
         let credentials = self.state.identity().and_then(|i| i.credentials.as_ref());
         let (reply, origin) = self

@@ -53,8 +53,9 @@ impl Session {
             plan = Some(p);
         }
         let mut admitted = None;
-        for index in self.server.route(cls.read).iter() {
-            let upstream = &self.server.upstreams[index];
+        let set = self.set.clone();
+        for index in self.server.route(&set, cls.read).iter() {
+            let upstream = &set.list[index];
             if let Ok(guard) = upstream.breaker.try_acquire() {
                 admitted = Some((index, guard));
                 break;
@@ -63,9 +64,9 @@ impl Session {
         let Some((index, guard)) = admitted else {
             return self.degraded(&req, &cls).await;
         };
-        let upstream = self.server.upstreams[index].clone();
+        let upstream = set.list[index].clone();
         if cls.write
-            && index == self.server.primary_index()
+            && index == set.primary_index()
             && let Err(gate) = self
                 .server
                 .degrade

@@ -19,7 +19,7 @@ use crate::upstream::handshake::open;
 impl Session {
     /// Hands the rest of this connection to a dedicated upstream connection as a raw pipe.
     pub(super) async fn enter_tunnel(&mut self, req: Request, cls: Classified) -> Flow {
-        let upstream = self.server.primary().clone();
+        let upstream = self.set.primary().clone();
         let Ok(guard) = upstream.breaker.try_acquire() else {
             return self.degraded(&req, &cls).await;
         };

@@ -4,6 +4,7 @@
 //! - [`RedisServer`]: a real `redis-server` on an ephemeral port.
 //! - [`Redfuse`]: the binary under test, started on ephemeral ports.
 //! - [`RawClient`] + [`resp_cmd`]: byte-exact RESP2/RESP3 client.
+//! - [`Load`]: client tasks (the `redis` crate) looping `SET`/`GET` and checking every answer.
 //! - [`FaultRelay`]: TCP relay with switchable faults, to put between redfuse and Redis.
 //! - [`http_get`] / [`http_post`] + [`metric_value`] / [`metric_sum`]: admin endpoint helpers.
 #![allow(dead_code, unused_imports)]
@@ -12,6 +13,7 @@ pub mod acl;
 pub mod client;
 pub mod faults;
 pub mod http;
+pub mod load;
 pub mod procs;
 pub mod relay;
 pub mod resp;
@@ -22,6 +24,7 @@ pub use http::{
     Sample, http_get, http_post, http_request, http_request_full, metric_exists, metric_sum,
     metric_value, parse_metrics,
 };
+pub use load::{Load, Tally};
 pub use procs::{
     LogLines, Redfuse, RedisServer, TempDir, eventually, free_port, log_field, redfuse_bin,
     run_redfuse, wait_until,
