@@ -73,9 +73,10 @@ async fn status_page(
         .into_response()
 }
 
-/// The effective configuration, secrets redacted (as `--check-config` prints it).
+/// The effective configuration as last (re)loaded, secrets redacted (as `--check-config`
+/// prints it).
 async fn config(State(server): State<Arc<Server>>) -> Response {
-    json(server.config.effective_json())
+    json(server.current_config().effective_json())
 }
 
 async fn metrics(State(server): State<Arc<Server>>) -> Response {

@@ -34,7 +34,7 @@ pub const REDACTED: &str = "<redacted>";
 
 /// Command-line interface. Every flag has an env var `REDFUSE_<NAME>`; every other
 /// configuration key has one too (listed by `--help`, see [`keys`]).
-#[derive(Debug, Parser, Default)]
+#[derive(Debug, Clone, Parser, Default)]
 #[command(
     name = "redfuse",
     version,

@@ -32,6 +32,12 @@
 //! before newer client writes. `auth` holds the identity model; `config` turns flags, env
 //! and TOML into one validated `Config`; `metrics` owns the Prometheus registry; `admin`
 //! serves `/metrics`, `/healthz`, `/ready`, `/breakers` and `/write-queue`.
+//!
+//! The set of upstreams changes at run time through one reconciliation API
+//! (`upstream::set::Manager::apply`): sessions route by an immutable snapshot and pick up a
+//! new one with an atomic check per request. `reload` (SIGHUP, a change of the file) goes
+//! through it for the upstream list and swaps fail-open rules, the cache policy, breaker
+//! thresholds and the log level in place.
 
 pub(crate) mod admin;
 pub(crate) mod auth;
@@ -43,6 +49,7 @@ pub(crate) mod degrade;
 pub(crate) mod effect;
 pub(crate) mod error;
 pub(crate) mod metrics;
+pub mod reload;
 pub mod resp;
 pub(crate) mod rules;
 pub(crate) mod server;
@@ -106,6 +113,19 @@ impl Running {
     /// old ones, removed upstreams are drained, added ones are probed before they serve.
     pub async fn apply_upstreams(&self, list: &[UpstreamConfig]) -> Result<Applied, SetError> {
         self.server.apply_upstreams(list).await
+    }
+
+    /// Reloads the configuration on SIGHUP and when the file changes (see [`reload`]),
+    /// loading it again from `source`; `log_level` sets the log filter, when the caller
+    /// owns one.
+    pub fn watch_config(
+        &self,
+        source: reload::Source,
+        log_level: Option<reload::LogLevelSetter>,
+    ) -> Result<Arc<reload::Reloader>, StartError> {
+        let reloader = reload::Reloader::new(self.server.clone(), source, log_level)?;
+        reloader.spawn(self.shutdown.subscribe());
+        Ok(reloader)
     }
 
     /// Stops accepting, drains in-flight replies within the configured deadline, and returns.

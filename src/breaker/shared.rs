@@ -20,7 +20,9 @@ use super::metrics::UpstreamBreakerMetrics;
 
 struct Inner {
     name: String,
-    config: BreakerConfig,
+    /// `slow_call_threshold_ms`, read outside the lock for the slow-call counter; a
+    /// reload changes it ([`SharedBreaker::reconfigure`]).
+    slow_ms: std::sync::atomic::AtomicU64,
     breaker: Mutex<Breaker>,
     metrics: UpstreamBreakerMetrics,
     /// Separate `Arc` so the timer can wait on it without keeping `Inner`
@@ -87,7 +89,7 @@ impl SharedBreaker {
         SharedBreaker {
             inner: Arc::new(Inner {
                 name: name.to_owned(),
-                config,
+                slow_ms: std::sync::atomic::AtomicU64::new(config.slow_call_threshold_ms),
                 breaker: Mutex::new(breaker),
                 metrics,
                 timer_wake: Arc::new(Notify::new()),
@@ -161,7 +163,11 @@ impl SharedBreaker {
         match outcome {
             Outcome::Success { latency } => {
                 m.calls_success.inc();
-                if self.inner.config.is_slow(latency) {
+                let slow_ms = self
+                    .inner
+                    .slow_ms
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if latency > Duration::from_millis(slow_ms) {
                     m.calls_slow.inc();
                 }
             }
@@ -275,6 +281,17 @@ impl SharedBreaker {
     /// condition of the server's own (a busy script, loading): probing starts now.
     pub fn server_recovered(&self) -> Option<Transition> {
         self.manual(|b, now| b.server_recovered(now))
+    }
+
+    /// New thresholds from a configuration reload; see [`Breaker::reconfigure`]. The mode
+    /// changes only when the configured mode did, so a reload does not undo an operator's
+    /// forced state.
+    pub fn reconfigure(&self, config: BreakerConfig) {
+        self.inner.slow_ms.store(
+            config.slow_call_threshold_ms,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.manual(|b, now| b.reconfigure(config, now));
     }
 
     pub fn snapshot(&self) -> BreakerSnapshot {

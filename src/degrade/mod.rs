@@ -43,7 +43,7 @@ use crate::error::{Error, UpstreamError, error_reply};
 use crate::resp::reply::Absent;
 use crate::resp::scan::join_array;
 use crate::resp::{Proto, Request, parse_u32, reply};
-use crate::rules::{CachePolicy, Decision, FailOpen, MissReply};
+use crate::rules::{CachePolicy, Decision, FailOpen, Live, MissReply};
 use crate::writequeue::{QueueError, WriteQueue};
 
 /// Where a reply came from, for `redfuse_operations_total`.
@@ -71,8 +71,9 @@ pub struct ClientView {
 
 pub struct Degrade {
     pub cache: Cache,
-    pub policy: CachePolicy,
-    pub fail_open: FailOpen,
+    /// Both replaced by a configuration reload (`rules::Live`).
+    pub policy: Live<CachePolicy>,
+    pub fail_open: Live<FailOpen>,
     pub queue: Arc<WriteQueue>,
     pub identities: Arc<Identities>,
     failopen_replies: IntCounterVec,
@@ -100,8 +101,8 @@ impl Degrade {
         registry.register(Box::new(failopen_replies.clone()))?;
         Ok(Degrade {
             cache,
-            policy,
-            fail_open,
+            policy: Live::new(policy),
+            fail_open: Live::new(fail_open),
             queue,
             identities,
             failopen_replies,

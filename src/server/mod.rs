@@ -41,7 +41,10 @@ pub use crate::upstream::set::RouteOrder;
 
 /// State shared by all sessions.
 pub struct Server {
+    /// The configuration at start: what only a restart changes is read here.
     pub config: Config,
+    /// The configuration as last (re)loaded: `read_policy`, `balance` and `GET /config`.
+    current: arc_swap::ArcSwap<Config>,
     pub metrics: Arc<Metrics>,
     /// The current set of upstreams (it changes at run time: see `upstream::set`).
     pub upstreams: Upstreams,
@@ -71,6 +74,7 @@ impl Server {
         let own = identities.identity(config.credentials.clone());
         let users = ClientUsers::new(&config.users);
         Server {
+            current: arc_swap::ArcSwap::from_pointee(config.clone()),
             config,
             metrics,
             upstreams: manager.upstreams().clone(),
@@ -96,12 +100,26 @@ impl Server {
 
     /// The upstreams to try for a command in `set`, best first, by the read policy.
     pub fn route(&self, set: &UpstreamSet, is_read: bool) -> RouteOrder {
+        if !is_read || set.list.len() == 1 {
+            return RouteOrder::One(set.primary_index());
+        }
+        let current = self.current.load();
         set.route(
             is_read,
-            self.config.read_policy,
-            self.config.balance,
+            current.read_policy,
+            current.balance,
             &self.round_robin,
         )
+    }
+
+    /// The configuration as last (re)loaded.
+    pub fn current_config(&self) -> Arc<Config> {
+        self.current.load_full()
+    }
+
+    /// A reload was applied: `config` is the configuration now.
+    pub fn set_config(&self, config: Config) {
+        self.current.store(Arc::new(config));
     }
 
     /// Reconciles the set of upstreams with `list` (see `upstream::set`): changed

@@ -350,6 +350,14 @@ impl Manager {
         self.factory.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Changes the settings later upstreams are built with (a configuration reload).
+    pub fn set_defaults(&self, breaker: BreakerConfig, probe: ProbeTiming, drain: Duration) {
+        let mut f = self.factory();
+        f.breaker = breaker;
+        f.probe = probe;
+        f.drain_timeout = drain;
+    }
+
     /// Reconciles the set with `list`; see the module docs. On error nothing changed.
     pub async fn apply(&self, list: &[UpstreamConfig]) -> Result<Applied, SetError> {
         validate(list)?;
