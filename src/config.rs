@@ -181,6 +181,20 @@ pub struct FileConfig {
     pub cache: Option<CacheSection>,
     pub fail_open: Option<FailOpenConfig>,
     pub write_queue: Option<WriteQueueConfig>,
+    pub discovery: Option<DiscoverySection>,
+}
+
+/// `[discovery]`: where the upstream list comes from at run time besides this file (see
+/// `discovery`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoverySection {
+    /// Resolve upstreams given by host name again this often (and when a breaker opens);
+    /// 0: off (a name is then resolved by each connect).
+    pub dns_interval_ms: u64,
+    /// A watched JSON or TOML file listing the upstreams; replaces `[[upstreams]]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
 }
 
 /// `[cache]`: the degraded-mode reply cache: its bounds and which keys it serves how.
@@ -439,6 +453,7 @@ pub struct Config {
     pub cache: CacheSection,
     pub fail_open: FailOpenConfig,
     pub write_queue: WriteQueueConfig,
+    pub discovery: DiscoverySection,
     /// `[[users]]` with their secrets redacted, for the effective configuration.
     users_shown: Vec<UserConfig>,
     requirepass_set: bool,
@@ -773,6 +788,7 @@ impl Config {
             cache: file.cache.unwrap_or_default(),
             fail_open: file.fail_open.unwrap_or_default(),
             write_queue: file.write_queue.unwrap_or_default(),
+            discovery: file.discovery.unwrap_or_default(),
             users_shown,
             requirepass_set,
         };
@@ -942,6 +958,7 @@ impl Config {
                 journal_path: self.write_queue.journal_path.as_deref(),
                 fsync: format!("{:?}", self.write_queue.fsync).to_ascii_lowercase(),
             },
+            discovery: &self.discovery,
         };
         toml::Table::try_from(&shown).unwrap_or_else(|e| {
             let mut t = toml::Table::new();
@@ -1044,6 +1061,7 @@ struct Effective<'a> {
     cache: &'a CacheSection,
     fail_open: &'a FailOpenConfig,
     write_queue: WriteQueueShown<'a>,
+    discovery: &'a DiscoverySection,
 }
 
 #[derive(Serialize)]

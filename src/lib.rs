@@ -46,6 +46,7 @@ pub(crate) mod cache;
 pub(crate) mod command;
 pub mod config;
 pub(crate) mod degrade;
+pub(crate) mod discovery;
 pub(crate) mod effect;
 pub(crate) mod error;
 pub(crate) mod metrics;
@@ -68,6 +69,7 @@ use crate::breaker::BreakerMetrics;
 use crate::cache::{Cache, CacheMetrics, SingleFlight};
 use crate::config::{Config, UpstreamConfig};
 use crate::degrade::Degrade;
+use crate::discovery::Discovery;
 use crate::metrics::Metrics;
 use crate::rules::{CachePolicy, FailOpen};
 use crate::server::Server;
@@ -201,6 +203,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         queue_depth: 4096,
         max_inflight: config.max_inflight_per_upstream,
     };
+    // The watched file, when there is one, is the list from the start: the configuration's
+    // (maybe only the default) is never connected to.
+    let initial = match &config.discovery.file {
+        Some(path) => discovery::file::load(path).map_err(|e| StartError::Config {
+            field: "discovery.file",
+            message: e.to_string(),
+        })?,
+        None => config.upstreams.clone(),
+    };
     let manager = Manager::start(
         Factory {
             settings,
@@ -216,10 +227,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             drain_timeout: config.drain_timeout,
             shutdown: shutdown_rx.clone(),
         },
-        &config.upstreams,
+        &initial,
     );
+    let discovery = Discovery::new(manager.clone(), config.upstreams.clone());
+    start_discovery(&config, &discovery, &manager, &shutdown_rx).await?;
     let flights = SingleFlight::new(Some(cache_metrics.singleflight_shared.clone()));
-    let server = Arc::new(Server::new(config, metrics, manager, degrade, flights));
+    let server = Arc::new(Server::new(config, metrics, discovery, degrade, flights));
     tokio::spawn(replay_to_primary(
         queue,
         server.clone(),
@@ -245,6 +258,46 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         clients,
         admin,
     })
+}
+
+/// Starts the discovery sources the configuration asks for. The watched file is read once
+/// here: a file that is invalid at start is a configuration error.
+async fn start_discovery(
+    config: &Config,
+    discovery: &Arc<Discovery>,
+    manager: &Arc<Manager>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(), StartError> {
+    if let Some(path) = &config.discovery.file {
+        let seen = std::fs::read(path).ok();
+        let list = discovery::file::load(path).map_err(|e| StartError::Config {
+            field: "discovery.file",
+            message: e.to_string(),
+        })?;
+        discovery
+            .set_file(list)
+            .await
+            .map_err(|e| StartError::Config {
+                field: "discovery.file",
+                message: e.to_string(),
+            })?;
+        tokio::spawn(discovery::file::run(
+            discovery.clone(),
+            path.clone(),
+            seen,
+            shutdown.clone(),
+        ));
+    }
+    if config.discovery.dns_interval_ms > 0 {
+        tokio::spawn(discovery::dns::run(
+            discovery.clone(),
+            manager.upstreams().clone(),
+            discovery::dns::system_resolver(),
+            std::time::Duration::from_millis(config.discovery.dns_interval_ms),
+            shutdown.clone(),
+        ));
+    }
+    Ok(())
 }
 
 /// Runs the write-queue replay against the current primary. When the primary changes (a

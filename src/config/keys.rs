@@ -197,6 +197,8 @@ pub const KEYS: &[Key] = &[
     key("write_queue.max_entries", Int, "Queued writes."),
     key("write_queue.journal_path", Str, "Append-only file that keeps the queue across restarts.").shown("memory only"),
     key("write_queue.fsync", Str, "`always`, `everysec` or `never`."),
+    key("discovery.dns_interval_ms", Int, "Resolve upstreams given by host name again this often, and when a breaker opens; a name with several addresses becomes a group of replicas; 0: off."),
+    key("discovery.file", Str, "Watched JSON or TOML file listing the upstreams (`upstreams = [{name, addr, role, priority, weight}]`), reloaded when it changes; replaces `[[upstreams]]`.").shown("unset"),
 ];
 
 /// `REDFUSE_*` variables that are not configuration (the bench scripts' own) and are
@@ -540,10 +542,13 @@ mod tests {
             section => format!("[{section}]\n{probe} = 1"),
         };
         let err = toml::from_str::<FileConfig>(&text).unwrap_err().to_string();
+        // "expected one of `a`, `b`, `c`", or "expected `a` or `b`" for two fields.
         let list = err
             .split_once("expected one of")
+            .or_else(|| err.split_once("expected"))
             .unwrap_or_else(|| panic!("{scope}: {err}"))
-            .1;
+            .1
+            .replace(" or ", ",");
         list.split(',')
             .map(|f| f.trim().trim_matches('`').trim().to_owned())
             .filter(|f| !f.is_empty())
@@ -559,6 +564,7 @@ mod tests {
             "cache",
             "fail_open",
             "write_queue",
+            "discovery",
             "upstreams[]",
             "users[]",
             "fail_open.rules[]",
@@ -581,7 +587,8 @@ mod tests {
                 .into_iter()
                 .filter(|f| {
                     !scope.is_empty()
-                        || !["breaker", "cache", "fail_open", "write_queue"].contains(&f.as_str())
+                        || !["breaker", "cache", "fail_open", "write_queue", "discovery"]
+                            .contains(&f.as_str())
                 })
                 .collect();
             assert_eq!(listed, want, "keys listed vs fields of `{scope}`");

@@ -29,6 +29,7 @@ use crate::auth::{ClientUsers, Identities, Identity};
 use crate::cache::SingleFlight;
 use crate::config::Config;
 use crate::degrade::Degrade;
+use crate::discovery::Discovery;
 use crate::effect::FlightKey;
 use crate::error::Reply;
 use crate::metrics::Metrics;
@@ -49,6 +50,8 @@ pub struct Server {
     /// The current set of upstreams (it changes at run time: see `upstream::set`).
     pub upstreams: Upstreams,
     pub manager: Arc<Manager>,
+    /// Composes the configuration's list with the discovery sources (see `discovery`).
+    pub discovery: Arc<Discovery>,
     pub degrade: Arc<Degrade>,
     /// Identical cacheable reads in flight share one upstream request.
     pub flights: SingleFlight<FlightKey, Reply>,
@@ -66,7 +69,7 @@ impl Server {
     pub fn new(
         config: Config,
         metrics: Arc<Metrics>,
-        manager: Arc<Manager>,
+        discovery: Arc<Discovery>,
         degrade: Arc<Degrade>,
         flights: SingleFlight<FlightKey, Reply>,
     ) -> Server {
@@ -77,8 +80,9 @@ impl Server {
             current: arc_swap::ArcSwap::from_pointee(config.clone()),
             config,
             metrics,
-            upstreams: manager.upstreams().clone(),
-            manager,
+            upstreams: discovery.manager().upstreams().clone(),
+            manager: discovery.manager().clone(),
+            discovery,
             degrade,
             flights,
             identities,
@@ -122,14 +126,15 @@ impl Server {
         self.current.store(Arc::new(config));
     }
 
-    /// Reconciles the set of upstreams with `list` (see `upstream::set`): changed
-    /// addresses get new connections while in-flight commands finish on the old ones,
-    /// removed upstreams are drained, added ones are probed before they take traffic.
+    /// Sets the configuration's upstream list and reconciles the set with it, composed
+    /// with the discovery sources (see `upstream::set` and `discovery`): changed addresses
+    /// get new connections while in-flight commands finish on the old ones, removed
+    /// upstreams are drained, added ones are probed before they take traffic.
     pub async fn apply_upstreams(
         &self,
         list: &[crate::config::UpstreamConfig],
     ) -> Result<Applied, SetError> {
-        self.manager.apply(list).await
+        self.discovery.set_config(list.to_vec()).await
     }
 
     /// What the primary said about itself in its last handshake. Before any handshake has
