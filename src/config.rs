@@ -320,6 +320,48 @@ pub struct UpstreamConfig {
     /// The TLS client settings, once validated (only when `tls`).
     #[serde(skip)]
     pub tls_client: Option<TlsClient>,
+    /// Per-upstream policy, each falling back to the global setting: breaker keys laid over
+    /// `[breaker]`, probe and timeouts, and fail-open rules that replace `[fail_open]` for
+    /// the commands this upstream cannot serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<toml::Table>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_probe_interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_probe_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_open: Option<FailOpenConfig>,
+}
+
+impl UpstreamConfig {
+    /// This upstream's breaker settings: its `breaker` keys over the global `[breaker]`.
+    pub fn breaker_config(&self, global: &BreakerConfig) -> Result<BreakerConfig, String> {
+        let Some(over) = &self.breaker else {
+            return Ok(global.clone());
+        };
+        let mut table = toml::Table::try_from(global).map_err(|e| e.to_string())?;
+        table.extend(over.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let config: BreakerConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string().trim().replace('\n', " "))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The settings that only a new instance can change (with the endpoint): timeouts and
+    /// the probe's timing.
+    pub fn instance_settings(&self) -> [Option<u64>; 4] {
+        [
+            self.health_probe_interval_ms,
+            self.health_probe_timeout_ms,
+            self.connect_timeout_ms,
+            self.command_timeout_ms,
+        ]
+    }
 }
 
 impl UpstreamConfig {
@@ -333,6 +375,12 @@ impl UpstreamConfig {
             weight: 1,
             tls: false,
             tls_client: None,
+            breaker: None,
+            health_probe_interval_ms: None,
+            health_probe_timeout_ms: None,
+            connect_timeout_ms: None,
+            command_timeout_ms: None,
+            fail_open: None,
         }
     }
 }
@@ -586,6 +634,12 @@ impl Config {
                         weight: 1,
                         tls: false,
                         tls_client: None,
+                        breaker: None,
+                        health_probe_interval_ms: None,
+                        health_probe_timeout_ms: None,
+                        connect_timeout_ms: None,
+                        command_timeout_ms: None,
+                        fail_open: None,
                     })
                     .collect();
                 ("upstream", list)
@@ -607,6 +661,12 @@ impl Config {
                     weight: 1,
                     tls: false,
                     tls_client: None,
+                    breaker: None,
+                    health_probe_interval_ms: None,
+                    health_probe_timeout_ms: None,
+                    connect_timeout_ms: None,
+                    command_timeout_ms: None,
+                    fail_open: None,
                 };
                 ("upstream", vec![single])
             };
@@ -812,6 +872,37 @@ impl Config {
         let mut names = std::collections::HashSet::new();
         for u in &self.upstreams {
             check(check_addr("upstreams.addr", &u.addr));
+            check(
+                u.breaker_config(&self.breaker).map(|_| ()).map_err(|m| {
+                    invalid("upstreams.breaker", format!("upstream `{}`: {m}", u.name))
+                }),
+            );
+            for (field, v) in [
+                (
+                    "upstreams.health_probe_timeout_ms",
+                    u.health_probe_timeout_ms,
+                ),
+                ("upstreams.connect_timeout_ms", u.connect_timeout_ms),
+                ("upstreams.command_timeout_ms", u.command_timeout_ms),
+            ] {
+                if v == Some(0) {
+                    check(Err(invalid(
+                        field,
+                        format!("upstream `{}`: must be greater than 0", u.name),
+                    )));
+                }
+            }
+            if let Some(rules) = &u.fail_open {
+                check(
+                    FailOpen::compile_checked(rules, |n| {
+                        crate::command::lookup(n.as_bytes()).is_some()
+                    })
+                    .map(|_| ())
+                    .map_err(|m| {
+                        invalid("upstreams.fail_open", format!("upstream `{}`: {m}", u.name))
+                    }),
+                );
+            }
             if !names.insert(u.name.as_str()) {
                 check(Err(invalid(
                     "upstreams.name",

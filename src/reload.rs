@@ -185,16 +185,8 @@ impl Reloader {
             changes.applied.push("log_level");
         }
 
-        let applied = self.server.apply_upstreams(&new.upstreams).await?;
-        if !applied.is_empty() {
-            changes.applied.push("upstreams");
-        }
-        if new.breaker != old.breaker {
-            for u in &self.server.upstreams {
-                u.breaker.reconfigure(new.breaker.clone());
-            }
-            changes.applied.push("breaker");
-        }
+        // The global breaker settings first: the reconciliation lays each upstream's own
+        // over them and reconfigures the breakers whose settings changed.
         self.server.manager.set_defaults(
             new.breaker.clone(),
             crate::upstream::probe::ProbeTiming {
@@ -203,6 +195,13 @@ impl Reloader {
             },
             new.drain_timeout,
         );
+        let applied = self.server.apply_upstreams(&new.upstreams).await?;
+        if !applied.is_empty() {
+            changes.applied.push("upstreams");
+        }
+        if new.breaker != old.breaker {
+            changes.applied.push("breaker");
+        }
         if let Some(rules) = fail_open {
             self.server.degrade.fail_open.replace(rules);
             changes.applied.push("fail_open");
@@ -356,5 +355,43 @@ mod tests {
             ["cache.max_bytes", "max_clients", "password"]
         );
         assert!(restart_needed(&old, &old).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use crate::config::{Cli, Config, FileConfig};
+
+    fn load(text: &str) -> Result<Config, String> {
+        Config::merge(&Cli::default(), toml::from_str::<FileConfig>(text).unwrap())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn per_upstream_breakers_lay_their_keys_over_the_global_section() {
+        let c = load(
+            "[breaker]\nconsecutive_failures = 7\nwindow_ms = 20000\n\
+             [[upstreams]]\naddr = \"h:1\"\nbreaker = { consecutive_failures = 2 }\n",
+        )
+        .unwrap();
+        let b = c.upstreams[0].breaker_config(&c.breaker).unwrap();
+        assert_eq!((b.consecutive_failures, b.window_ms), (2, 20000));
+        let e = load("[[upstreams]]\naddr = \"h:1\"\nbreaker = { window_ms = 0 }\n").unwrap_err();
+        assert!(
+            e.contains("upstreams.breaker") && e.contains("window_ms"),
+            "{e}"
+        );
+        let e = load("[[upstreams]]\naddr = \"h:1\"\nbreaker = { windw_ms = 5 }\n").unwrap_err();
+        assert!(
+            e.contains("upstreams.breaker") && e.contains("windw_ms"),
+            "{e}"
+        );
+        let e = load(
+            "[[upstreams]]\naddr = \"h:1\"\nfail_open = { rules = [{ commands = [\"NOPE\"], action = \"error\" }] }\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("upstreams.fail_open"), "{e}");
+        let e = load("[[upstreams]]\naddr = \"h:1\"\ncommand_timeout_ms = 0\n").unwrap_err();
+        assert!(e.contains("upstreams.command_timeout_ms"), "{e}");
     }
 }

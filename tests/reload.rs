@@ -147,3 +147,50 @@ async fn reloads_under_load_lose_no_connection_and_no_command() {
     // 4 + 4 load clients and the one raw client: nobody had to reconnect.
     assert_eq!(open, 9.0, "clients had to reconnect");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_upstream_policy_falls_back_to_the_global_sections_and_reloads_in_place() {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    let dir = TempDir::new("reload-policy");
+    let file = |replica_breaker: &str| {
+        format!(
+            "admin_token = \"tok\"\nhealth_probe_interval_ms = 200\n\
+             [[fail_open.rules]]\ncommands = [\"INCR\"]\naction = \"reply\"\nreply = \":1\"\n\
+             [[upstreams]]\nname = \"main\"\naddr = \"{}\"\ncommand_timeout_ms = 300\n\
+             fail_open = {{ rules = [{{ commands = [\"INCR\"], action = \"reply\", reply = \":5\" }}] }}\n\
+             [[upstreams]]\nname = \"r\"\naddr = \"{}\"\nrole = \"replica\"\nbreaker = {replica_breaker}\n",
+            a.addr(),
+            b.addr()
+        )
+    };
+    let path = dir.write("redfuse.toml", &file("{ mode = \"force_open\" }"));
+    let rf = support::start_with_config(&path);
+    let state = |name: &str| {
+        let (_, body) = http_get(&rf.admin_addr(), "/breakers");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v[name]["state"].as_str().unwrap_or_default().to_owned()
+    };
+    assert_eq!(state("r"), "open", "the replica's own breaker mode");
+    assert_eq!(state("main"), "closed", "the global breaker settings");
+
+    // The primary's own command timeout.
+    let mut c = RawClient::connect(&rf.addr());
+    let reply = String::from_utf8_lossy(&c.cmd(&["DEBUG", "SLEEP", "0.8"])).into_owned();
+    assert!(reply.contains("timed out after 300 ms"), "{reply}");
+
+    // The primary's own fail-open rules, instead of the global ones.
+    let (status, body) = http_post(&rf.admin_addr(), "/breakers/main/force-open", Some("tok"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(c.cmd(&["INCR", "n"]), b":5\r\n");
+    let (status, body) = http_post(&rf.admin_addr(), "/breakers/main/normal", Some("tok"));
+    assert_eq!(status, 200, "{body}");
+
+    // A reload changes the replica's breaker in place: back to the normal mode.
+    write_atomically(&path, &file("{ consecutive_failures = 2 }"));
+    eventually("the replica's breaker leaves force_open", secs(10), || {
+        state("r") == "closed"
+    })
+    .await;
+    assert_eq!(reloads(&rf, "ok"), 1.0);
+}

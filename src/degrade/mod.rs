@@ -364,7 +364,21 @@ impl Degrade {
         cls: &Classified,
         err: &UpstreamError,
     ) -> (Bytes, Origin) {
-        if cls.is(ids::PING) && self.fail_open.ping_locally() {
+        self.reply_by(&self.fail_open, view, credentials, req, cls, err)
+    }
+
+    /// [`Degrade::reply`] by the fail-open `rules` of the upstream that could not serve (its
+    /// own, or the global ones).
+    pub fn reply_by(
+        &self,
+        rules: &FailOpen,
+        view: ClientView,
+        credentials: Option<&Arc<Credentials>>,
+        req: &Request,
+        cls: &Classified,
+        err: &UpstreamError,
+    ) -> (Bytes, Origin) {
+        if cls.is(ids::PING) && rules.ping_locally() {
             self.count("ping", "ping");
             return (Bytes::from_static(reply::PONG), Origin::Fallback);
         }
@@ -377,7 +391,7 @@ impl Degrade {
         }
         let keys: Vec<&[u8]> = cls.keys.iter().map(|i| &req.args[i][..]).collect();
         let name = cls.name();
-        match self.fail_open.decide(name, cls.write, cls.read, &keys) {
+        match rules.decide(name, cls.write, cls.read, &keys) {
             Decision::Reply { rule, value } => {
                 self.count(name, rule);
                 (value.encode(view.proto), Origin::Fallback)

@@ -331,10 +331,11 @@ impl Session {
             upstream: self.set.primary().name().clone(),
         };
         let credentials = self.state.identity().and_then(|i| i.credentials.as_ref());
-        let (reply, origin) = self
-            .server
-            .degrade
-            .reply(self.view(), credentials, req, cls, &err);
+        let degrade = &self.server.degrade;
+        // The primary's own fail-open rules, when it has some (`upstreams[].fail_open`).
+        let rules = self.set.primary().fail_open.get().as_ref();
+        let rules = rules.unwrap_or_else(|| degrade.fail_open.get());
+        let (reply, origin) = degrade.reply_by(rules, self.view(), credentials, req, cls, &err);
         self.push(Slot {
             command: cls.id,
             kind: SlotKind::Ready(reply, origin),

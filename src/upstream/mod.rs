@@ -244,6 +244,8 @@ pub struct Upstream {
     warm: Arc<dedicated::WarmSet>,
     /// Stops this upstream's probe and breaker timer when it leaves the set.
     stop: tokio::sync::watch::Sender<bool>,
+    /// Its own fail-open rules (`upstreams[].fail_open`), replaced by a reload.
+    pub fail_open: crate::rules::Live<Option<crate::rules::FailOpen>>,
 }
 
 impl Upstream {
@@ -268,8 +270,12 @@ impl Upstream {
             priority: AtomicU32::new(0),
             weight: AtomicU32::new(1),
             drain: Drain::default(),
-            connect_timeout: settings.connect_timeout,
-            command_timeout: settings.command_timeout,
+            connect_timeout: config
+                .connect_timeout_ms
+                .map_or(settings.connect_timeout, Duration::from_millis),
+            command_timeout: config
+                .command_timeout_ms
+                .map_or(settings.command_timeout, Duration::from_millis),
             max_reply_depth: settings.max_reply_depth,
             metrics,
             sink,
@@ -292,6 +298,7 @@ impl Upstream {
             settings,
             pools: Mutex::new(HashMap::new()),
             stop: tokio::sync::watch::channel(false).0,
+            fail_open: crate::rules::Live::new(None),
         }
     }
 

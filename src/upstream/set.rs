@@ -315,6 +315,9 @@ pub struct Factory {
 pub struct Manager {
     upstreams: Upstreams,
     factory: Mutex<Factory>,
+    /// What each instance (`UpstreamCtx::id`) was last configured with, and the breaker
+    /// settings that came to: a reconciliation compares against them.
+    configured: Mutex<std::collections::HashMap<u64, (UpstreamConfig, BreakerConfig)>>,
     /// One reconciliation at a time (it awaits new upstreams' first connection).
     applying: tokio::sync::Mutex<()>,
 }
@@ -323,11 +326,20 @@ impl Manager {
     /// Builds the first set from the configuration (validated there) and starts its
     /// connections and probes in the background: redfuse starts even when Redis is down.
     pub fn start(factory: Factory, list: &[UpstreamConfig]) -> Arc<Manager> {
-        let built: Vec<Arc<Upstream>> = list.iter().map(|u| build(&factory, u)).collect();
+        let mut configured = std::collections::HashMap::new();
+        let built: Vec<Arc<Upstream>> = list
+            .iter()
+            .map(|cfg| {
+                let (u, breaker) = build(&factory, cfg);
+                configured.insert(u.ctx.id, (cfg.clone(), breaker));
+                u
+            })
+            .collect();
         let mut shutdown = factory.shutdown.clone();
         let manager = Arc::new(Manager {
             upstreams: Upstreams::new(built),
             factory: Mutex::new(factory),
+            configured: Mutex::new(configured),
             applying: tokio::sync::Mutex::new(()),
         });
         let weak = Arc::downgrade(&manager);
@@ -369,19 +381,42 @@ impl Manager {
         let mut retired = Vec::new();
         {
             let factory = self.factory();
+            let mut configured = self.configured.lock().unwrap_or_else(|e| e.into_inner());
             for cfg in list {
-                match old.find(&cfg.name) {
-                    Some(u) if same_endpoint(u, cfg) => {
+                let kept = old.find(&cfg.name).filter(|u| {
+                    same_endpoint(u, cfg)
+                        && configured.get(&u.ctx.id).is_some_and(|(last, _)| {
+                            last.instance_settings() == cfg.instance_settings()
+                        })
+                });
+                match kept {
+                    Some(u) => {
                         let ctx = &u.ctx;
-                        if (ctx.role(), ctx.priority(), ctx.weight())
-                            != (cfg.role, cfg.priority, cfg.weight)
-                        {
+                        let mut updated = (ctx.role(), ctx.priority(), ctx.weight())
+                            != (cfg.role, cfg.priority, cfg.weight);
+                        // Policy changes in place: the breaker keeps its state.
+                        let breaker = breaker_of(&factory, cfg);
+                        let entry = configured
+                            .entry(ctx.id)
+                            .or_insert_with(|| (cfg.clone(), breaker.clone()));
+                        if entry.1 != breaker {
+                            u.breaker.reconfigure(breaker.clone());
+                            updated = true;
+                        }
+                        if entry.0.fail_open != cfg.fail_open {
+                            u.fail_open.replace(fail_open_of(cfg));
+                            updated = true;
+                        }
+                        *entry = (cfg.clone(), breaker);
+                        if updated {
                             applied.updated.push(cfg.name.clone());
                         }
                         next.push((u.clone(), Some(cfg)));
                     }
-                    found => {
-                        let u = build(&factory, cfg);
+                    None => {
+                        let (u, breaker) = build(&factory, cfg);
+                        configured.insert(u.ctx.id, (cfg.clone(), breaker));
+                        let found = old.find(&cfg.name);
                         match found {
                             Some(old) => {
                                 applied.moved.push(cfg.name.clone());
@@ -434,6 +469,10 @@ impl Manager {
         );
         let deadline = self.factory().drain_timeout;
         for u in retired {
+            self.configured
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&u.ctx.id);
             u.retire();
             tokio::spawn(drain(u, deadline));
         }
@@ -449,12 +488,32 @@ fn same_endpoint(u: &Upstream, cfg: &UpstreamConfig) -> bool {
     u.ctx.addr == cfg.addr && tls_name(&u.ctx.tls) == tls_name(&cfg.tls_client)
 }
 
+/// The upstream's breaker settings: its own keys over the global ones (validated with
+/// the configuration; the global ones should a list from elsewhere carry bad ones).
+fn breaker_of(f: &Factory, cfg: &UpstreamConfig) -> BreakerConfig {
+    cfg.breaker_config(&f.breaker).unwrap_or_else(|e| {
+        warn!(upstream = %cfg.name, "invalid breaker settings, using the global ones: {e}");
+        f.breaker.clone()
+    })
+}
+
+/// The upstream's own fail-open rules, compiled (validated with the configuration).
+fn fail_open_of(cfg: &UpstreamConfig) -> Option<crate::rules::FailOpen> {
+    let rules = cfg.fail_open.as_ref()?;
+    crate::rules::FailOpen::compile_checked(rules, |n| {
+        crate::command::lookup(n.as_bytes()).is_some()
+    })
+    .map_err(|e| warn!(upstream = %cfg.name, "invalid fail-open rules, using the global ones: {e}"))
+    .ok()
+}
+
 /// A new upstream: its breaker (timer included), its default pool and warm connections,
-/// and its probe.
-fn build(f: &Factory, cfg: &UpstreamConfig) -> Arc<Upstream> {
+/// and its probe; with the breaker settings it got.
+fn build(f: &Factory, cfg: &UpstreamConfig) -> (Arc<Upstream>, BreakerConfig) {
+    let breaker_config = breaker_of(f, cfg);
     let breaker = SharedBreaker::new(
         &cfg.name,
-        f.breaker.clone(),
+        breaker_config.clone(),
         rand::random::<u64>(),
         f.breaker_metrics.for_upstream(&cfg.name),
     );
@@ -465,19 +524,28 @@ fn build(f: &Factory, cfg: &UpstreamConfig) -> Arc<Upstream> {
         breaker,
         f.sink.clone(),
     ));
+    u.fail_open.replace(fail_open_of(cfg));
     let stopped = u.stopped();
     u.breaker.spawn_timer(stopped);
     u.warm_up(&f.credentials);
-    if !f.probe.interval.is_zero() {
+    let timing = ProbeTiming {
+        interval: cfg
+            .health_probe_interval_ms
+            .map_or(f.probe.interval, Duration::from_millis),
+        timeout: cfg
+            .health_probe_timeout_ms
+            .map_or(f.probe.timeout, Duration::from_millis),
+    };
+    if !timing.interval.is_zero() {
         tokio::spawn(probe::run(
             u.clone(),
             f.credentials.clone(),
-            f.probe,
+            timing,
             u.ctx.metrics.probe.clone(),
             u.stop_receiver(),
         ));
     }
-    u
+    (u, breaker_config)
 }
 
 /// Waits until `u` has a shared connection up or its breaker opened, at most `until`.
