@@ -182,6 +182,105 @@ pub struct FileConfig {
     pub fail_open: Option<FailOpenConfig>,
     pub write_queue: Option<WriteQueueConfig>,
     pub discovery: Option<DiscoverySection>,
+    pub sentinel: Option<SentinelSection>,
+}
+
+/// `[sentinel]`: the upstreams are the master and replicas that Redis Sentinel reports for
+/// one master name (see `discovery::sentinel`); replaces `[[upstreams]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SentinelSection {
+    /// `sentinel://[user[:password]@]host:26379[,host:26379...]/<master name>`, instead of
+    /// `addrs` and `master_name` (and the credentials).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Sentinel addresses, `host:port`.
+    pub addrs: Vec<String>,
+    pub master_name: String,
+    /// The Sentinels' own credentials (`requirepass` / ACL of the Sentinels).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Ask the Sentinels again this often, besides their `+switch-master`, `+sdown` and
+    /// `-sdown` announcements.
+    pub refresh_ms: u64,
+}
+
+impl Default for SentinelSection {
+    fn default() -> Self {
+        SentinelSection {
+            url: None,
+            addrs: Vec::new(),
+            master_name: String::new(),
+            username: None,
+            password: None,
+            refresh_ms: 5000,
+        }
+    }
+}
+
+impl SentinelSection {
+    /// Whether Sentinel discovery is configured.
+    pub fn enabled(&self) -> bool {
+        self.url.is_some() || !self.addrs.is_empty()
+    }
+
+    /// The section with `url` taken apart into the other keys.
+    pub fn resolved(&self) -> Result<SentinelSection, String> {
+        let mut out = self.clone();
+        if let Some(url) = &self.url {
+            let rest = url
+                .strip_prefix("sentinel://")
+                .ok_or_else(|| format!("`{}` does not start with sentinel://", redact_url(url)))?;
+            let (hosts, name) = rest
+                .rsplit_once('/')
+                .ok_or_else(|| "no master name: sentinel://host:26379/<master name>".to_owned())?;
+            let hosts = match hosts.rsplit_once('@') {
+                Some((auth, hosts)) => {
+                    let (user, password) = match auth.split_once(':') {
+                        Some((u, p)) => (Some(u), p),
+                        None => (None, auth),
+                    };
+                    out.username = match user.filter(|u| !u.is_empty()) {
+                        Some(u) => Some(url::decode(u)?),
+                        None => None,
+                    };
+                    out.password = Some(url::decode(password)?);
+                    hosts
+                }
+                None => hosts,
+            };
+            out.addrs = hosts.split(',').map(str::to_owned).collect();
+            out.master_name = name.to_owned();
+            out.url = None;
+        }
+        if out.master_name.is_empty() {
+            return Err("`master_name` is needed".into());
+        }
+        if out.addrs.is_empty() {
+            return Err("at least one Sentinel address is needed".into());
+        }
+        for a in &out.addrs {
+            let ok = a
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                return Err(format!("`{a}` is not host:port"));
+            }
+        }
+        if out.refresh_ms == 0 {
+            return Err("`refresh_ms` must be greater than 0".into());
+        }
+        Ok(out)
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    match url.split_once('@') {
+        Some((_, rest)) => format!("<credentials>@{rest}"),
+        None => url.to_owned(),
+    }
 }
 
 /// `[discovery]`: where the upstream list comes from at run time besides this file (see
@@ -502,6 +601,10 @@ pub struct Config {
     pub fail_open: FailOpenConfig,
     pub write_queue: WriteQueueConfig,
     pub discovery: DiscoverySection,
+    /// `[sentinel]`, its `url` taken apart.
+    pub sentinel: SentinelSection,
+    /// Whether `[sentinel]` is set at all.
+    pub sentinel_enabled: bool,
     /// `[[users]]` with their secrets redacted, for the effective configuration.
     users_shown: Vec<UserConfig>,
     requirepass_set: bool,
@@ -849,6 +952,11 @@ impl Config {
             fail_open: file.fail_open.unwrap_or_default(),
             write_queue: file.write_queue.unwrap_or_default(),
             discovery: file.discovery.unwrap_or_default(),
+            sentinel_enabled: file.sentinel.as_ref().is_some_and(|s| s.enabled()),
+            sentinel: match file.sentinel {
+                Some(s) if s.enabled() => s.resolved().map_err(|m| invalid("sentinel", m))?,
+                _ => SentinelSection::default(),
+            },
             users_shown,
             requirepass_set,
         };
@@ -1050,6 +1158,10 @@ impl Config {
                 fsync: format!("{:?}", self.write_queue.fsync).to_ascii_lowercase(),
             },
             discovery: &self.discovery,
+            sentinel: self.sentinel_enabled.then(|| SentinelSection {
+                password: self.sentinel.password.as_ref().map(|_| REDACTED.to_owned()),
+                ..self.sentinel.clone()
+            }),
         };
         toml::Table::try_from(&shown).unwrap_or_else(|e| {
             let mut t = toml::Table::new();
@@ -1153,6 +1265,8 @@ struct Effective<'a> {
     fail_open: &'a FailOpenConfig,
     write_queue: WriteQueueShown<'a>,
     discovery: &'a DiscoverySection,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sentinel: Option<SentinelSection>,
 }
 
 #[derive(Serialize)]

@@ -37,7 +37,9 @@
 //! (`upstream::set::Manager::apply`): sessions route by an immutable snapshot and pick up a
 //! new one with an atomic check per request. `reload` (SIGHUP, a change of the file) goes
 //! through it for the upstream list and swaps fail-open rules, the cache policy, breaker
-//! thresholds and the log level in place.
+//! thresholds and the log level in place. `discovery` composes the configuration's list
+//! with a watched file, DNS re-resolution and Redis Sentinel, and hands the result to the
+//! same reconciliation.
 
 pub(crate) mod admin;
 pub(crate) mod auth;
@@ -70,6 +72,7 @@ use crate::cache::{Cache, CacheMetrics, SingleFlight};
 use crate::config::{Config, UpstreamConfig};
 use crate::degrade::Degrade;
 use crate::discovery::Discovery;
+use crate::discovery::sentinel::Sentinel;
 use crate::metrics::Metrics;
 use crate::rules::{CachePolicy, FailOpen};
 use crate::server::Server;
@@ -203,14 +206,37 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         queue_depth: 4096,
         max_inflight: config.max_inflight_per_upstream,
     };
-    // The watched file, when there is one, is the list from the start: the configuration's
-    // (maybe only the default) is never connected to.
-    let initial = match &config.discovery.file {
-        Some(path) => discovery::file::load(path).map_err(|e| StartError::Config {
+    // The watched file or Sentinel, when there is one, gives the list from the start: the
+    // configuration's (maybe only the default) is never connected to.
+    let sentinel = match config.sentinel_enabled {
+        true => Some(
+            Sentinel::new(
+                config.sentinel.clone(),
+                &metrics.registry,
+                config.connect_timeout * 2,
+            )
+            .map_err(|e| StartError::Config {
+                field: "sentinel",
+                message: e.to_string(),
+            })?,
+        ),
+        false => None,
+    };
+    let mut first_topology = None;
+    if let Some(s) = &sentinel {
+        match s.query().await {
+            Ok(t) => first_topology = Some(t),
+            // Redfuse starts anyway, on the configured list, and follows Sentinel once it answers.
+            Err(e) => tracing::warn!("{e}; starting with the configured upstreams"),
+        }
+    }
+    let initial = match (&first_topology, &config.discovery.file) {
+        (Some(t), _) => t.upstreams(),
+        (None, Some(path)) => discovery::file::load(path).map_err(|e| StartError::Config {
             field: "discovery.file",
             message: e.to_string(),
         })?,
-        None => config.upstreams.clone(),
+        (None, None) => config.upstreams.clone(),
     };
     let manager = Manager::start(
         Factory {
@@ -231,6 +257,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     );
     let discovery = Discovery::new(manager.clone(), config.upstreams.clone());
     start_discovery(&config, &discovery, &manager, &shutdown_rx).await?;
+    if let Some(s) = sentinel {
+        s.attach(discovery.clone(), first_topology).await;
+        tokio::spawn(s.run(shutdown_rx.clone()));
+    }
     let flights = SingleFlight::new(Some(cache_metrics.singleflight_shared.clone()));
     let server = Arc::new(Server::new(config, metrics, discovery, degrade, flights));
     tokio::spawn(replay_to_primary(

@@ -203,6 +203,12 @@ pub const KEYS: &[Key] = &[
     key("write_queue.max_entries", Int, "Queued writes."),
     key("write_queue.journal_path", Str, "Append-only file that keeps the queue across restarts.").shown("memory only"),
     key("write_queue.fsync", Str, "`always`, `everysec` or `never`."),
+    key("sentinel.url", Str, "`sentinel://[user[:password]@]host:26379[,host:26379...]/<master name>`: the upstreams are the master and replicas Sentinel reports (instead of the keys below).").secret().shown("unset"),
+    key("sentinel.addrs", StrList, "Sentinel addresses, `host:port`; with `master_name`, the upstreams are the master and replicas Sentinel reports; replaces `[[upstreams]]`.").shown("`[]`"),
+    key("sentinel.master_name", Str, "The master name Sentinel monitors.").shown("unset"),
+    key("sentinel.username", Str, "User of the Sentinels' own ACL.").shown("unset"),
+    key("sentinel.password", Str, "Password of the Sentinels (their `requirepass`).").secret().shown("unset"),
+    key("sentinel.refresh_ms", Int, "Ask the Sentinels again this often, besides their announcements.").shown("`5000`"),
     key("discovery.dns_interval_ms", Int, "Resolve upstreams given by host name again this often, and when a breaker opens; a name with several addresses becomes a group of replicas; 0: off."),
     key("discovery.file", Str, "Watched JSON or TOML file listing the upstreams (`upstreams = [{name, addr, role, priority, weight}]`), reloaded when it changes; replaces `[[upstreams]]`.").shown("unset"),
 ];
@@ -571,6 +577,7 @@ mod tests {
             "fail_open",
             "write_queue",
             "discovery",
+            "sentinel",
             "upstreams[]",
             "users[]",
             "fail_open.rules[]",
@@ -593,8 +600,15 @@ mod tests {
                 .into_iter()
                 .filter(|f| {
                     !scope.is_empty()
-                        || !["breaker", "cache", "fail_open", "write_queue", "discovery"]
-                            .contains(&f.as_str())
+                        || ![
+                            "breaker",
+                            "cache",
+                            "fail_open",
+                            "write_queue",
+                            "discovery",
+                            "sentinel",
+                        ]
+                        .contains(&f.as_str())
                 })
                 .collect();
             assert_eq!(listed, want, "keys listed vs fields of `{scope}`");

@@ -5,6 +5,7 @@
 //! - [`Redfuse`]: the binary under test, started on ephemeral ports.
 //! - [`RawClient`] + [`resp_cmd`]: byte-exact RESP2/RESP3 client.
 //! - [`Load`]: client tasks (the `redis` crate) looping `SET`/`GET` and checking every answer.
+//! - [`sentinel::Sentinels`]: `redis-server --sentinel` processes monitoring a master.
 //! - [`FaultRelay`]: TCP relay with switchable faults, to put between redfuse and Redis.
 //! - [`http_get`] / [`http_post`] + [`metric_value`] / [`metric_sum`]: admin endpoint helpers.
 #![allow(dead_code, unused_imports)]
@@ -17,6 +18,7 @@ pub mod load;
 pub mod procs;
 pub mod relay;
 pub mod resp;
+pub mod sentinel;
 pub mod tls;
 
 pub use client::{RawClient, ReadError};
