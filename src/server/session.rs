@@ -333,8 +333,8 @@ impl Session {
         let credentials = self.state.identity().and_then(|i| i.credentials.as_ref());
         let degrade = &self.server.degrade;
         // The primary's own fail-open rules, when it has some (`upstreams[].fail_open`).
-        let rules = self.set.primary().fail_open.get().as_ref();
-        let rules = rules.unwrap_or_else(|| degrade.fail_open.get());
+        let own = self.set.primary().fail_open.load();
+        let rules = own.as_deref().unwrap_or_else(|| degrade.fail_open.get());
         let (reply, origin) = degrade.reply_by(rules, self.view(), credentials, req, cls, &err);
         self.push(Slot {
             command: cls.id,

@@ -245,7 +245,7 @@ pub struct Upstream {
     /// Stops this upstream's probe and breaker timer when it leaves the set.
     stop: tokio::sync::watch::Sender<bool>,
     /// Its own fail-open rules (`upstreams[].fail_open`), replaced by a reload.
-    pub fail_open: crate::rules::Live<Option<crate::rules::FailOpen>>,
+    pub fail_open: arc_swap::ArcSwapOption<crate::rules::FailOpen>,
 }
 
 impl Upstream {
@@ -298,7 +298,7 @@ impl Upstream {
             settings,
             pools: Mutex::new(HashMap::new()),
             stop: tokio::sync::watch::channel(false).0,
-            fail_open: crate::rules::Live::new(None),
+            fail_open: arc_swap::ArcSwapOption::empty(),
         }
     }
 

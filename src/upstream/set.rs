@@ -404,7 +404,7 @@ impl Manager {
                             updated = true;
                         }
                         if entry.0.fail_open != cfg.fail_open {
-                            u.fail_open.replace(fail_open_of(cfg));
+                            u.fail_open.store(fail_open_of(cfg).map(Arc::new));
                             updated = true;
                         }
                         *entry = (cfg.clone(), breaker);
@@ -524,7 +524,7 @@ fn build(f: &Factory, cfg: &UpstreamConfig) -> (Arc<Upstream>, BreakerConfig) {
         breaker,
         f.sink.clone(),
     ));
-    u.fail_open.replace(fail_open_of(cfg));
+    u.fail_open.store(fail_open_of(cfg).map(Arc::new));
     let stopped = u.stopped();
     u.breaker.spawn_timer(stopped);
     u.warm_up(&f.credentials);
