@@ -95,9 +95,10 @@ async fn status_page(
         .into_response()
 }
 
-/// The effective configuration, secrets redacted (as `--check-config` prints it).
+/// The effective configuration as last (re)loaded, secrets redacted (as `--check-config`
+/// prints it).
 async fn config(State(server): State<Arc<Server>>) -> Response {
-    json(server.config.effective_json())
+    json(server.current_config().effective_json())
 }
 
 async fn metrics(State(server): State<Arc<Server>>) -> Response {
@@ -116,7 +117,7 @@ fn upstream_states(server: &Server) -> serde_json::Value {
             json!({
                 "name": &*u.ctx.name,
                 "addr": u.ctx.addr,
-                "role": match u.ctx.role { crate::config::Role::Primary => "primary", crate::config::Role::Replica => "replica" },
+                "role": match u.ctx.role() { crate::config::Role::Primary => "primary", crate::config::Role::Replica => "replica" },
                 "connected": u.is_connected(),
                 "breaker": u.breaker.state().as_str(),
                 // Up, but refusing redfuse's own credentials.

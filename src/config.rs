@@ -36,7 +36,7 @@ pub const REDACTED: &str = "<redacted>";
 
 /// Command-line interface. Every flag has an env var `REDFUSE_<NAME>`; every other
 /// configuration key has one too (listed by `--help`, see [`keys`]).
-#[derive(Debug, Parser, Default)]
+#[derive(Debug, Clone, Parser, Default)]
 #[command(
     name = "redfuse",
     version,
@@ -177,6 +177,7 @@ pub struct FileConfig {
     pub read_policy: Option<ReadPolicy>,
     pub balance: Option<Balance>,
     pub max_inflight_per_upstream: Option<usize>,
+    pub upstream_drain_timeout_ms: Option<u64>,
     pub health_probe_interval_ms: Option<u64>,
     pub health_probe_timeout_ms: Option<u64>,
     pub cache: Option<CacheSection>,
@@ -184,6 +185,119 @@ pub struct FileConfig {
     pub write_queue: Option<WriteQueueConfig>,
     pub fleet: Option<FleetConfig>,
     pub drills: Option<DrillsConfig>,
+    pub discovery: Option<DiscoverySection>,
+    pub sentinel: Option<SentinelSection>,
+}
+
+/// `[sentinel]`: the upstreams are the master and replicas that Redis Sentinel reports for
+/// one master name (see `discovery::sentinel`); replaces `[[upstreams]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SentinelSection {
+    /// `sentinel://[user[:password]@]host:26379[,host:26379...]/<master name>`, instead of
+    /// `addrs` and `master_name` (and the credentials).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Sentinel addresses, `host:port`.
+    pub addrs: Vec<String>,
+    pub master_name: String,
+    /// The Sentinels' own credentials (`requirepass` / ACL of the Sentinels).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Ask the Sentinels again this often, besides their `+switch-master`, `+sdown` and
+    /// `-sdown` announcements.
+    pub refresh_ms: u64,
+}
+
+impl Default for SentinelSection {
+    fn default() -> Self {
+        SentinelSection {
+            url: None,
+            addrs: Vec::new(),
+            master_name: String::new(),
+            username: None,
+            password: None,
+            refresh_ms: 5000,
+        }
+    }
+}
+
+impl SentinelSection {
+    /// Whether Sentinel discovery is configured.
+    pub fn enabled(&self) -> bool {
+        self.url.is_some() || !self.addrs.is_empty()
+    }
+
+    /// The section with `url` taken apart into the other keys.
+    pub fn resolved(&self) -> Result<SentinelSection, String> {
+        let mut out = self.clone();
+        if let Some(url) = &self.url {
+            let rest = url
+                .strip_prefix("sentinel://")
+                .ok_or_else(|| format!("`{}` does not start with sentinel://", redact_url(url)))?;
+            let (hosts, name) = rest
+                .rsplit_once('/')
+                .ok_or_else(|| "no master name: sentinel://host:26379/<master name>".to_owned())?;
+            let hosts = match hosts.rsplit_once('@') {
+                Some((auth, hosts)) => {
+                    let (user, password) = match auth.split_once(':') {
+                        Some((u, p)) => (Some(u), p),
+                        None => (None, auth),
+                    };
+                    out.username = match user.filter(|u| !u.is_empty()) {
+                        Some(u) => Some(url::decode(u)?),
+                        None => None,
+                    };
+                    out.password = Some(url::decode(password)?);
+                    hosts
+                }
+                None => hosts,
+            };
+            out.addrs = hosts.split(',').map(str::to_owned).collect();
+            out.master_name = name.to_owned();
+            out.url = None;
+        }
+        if out.master_name.is_empty() {
+            return Err("`master_name` is needed".into());
+        }
+        if out.addrs.is_empty() {
+            return Err("at least one Sentinel address is needed".into());
+        }
+        for a in &out.addrs {
+            let ok = a
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                return Err(format!("`{a}` is not host:port"));
+            }
+        }
+        if out.refresh_ms == 0 {
+            return Err("`refresh_ms` must be greater than 0".into());
+        }
+        Ok(out)
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    match url.split_once('@') {
+        Some((_, rest)) => format!("<credentials>@{rest}"),
+        None => url.to_owned(),
+    }
+}
+
+/// `[discovery]`: where the upstream list comes from at run time besides this file (see
+/// `discovery`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoverySection {
+    /// Resolve upstreams given by host name again this often (and when a breaker opens);
+    /// 0: off (a name is then resolved by each connect).
+    pub dns_interval_ms: u64,
+    /// A watched JSON or TOML file listing the upstreams; replaces `[[upstreams]]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
 }
 
 /// `[cache]`: the degraded-mode reply cache: its bounds and which keys it serves how.
@@ -309,6 +423,69 @@ pub struct UpstreamConfig {
     /// The TLS client settings, once validated (only when `tls`).
     #[serde(skip)]
     pub tls_client: Option<TlsClient>,
+    /// Per-upstream policy, each falling back to the global setting: breaker keys laid over
+    /// `[breaker]`, probe and timeouts, and fail-open rules that replace `[fail_open]` for
+    /// the commands this upstream cannot serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<toml::Table>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_probe_interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_probe_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_open: Option<FailOpenConfig>,
+}
+
+impl UpstreamConfig {
+    /// This upstream's breaker settings: its `breaker` keys over the global `[breaker]`.
+    pub fn breaker_config(&self, global: &BreakerConfig) -> Result<BreakerConfig, String> {
+        let Some(over) = &self.breaker else {
+            return Ok(global.clone());
+        };
+        let mut table = toml::Table::try_from(global).map_err(|e| e.to_string())?;
+        table.extend(over.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let config: BreakerConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string().trim().replace('\n', " "))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The settings that only a new instance can change (with the endpoint): timeouts and
+    /// the probe's timing.
+    pub fn instance_settings(&self) -> [Option<u64>; 4] {
+        [
+            self.health_probe_interval_ms,
+            self.health_probe_timeout_ms,
+            self.connect_timeout_ms,
+            self.command_timeout_ms,
+        ]
+    }
+}
+
+impl UpstreamConfig {
+    /// A primary at `addr` (`host:port`), named by its address, with the defaults.
+    pub fn new(addr: &str) -> UpstreamConfig {
+        UpstreamConfig {
+            name: addr.to_owned(),
+            addr: addr.to_owned(),
+            role: Role::Primary,
+            priority: 0,
+            weight: 1,
+            tls: false,
+            tls_client: None,
+            breaker: None,
+            health_probe_interval_ms: None,
+            health_probe_timeout_ms: None,
+            connect_timeout_ms: None,
+            command_timeout_ms: None,
+            fail_open: None,
+        }
+    }
 }
 
 /// What a TLS upstream connection is made with: the shared client configuration and the
@@ -417,6 +594,9 @@ pub struct Config {
     pub read_policy: ReadPolicy,
     pub balance: Balance,
     pub max_inflight_per_upstream: usize,
+    /// How long an upstream that left the set (or moved) keeps its connections for the
+    /// commands in flight on them.
+    pub drain_timeout: Duration,
     /// 0 disables the active health probe.
     pub health_probe_interval: Duration,
     /// No answer from the probe within this is a failed probe (a frozen server).
@@ -428,6 +608,11 @@ pub struct Config {
     pub fleet: FleetSettings,
     /// `[drills]`: fault injection for game days.
     pub drills: DrillsConfig,
+    pub discovery: DiscoverySection,
+    /// `[sentinel]`, its `url` taken apart.
+    pub sentinel: SentinelSection,
+    /// Whether `[sentinel]` is set at all.
+    pub sentinel_enabled: bool,
     /// `[[users]]` with their secrets redacted, for the effective configuration.
     users_shown: Vec<UserConfig>,
     requirepass_set: bool,
@@ -544,12 +729,25 @@ impl Config {
     }
 
     /// Merges flags over a file over defaults, then validates.
-    pub fn merge(cli: &Cli, file: FileConfig) -> Result<Config, ConfigError> {
+    pub fn merge(cli: &Cli, mut file: FileConfig) -> Result<Config, ConfigError> {
+        // `--upstream sentinel://h1:26379,h2:26379/name`: clap has split it at the commas
+        // that separate the Sentinels; put it back together as the `[sentinel]` URL, over
+        // what the file says.
+        let mut cli_upstreams: &[String] = &cli.upstream;
+        if cli_upstreams
+            .first()
+            .is_some_and(|a| a.starts_with("sentinel://"))
+        {
+            let section = file.sentinel.get_or_insert_with(SentinelSection::default);
+            section.url = Some(cli_upstreams.join(","));
+            section.addrs.clear();
+            section.master_name.clear();
+            cli_upstreams = &[];
+        }
         // Where the upstream addresses came from, for messages.
         let (addr_field, mut upstreams): (&'static str, Vec<UpstreamConfig>) =
-            if !cli.upstream.is_empty() {
-                let list = cli
-                    .upstream
+            if !cli_upstreams.is_empty() {
+                let list = cli_upstreams
                     .iter()
                     .enumerate()
                     .map(|(i, addr)| UpstreamConfig {
@@ -560,6 +758,12 @@ impl Config {
                         weight: 1,
                         tls: false,
                         tls_client: None,
+                        breaker: None,
+                        health_probe_interval_ms: None,
+                        health_probe_timeout_ms: None,
+                        connect_timeout_ms: None,
+                        command_timeout_ms: None,
+                        fail_open: None,
                     })
                     .collect();
                 ("upstream", list)
@@ -581,6 +785,12 @@ impl Config {
                     weight: 1,
                     tls: false,
                     tls_client: None,
+                    breaker: None,
+                    health_probe_interval_ms: None,
+                    health_probe_timeout_ms: None,
+                    connect_timeout_ms: None,
+                    command_timeout_ms: None,
+                    fail_open: None,
                 };
                 ("upstream", vec![single])
             };
@@ -762,6 +972,7 @@ impl Config {
             read_policy: file.read_policy.unwrap_or_default(),
             balance: file.balance.unwrap_or_default(),
             max_inflight_per_upstream: file.max_inflight_per_upstream.unwrap_or(10_000),
+            drain_timeout: ms(file.upstream_drain_timeout_ms.unwrap_or(10_000)),
             health_probe_interval: ms(file.health_probe_interval_ms.unwrap_or(500)),
             health_probe_timeout: ms(file.health_probe_timeout_ms.unwrap_or(1200)),
             cache: file.cache.unwrap_or_default(),
@@ -769,6 +980,12 @@ impl Config {
             write_queue: file.write_queue.unwrap_or_default(),
             fleet,
             drills: file.drills.unwrap_or_default(),
+            discovery: file.discovery.unwrap_or_default(),
+            sentinel_enabled: file.sentinel.as_ref().is_some_and(|s| s.enabled()),
+            sentinel: match file.sentinel {
+                Some(s) if s.enabled() => s.resolved().map_err(|m| invalid("sentinel", m))?,
+                _ => SentinelSection::default(),
+            },
             users_shown,
             requirepass_set,
         };
@@ -792,6 +1009,37 @@ impl Config {
         let mut names = std::collections::HashSet::new();
         for u in &self.upstreams {
             check(check_addr("upstreams.addr", &u.addr));
+            check(
+                u.breaker_config(&self.breaker).map(|_| ()).map_err(|m| {
+                    invalid("upstreams.breaker", format!("upstream `{}`: {m}", u.name))
+                }),
+            );
+            for (field, v) in [
+                (
+                    "upstreams.health_probe_timeout_ms",
+                    u.health_probe_timeout_ms,
+                ),
+                ("upstreams.connect_timeout_ms", u.connect_timeout_ms),
+                ("upstreams.command_timeout_ms", u.command_timeout_ms),
+            ] {
+                if v == Some(0) {
+                    check(Err(invalid(
+                        field,
+                        format!("upstream `{}`: must be greater than 0", u.name),
+                    )));
+                }
+            }
+            if let Some(rules) = &u.fail_open {
+                check(
+                    FailOpen::compile_checked(rules, |n| {
+                        crate::command::lookup(n.as_bytes()).is_some()
+                    })
+                    .map(|_| ())
+                    .map_err(|m| {
+                        invalid("upstreams.fail_open", format!("upstream `{}`: {m}", u.name))
+                    }),
+                );
+            }
             if !names.insert(u.name.as_str()) {
                 check(Err(invalid(
                     "upstreams.name",
@@ -831,6 +1079,10 @@ impl Config {
                 self.shutdown_timeout.as_millis() as u64,
             ),
             ("max_clients", self.max_clients as u64),
+            (
+                "upstream_drain_timeout_ms",
+                self.drain_timeout.as_millis() as u64,
+            ),
             (
                 "max_inflight_per_upstream",
                 self.max_inflight_per_upstream as u64,
@@ -917,6 +1169,7 @@ impl Config {
             read_policy: self.read_policy,
             balance: self.balance,
             max_inflight_per_upstream: self.max_inflight_per_upstream,
+            upstream_drain_timeout_ms: self.drain_timeout.as_millis() as u64,
             health_probe_interval_ms: self.health_probe_interval.as_millis() as u64,
             health_probe_timeout_ms: self.health_probe_timeout.as_millis() as u64,
             client_output_hard_limit_bytes: self.output_limits.hard,
@@ -940,6 +1193,11 @@ impl Config {
             },
             fleet: self.fleet.shown(),
             drills: &self.drills,
+            discovery: &self.discovery,
+            sentinel: self.sentinel_enabled.then(|| SentinelSection {
+                password: self.sentinel.password.as_ref().map(|_| REDACTED.to_owned()),
+                ..self.sentinel.clone()
+            }),
         };
         toml::Table::try_from(&shown).unwrap_or_else(|e| {
             let mut t = toml::Table::new();
@@ -1025,6 +1283,7 @@ struct Effective<'a> {
     read_policy: ReadPolicy,
     balance: Balance,
     max_inflight_per_upstream: usize,
+    upstream_drain_timeout_ms: u64,
     health_probe_interval_ms: u64,
     health_probe_timeout_ms: u64,
     client_output_hard_limit_bytes: usize,
@@ -1043,6 +1302,9 @@ struct Effective<'a> {
     write_queue: WriteQueueShown<'a>,
     fleet: FleetConfig,
     drills: &'a DrillsConfig,
+    discovery: &'a DiscoverySection,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sentinel: Option<SentinelSection>,
 }
 
 #[derive(Serialize)]
@@ -1259,6 +1521,22 @@ mod tests {
         assert_eq!(c.limits.max_bulk_len, 512 * 1024 * 1024);
         assert_eq!(c.idle_timeout, None);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_sentinel_url_in_the_upstream_flag_is_put_back_together() {
+        let f = file("[sentinel]\nurl = \"sentinel://old:26379/old\"\nrefresh_ms = 700");
+        let c = Config::merge(
+            &cli(&["--upstream", "sentinel://u:p%40ss@a:26379,b:26380/mymaster"]),
+            f,
+        )
+        .unwrap();
+        assert!(c.sentinel_enabled);
+        assert_eq!(c.sentinel.addrs, ["a:26379", "b:26380"]);
+        assert_eq!(c.sentinel.master_name, "mymaster");
+        assert_eq!(c.sentinel.username.as_deref(), Some("u"));
+        assert_eq!(c.sentinel.password.as_deref(), Some("p@ss"));
+        assert_eq!(c.sentinel.refresh_ms, 700);
     }
 
     #[test]

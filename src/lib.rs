@@ -44,6 +44,14 @@
 //! through a coordination Redis (published from a queue the breaker never waits on) and
 //! feeds their reports back to each breaker as advice; `drill` injects faults for game
 //! days, checked with one atomic load per request when no drill is active.
+//!
+//! The set of upstreams changes at run time through one reconciliation API
+//! (`upstream::set::Manager::apply`): sessions route by an immutable snapshot and pick up a
+//! new one with an atomic check per request. `reload` (SIGHUP, a change of the file) goes
+//! through it for the upstream list and swaps fail-open rules, the cache policy, breaker
+//! thresholds and the log level in place. `discovery` composes the configuration's list
+//! with a watched file, DNS re-resolution and Redis Sentinel, and hands the result to the
+//! same reconciliation.
 
 pub(crate) mod admin;
 pub(crate) mod auth;
@@ -52,11 +60,13 @@ pub(crate) mod cache;
 pub(crate) mod command;
 pub mod config;
 pub(crate) mod degrade;
+pub(crate) mod discovery;
 pub mod drill;
 pub(crate) mod effect;
 pub(crate) mod error;
 pub mod fleet;
 pub(crate) mod metrics;
+pub mod reload;
 pub mod resp;
 pub(crate) mod rules;
 pub(crate) mod server;
@@ -71,14 +81,19 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::auth::Identities;
-use crate::breaker::{BreakerMetrics, SharedBreaker};
+use crate::breaker::BreakerMetrics;
 use crate::cache::{Cache, CacheMetrics, SingleFlight};
-use crate::config::Config;
+use crate::config::{Config, UpstreamConfig};
 use crate::degrade::Degrade;
+use crate::discovery::Discovery;
+use crate::discovery::sentinel::Sentinel;
 use crate::metrics::Metrics;
 use crate::rules::{CachePolicy, FailOpen};
 use crate::server::Server;
-use crate::upstream::{Upstream, UpstreamSettings};
+use crate::upstream::UpstreamSettings;
+use crate::upstream::probe::ProbeTiming;
+pub use crate::upstream::set::{Applied, SetError};
+use crate::upstream::set::{Factory, Manager};
 use crate::writequeue::{QueueError, WriteQueue};
 
 /// Why redfuse could not start.
@@ -107,12 +122,33 @@ pub enum StartError {
 pub struct Running {
     pub client_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    server: Arc<Server>,
     shutdown: watch::Sender<bool>,
     clients: JoinHandle<()>,
     admin: JoinHandle<()>,
 }
 
 impl Running {
+    /// Reconciles the set of upstreams with `list` (see `upstream::set`): an upstream
+    /// whose address changed gets new connections while in-flight commands finish on the
+    /// old ones, removed upstreams are drained, added ones are probed before they serve.
+    pub async fn apply_upstreams(&self, list: &[UpstreamConfig]) -> Result<Applied, SetError> {
+        self.server.apply_upstreams(list).await
+    }
+
+    /// Reloads the configuration on SIGHUP and when the file changes (see [`reload`]),
+    /// loading it again from `source`; `log_level` sets the log filter, when the caller
+    /// owns one.
+    pub fn watch_config(
+        &self,
+        source: reload::Source,
+        log_level: Option<reload::LogLevelSetter>,
+    ) -> Result<Arc<reload::Reloader>, StartError> {
+        let reloader = reload::Reloader::new(self.server.clone(), source, log_level)?;
+        reloader.spawn(self.shutdown.subscribe());
+        Ok(reloader)
+    }
+
     /// Stops accepting, drains in-flight replies within the configured deadline, and returns.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
@@ -223,55 +259,67 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         queue_depth: 4096,
         max_inflight: config.max_inflight_per_upstream,
     };
-    let upstreams: Vec<Arc<Upstream>> = config
-        .upstreams
-        .iter()
-        .enumerate()
-        .map(|(i, u)| {
-            let breaker = SharedBreaker::new(
-                &u.name,
-                config.breaker.clone(),
-                rand::random::<u64>() ^ i as u64,
-                breaker_metrics.for_upstream(&u.name),
-            );
-            let mut stop = shutdown_rx.clone();
-            breaker.spawn_timer(async move {
-                let _ = stop.changed().await;
-            });
-            if let Some(f) = &fleet {
-                f.register(&u.name, &breaker);
-            }
-            Arc::new(Upstream::new(
-                u,
-                settings.clone(),
-                metrics.for_upstream(&u.name),
-                breaker,
-                degrade.clone(),
-            ))
-        })
-        .collect();
-    for u in &upstreams {
-        u.warm_up(&config.credentials);
-        if !config.health_probe_interval.is_zero() {
-            tokio::spawn(upstream::probe::run(
-                u.clone(),
-                config.credentials.clone(),
-                upstream::probe::ProbeTiming {
-                    interval: config.health_probe_interval,
-                    timeout: config.health_probe_timeout,
-                },
-                u.ctx.metrics.probe.clone(),
-                shutdown_rx.clone(),
-            ));
+    // The watched file or Sentinel, when there is one, gives the list from the start: the
+    // configuration's (maybe only the default) is never connected to.
+    let sentinel = match config.sentinel_enabled {
+        true => Some(
+            Sentinel::new(
+                config.sentinel.clone(),
+                &metrics.registry,
+                config.connect_timeout * 2,
+            )
+            .map_err(|e| StartError::Config {
+                field: "sentinel",
+                message: e.to_string(),
+            })?,
+        ),
+        false => None,
+    };
+    let mut first_topology = None;
+    if let Some(s) = &sentinel {
+        match s.query().await {
+            Ok(t) => first_topology = Some(t),
+            // Redfuse starts anyway, on the configured list, and follows Sentinel once it answers.
+            Err(e) => tracing::warn!("{e}; starting with the configured upstreams"),
         }
     }
+    let initial = match (&first_topology, &config.discovery.file) {
+        (Some(t), _) => t.upstreams(),
+        (None, Some(path)) => discovery::file::load(path).map_err(|e| StartError::Config {
+            field: "discovery.file",
+            message: e.to_string(),
+        })?,
+        (None, None) => config.upstreams.clone(),
+    };
+    let manager = Manager::start(
+        Factory {
+            settings,
+            metrics: metrics.clone(),
+            breaker_metrics,
+            sink: degrade.clone(),
+            credentials: config.credentials.clone(),
+            probe: ProbeTiming {
+                interval: config.health_probe_interval,
+                timeout: config.health_probe_timeout,
+            },
+            breaker: config.breaker.clone(),
+            drain_timeout: config.drain_timeout,
+            shutdown: shutdown_rx.clone(),
+            fleet: fleet.clone(),
+        },
+        &initial,
+    );
+    let discovery = Discovery::new(manager.clone(), config.upstreams.clone());
+    start_discovery(&config, &discovery, &manager, &shutdown_rx).await?;
+    if let Some(s) = sentinel {
+        s.attach(discovery.clone(), first_topology).await;
+        tokio::spawn(s.run(shutdown_rx.clone()));
+    }
     let flights = SingleFlight::new(Some(cache_metrics.singleflight_shared.clone()));
-    let server = Arc::new(Server::new(config, metrics, upstreams, degrade, flights));
-    tokio::spawn(writequeue::replay::run(
+    let server = Arc::new(Server::new(config, metrics, discovery, degrade, flights));
+    tokio::spawn(replay_to_primary(
         queue,
-        server.primary().clone(),
-        server.config.credentials.clone(),
-        server.degrade.clone(),
+        server.clone(),
         shutdown_rx.clone(),
     ));
     let client_addr = clients.local_addr().map_err(|source| StartError::Bind {
@@ -291,12 +339,99 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             drill::Drills::start(server.config.drills.clone(), drills, shutdown_rx.clone())
         });
     let ops = admin::Ops { fleet, drills };
-    let admin = tokio::spawn(admin::serve(server, ops, admin, shutdown_rx));
+    let admin = tokio::spawn(admin::serve(server.clone(), ops, admin, shutdown_rx));
     Ok(Running {
         client_addr,
         admin_addr,
+        server,
         shutdown: shutdown_tx,
         clients,
         admin,
     })
+}
+
+/// Starts the discovery sources the configuration asks for. The watched file is read once
+/// here: a file that is invalid at start is a configuration error.
+async fn start_discovery(
+    config: &Config,
+    discovery: &Arc<Discovery>,
+    manager: &Arc<Manager>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(), StartError> {
+    if let Some(path) = &config.discovery.file {
+        let seen = std::fs::read(path).ok();
+        let list = discovery::file::load(path).map_err(|e| StartError::Config {
+            field: "discovery.file",
+            message: e.to_string(),
+        })?;
+        discovery
+            .set_file(list)
+            .await
+            .map_err(|e| StartError::Config {
+                field: "discovery.file",
+                message: e.to_string(),
+            })?;
+        tokio::spawn(discovery::file::run(
+            discovery.clone(),
+            path.clone(),
+            seen,
+            shutdown.clone(),
+        ));
+    }
+    if config.discovery.dns_interval_ms > 0 {
+        tokio::spawn(discovery::dns::run(
+            discovery.clone(),
+            manager.upstreams().clone(),
+            discovery::dns::system_resolver(),
+            std::time::Duration::from_millis(config.discovery.dns_interval_ms),
+            shutdown.clone(),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs the write-queue replay against the current primary. When the primary changes (a
+/// reload, Sentinel), the replay to the old one is stopped between two passes and awaited
+/// before one to the new primary starts: two replays at once could send an entry twice.
+async fn replay_to_primary(
+    queue: Arc<WriteQueue>,
+    server: Arc<Server>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut changed = server.upstreams.subscribe();
+    loop {
+        let primary = server.primary();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut task = tokio::spawn(writequeue::replay::run(
+            queue.clone(),
+            primary.clone(),
+            server.config.credentials.clone(),
+            server.degrade.clone(),
+            stop_rx,
+        ));
+        loop {
+            tokio::select! {
+                _ = &mut task => return,
+                r = shutdown.changed() => {
+                    if r.is_err() || *shutdown.borrow() {
+                        let _ = stop_tx.send(true);
+                        let _ = task.await;
+                        return;
+                    }
+                }
+                r = changed.changed() => {
+                    if r.is_err() {
+                        let _ = stop_tx.send(true);
+                        let _ = task.await;
+                        return;
+                    }
+                    if server.primary().ctx.id != primary.ctx.id {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = stop_tx.send(true);
+        let _ = task.await;
+    }
 }

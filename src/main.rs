@@ -5,6 +5,7 @@ use clap::Parser;
 use std::path::Path;
 
 use redfuse::config::{Cli, Config, LogFormat};
+use redfuse::reload::{LogLevelSetter, Source};
 use tracing::info;
 
 fn main() -> ExitCode {
@@ -21,7 +22,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(&config);
+    let log_level = init_tracing(&config);
     let checks = redfuse::preflight(&config, false);
     for w in &checks.warnings {
         tracing::warn!("{w}");
@@ -32,7 +33,11 @@ fn main() -> ExitCode {
         }
         return ExitCode::from(2);
     }
-    match run(config) {
+    let source = redfuse::reload::Source {
+        path: cli.config.clone(),
+        cli,
+    };
+    match run(config, source, log_level) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -83,19 +88,34 @@ fn check_config(cli: &Cli, file: Option<&Path>) -> ExitCode {
     }
 }
 
-fn init_tracing(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
+/// Installs the log subscriber; returns what a reload changes `log_level` with.
+fn init_tracing(config: &Config) -> LogLevelSetter {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::new(&config.log_level);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false);
+    fn parse(level: &str) -> Result<EnvFilter, String> {
+        EnvFilter::try_new(level).map_err(|e| e.to_string())
+    }
     match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => {
+            let builder = builder.json().with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |level| handle.reload(parse(level)?).map_err(|e| e.to_string()))
+        }
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |level| handle.reload(parse(level)?).map_err(|e| e.to_string()))
+        }
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, source: Source, log_level: LogLevelSetter) -> anyhow::Result<()> {
     // One worker runs everything on the thread that polls the sockets: no cross-thread
     // wake-ups, like Redis's own event loop. More workers help only with cores to spare.
     let mut rt = if config.threads == 1 {
@@ -113,6 +133,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         .context("cannot start the tokio runtime")?;
     rt.block_on(async move {
         let running = redfuse::start(config).await?;
+        running.watch_config(source, Some(log_level))?;
         info!(client_addr = %running.client_addr, admin_addr = %running.admin_addr, "listening");
         wait_for_signal().await?;
         info!("signal received, shutting down");

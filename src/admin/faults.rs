@@ -59,7 +59,8 @@ pub async fn start(
             return (StatusCode::BAD_REQUEST, msg).into_response();
         }
     };
-    let names: Vec<&str> = server.upstreams.iter().map(|u| &*u.ctx.name).collect();
+    let set = server.upstreams.load();
+    let names: Vec<&str> = set.list.iter().map(|u| &*u.ctx.name).collect();
     match drills.add(spec, &names) {
         Ok(d) => (StatusCode::CREATED, super::json(d.view())).into_response(),
         Err(e @ DrillError::UnknownUpstream(_)) => {

@@ -228,7 +228,7 @@ pub fn render(server: &Server, sampler: &Sampler) -> String {
              <td class=\"{cc}\">{conn}</td><td><span class=\"badge {state}\">{label}</span></td>\
              <td>{mode}</td><td>{rate:.0}%</td><td>{calls}</td><td>{probe}</td></tr>",
             name = escape(&u.ctx.name),
-            role = match u.ctx.role {
+            role = match u.ctx.role() {
                 Role::Primary => "primary",
                 Role::Replica => "replica",
             },

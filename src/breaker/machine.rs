@@ -711,6 +711,28 @@ impl Breaker {
             .then(|| self.transition(State::HalfOpen, Reason::ServerRecovered { kind }, now))
     }
 
+    /// New thresholds, keeping the state, its timers and the back-off level. The rolling
+    /// window starts afresh when its shape (window or bucket length) changes; a changed
+    /// configured mode is applied like an operator's. `config` must be valid (it was
+    /// validated where it was loaded).
+    pub fn reconfigure(&mut self, config: BreakerConfig, now: Instant) -> Option<Transition> {
+        if config.validate().is_err() {
+            return None;
+        }
+        if (config.window_ms, config.bucket_ms) != (self.config.window_ms, self.config.bucket_ms) {
+            self.window = Window::new((config.window_ms / config.bucket_ms) as usize);
+            self.origin = None;
+            self.init_clock(now);
+        }
+        let mode_changed = config.mode != self.config.mode;
+        let mode = config.mode;
+        self.config = config;
+        if mode_changed {
+            return self.set_mode(mode, now);
+        }
+        None
+    }
+
     /// Back to Closed in `Normal` mode with counters and back-off cleared.
     pub fn reset(&mut self, now: Instant) -> Option<Transition> {
         self.init_clock(now);
@@ -856,5 +878,52 @@ impl Breaker {
             generation: self.generation,
             open_for,
         }
+    }
+}
+
+#[cfg(test)]
+mod reconfigure_tests {
+    use super::*;
+
+    fn fail(b: &mut Breaker, now: Instant) -> Option<Transition> {
+        let p = b.try_acquire(now).expect("admitted");
+        b.record(p, Outcome::Failure(FailureKind::ConnectRefused), now)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_changes_thresholds_and_keeps_the_state() {
+        let now = Instant::now();
+        let mut b = Breaker::new(BreakerConfig::default(), 1);
+        assert!(fail(&mut b, now).is_none());
+        let cfg = BreakerConfig {
+            consecutive_failures: 2,
+            ..BreakerConfig::default()
+        };
+        assert!(b.reconfigure(cfg.clone(), now).is_none());
+        let t = fail(&mut b, now).expect("the second failure opens it now");
+        assert_eq!(t.to, State::Open);
+        // Open stays open through a reload, with its timer.
+        let until = b.open_until;
+        let cfg = BreakerConfig {
+            window_ms: 20_000,
+            bucket_ms: 2_000,
+            ..cfg
+        };
+        assert!(b.reconfigure(cfg.clone(), now).is_none());
+        assert_eq!((b.state(), b.open_until), (State::Open, until));
+        // A changed configured mode applies like an operator's.
+        let forced = BreakerConfig {
+            mode: Mode::ForceClosed,
+            ..cfg
+        };
+        let t = b.reconfigure(forced, now).expect("forced closed");
+        assert_eq!((t.to, b.mode()), (State::Closed, Mode::ForceClosed));
+        // An invalid configuration (not validated by a caller) changes nothing.
+        let bad = BreakerConfig {
+            bucket_ms: 3_000,
+            ..BreakerConfig::default()
+        };
+        assert!(b.reconfigure(bad, now).is_none());
+        assert_eq!(b.config().bucket_ms, 2_000);
     }
 }

@@ -23,7 +23,9 @@ use super::metrics::UpstreamBreakerMetrics;
 
 struct Inner {
     name: String,
-    config: BreakerConfig,
+    /// `slow_call_threshold_ms`, read outside the lock for the slow-call counter; a
+    /// reload changes it ([`SharedBreaker::reconfigure`]).
+    slow_ms: std::sync::atomic::AtomicU64,
     breaker: Mutex<Breaker>,
     metrics: UpstreamBreakerMetrics,
     /// Separate `Arc` so the timer can wait on it without keeping `Inner`
@@ -100,7 +102,7 @@ impl SharedBreaker {
         SharedBreaker {
             inner: Arc::new(Inner {
                 name: name.to_owned(),
-                config,
+                slow_ms: std::sync::atomic::AtomicU64::new(config.slow_call_threshold_ms),
                 breaker: Mutex::new(breaker),
                 metrics,
                 timer_wake: Arc::new(Notify::new()),
@@ -176,7 +178,11 @@ impl SharedBreaker {
         match outcome {
             Outcome::Success { latency } => {
                 m.calls_success.inc();
-                if self.inner.config.is_slow(latency) {
+                let slow_ms = self
+                    .inner
+                    .slow_ms
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if latency > Duration::from_millis(slow_ms) {
                     m.calls_slow.inc();
                 }
             }
@@ -331,6 +337,17 @@ impl SharedBreaker {
     /// made while nobody waits is kept for the next wait.
     pub async fn probe_wanted(&self) {
         self.inner.probe_now.notified().await
+    }
+
+    /// New thresholds from a configuration reload; see [`Breaker::reconfigure`]. The mode
+    /// changes only when the configured mode did, so a reload does not undo an operator's
+    /// forced state.
+    pub fn reconfigure(&self, config: BreakerConfig) {
+        self.inner.slow_ms.store(
+            config.slow_call_threshold_ms,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.manual(|b, now| b.reconfigure(config, now));
     }
 
     pub fn snapshot(&self) -> BreakerSnapshot {

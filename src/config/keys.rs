@@ -117,6 +117,12 @@ pub const KEYS: &[Key] = &[
     key("upstreams[].priority", Int, "Lower is preferred when reads fail over."),
     key("upstreams[].weight", Int, "Share of reads under `balance = \"weighted\"`."),
     key("upstreams[].tls", Bool, "Connect with TLS (a `rediss://` address implies it)."),
+    key("upstreams[].breaker", Tables, "This upstream's breaker: `[breaker]` keys that override the global ones (`breaker = { consecutive_failures = 2 }`).").shown("`[breaker]`"),
+    key("upstreams[].health_probe_interval_ms", Int, "This upstream's probe interval.").shown("`health_probe_interval_ms`"),
+    key("upstreams[].health_probe_timeout_ms", Int, "This upstream's probe timeout.").shown("`health_probe_timeout_ms`"),
+    key("upstreams[].connect_timeout_ms", Int, "This upstream's connect timeout.").shown("`connect_timeout_ms`"),
+    key("upstreams[].command_timeout_ms", Int, "This upstream's command timeout.").shown("`command_timeout_ms`"),
+    key("upstreams[].fail_open", Tables, "Fail-open rules for what this upstream cannot serve (`{ rules = [...], ping_locally, default_error }`), instead of `[fail_open]`; for writes and commands routed to the primary, the primary's.").shown("`[fail_open]`"),
     key("username", Str, "ACL user redfuse authenticates its upstream connections as (a URL's user is the same setting).").flag("--username"),
     key("password", Str, "Password of redfuse's upstream connections (a URL's password is the same setting).").flag("--password").secret(),
     key("requirepass", Str, "Password clients must `AUTH` with (user `default`).").flag("--requirepass").secret(),
@@ -145,6 +151,7 @@ pub const KEYS: &[Key] = &[
     key("read_policy", Str, "`primary`, `prefer-replica` or `any`."),
     key("balance", Str, "`round-robin`, `least-outstanding` or `weighted`."),
     key("max_inflight_per_upstream", Int, "Bulkhead: requests in flight per upstream."),
+    key("upstream_drain_timeout_ms", Int, "An upstream removed from the set, or moved to a new address, keeps its connections this long for the commands in flight on them."),
     key("health_probe_interval_ms", Int, "Active `PING` probe per upstream; 0: off."),
     key("health_probe_timeout_ms", Int, "A probe with no answer this long failed (a frozen Redis)."),
     key("client_output_hard_limit_bytes", Int, "Disconnect a client whose unwritten replies exceed this; 0: never."),
@@ -210,6 +217,14 @@ pub const KEYS: &[Key] = &[
     key("fleet.timeout_ms", Int, "Connect and command timeout of the coordination connections."),
     key("drills.enabled", Bool, "Allow fault injection drills (`POST /faults`, with `admin_token`)."),
     key("drills.max_duration_ms", Int, "The longest a drill may be started for."),
+    key("sentinel.url", Str, "`sentinel://[user[:password]@]host:26379[,host:26379...]/<master name>`: the upstreams are the master and replicas Sentinel reports (instead of the keys below).").secret().shown("unset"),
+    key("sentinel.addrs", StrList, "Sentinel addresses, `host:port`; with `master_name`, the upstreams are the master and replicas Sentinel reports; replaces `[[upstreams]]`.").shown("`[]`"),
+    key("sentinel.master_name", Str, "The master name Sentinel monitors.").shown("unset"),
+    key("sentinel.username", Str, "User of the Sentinels' own ACL.").shown("unset"),
+    key("sentinel.password", Str, "Password of the Sentinels (their `requirepass`).").secret().shown("unset"),
+    key("sentinel.refresh_ms", Int, "Ask the Sentinels again this often, besides their announcements.").shown("`5000`"),
+    key("discovery.dns_interval_ms", Int, "Resolve upstreams given by host name again this often, and when a breaker opens; a name with several addresses becomes a group of replicas; 0: off."),
+    key("discovery.file", Str, "Watched JSON or TOML file listing the upstreams (`upstreams = [{name, addr, role, priority, weight}]`), reloaded when it changes; replaces `[[upstreams]]`.").shown("unset"),
 ];
 
 /// `REDFUSE_*` variables that are not configuration (the bench scripts' own) and are
@@ -577,6 +592,8 @@ mod tests {
             "write_queue",
             "fleet",
             "drills",
+            "discovery",
+            "sentinel",
             "upstreams[]",
             "users[]",
             "fail_open.rules[]",
@@ -606,6 +623,8 @@ mod tests {
                             "write_queue",
                             "fleet",
                             "drills",
+                            "discovery",
+                            "sentinel",
                         ]
                         .contains(&f.as_str())
                 })

@@ -150,7 +150,7 @@ fn split_host_port(s: &str) -> Option<(&str, u16)> {
 }
 
 /// Percent-decoding of a URL's user or password.
-fn decode(s: &str) -> Result<String, String> {
+pub(crate) fn decode(s: &str) -> Result<String, String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -43,7 +43,7 @@ use crate::error::{Error, UpstreamError, error_reply};
 use crate::resp::reply::Absent;
 use crate::resp::scan::join_array;
 use crate::resp::{Proto, Request, parse_u32, reply};
-use crate::rules::{CachePolicy, Decision, FailOpen, MissReply};
+use crate::rules::{CachePolicy, Decision, FailOpen, Live, MissReply};
 use crate::writequeue::{QueueError, WriteQueue};
 
 /// Where a reply came from, for `redfuse_operations_total`.
@@ -71,8 +71,9 @@ pub struct ClientView {
 
 pub struct Degrade {
     pub cache: Cache,
-    pub policy: CachePolicy,
-    pub fail_open: FailOpen,
+    /// Both replaced by a configuration reload (`rules::Live`).
+    pub policy: Live<CachePolicy>,
+    pub fail_open: Live<FailOpen>,
     pub queue: Arc<WriteQueue>,
     pub identities: Arc<Identities>,
     failopen_replies: IntCounterVec,
@@ -100,8 +101,8 @@ impl Degrade {
         registry.register(Box::new(failopen_replies.clone()))?;
         Ok(Degrade {
             cache,
-            policy,
-            fail_open,
+            policy: Live::new(policy),
+            fail_open: Live::new(fail_open),
             queue,
             identities,
             failopen_replies,
@@ -390,7 +391,22 @@ impl Degrade {
         cls: &Classified,
         err: &UpstreamError,
     ) -> (Bytes, Origin) {
-        if cls.is(ids::PING) && self.fail_open.ping_locally() {
+        self.reply_by(self.fail_open.get(), view, credentials, req, cls, err)
+            .await
+    }
+
+    /// [`Degrade::reply`] by the fail-open `rules` of the upstream that could not serve (its
+    /// own, or the global ones).
+    pub async fn reply_by(
+        &self,
+        rules: &FailOpen,
+        view: ClientView,
+        credentials: Option<&Arc<Credentials>>,
+        req: &Request,
+        cls: &Classified,
+        err: &UpstreamError,
+    ) -> (Bytes, Origin) {
+        if cls.is(ids::PING) && rules.ping_locally() {
             self.count("ping", "ping");
             return (Bytes::from_static(reply::PONG), Origin::Fallback);
         }
@@ -403,7 +419,7 @@ impl Degrade {
         }
         let keys: Vec<&[u8]> = cls.keys.iter().map(|i| &req.args[i][..]).collect();
         let name = cls.name();
-        match self.fail_open.decide(name, cls.write, cls.read, &keys) {
+        match rules.decide(name, cls.write, cls.read, &keys) {
             Decision::Reply { rule, value } => {
                 self.count(name, rule);
                 (value.encode(view.proto), Origin::Fallback)

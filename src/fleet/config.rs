@@ -191,6 +191,12 @@ impl FleetSettings {
                             weight: 1,
                             tls: false,
                             tls_client: None,
+                            breaker: None,
+                            health_probe_interval_ms: None,
+                            health_probe_timeout_ms: None,
+                            connect_timeout_ms: None,
+                            command_timeout_ms: None,
+                            fail_open: None,
                         }
                     }
                     None => return bad("fleet.redis", "no primary upstream to default to"),
@@ -306,6 +312,12 @@ mod tests {
             weight: 1,
             tls,
             tls_client: None,
+            breaker: None,
+            health_probe_interval_ms: None,
+            health_probe_timeout_ms: None,
+            connect_timeout_ms: None,
+            command_timeout_ms: None,
+            fail_open: None,
         }
     }
 

@@ -50,13 +50,15 @@
 //!
 //! Layout: [`glob`] (key patterns), [`failopen`] (the ordered rules for writes and key-less
 //! commands), [`policy`] (which keys are cached, how stale they may be served, what a miss
-//! answers).
+//! answers), [`live`] (how a reload replaces them while requests read them).
 
 pub mod failopen;
 pub mod glob;
+pub mod live;
 pub mod policy;
 
 pub use failopen::{Decision, FailOpen, FailOpenConfig};
+pub use live::Live;
 pub use policy::{CachePolicy, CachePolicyConfig, MissReply, PatternConfig};
 
 /// How stale a cached value may be when served in degraded mode, unless a pattern says

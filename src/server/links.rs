@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::effect::{InFlight, Mark};
 use crate::resp::reply;
+use crate::upstream::set::UpstreamSet;
 use crate::upstream::tls::OwnedWriteHalf;
 use crate::upstream::{Call, ConnHandle, Setup, Upstream};
 
@@ -59,7 +60,8 @@ pub struct Tunnel {
 
 /// Everything a client holds upstream.
 pub struct Links {
-    /// The client's shared connection per upstream (index as in `Server::upstreams`).
+    /// The client's shared connection per upstream (index as in the session's
+    /// `UpstreamSet`; see [`Links::remap`]).
     pub shared: Vec<Option<Tracked>>,
     /// Per upstream, the connection the client's previous command went to.
     last: Vec<Option<Tracked>>,
@@ -102,6 +104,26 @@ impl Links {
     /// this client's any more (it gets new ones of the new kind on its next command).
     pub fn forget_shared(&mut self) {
         self.shared.iter_mut().for_each(|c| *c = None);
+    }
+
+    /// A new set of upstreams was published: links follow their upstream to its new
+    /// index. A shared link follows its instance, and goes with a retired one (its
+    /// connection then ends once what is in flight on it is answered). The fence follows
+    /// the upstream's name: when an upstream moved to a new address, the client's first
+    /// command there waits for what it still had in flight at the old one.
+    pub fn remap(&mut self, old: &UpstreamSet, new: &UpstreamSet) {
+        let mut shared = vec![None; new.list.len()];
+        let mut last = vec![None; new.list.len()];
+        for (i, u) in new.list.iter().enumerate() {
+            if let Some(j) = old.list.iter().position(|o| o.ctx.id == u.ctx.id) {
+                shared[i] = self.shared.get_mut(j).and_then(Option::take);
+            }
+            if let Some(j) = old.list.iter().position(|o| o.ctx.name == u.ctx.name) {
+                last[i] = self.last.get_mut(j).and_then(Option::take);
+            }
+        }
+        self.shared = shared;
+        self.last = last;
     }
 
     /// Waits until everything this client sent to another connection of the same upstream

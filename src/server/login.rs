@@ -158,7 +158,8 @@ impl Session {
     /// Asked even while the breaker is open (bounded by the connect timeout): only Redis can
     /// say whether credentials it never accepted are good, and it may be back already.
     async fn ask_redis(&self, frame: &[u8]) -> Result<(), Asked> {
-        let ctx = &self.server.primary().ctx;
+        let primary = self.set.primary().clone();
+        let ctx = &primary.ctx;
         let mut stream = connect(ctx).await.map_err(Asked::Unavailable)?;
         let mut buf = BytesMut::with_capacity(256);
         let reply = roundtrip(ctx, &mut stream, frame, &mut buf, ctx.connect_timeout)

@@ -27,38 +27,31 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::auth::{ClientUsers, Identities, Identity};
 use crate::cache::SingleFlight;
-use crate::config::{Balance, Config, ReadPolicy};
+use crate::config::Config;
 use crate::degrade::Degrade;
+use crate::discovery::Discovery;
 use crate::effect::FlightKey;
 use crate::error::Reply;
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
+use crate::upstream::set::{Applied, Manager, SetError, UpstreamSet, Upstreams};
 
 pub use listener::serve;
 
-/// Upstreams to try, best first; one (the primary, for writes or with no replicas) needs
-/// no allocation.
-pub enum RouteOrder {
-    One(usize),
-    Many(Vec<usize>),
-}
-
-impl RouteOrder {
-    pub fn iter(&self) -> std::iter::Copied<std::slice::Iter<'_, usize>> {
-        match self {
-            RouteOrder::One(i) => std::slice::from_ref(i).iter().copied(),
-            RouteOrder::Many(v) => v.iter().copied(),
-        }
-    }
-}
+pub use crate::upstream::set::RouteOrder;
 
 /// State shared by all sessions.
 pub struct Server {
+    /// The configuration at start: what only a restart changes is read here.
     pub config: Config,
+    /// The configuration as last (re)loaded: `read_policy`, `balance` and `GET /config`.
+    current: arc_swap::ArcSwap<Config>,
     pub metrics: Arc<Metrics>,
-    /// Every upstream; `primary` indexes the primary.
-    pub upstreams: Vec<Arc<Upstream>>,
-    primary: usize,
+    /// The current set of upstreams (it changes at run time: see `upstream::set`).
+    pub upstreams: Upstreams,
+    pub manager: Arc<Manager>,
+    /// Composes the configuration's list with the discovery sources (see `discovery`).
+    pub discovery: Arc<Discovery>,
     pub degrade: Arc<Degrade>,
     /// Identical cacheable reads in flight share one upstream request.
     pub flights: SingleFlight<FlightKey, Reply>,
@@ -76,22 +69,20 @@ impl Server {
     pub fn new(
         config: Config,
         metrics: Arc<Metrics>,
-        upstreams: Vec<Arc<Upstream>>,
+        discovery: Arc<Discovery>,
         degrade: Arc<Degrade>,
         flights: SingleFlight<FlightKey, Reply>,
     ) -> Server {
-        let primary = upstreams
-            .iter()
-            .position(|u| u.ctx.role == crate::config::Role::Primary)
-            .unwrap_or(0);
         let identities = degrade.identities.clone();
         let own = identities.identity(config.credentials.clone());
         let users = ClientUsers::new(&config.users);
         Server {
+            current: arc_swap::ArcSwap::from_pointee(config.clone()),
             config,
             metrics,
-            upstreams,
-            primary,
+            upstreams: discovery.manager().upstreams().clone(),
+            manager: discovery.manager().clone(),
+            discovery,
             degrade,
             flights,
             identities,
@@ -102,93 +93,56 @@ impl Server {
         }
     }
 
-    pub fn primary(&self) -> &Arc<Upstream> {
-        &self.upstreams[self.primary]
-    }
-
-    pub fn primary_index(&self) -> usize {
-        self.primary
+    /// The current primary.
+    pub fn primary(&self) -> Arc<Upstream> {
+        self.upstreams.load().primary().clone()
     }
 
     fn next_client_id(&self) -> u64 {
         self.next_client_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The upstreams to try for a command, best first (indexes into `upstreams`). Writes go
-    /// to the primary alone. Reads follow `read_policy` and `balance` among upstreams whose
-    /// breaker is not open, and fail over to replicas in priority order when the primary's
-    /// breaker rejects them.
-    pub fn route(&self, is_read: bool) -> RouteOrder {
-        if !is_read || self.upstreams.len() == 1 {
-            return RouteOrder::One(self.primary);
+    /// The upstreams to try for a command in `set`, best first, by the read policy.
+    pub fn route(&self, set: &UpstreamSet, is_read: bool) -> RouteOrder {
+        if !is_read || set.list.len() == 1 {
+            return RouteOrder::One(set.primary_index());
         }
-        let mut order = Vec::with_capacity(self.upstreams.len());
-        let healthy = |i: &usize| self.upstreams[*i].breaker.state() != crate::breaker::State::Open;
-        let mut replicas: Vec<usize> = (0..self.upstreams.len())
-            .filter(|&i| i != self.primary)
-            .collect();
-        replicas.sort_by_key(|&i| self.upstreams[i].ctx.priority);
-        match self.config.read_policy {
-            ReadPolicy::Primary => {
-                order.push(self.primary);
-                order.extend(replicas);
-            }
-            ReadPolicy::PreferReplica => {
-                let (up, down): (Vec<usize>, Vec<usize>) = replicas.into_iter().partition(healthy);
-                order.extend(self.balance(up));
-                order.push(self.primary);
-                order.extend(down);
-            }
-            ReadPolicy::Any => {
-                let all: Vec<usize> = std::iter::once(self.primary).chain(replicas).collect();
-                let (up, down): (Vec<usize>, Vec<usize>) = all.into_iter().partition(healthy);
-                order.extend(self.balance(up));
-                order.extend(down);
-            }
-        }
-        RouteOrder::Many(order)
+        let current = self.current.load();
+        set.route(
+            is_read,
+            current.read_policy,
+            current.balance,
+            &self.round_robin,
+        )
     }
 
-    /// Orders equally eligible upstreams by the configured balancing strategy.
-    fn balance(&self, mut group: Vec<usize>) -> Vec<usize> {
-        if group.len() < 2 {
-            return group;
-        }
-        match self.config.balance {
-            Balance::RoundRobin => {
-                let n = self.round_robin.fetch_add(1, Ordering::Relaxed) as usize % group.len();
-                group.rotate_left(n);
-            }
-            Balance::LeastOutstanding => group.sort_by_key(|&i| self.upstreams[i].inflight()),
-            Balance::Weighted => {
-                use rand::RngExt;
-                let total: u64 = group
-                    .iter()
-                    .map(|&i| self.upstreams[i].ctx.weight.max(1) as u64)
-                    .sum();
-                let mut pick = rand::rng().random_range(0..total);
-                let chosen = group
-                    .iter()
-                    .position(|&i| {
-                        let w = self.upstreams[i].ctx.weight.max(1) as u64;
-                        if pick < w {
-                            return true;
-                        }
-                        pick -= w;
-                        false
-                    })
-                    .unwrap_or(0);
-                group.swap(0, chosen);
-            }
-        }
-        group
+    /// The configuration as last (re)loaded.
+    pub fn current_config(&self) -> Arc<Config> {
+        self.current.load_full()
+    }
+
+    /// A reload was applied: `config` is the configuration now.
+    pub fn set_config(&self, config: Config) {
+        self.current.store(Arc::new(config));
+    }
+
+    /// Sets the configuration's upstream list and reconciles the set with it, composed
+    /// with the discovery sources (see `upstream::set` and `discovery`): changed addresses
+    /// get new connections while in-flight commands finish on the old ones, removed
+    /// upstreams are drained, added ones are probed before they take traffic.
+    pub async fn apply_upstreams(
+        &self,
+        list: &[crate::config::UpstreamConfig],
+    ) -> Result<Applied, SetError> {
+        self.discovery.set_config(list.to_vec()).await
     }
 
     /// What the primary said about itself in its last handshake. Before any handshake has
     /// succeeded (a client's HELLO racing start-up), one connection is made to learn it;
     /// with Redis down, a generic answer beats failing the client's handshake.
     pub async fn server_info(&self) -> Arc<crate::upstream::ServerInfo> {
-        let ctx = &self.primary().ctx;
+        let primary = self.primary();
+        let ctx = &primary.ctx;
         if let Some(info) = ctx.server_info() {
             return info;
         }

@@ -39,7 +39,7 @@ impl Session {
         if self.links.pinned.is_some() {
             return true;
         }
-        let upstream = self.server.primary().clone();
+        let upstream = self.set.primary().clone();
         let Ok(guard) = upstream.breaker.try_acquire() else {
             self.degraded(req, cls).await;
             return false;
@@ -81,7 +81,7 @@ impl Session {
                 .wait_for_replay(self.server.config.command_timeout)
                 .await
         {
-            let name = self.server.primary().name().clone();
+            let name = self.set.primary().name().clone();
             self.fail(cls.id, UpstreamError::unavailable(&name, gate))
                 .await;
             return Ok(None);
@@ -110,7 +110,7 @@ impl Session {
             .await;
             return Err(Flow::Stop);
         }
-        let primary = self.server.primary_index();
+        let primary = self.set.primary_index();
         self.links.fence(primary, &link).await;
         let identity = self.view().identity;
         let effect = if cls.is(ids::EXEC) {
@@ -283,7 +283,7 @@ impl Session {
         let Some(p) = self.links.pinned.take() else {
             return;
         };
-        let primary = self.server.primary_index();
+        let primary = self.set.primary_index();
         self.links.unlink(primary);
         self.state.released();
         let clean = self.state.db == Some(0)
@@ -310,7 +310,7 @@ impl Session {
     /// the shared connections wait behind the script. These go on a dedicated connection
     /// of their own, past the breaker, as they would reach Redis directly.
     pub(super) async fn bypass(&mut self, req: Request, cls: Classified) -> Flow {
-        let upstream = self.server.primary().clone();
+        let upstream = self.set.primary().clone();
         let setup = Setup::new(
             self.state.proto,
             self.state.identity().and_then(|i| i.credentials.clone()),
@@ -335,6 +335,37 @@ impl Session {
         }
         self.push_ready(cls.id, answer).await;
         Flow::Continue
+    }
+}
+
+impl Session {
+    /// The upstream of this client's dedicated connection left the set (it moved, or a
+    /// failover demoted it). A connection with nothing of the client's on it goes back (and
+    /// closes); one that only holds a selected database is replaced by one to the current
+    /// primary in the same database. A transaction or a blocking command stays where it is
+    /// until it ends, or until the drain deadline closes the connection.
+    pub(super) async fn move_off_retired(&mut self) {
+        let Some(p) = &self.links.pinned else { return };
+        if !p.upstream.ctx.drain.is_retired() {
+            return;
+        }
+        let blocked = self.links.blocked();
+        if self.state.releasable(blocked) {
+            self.release_dedicated().await;
+            return;
+        }
+        if blocked || self.state.pin() != Some(Pin::Select) || self.state.db.is_none() {
+            return;
+        }
+        let upstream = self.set.primary().clone();
+        let setup = self.setup();
+        if let Ok(conn) = upstream.dedicated(&setup).await {
+            self.links.pinned = Some(Dedicated {
+                upstream,
+                link: Tracked::new(conn),
+                setup,
+            });
+        }
     }
 }
 

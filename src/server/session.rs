@@ -27,6 +27,7 @@ use crate::effect::OutputBudget;
 use crate::error::{Error, UpstreamError, error_reply};
 use crate::resp::request::{Framer, Peer};
 use crate::resp::{Request, reply};
+use crate::upstream::set::UpstreamSet;
 
 /// Whether the read loop goes on after a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -45,6 +46,10 @@ pub(super) struct Session {
     pub(super) multi_writes: Vec<crate::effect::Written>,
     /// Replies arrived and not yet written to the client, against the output limits.
     pub(super) output: Arc<OutputBudget>,
+    /// The set of upstreams this session routes by, refreshed when a new one is published
+    /// (checked before each request: one atomic load, no lock).
+    pub(super) set: Arc<UpstreamSet>,
+    set_changed: watch::Receiver<u64>,
     slots: mpsc::Sender<(Slot, Instant)>,
     /// When the bytes being parsed arrived: what the client-side latency counts from.
     received: Instant,
@@ -87,8 +92,12 @@ pub async fn run(
         Some(_) => Auth::Required,
         None => Auth::Implicit(server.own.clone()),
     };
+    let set_changed = server.upstreams.subscribe();
+    let set = server.upstreams.load();
     let mut session = Session {
-        links: Links::new(server.upstreams.len()),
+        links: Links::new(set.list.len()),
+        set,
+        set_changed,
         state: ConnState::new(initial),
         multi_writes: Vec::new(),
         output,
@@ -209,6 +218,10 @@ impl Session {
                     }
                 },
                 _ = shutdown.changed() => return End::Shutdown,
+                // An idle client lets go of retired upstreams at once too.
+                r = self.set_changed.changed() => if r.is_ok() {
+                    self.refresh_set().await;
+                },
                 _ = self.output.exceeded() => {
                     self.server.metrics.client_output_overflows.inc();
                     debug!(client = self.id, pending = self.output.pending(), "closing a client over its output buffer limit");
@@ -231,7 +244,19 @@ impl Session {
         self.push(Slot::ready(command, reply)).await;
     }
 
+    /// Routes by the current set of upstreams from now on (see `Links::remap`).
+    async fn refresh_set(&mut self) {
+        self.set_changed.borrow_and_update();
+        let set = self.server.upstreams.load();
+        self.links.remap(&self.set, &set);
+        self.set = set;
+        self.move_off_retired().await;
+    }
+
     async fn dispatch(&mut self, req: Request, cls: Classified) -> Flow {
+        if self.set_changed.has_changed().unwrap_or(false) {
+            self.refresh_set().await;
+        }
         let id = cls.id;
         match route::decide(&self.state, &cls, &req.args, self.id) {
             Dispatch::Local(local) => self.local(local, req, cls).await,
@@ -301,7 +326,7 @@ impl Session {
         let identity = self.state.identity();
         let noauth = identity.is_some_and(|i| i.credentials.is_none())
             && self
-                .server
+                .set
                 .primary()
                 .ctx
                 .anonymous_denied
@@ -316,7 +341,7 @@ impl Session {
 
     /// No upstream admits the request: degraded mode answers it.
     pub(super) async fn degraded(&mut self, req: &Request, cls: &Classified) -> Flow {
-        let primary = self.server.primary();
+        let primary = self.set.primary();
         let err = match primary.ctx.misconfigured() {
             Some(reason) => UpstreamError::Misconfigured {
                 upstream: primary.name().clone(),
@@ -327,10 +352,12 @@ impl Session {
             },
         };
         let credentials = self.state.identity().and_then(|i| i.credentials.as_ref());
-        let (reply, origin) = self
-            .server
-            .degrade
-            .reply(self.view(), credentials, req, cls, &err)
+        let degrade = &self.server.degrade;
+        // The primary's own fail-open rules, when it has some (`upstreams[].fail_open`).
+        let own = primary.fail_open.load();
+        let rules = own.as_deref().unwrap_or_else(|| degrade.fail_open.get());
+        let (reply, origin) = degrade
+            .reply_by(rules, self.view(), credentials, req, cls, &err)
             .await;
         self.push(Slot {
             command: cls.id,

@@ -60,9 +60,10 @@ impl Session {
         // breaker permit meanwhile (in half-open, writes waiting on the replay would take
         // every permit and starve the probes that close the breaker). With the breaker
         // open, it goes where the queued ones went.
+        let set = self.set.clone();
         if cls.write
             && !self.server.degrade.queue.is_empty()
-            && self.server.primary().breaker.state() != State::Open
+            && set.primary().breaker.state() != State::Open
             && let Err(gate) = self
                 .server
                 .degrade
@@ -70,13 +71,13 @@ impl Session {
                 .wait_for_replay(self.server.config.command_timeout)
                 .await
         {
-            let err = UpstreamError::unavailable(self.server.primary().name(), gate);
+            let err = UpstreamError::unavailable(set.primary().name(), gate);
             self.fail(cls.id, err).await;
             return Flow::Continue;
         }
         let mut admitted = None;
-        for index in self.server.route(cls.read).iter() {
-            let upstream = &self.server.upstreams[index];
+        for index in self.server.route(&set, cls.read).iter() {
+            let upstream = &set.list[index];
             if let Ok(guard) = upstream.breaker.try_acquire() {
                 admitted = Some((index, guard));
                 break;
@@ -85,7 +86,7 @@ impl Session {
         let Some((index, guard)) = admitted else {
             return self.degraded(&req, &cls).await;
         };
-        let upstream = self.server.upstreams[index].clone();
+        let upstream = set.list[index].clone();
         let Some(inflight) = upstream.admit() else {
             // Shed load here rather than pile onto a struggling Redis; not the server's fault.
             drop(guard);

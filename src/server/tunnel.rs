@@ -19,7 +19,7 @@ use crate::upstream::handshake::open;
 impl Session {
     /// Hands the rest of this connection to a dedicated upstream connection as a raw pipe.
     pub(super) async fn enter_tunnel(&mut self, req: Request, cls: Classified) -> Flow {
-        let upstream = self.server.primary().clone();
+        let upstream = self.set.primary().clone();
         let Ok(guard) = upstream.breaker.try_acquire() else {
             return self.degraded(&req, &cls).await;
         };
@@ -72,13 +72,21 @@ impl Session {
             return Flow::Continue;
         }
         let (tx, rx) = mpsc::channel::<Bytes>(64);
+        // An upstream that left the set (a Sentinel failover, a discovery change) keeps its
+        // subscribers until its drain deadline; then the pipe ends as if Redis had closed
+        // it, and so does the client's connection: subscribing again reaches the new set.
+        let retiring = upstream.clone();
         let pipe = tokio::spawn(async move {
             let mut buf = BytesMut::with_capacity(16 * 1024);
             loop {
                 if buf.capacity() < 4096 {
                     buf.reserve(16 * 1024);
                 }
-                match rd.read_buf(&mut buf).await {
+                let read = tokio::select! {
+                    r = rd.read_buf(&mut buf) => r,
+                    _ = retiring.ctx.drain.forced() => return,
+                };
+                match read {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {
                         if tx.send(buf.split().freeze()).await.is_err() {

@@ -236,6 +236,12 @@ async fn run_shared(ctx: Arc<UpstreamCtx>, setup: Setup, mut rx: mpsc::Receiver<
     // A request that arrived during back-off and triggered this attempt.
     let mut first: Option<Call> = None;
     loop {
+        if ctx.drain.is_forced() {
+            if let Some(call) = first.take() {
+                call.fail(&ctx, Ended::Drained.error(&ctx));
+            }
+            return;
+        }
         let attempt = open(&ctx, &setup).await;
         if let (Err(err), Some(call)) = (&attempt, first.take()) {
             call.fail(&ctx, err.clone());
@@ -278,6 +284,7 @@ async fn run_shared(ctx: Arc<UpstreamCtx>, setup: Setup, mut rx: mpsc::Receiver<
                 let mut gap_passed = false;
                 loop {
                     tokio::select! {
+                        _ = ctx.drain.forced() => break,
                         _ = &mut retry => break,
                         _ = ctx.reconnect.notified() => break,
                         _ = &mut min_gap, if !gap_passed => gap_passed = true,
@@ -307,6 +314,8 @@ enum Ended {
     Io(std::io::Error),
     Timeout,
     Malformed(String),
+    /// The upstream left the set and its drain deadline passed.
+    Drained,
 }
 
 impl std::fmt::Display for Ended {
@@ -318,6 +327,7 @@ impl std::fmt::Display for Ended {
             Ended::Io(e) => write!(f, "{e}"),
             Ended::Timeout => write!(f, "a command timed out"),
             Ended::Malformed(m) => write!(f, "malformed reply: {m}"),
+            Ended::Drained => write!(f, "upstream removed, drain deadline passed"),
         }
     }
 }
@@ -339,7 +349,9 @@ impl Ended {
                 upstream,
                 reason: e.to_string().into(),
             },
-            Ended::HandlesDropped | Ended::Abandoned => UpstreamError::Closed { upstream },
+            Ended::HandlesDropped | Ended::Abandoned | Ended::Drained => {
+                UpstreamError::Closed { upstream }
+            }
         }
     }
 }
@@ -519,6 +531,7 @@ async fn pipeline(
     let end = tokio::select! {
         e = writer => e,
         e = reader => e,
+        _ = ctx.drain.forced() => Ended::Drained,
     };
     match &end {
         Ended::Timeout => ctx.metrics.timeouts.inc(),

@@ -148,6 +148,11 @@ impl WarmSet {
         state.retain(|_, w| w.pinned || w.filling > 0 || w.last_used.elapsed() < IDLE_AFTER);
     }
 
+    /// Lets go of every warm connection and stops keeping any (the upstream left the set).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
     /// Connections ready now, for tests and the status page.
     pub fn ready(&self) -> usize {
         self.lock()

@@ -12,7 +12,8 @@
 //!
 //! Layout: [`handshake`] opens connections, [`conn`] runs a connection's pipeline,
 //! [`dedicated`] keeps the warm set, [`probe`] checks health, [`backoff`] paces reconnects,
-//! [`info`] remembers what `HELLO` said.
+//! [`info`] remembers what `HELLO` said, [`set`] holds the set of upstreams that changes at
+//! run time and reconciles it.
 
 pub mod backoff;
 pub mod conn;
@@ -20,10 +21,11 @@ pub mod dedicated;
 pub mod handshake;
 pub mod info;
 pub mod probe;
+pub mod set;
 pub mod tls;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -41,13 +43,20 @@ pub use info::ServerInfo;
 
 /// Everything a connection task needs to know about its upstream.
 pub struct UpstreamCtx {
+    /// Unique per instance: an upstream whose address changes is a new instance under the
+    /// same name.
+    pub id: u64,
     pub name: Arc<str>,
     pub addr: String,
     /// TLS settings when the upstream is reached over TLS.
     pub tls: Option<crate::config::TlsClient>,
-    pub role: Role,
-    pub priority: u32,
-    pub weight: u32,
+    /// Role, priority and weight change in place (a replica promoted by Sentinel keeps its
+    /// connections), so they are atomics read with `role()`, `priority()`, `weight()`.
+    role: AtomicU8,
+    priority: AtomicU32,
+    weight: AtomicU32,
+    /// Set once the upstream left the set: see [`Drain`].
+    pub drain: Drain,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
     /// Deepest reply nesting accepted (a bound against a broken upstream, far above what
@@ -83,7 +92,74 @@ pub struct UpstreamCtx {
 /// How long after a `-BUSY` reply a command waiting on the server is not timed out.
 const BUSY_GRACE: Duration = Duration::from_secs(3);
 
+/// The end of an upstream that left the set. Retired, it takes no new work: sessions let
+/// go of its connections (which then end once what is in flight on them is answered), its
+/// probe stops and its warm connections close. Forced at the drain deadline, every
+/// connection still open to it closes, failing what is still pending there.
+#[derive(Default)]
+pub struct Drain {
+    retired: AtomicBool,
+    forced: AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl Drain {
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    pub fn is_forced(&self) -> bool {
+        self.forced.load(Ordering::Acquire)
+    }
+
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    fn force(&self) {
+        self.forced.store(true, Ordering::Release);
+        self.wake.notify_waiters();
+    }
+
+    /// Completes once the drain deadline has passed.
+    pub async fn forced(&self) {
+        loop {
+            let notified = self.wake.notified();
+            if self.is_forced() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 impl UpstreamCtx {
+    pub fn role(&self) -> Role {
+        match self.role.load(Ordering::Relaxed) {
+            0 => Role::Primary,
+            _ => Role::Replica,
+        }
+    }
+
+    pub fn priority(&self) -> u32 {
+        self.priority.load(Ordering::Relaxed)
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// A reconciliation changed where this upstream stands in the set.
+    pub fn set_place(&self, role: Role, priority: u32, weight: u32) {
+        let r = match role {
+            Role::Primary => 0,
+            Role::Replica => 1,
+        };
+        self.role.store(r, Ordering::Relaxed);
+        self.priority.store(priority, Ordering::Relaxed);
+        self.weight.store(weight, Ordering::Relaxed);
+    }
+
     pub fn remember_server_info(&self, info: ServerInfo) {
         let mut slot = self.server_info.write().unwrap_or_else(|e| e.into_inner());
         if slot.as_deref() != Some(&info) {
@@ -170,6 +246,11 @@ struct Pool {
     next: AtomicUsize,
 }
 
+fn next_upstream_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// One upstream Redis server.
 pub struct Upstream {
     pub ctx: Arc<UpstreamCtx>,
@@ -177,6 +258,10 @@ pub struct Upstream {
     settings: UpstreamSettings,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     warm: Arc<dedicated::WarmSet>,
+    /// Stops this upstream's probe and breaker timer when it leaves the set.
+    stop: tokio::sync::watch::Sender<bool>,
+    /// Its own fail-open rules (`upstreams[].fail_open`), replaced by a reload.
+    pub fail_open: arc_swap::ArcSwapOption<crate::rules::FailOpen>,
 }
 
 impl Upstream {
@@ -193,14 +278,20 @@ impl Upstream {
             config.name.as_str().into()
         };
         let ctx = Arc::new(UpstreamCtx {
+            id: next_upstream_id(),
             name,
             addr: config.addr.clone(),
             tls: config.tls_client.clone(),
-            role: config.role,
-            priority: config.priority,
-            weight: config.weight,
-            connect_timeout: settings.connect_timeout,
-            command_timeout: settings.command_timeout,
+            role: AtomicU8::new(0),
+            priority: AtomicU32::new(0),
+            weight: AtomicU32::new(1),
+            drain: Drain::default(),
+            connect_timeout: config
+                .connect_timeout_ms
+                .map_or(settings.connect_timeout, Duration::from_millis),
+            command_timeout: config
+                .command_timeout_ms
+                .map_or(settings.command_timeout, Duration::from_millis),
             max_reply_depth: settings.max_reply_depth,
             metrics,
             sink,
@@ -216,13 +307,49 @@ impl Upstream {
             reconnect: tokio::sync::Notify::new(),
             server_info: RwLock::new(None),
         });
+        ctx.set_place(config.role, config.priority, config.weight);
         Upstream {
             warm: Arc::new(dedicated::WarmSet::new(ctx.clone())),
             ctx,
             breaker,
             settings,
             pools: Mutex::new(HashMap::new()),
+            stop: tokio::sync::watch::channel(false).0,
+            fail_open: arc_swap::ArcSwapOption::empty(),
         }
+    }
+
+    /// Stops the probe and the breaker timer (the upstream left the set, or shutdown).
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Changes to true when [`Upstream::stop`] is called.
+    pub fn stop_receiver(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// Completes when this upstream leaves the set (or its stop sender is gone).
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stop.subscribe();
+        async move {
+            let _ = rx.wait_for(|stopped| *stopped).await;
+        }
+    }
+
+    /// Takes the upstream out of service: no new connections, the probe and the breaker
+    /// timer stop, warm connections close; shared connections end once their last user lets
+    /// go and what is in flight on them is answered.
+    pub fn retire(&self) {
+        self.ctx.drain.retire();
+        self.stop();
+        self.pools.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.warm.clear();
+    }
+
+    /// The drain deadline passed: whatever is still open to this upstream closes.
+    pub fn force_close(&self) {
+        self.ctx.drain.force();
     }
 
     pub fn name(&self) -> &Arc<str> {
@@ -245,6 +372,12 @@ impl Upstream {
 
     /// A shared connection for this protocol and credentials; starts the pool on first use.
     pub fn shared_conn(&self, proto: Proto, credentials: &Option<Arc<Credentials>>) -> ConnHandle {
+        if self.ctx.drain.is_retired() {
+            // A session that chose this upstream just before it left the set: one
+            // connection for this request, not a pool that nobody would clear again.
+            let setup = Setup::new(proto, credentials.clone());
+            return conn::spawn_shared(self.ctx.clone(), setup, self.settings.queue_depth);
+        }
         let key = PoolKey {
             proto,
             credentials: credentials.clone(),
@@ -286,6 +419,10 @@ impl Upstream {
 
     /// Gives back a dedicated connection whose server-side state matches `setup` again.
     pub fn release_dedicated(&self, setup: Setup, c: ConnHandle) {
+        // A retired upstream keeps nothing: the connection closes once dropped.
+        if self.ctx.drain.is_retired() {
+            return;
+        }
         self.warm.give_back(setup, c);
     }
 

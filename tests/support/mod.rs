@@ -4,6 +4,8 @@
 //! - [`RedisServer`]: a real `redis-server` on an ephemeral port.
 //! - [`Redfuse`]: the binary under test, started on ephemeral ports.
 //! - [`RawClient`] + [`resp_cmd`]: byte-exact RESP2/RESP3 client.
+//! - [`Load`]: client tasks (the `redis` crate) looping `SET`/`GET` and checking every answer.
+//! - [`sentinel::Sentinels`]: `redis-server --sentinel` processes monitoring a master.
 //! - [`FaultRelay`]: TCP relay with switchable faults, to put between redfuse and Redis.
 //! - [`http_get`] / [`http_post`] + [`metric_value`] / [`metric_sum`]: admin endpoint helpers;
 //!   [`admin`]: the same with JSON bodies and bearer tokens.
@@ -14,9 +16,11 @@ pub mod admin;
 pub mod client;
 pub mod faults;
 pub mod http;
+pub mod load;
 pub mod procs;
 pub mod relay;
 pub mod resp;
+pub mod sentinel;
 pub mod tls;
 
 pub use client::{RawClient, ReadError};
@@ -24,6 +28,7 @@ pub use http::{
     Sample, http_get, http_post, http_request, http_request_full, metric_exists, metric_sum,
     metric_value, parse_metrics,
 };
+pub use load::{Load, Tally};
 pub use procs::{
     LogLines, Redfuse, RedisServer, TempDir, eventually, free_port, log_field, redfuse_bin,
     run_redfuse, wait_until,
