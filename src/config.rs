@@ -48,7 +48,9 @@ pub struct Cli {
     #[arg(long, env = "REDFUSE_LISTEN")]
     pub listen: Option<String>,
     /// Upstream Redis: host:port, redis://[user[:password]@]host[:port][/0] or rediss://...
-    /// (TLS); repeat for replicas (the first is the primary).
+    /// (TLS); repeat for replicas (the first is the primary). Or
+    /// sentinel://[user[:password]@]host:26379[,host:26379...]/<master name>: the master and
+    /// replicas that Redis Sentinel reports.
     #[arg(long, env = "REDFUSE_UPSTREAM", value_delimiter = ',')]
     pub upstream: Vec<String>,
     /// Admin HTTP address serving /metrics, /healthz, /ready (default 127.0.0.1:9380).
