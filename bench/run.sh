@@ -37,8 +37,8 @@
 #     distinct keys (more than the 64 MiB cap holds) are read through it; its RSS full, next
 #     to the cache's own accounting (redfuse_cache_bytes on the admin port's /metrics). The
 #     cache's memory as RSS shows it is RSS(full) - RSS(idle).
-#  7. Breaker open: every key:* is read through redfuse (cache on) again so that the cache
-#     holds them, redis-server is stopped, a few GETs make the breaker trip, and /ready on
+#  7. Breaker open: redfuse (cache on) is started afresh and every key:* is read through it
+#     so that the cache holds them, redis-server is stopped, a few GETs make the breaker trip, and /ready on
 #     the admin port is polled until it says "breaker":"open". Then GET -P 16 and GET -P 1
 #     over the same random keys run against redfuse, answered from its cache, and are
 #     compared with direct Redis GET measured in the rounds above (same run, Redis still up).
@@ -721,8 +721,12 @@ fi
 
 BREAKER_DONE=0 BREAKER_HITS="" BREAKER_LOOKUPS="" BREAKER_STATES=""
 if [[ $BREAKER == 1 ]] && has_target redfuse && [[ -z ${DEAD[redfuse]:-} && -z ${DEAD[direct]:-} ]]; then
-    log "breaker: reading every key through redfuse so that its cache holds them"
-    if warm_cache redfuse; then
+    # A fresh redfuse with the same configuration: the rounds' one also holds the mix's
+    # 1 KB replies and the write marks of the SET workloads (which a miss on a key written
+    # less than max_stale_ms ago must respect), and they take room the key:* replies need.
+    log "breaker: restarting redfuse (empty cache) and reading every key through it"
+    stop_pid "${PID_OF[redfuse]}"
+    if start_server redfuse && warm_cache redfuse; then
         entries=$(metric redfuse_cache_entries)
         log "breaker: cache holds ${entries:-?} entries; stopping redis-server"
         ((${entries:-0} >= KEYSPACE)) || note "breaker: the cache holds ${entries:-?} entries, fewer than the $KEYSPACE keys read"

@@ -941,6 +941,10 @@ impl Cache {
 
     /// [`Cache::invalidate`] by the reply of a write that arrived on `via`.
     pub fn invalidate_via(&self, db: u32, redis_key: &[u8], via: Option<ConnId>) -> usize {
+        // Nothing is stored, so no ticket can fill anything: no bookkeeping per write.
+        if !self.enabled() {
+            return 0;
+        }
         let hash = self.key_hash(db, redis_key);
         let mut st = self.lock();
         let seq = self.bump(&mut st, hash, via);
@@ -963,6 +967,9 @@ impl Cache {
     /// Removes what `identity`'s reads of `redis_key` filled, and nobody else's (a write
     /// queued during an outage changes only what its writer sees).
     pub fn invalidate_for(&self, db: u32, redis_key: &[u8], identity: IdentityId) -> usize {
+        if !self.enabled() {
+            return 0;
+        }
         let hash = self.key_hash(db, redis_key);
         let mut st = self.lock();
         self.bump(&mut st, hash, None);
