@@ -155,6 +155,9 @@ wait_ping() {
 }
 
 REDIS_PORT=$(free_port)
+# A fresh dataset and journal: an OUT_DIR used before would otherwise replay the last run's
+# lists into this one's exactly-once check.
+rm -rf "$OUT_DIR/redis" "$OUT_DIR/journal"
 mkdir -p "$OUT_DIR/redis"
 start_redis() {
     redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly yes \

@@ -506,6 +506,41 @@ const fn id_of(name: &str) -> usize {
     panic!("command missing from TABLE")
 }
 
+/// Commands that may legitimately keep Redis's one thread busy past the health probe's
+/// timeout: scripts and functions, `KEYS`, `DEBUG` (`SLEEP`), `SORT`, set and sorted-set
+/// algebra, whole-collection reads (`LRANGE`, `HGETALL`, `SMEMBERS`, `ZRANGE`, `XRANGE` of
+/// big keys), geo searches, bit scans, synchronous flushes and `SAVE`. While one of these
+/// waits on Redis, a silent health probe is not taken for a frozen server (see
+/// `upstream::probe`). Narrower than "not flagged `FAST`": Redis leaves `SET`, `MSET`,
+/// `DEL` and friends unflagged too, and with those in flight at all times (any write-heavy
+/// application) a frozen Redis would be noticed only at the command timeout. `DEL` of a huge
+/// key is the case left out; `UNLINK` is Redis's own answer to it.
+#[rustfmt::skip]
+pub const LONG_RUNNING: &[&str] = &[
+    "eval", "eval_ro", "evalsha", "evalsha_ro", "fcall", "fcall_ro",
+    "keys", "debug", "sort", "sort_ro",
+    "sunion", "sunionstore", "sinter", "sinterstore", "sintercard", "sdiff", "sdiffstore",
+    "smembers",
+    "zunion", "zunionstore", "zinter", "zinterstore", "zintercard", "zdiff", "zdiffstore",
+    "zrange", "zrangestore", "zrangebyscore", "zrevrangebyscore", "zrangebylex",
+    "zrevrangebylex", "zrevrange",
+    "lrange", "lrem", "lpos", "hgetall", "hkeys", "hvals", "xrange", "xrevrange",
+    "georadius", "georadius_ro", "georadiusbymember", "georadiusbymember_ro", "geosearch",
+    "geosearchstore",
+    "bitcount", "bitpos", "bitop",
+    "flushall", "flushdb", "save", "migrate", "restore", "copy", "memory",
+];
+
+static LONG_RUNNING_BY_ID: [bool; TABLE.len()] = {
+    let mut by_id = [false; TABLE.len()];
+    let mut i = 0;
+    while i < LONG_RUNNING.len() {
+        by_id[id_of(LONG_RUNNING[i])] = true;
+        i += 1;
+    }
+    by_id
+};
+
 // Commands whose flags or keys depend on their options.
 const SORT: usize = id_of("sort");
 const GEORADIUS: usize = id_of("georadius");
@@ -1021,10 +1056,10 @@ impl Classified {
         self.id == id
     }
 
-    /// Slow by nature: Redis does not flag it `FAST` (scripts, `KEYS`, `SORT`, range
-    /// reads, `DEBUG` ...), or redfuse does not know it.
+    /// Slow by nature: it may keep Redis's one thread busy for seconds (see
+    /// [`LONG_RUNNING`]), or redfuse does not know it (a module command may).
     pub fn slow(&self) -> bool {
-        !self.spec.is_some_and(|s| s.flags.contains(Flags::FAST))
+        self.spec.is_none_or(|s| LONG_RUNNING_BY_ID[s.id])
     }
 }
 
@@ -2296,6 +2331,15 @@ mod tests {
         assert!(c.blocking);
         let c = classify(&args(&["KEYS", "*"]));
         assert!(c.slow());
+        for common in ["SET", "MSET", "DEL", "MGET", "RPUSH", "INCR", "EXPIRE"] {
+            assert!(
+                !classify(&args(&[common, "k", "v"])).slow(),
+                "{common} is everyday traffic: it must not hide a frozen Redis"
+            );
+        }
+        for long in ["EVAL", "LRANGE", "HGETALL", "DEBUG", "SUNIONSTORE"] {
+            assert!(classify(&args(&[long, "k", "v"])).slow(), "{long}");
+        }
         let c = classify(&args(&["MODULE.CMD", "k", "v"]));
         assert_eq!(c.id, UNKNOWN);
         assert!(

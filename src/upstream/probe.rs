@@ -21,9 +21,11 @@
 //! time, so the probe has its own short timeout (`health_probe_timeout_ms`, 1.2 s), and
 //! `probe_failures_to_open` (1) silent probes open the breaker: within the probe interval
 //! plus its timeout of the freeze, traffic or not. A command that is slow by nature (a
-//! script, `KEYS`, `DEBUG SLEEP`, a large range read: no `FAST` flag in Redis's table)
+//! script, `KEYS`, `DEBUG SLEEP`, a whole-collection read: `command::LONG_RUNNING`)
 //! waiting on Redis excuses a silent probe, for at most the command timeout, so legitimately
-//! slow commands do not open the breaker by themselves.
+//! slow commands do not open the breaker by themselves. Everyday commands that Redis merely
+//! does not flag `FAST` (`SET`, `DEL`, `MSET`) do not: with one of those always in flight,
+//! a frozen Redis would be noticed only at the command timeout.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -135,16 +135,22 @@ pub struct GetLoopReport {
 
 impl GetLoop {
     pub fn start(addr: &str, key: &str, give_up: Duration) -> GetLoop {
+        GetLoop::start_cmd(addr, &["GET", key], give_up)
+    }
+
+    /// The same loop with another command (`SET k v`, ...).
+    pub fn start_cmd(addr: &str, cmd: &[&str], give_up: Duration) -> GetLoop {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let mut c = RawClient::connect(addr);
-        let key = key.to_string();
+        let frame = resp_cmd(cmd);
+        let key = cmd.join(" ");
         let handle = thread::spawn(move || {
             let mut r = GetLoopReport::default();
             let started = Instant::now();
             while !flag.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                c.send(&resp_cmd(&["GET", key.as_str()]));
+                c.send(&frame);
                 match c.try_read_frame(give_up) {
                     Ok(f) => {
                         r.requests += 1;
@@ -160,7 +166,7 @@ impl GetLoop {
                     }
                     Err(e) => {
                         r.failures.push(format!(
-                            "{:?}: GET {key} -> {e:?} after {:?}",
+                            "{:?}: {key} -> {e:?} after {:?}",
                             t - started,
                             t.elapsed()
                         ));
