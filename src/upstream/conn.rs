@@ -316,6 +316,8 @@ enum Ended {
     Malformed(String),
     /// The upstream left the set and its drain deadline passed.
     Drained,
+    /// The health probe found the server silent and opened the breaker.
+    Silent,
 }
 
 impl std::fmt::Display for Ended {
@@ -328,6 +330,7 @@ impl std::fmt::Display for Ended {
             Ended::Timeout => write!(f, "a command timed out"),
             Ended::Malformed(m) => write!(f, "malformed reply: {m}"),
             Ended::Drained => write!(f, "upstream removed, drain deadline passed"),
+            Ended::Silent => write!(f, "the server stopped answering (silent health probe)"),
         }
     }
 }
@@ -348,6 +351,10 @@ impl Ended {
             Ended::Io(e) => UpstreamError::Unavailable {
                 upstream,
                 reason: e.to_string().into(),
+            },
+            Ended::Silent => UpstreamError::Unavailable {
+                upstream,
+                reason: "not answering (health probe silent, circuit opened)".into(),
             },
             Ended::HandlesDropped | Ended::Abandoned | Ended::Drained => {
                 UpstreamError::Closed { upstream }
@@ -532,6 +539,7 @@ async fn pipeline(
         e = writer => e,
         e = reader => e,
         _ = ctx.drain.forced() => Ended::Drained,
+        _ = ctx.silent.notified() => Ended::Silent,
     };
     match &end {
         Ended::Timeout => ctx.metrics.timeouts.inc(),

@@ -71,6 +71,10 @@ pub struct UpstreamCtx {
     pub inflight: AtomicUsize,
     /// Slow-by-nature commands waiting on Redis (see `conn::Call::slow`).
     pub slow_in_flight: AtomicUsize,
+    /// Woken when a silent health probe (no slow command to excuse it) opened the breaker:
+    /// the server is frozen or black-holed, and what waits on its connections would only
+    /// wait out the command timeout (see `conn::Ended::Silent`).
+    pub silent: tokio::sync::Notify,
     /// Set once a rejection of redfuse's own credentials has been logged.
     pub auth_warned: AtomicBool,
     /// The server refuses connections without credentials (`requirepass`): a client that
@@ -298,6 +302,7 @@ impl Upstream {
             connected: AtomicUsize::new(0),
             inflight: AtomicUsize::new(0),
             slow_in_flight: AtomicUsize::new(0),
+            silent: tokio::sync::Notify::new(),
             auth_warned: AtomicBool::new(false),
             anonymous_denied: AtomicBool::new(false),
             misconfigured: Mutex::new(None),

@@ -23,7 +23,9 @@
 //! plus its timeout of the freeze, traffic or not. A command that is slow by nature (a
 //! script, `KEYS`, `DEBUG SLEEP`, a whole-collection read: `command::LONG_RUNNING`)
 //! waiting on Redis excuses a silent probe, for at most the command timeout, so legitimately
-//! slow commands do not open the breaker by themselves. Everyday commands that Redis merely
+//! slow commands do not open the breaker by themselves. When a silent probe opens the
+//! breaker, the commands waiting on the server's connections are failed at once (reads fall
+//! back to the cache) instead of each waiting out the command timeout. Everyday commands that Redis merely
 //! does not flag `FAST` (`SET`, `DEL`, `MSET`) do not: with one of those always in flight,
 //! a frozen Redis would be noticed only at the command timeout.
 
@@ -167,6 +169,11 @@ pub async fn run(
         if let Outcome::Failure(kind) = outcome {
             failures += 1;
             upstream.breaker.probes_failed(failures, kind);
+            // Frozen: the commands waiting on it would each wait out the command timeout,
+            // and a client waiting on one sends nothing the open breaker could answer.
+            if health == Health::Silent && upstream.breaker.state() == State::Open {
+                ctx.silent.notify_waiters();
+            }
         } else if !excused {
             failures = 0;
             excused_since = None;
