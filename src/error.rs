@@ -62,6 +62,12 @@ pub enum UpstreamError {
         upstream: Arc<str>,
         timeout: Duration,
     },
+    /// The server stopped answering (a silent health probe opened the breaker) while the
+    /// reply was pending: like a timeout, the command may still run when the server wakes.
+    #[error(
+        "upstream '{upstream}' timed out: it stopped answering (health probe silent, circuit open); the command may still run"
+    )]
+    Silent { upstream: Arc<str> },
     /// The connection closed while the reply was pending.
     #[error("upstream '{upstream}' closed the connection with the reply pending")]
     Closed { upstream: Arc<str> },

@@ -1152,6 +1152,24 @@ mod tests {
     }
 
     #[test]
+    fn a_key_superseded_over_and_over_keeps_its_bookkeeping_small() {
+        let cache = Cache::new(CacheConfig::default());
+        let now = Instant::now();
+        for i in 0..200_000u32 {
+            let name = format!("k{}", i % 8);
+            let k = key(0, &["GET", &name]);
+            assert!(cache.insert(k, b(&name), b("$1\r\nv\r\n"), now));
+            cache.invalidate(0, name.as_bytes());
+        }
+        let st = cache.lock();
+        assert!(
+            st.superseded.order_len() <= 2 * 8 + 1024,
+            "{} places for 8 keys",
+            st.superseded.order_len()
+        );
+    }
+
+    #[test]
     fn a_write_to_a_stripe_mate_does_not_refuse_a_fill() {
         let cache = Cache::new(CacheConfig::default());
         let (a, other) = stripe_mates(&cache);

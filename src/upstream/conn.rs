@@ -106,7 +106,9 @@ pub fn outcome_of_error(err: &UpstreamError) -> Outcome {
             ConnectFailure::Reset => FailureKind::ConnectReset,
             ConnectFailure::Refused | ConnectFailure::Other => FailureKind::ConnectRefused,
         }),
-        UpstreamError::Timeout { .. } => Outcome::Failure(FailureKind::CommandTimeout),
+        UpstreamError::Timeout { .. } | UpstreamError::Silent { .. } => {
+            Outcome::Failure(FailureKind::CommandTimeout)
+        }
         UpstreamError::Closed { .. } | UpstreamError::Unavailable { .. } => {
             Outcome::Failure(FailureKind::ConnectionClosed)
         }
@@ -352,10 +354,7 @@ impl Ended {
                 upstream,
                 reason: e.to_string().into(),
             },
-            Ended::Silent => UpstreamError::Unavailable {
-                upstream,
-                reason: "not answering (health probe silent, circuit opened)".into(),
-            },
+            Ended::Silent => UpstreamError::Silent { upstream },
             Ended::HandlesDropped | Ended::Abandoned | Ended::Drained => {
                 UpstreamError::Closed { upstream }
             }
