@@ -63,9 +63,10 @@ pub enum UpstreamError {
         timeout: Duration,
     },
     /// The server stopped answering (a silent health probe opened the breaker) while the
-    /// reply was pending: like a timeout, the command may still run when the server wakes.
+    /// reply was pending: like a timeout, the command may still run when the server wakes,
+    /// so the text says "timed out" and not "circuit open" (which promises it did not run).
     #[error(
-        "upstream '{upstream}' timed out: it stopped answering (health probe silent, circuit open); the command may still run"
+        "upstream '{upstream}' timed out: it stopped answering (silent health probe); the command may still run"
     )]
     Silent { upstream: Arc<str> },
     /// The connection closed while the reply was pending.
