@@ -754,18 +754,9 @@ impl Config {
                     .enumerate()
                     .map(|(i, addr)| UpstreamConfig {
                         name: String::new(),
-                        addr: addr.clone(),
                         role: if i == 0 { Role::Primary } else { Role::Replica },
                         priority: i as u32,
-                        weight: 1,
-                        tls: false,
-                        tls_client: None,
-                        breaker: None,
-                        health_probe_interval_ms: None,
-                        health_probe_timeout_ms: None,
-                        connect_timeout_ms: None,
-                        command_timeout_ms: None,
-                        fail_open: None,
+                        ..UpstreamConfig::new(addr)
                     })
                     .collect();
                 ("upstream", list)
@@ -781,18 +772,7 @@ impl Config {
                 let addr = file.upstream.unwrap_or_else(|| "127.0.0.1:6379".to_owned());
                 let single = UpstreamConfig {
                     name: String::new(),
-                    addr,
-                    role: Role::Primary,
-                    priority: 0,
-                    weight: 1,
-                    tls: false,
-                    tls_client: None,
-                    breaker: None,
-                    health_probe_interval_ms: None,
-                    health_probe_timeout_ms: None,
-                    connect_timeout_ms: None,
-                    command_timeout_ms: None,
-                    fail_open: None,
+                    ..UpstreamConfig::new(&addr)
                 };
                 ("upstream", vec![single])
             };

@@ -185,18 +185,7 @@ impl FleetSettings {
                         // Disabled and nothing to resolve against: a placeholder never used.
                         &UpstreamConfig {
                             name: String::new(),
-                            addr: "127.0.0.1:6379".into(),
-                            role: Default::default(),
-                            priority: 0,
-                            weight: 1,
-                            tls: false,
-                            tls_client: None,
-                            breaker: None,
-                            health_probe_interval_ms: None,
-                            health_probe_timeout_ms: None,
-                            connect_timeout_ms: None,
-                            command_timeout_ms: None,
-                            fail_open: None,
+                            ..UpstreamConfig::new("127.0.0.1:6379")
                         }
                     }
                     None => return bad("fleet.redis", "no primary upstream to default to"),
@@ -306,18 +295,8 @@ mod tests {
     fn primary(addr: &str, tls: bool) -> UpstreamConfig {
         UpstreamConfig {
             name: "primary".into(),
-            addr: addr.into(),
-            role: Default::default(),
-            priority: 0,
-            weight: 1,
             tls,
-            tls_client: None,
-            breaker: None,
-            health_probe_interval_ms: None,
-            health_probe_timeout_ms: None,
-            connect_timeout_ms: None,
-            command_timeout_ms: None,
-            fail_open: None,
+            ..UpstreamConfig::new(addr)
         }
     }
 

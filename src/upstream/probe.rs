@@ -23,11 +23,13 @@
 //! plus its timeout of the freeze, traffic or not. A command that is slow by nature (a
 //! script, `KEYS`, `DEBUG SLEEP`, a whole-collection read: `command::LONG_RUNNING`)
 //! waiting on Redis excuses a silent probe, for at most the command timeout, so legitimately
-//! slow commands do not open the breaker by themselves. When a silent probe opens the
-//! breaker, the commands waiting on the server's connections are failed at once (reads fall
-//! back to the cache) instead of each waiting out the command timeout. Everyday commands that Redis merely
-//! does not flag `FAST` (`SET`, `DEL`, `MSET`) do not: with one of those always in flight,
-//! a frozen Redis would be noticed only at the command timeout.
+//! slow commands do not open the breaker by themselves. Everyday commands that Redis merely
+//! does not flag `FAST` (`SET`, `DEL`, `MSET`) do not excuse it: with one of those always in
+//! flight, a frozen Redis would be noticed only at the command timeout.
+//!
+//! When a silent probe opens the breaker, the commands waiting on the server's connections
+//! are failed at once (reads fall back to the cache) instead of each waiting out the command
+//! timeout.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
