@@ -17,6 +17,14 @@ use support::*;
 #[test]
 fn a_blocking_pop_sent_before_a_push_always_gets_it() {
     let (_redis, rf) = setup(&[]);
+    // The race is won by a dedicated connection opened ahead of need (see
+    // `upstream::dedicated`); right after start-up they are still being opened, and a first
+    // BLPOP that has to connect could lose it. Start once redfuse says one is warm.
+    eventually("a warm dedicated connection", secs(10), || {
+        let (_, ready) = http::http_get(&rf.admin_addr(), "/ready");
+        !ready.contains("\"warm_dedicated_connections\":0")
+            && ready.contains("\"warm_dedicated_connections\":")
+    });
     let mut pusher = rf.client();
     let mut hangs = Vec::new();
     for i in 0..1000 {
