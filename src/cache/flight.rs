@@ -8,23 +8,35 @@
 //! with `None` and send their own request rather than hang or share a failure.
 
 use std::future::Future;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use prometheus::IntCounter;
 use tokio::sync::oneshot;
 
-use super::FastMap;
+use super::{FastMap, Hasher};
 
-/// Each in-flight key with the followers waiting for its leader's value.
-type Flights<K, V> = Arc<Mutex<FastMap<K, Vec<oneshot::Sender<V>>>>>;
+/// Stripes of the leaders-in-flight counts. With this many, a key whose stripe has no
+/// leader (the common case with many distinct keys) is the rule, not the exception.
+const STRIPES: usize = 1 << 14;
 
-fn lock_flights<K, V>(
-    flights: &Flights<K, V>,
-) -> MutexGuard<'_, FastMap<K, Vec<oneshot::Sender<V>>>> {
-    // The map is only inserted into and removed from; a panic cannot leave it half-done.
-    flights.lock().unwrap_or_else(|e| e.into_inner())
+/// Each registered flight with the followers waiting for its leader's value.
+type FlightMap<K, V> = FastMap<K, Vec<oneshot::Sender<V>>>;
+
+struct Flights<K, V> {
+    map: Mutex<FlightMap<K, V>>,
+    /// Leaders in flight per stripe of key hashes, registered or not.
+    busy: Box<[AtomicU32]>,
+    hasher: Hasher,
+}
+
+impl<K, V> Flights<K, V> {
+    fn lock(&self) -> MutexGuard<'_, FlightMap<K, V>> {
+        // The map is only inserted into and removed from; a panic cannot leave it half-done.
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Lets identical reads in flight at the same time share one upstream request.
@@ -34,10 +46,14 @@ fn lock_flights<K, V>(
 /// follow and receive a clone of it. Once the leader finishes (or gives up), the key is
 /// free again: a later join leads a new request rather than getting an old answer.
 ///
-/// A flight is one map entry holding its followers' oneshot senders: a leader without
-/// followers (the common case) costs one insert and one remove, and no channel at all.
+/// Most reads share nothing (distinct keys), so a leader is only registered where a
+/// follower could find it when its stripe of key hashes already has a leader in flight:
+/// a join whose stripe is idle costs one atomic add and no lock. The price is that the
+/// first read of a burst on one key leads unregistered and the second leads too (and
+/// registers); every later one follows. Two requests per burst instead of one, for no
+/// shared lock on the path of every read.
 pub struct SingleFlight<K, V> {
-    flights: Flights<K, V>,
+    flights: Arc<Flights<K, V>>,
     shared: Option<IntCounter>,
 }
 
@@ -54,34 +70,60 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
     /// `shared` counts followers (`CacheMetrics::singleflight_shared`).
     pub fn new(shared: Option<IntCounter>) -> Self {
         SingleFlight {
-            flights: Arc::new(Mutex::new(FastMap::default())),
+            flights: Arc::new(Flights {
+                map: Mutex::new(FastMap::default()),
+                busy: (0..STRIPES).map(|_| AtomicU32::new(0)).collect(),
+                hasher: Hasher::default(),
+            }),
             shared,
         }
     }
 
     pub fn join(&self, key: K) -> Flight<K, V> {
-        let mut flights = lock_flights(&self.flights);
-        if let Some(followers) = flights.get_mut(&key) {
+        let stripe = self.flights.hasher.hash_one(&key) as usize % STRIPES;
+        // Relaxed: the count only decides whether to look in the map, which has its own
+        // lock; a stale count costs at most a needless look or a second request.
+        if self.flights.busy[stripe].fetch_add(1, Ordering::Relaxed) == 0 {
+            return Flight::Leader(LeaderGuard {
+                flights: Arc::clone(&self.flights),
+                stripe,
+                key: None,
+            });
+        }
+        let mut map = self.flights.lock();
+        if let Some(followers) = map.get_mut(&key) {
             let (tx, rx) = oneshot::channel();
             followers.push(tx);
-            drop(flights);
+            drop(map);
+            self.flights.busy[stripe].fetch_sub(1, Ordering::Relaxed);
             if let Some(c) = &self.shared {
                 c.inc();
             }
             return Flight::Follower(Follower { rx });
         }
-        flights.insert(key.clone(), Vec::new());
-        drop(flights);
+        map.insert(key.clone(), Vec::new());
+        drop(map);
         Flight::Leader(LeaderGuard {
             flights: Arc::clone(&self.flights),
+            stripe,
             key: Some(key),
         })
     }
 
-    /// Keys with a leader still working.
+    /// Keys with a registered leader still working.
     #[cfg(test)]
     pub fn in_flight(&self) -> usize {
-        lock_flights(&self.flights).len()
+        self.flights.lock().len()
+    }
+
+    /// Leaders still working, registered or not.
+    #[cfg(test)]
+    pub fn leaders(&self) -> u32 {
+        self.flights
+            .busy
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .sum()
     }
 }
 
@@ -94,7 +136,9 @@ impl<K: Hash + Eq + Clone, V: Clone> Default for SingleFlight<K, V> {
 /// Held by the one caller doing the request. Dropping it unfinished (an error, a
 /// timeout, a cancelled task) releases the followers with `None`.
 pub struct LeaderGuard<K: Hash + Eq, V> {
-    flights: Flights<K, V>,
+    flights: Arc<Flights<K, V>>,
+    stripe: usize,
+    /// `None` once finished, and for a leader nobody could follow.
     key: Option<K>,
 }
 
@@ -105,13 +149,16 @@ impl<K: Hash + Eq, V> LeaderGuard<K, V> {
         };
         // Removed before answering, so that a join from now on leads anew instead of
         // following a flight that is over.
-        lock_flights(&self.flights).remove(&key).unwrap_or_default()
+        self.flights.lock().remove(&key).unwrap_or_default()
     }
 }
 
-impl<K: Hash + Eq, V: Clone> LeaderGuard<K, V> {
-    /// Hands `value` to every follower.
-    pub fn finish(mut self, value: V) {
+impl<K: Hash + Eq, V> LeaderGuard<K, V> {
+    /// Hands a clone of `value` to every follower (none made when nobody follows).
+    pub fn finish(mut self, value: &V)
+    where
+        V: Clone,
+    {
         for f in self.take_followers() {
             let _ = f.send(value.clone());
         }
@@ -122,6 +169,7 @@ impl<K: Hash + Eq, V> Drop for LeaderGuard<K, V> {
     fn drop(&mut self) {
         // Dropping the senders is how followers learn of `None`.
         drop(self.take_followers());
+        self.flights.busy[self.stripe].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -200,7 +248,7 @@ mod tests {
                     match flight {
                         Flight::Leader(guard) => {
                             leaders.fetch_add(1, Ordering::SeqCst);
-                            guard.finish(b("$1\r\nv\r\n"));
+                            guard.finish(&b("$1\r\nv\r\n"));
                             Some(b("$1\r\nv\r\n"))
                         }
                         Flight::Follower(f) => f.await,
@@ -211,39 +259,77 @@ mod tests {
         for task in tasks {
             assert_eq!(task.await.unwrap(), Some(b("$1\r\nv\r\n")));
         }
-        assert_eq!(leaders.load(Ordering::SeqCst), 1);
-        assert_eq!(metrics.singleflight_shared.get(), N as u64 - 1);
-        assert_eq!(flights.in_flight(), 0);
+        // The first leads unregistered, the second registers, the rest follow it.
+        assert_eq!(leaders.load(Ordering::SeqCst), 2);
+        assert_eq!(metrics.singleflight_shared.get(), N as u64 - 2);
+        assert_eq!((flights.in_flight(), flights.leaders()), (0, 0));
     }
 
     #[tokio::test]
     async fn a_dropped_leader_releases_followers_with_none() {
         let flights: SingleFlight<&str, u32> = SingleFlight::default();
-        let Flight::Leader(guard) = flights.join("k") else {
+        let Flight::Leader(unregistered) = flights.join("k") else {
             panic!("first join must lead")
         };
+        assert_eq!(
+            flights.in_flight(),
+            0,
+            "an idle stripe's leader registers nothing"
+        );
+        let Flight::Leader(guard) = flights.join("k") else {
+            panic!("second join leads too: nobody could follow the first")
+        };
+        assert_eq!(flights.in_flight(), 1);
         let Flight::Follower(early) = flights.join("k") else {
-            panic!("second join must follow")
+            panic!("third join must follow")
         };
         let waiting = tokio::spawn(early.into_future());
         tokio::task::yield_now().await;
         let Flight::Follower(late) = flights.join("k") else {
-            panic!("third join must follow")
+            panic!("fourth join must follow")
         };
         drop(guard);
         assert_eq!(waiting.await.unwrap(), None);
         assert_eq!(late.wait().await, None);
         assert_eq!(flights.in_flight(), 0);
+        drop(unregistered);
+        assert_eq!(flights.leaders(), 0);
 
         // The key is free again, and a finished flight does not leak into the next one.
-        let Flight::Leader(guard) = flights.join("k") else {
+        let Flight::Leader(first) = flights.join("k") else {
             panic!("must lead again")
+        };
+        let Flight::Leader(guard) = flights.join("k") else {
+            panic!("must lead (registered)")
         };
         let Flight::Follower(f) = flights.join("k") else {
             panic!("must follow")
         };
-        guard.finish(7);
+        guard.finish(&7);
         assert_eq!(f.await, Some(7));
+        first.finish(&8);
+        assert_eq!(flights.leaders(), 0);
         assert!(matches!(flights.join("k"), Flight::Leader(_)));
+        assert_eq!(
+            flights.leaders(),
+            0,
+            "a dropped flight gives its stripe back"
+        );
+    }
+
+    #[test]
+    fn reads_of_distinct_keys_register_nothing() {
+        let flights: SingleFlight<u64, u32> = SingleFlight::default();
+        let guards: Vec<_> = (0..64)
+            .map(|k| match flights.join(k) {
+                Flight::Leader(g) => g,
+                Flight::Follower(_) => panic!("{k} has nobody to follow"),
+            })
+            .collect();
+        // 64 keys over 2^14 stripes: almost surely no two share one.
+        assert!(flights.in_flight() <= 2, "{}", flights.in_flight());
+        assert_eq!(flights.leaders(), 64);
+        drop(guards);
+        assert_eq!((flights.in_flight(), flights.leaders()), (0, 0));
     }
 }

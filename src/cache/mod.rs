@@ -52,6 +52,7 @@
 
 pub mod flight;
 mod recent;
+mod replies;
 
 pub use flight::{Flight, Follower, LeaderGuard, SingleFlight};
 
@@ -71,6 +72,7 @@ use crate::auth::IdentityId;
 use crate::effect::ConnId;
 use crate::resp::Proto;
 use recent::{Invalidations, Superseded};
+use replies::Replies;
 
 /// Estimated memory per entry beyond its command, Redis key and reply bytes: the LRU node
 /// and its hash slot, the index slot, allocator rounding and the shared-buffer headers
@@ -86,9 +88,6 @@ pub const ENTRY_OVERHEAD: usize = 480;
 type Hasher = lru::DefaultHasher;
 pub(crate) type FastMap<K, V> = HashMap<K, V, Hasher>;
 type FastSet<K> = HashSet<K, Hasher>;
-
-/// A re-filled entry moves to the front of the LRU at most this often.
-const PROMOTE_AFTER: Duration = Duration::from_secs(1);
 
 /// Number of fill-ticket stripes; more means fewer needless refusals, each costs 8 bytes.
 const TICKET_STRIPES: usize = 1024;
@@ -477,7 +476,7 @@ impl LostMarks {
 }
 
 struct State {
-    lru: LruCache<CacheKey, Entry>,
+    lru: Replies,
     /// db -> Redis key -> every cached reply that read it. Holds exactly the replies the
     /// LRU holds.
     index: FastMap<u32, FastMap<Bytes, Readers>>,
@@ -578,7 +577,7 @@ impl Cache {
         Cache {
             config,
             state: Mutex::new(State {
-                lru: LruCache::unbounded(),
+                lru: Replies::default(),
                 index: FastMap::default(),
                 records: LruCache::unbounded(),
                 bytes: 0,
@@ -704,8 +703,14 @@ impl Cache {
     ///
     /// Both byte strings are copied: the caller's are usually slices of a connection's
     /// read buffer, and keeping one alive would pin the whole buffer unaccounted.
-    pub fn insert(&self, key: CacheKey, redis_key: Bytes, reply: Bytes, now: Instant) -> bool {
-        self.insert_inner(None, key, redis_key, reply, now)
+    pub fn insert(
+        &self,
+        key: CacheKey,
+        redis_key: impl AsRef<[u8]>,
+        reply: impl AsRef<[u8]>,
+        now: Instant,
+    ) -> bool {
+        self.insert_inner(None, key, redis_key.as_ref(), reply.as_ref(), now)
     }
 
     /// Like [`Cache::insert`], but also refused (without touching the cache) when
@@ -715,8 +720,8 @@ impl Cache {
         ticket: FillTicket,
         via: Option<ConnId>,
         key: CacheKey,
-        redis_key: Bytes,
-        reply: Bytes,
+        redis_key: &[u8],
+        reply: &[u8],
         now: Instant,
     ) -> bool {
         self.insert_inner(Some((ticket, via)), key, redis_key, reply, now)
@@ -773,8 +778,8 @@ impl Cache {
         &self,
         checked: Option<(FillTicket, Option<ConnId>)>,
         key: CacheKey,
-        redis_key: Bytes,
-        reply: Bytes,
+        redis_key: &[u8],
+        reply: &[u8],
         now: Instant,
     ) -> bool {
         if matches!(reply.first(), None | Some(b'-' | b'!')) {
@@ -799,7 +804,7 @@ impl Cache {
         let expires = if st.records.is_empty() {
             None
         } else {
-            let hash = checked.map_or_else(|| self.key_hash(key.db, &redis_key), |(t, _)| t.hash);
+            let hash = checked.map_or_else(|| self.key_hash(key.db, redis_key), |(t, _)| t.hash);
             st.records.peek(&hash).and_then(|r| r.ttl.deadline())
         };
         if expires.is_some_and(|e| e <= now) {
@@ -810,17 +815,8 @@ impl Cache {
         // A key re-read with an unchanged value (the common case) only refreshes its age,
         // and its recency at most once a second: no copy, no allocation, no index work, and
         // neither the stored reply nor the LRU's links touched.
-        let reply_hash = key_hashers()[0].hash_one(&reply[..]);
-        if let Some(old) = st.lru.peek_mut(&key)
-            && old.reply.len() == reply.len()
-            && old.reply_hash == reply_hash
-        {
-            let promote = now.saturating_duration_since(old.filled) >= PROMOTE_AFTER;
-            old.filled = now;
-            old.expires = expires;
-            if promote {
-                st.lru.promote(&key);
-            }
+        let reply_hash = key_hashers()[0].hash_one(reply);
+        if st.lru.refresh(&key, reply_hash, reply.len(), now, expires) {
             drop(st);
             self.count(CacheResult::Fill);
             return true;
@@ -833,10 +829,10 @@ impl Cache {
             self.count(CacheResult::Bypass);
             return false;
         }
-        let redis_key = Bytes::copy_from_slice(&redis_key);
+        let redis_key = Bytes::copy_from_slice(redis_key);
         let entry = Entry {
             reply_hash,
-            reply: Bytes::copy_from_slice(&reply),
+            reply: Bytes::copy_from_slice(reply),
             redis_key: redis_key.clone(),
             filled: now,
             expires,
@@ -847,8 +843,8 @@ impl Cache {
         // Unbounded, so `push` only ever returns the entry it replaced. The same command
         // always names the same Redis key, but unindexing through the old entry keeps the
         // index right even if a caller disagrees with itself.
-        if let Some((old_key, old)) = st.lru.push(key, entry) {
-            st.unaccount(&old_key, old);
+        if let Some(old) = st.lru.push(key, entry) {
+            st.unaccount(&key, old);
         }
         st.add_to_index(index_key, redis_key);
         let evicted = self.evict_until_within(&mut st, now);
@@ -1103,7 +1099,7 @@ impl Cache {
                 for key in readers.iter() {
                     assert_eq!(key.db, *db);
                     match st.lru.peek(key) {
-                        Some(e) => assert_eq!(&e.redis_key, redis_key),
+                        Some((k, _)) => assert_eq!(k, redis_key),
                         None => panic!("indexed key missing from the LRU"),
                     }
                     indexed += 1;
@@ -1117,7 +1113,11 @@ impl Cache {
         );
         assert_eq!(
             st.bytes,
-            st.lru.iter().map(|(_, e)| e.charge).sum::<usize>() + st.records.len() * RECORD_CHARGE
+            st.lru
+                .keys()
+                .map(|k| st.lru.peek(k).expect("listed").1)
+                .sum::<usize>()
+                + st.records.len() * RECORD_CHARGE
         );
     }
 }
@@ -1178,7 +1178,7 @@ mod tests {
         cache.invalidate(0, other.as_bytes());
         assert!(cache.ticket_current(t, None), "only the stripe moved");
         let ka = key(0, &["GET", &a]);
-        assert!(cache.insert_checked(t, None, ka, b(&a), b("$1\r\nv\r\n"), now));
+        assert!(cache.insert_checked(t, None, ka, &b(&a), &b("$1\r\nv\r\n"), now));
         cache.invalidate(0, a.as_bytes());
         assert!(!cache.ticket_current(t, None), "its own key was written");
     }
@@ -1642,22 +1642,22 @@ mod tests {
 
         let ticket = cache.ticket(0, b"k");
         cache.invalidate(0, b"k");
-        assert!(!cache.insert_checked(ticket, None, k, b("k"), b("+old\r\n"), now));
+        assert!(!cache.insert_checked(ticket, None, k, &b("k"), &b("+old\r\n"), now));
         assert!(cache.is_empty());
 
         let ticket = cache.ticket(0, b"k");
-        assert!(cache.insert_checked(ticket, None, k, b("k"), b("+new\r\n"), now));
+        assert!(cache.insert_checked(ticket, None, k, &b("k"), &b("+new\r\n"), now));
         // A stale ticket must not disturb the newer entry either.
         let stale = cache.ticket(0, b"k");
         cache.invalidate(0, b"other");
         cache.invalidate(0, b"k");
-        assert!(cache.insert_checked(cache.ticket(0, b"k"), None, k, b("k"), b("+newer\r\n"), now));
-        assert!(!cache.insert_checked(stale, None, k, b("k"), b("+old\r\n"), now));
+        assert!(cache.insert_checked(cache.ticket(0, b"k"), None, k, b"k", b"+newer\r\n", now));
+        assert!(!cache.insert_checked(stale, None, k, &b("k"), &b("+old\r\n"), now));
         assert_eq!(cache.get(&k, now, FRESH), Lookup::Hit(b("+newer\r\n")));
 
         let ticket = cache.ticket(0, b"k");
         cache.clear_db(5);
-        assert!(!cache.insert_checked(ticket, None, k, b("k"), b("+old\r\n"), now));
+        assert!(!cache.insert_checked(ticket, None, k, &b("k"), &b("+old\r\n"), now));
     }
 
     #[test]

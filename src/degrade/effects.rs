@@ -40,7 +40,7 @@ impl EffectSink for Degrade {
                     Err(_) => {}
                 }
                 if let Some(leader) = leader {
-                    leader.finish(result.clone());
+                    leader.finish(result);
                 }
             }
             ReplyEffect::Write(w) => self.written(&w, result, via),
@@ -75,7 +75,7 @@ impl Degrade {
             } => {
                 if storable(reply) {
                     self.cache
-                        .insert_checked(ticket, via, key, redis_key, reply.clone(), now);
+                        .insert_checked(ticket, via, key, &redis_key, reply, now);
                 }
             }
             FillPlan::Mget { parts } => {
@@ -90,7 +90,7 @@ impl Degrade {
                     // would refuse it).
                     if matches!(value.first(), Some(b'$' | b'_')) && storable(&value) {
                         self.cache
-                            .insert_checked(ticket, via, key, redis_key, value, now);
+                            .insert_checked(ticket, via, key, &redis_key, &value, now);
                     }
                 }
             }
