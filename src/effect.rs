@@ -131,6 +131,39 @@ pub trait EffectSink: Send + Sync {
     /// Redis's reply arrived on; `None` for failures and replies from elsewhere (the
     /// replay).
     fn apply(&self, effect: ReplyEffect, reply: &mut Reply, via: Option<ConnId>);
+
+    /// Applies the fills of successful reads that arrived together on `via`, in the order
+    /// they arrived, and empties `fills`. The connection calls it before applying any
+    /// effect of a reply that arrived after them (a write's invalidation must not overtake
+    /// the fill of a read Redis ran before it), and once it has handled what it read.
+    fn apply_fills(&self, fills: &mut Vec<DeferredFill>, via: Option<ConnId>);
+}
+
+/// A successful read's fill, taken out of its [`ReplyEffect`] so that the reply can go on
+/// to its client at once and the cache work for every reply read together is done under
+/// one lock ([`EffectSink::apply_fills`]).
+pub struct DeferredFill {
+    pub plan: FillPlan,
+    pub leader: Option<Leader>,
+    pub reply: Bytes,
+}
+
+impl ReplyEffect {
+    /// The fill this effect would make of `reply`, when it changes nothing in the reply:
+    /// a fill of a reply Redis answered without an error. Anything else is handed back to
+    /// be applied at once.
+    pub fn defer(self, reply: &Reply) -> Result<DeferredFill, ReplyEffect> {
+        match (self, reply) {
+            (ReplyEffect::Fill { plan, leader, .. }, Ok(r)) if !crate::resp::is_error_reply(r) => {
+                Ok(DeferredFill {
+                    plan,
+                    leader,
+                    reply: r.clone(),
+                })
+            }
+            (effect, _) => Err(effect),
+        }
+    }
 }
 
 /// A count of a client's requests in flight of some kind (its writes on shared

@@ -374,6 +374,26 @@ impl CacheMetrics {
     }
 }
 
+/// One reply for [`Cache::insert_all`]: stored under `key`, registered under `redis_key`,
+/// unless the key was invalidated since `ticket` was taken.
+pub struct Fill<'a> {
+    pub ticket: FillTicket,
+    pub key: CacheKey,
+    pub redis_key: &'a [u8],
+    pub reply: &'a [u8],
+}
+
+/// What a run of stores did, counted once into the metrics (shared counters cost a
+/// cross-core cache-line transfer per increment).
+#[derive(Default)]
+struct Tally {
+    fills: u64,
+    bypasses: u64,
+    evicted: u64,
+    /// The entry count or bytes changed: gauges to publish.
+    changed: bool,
+}
+
 /// A cached reply.
 struct Entry {
     reply: Bytes,
@@ -782,23 +802,106 @@ impl Cache {
         reply: &[u8],
         now: Instant,
     ) -> bool {
+        let mut tally = Tally::default();
+        let stored = match checked {
+            Some((ticket, via)) => {
+                let fill = Fill {
+                    ticket,
+                    key,
+                    redis_key,
+                    reply,
+                };
+                self.fill_all(std::slice::from_ref(&fill), via, now, &mut tally);
+                tally.fills > 0
+            }
+            None => {
+                let mut st = self.lock();
+                let stored = self.store(&mut st, None, key, redis_key, reply, now, &mut tally);
+                if tally.changed {
+                    self.publish(&st);
+                }
+                stored
+            }
+        };
+        self.count_tally(&tally);
+        stored
+    }
+
+    /// [`Cache::insert_checked`] for many replies that arrived together on `via`, under
+    /// one lock. Returns how many were stored.
+    ///
+    /// Their slots are looked up once before any is stored: the lookups do not depend on
+    /// each other, so their cache misses overlap instead of each stalling in turn (with
+    /// many keys, the miss on a key's slot is most of what a fill costs).
+    pub fn insert_all(&self, fills: &[Fill<'_>], via: Option<ConnId>, now: Instant) -> usize {
+        let mut tally = Tally::default();
+        self.fill_all(fills, via, now, &mut tally);
+        self.count_tally(&tally);
+        tally.fills as usize
+    }
+
+    fn fill_all(&self, fills: &[Fill<'_>], via: Option<ConnId>, now: Instant, tally: &mut Tally) {
+        let mut st = self.lock();
+        if fills.len() > 1 {
+            st.lru.prefetch(fills.iter().map(|f| &f.key));
+        }
+        for f in fills {
+            self.store(
+                &mut st,
+                Some((f.ticket, via)),
+                f.key,
+                f.redis_key,
+                f.reply,
+                now,
+                tally,
+            );
+        }
+        if tally.changed {
+            self.publish(&st);
+        }
+    }
+
+    fn count_tally(&self, tally: &Tally) {
+        if let Some(m) = &self.metrics {
+            if tally.fills > 0 {
+                m.requests[CacheResult::Fill as usize].inc_by(tally.fills);
+            }
+            if tally.bypasses > 0 {
+                m.requests[CacheResult::Bypass as usize].inc_by(tally.bypasses);
+            }
+            if tally.evicted > 0 {
+                m.evictions.inc_by(tally.evicted);
+            }
+        }
+    }
+
+    /// Stores one reply under the lock (see [`Cache::insert`]); what happened goes into
+    /// `tally`.
+    #[allow(clippy::too_many_arguments)]
+    fn store(
+        &self,
+        st: &mut State,
+        checked: Option<(FillTicket, Option<ConnId>)>,
+        key: CacheKey,
+        redis_key: &[u8],
+        reply: &[u8],
+        now: Instant,
+        tally: &mut Tally,
+    ) -> bool {
         if matches!(reply.first(), None | Some(b'-' | b'!')) {
-            self.count(CacheResult::Bypass);
+            tally.bypasses += 1;
             return false;
         }
         let charge = entry_charge(&key, redis_key.len(), reply.len());
         let fits = charge <= self.config.max_entry_bytes
             && charge <= self.config.max_bytes
             && self.config.max_entries > 0;
-
-        let mut st = self.lock();
         // Checked under the lock that invalidation bumps under: either the invalidation
         // came first and we see it, or we insert first and it removes what we stored.
         if let Some((t, via)) = checked
-            && !self.ticket_valid(&st, t, via)
+            && !self.ticket_valid(st, t, via)
         {
-            drop(st);
-            self.count(CacheResult::Bypass);
+            tally.bypasses += 1;
             return false;
         }
         let expires = if st.records.is_empty() {
@@ -808,25 +911,21 @@ impl Cache {
             st.records.peek(&hash).and_then(|r| r.ttl.deadline())
         };
         if expires.is_some_and(|e| e <= now) {
-            drop(st);
-            self.count(CacheResult::Bypass);
+            tally.bypasses += 1;
             return false;
         }
-        // A key re-read with an unchanged value (the common case) only refreshes its age,
-        // and its recency at most once a second: no copy, no allocation, no index work, and
-        // neither the stored reply nor the LRU's links touched.
+        // A key re-read with an unchanged value (the common case) only refreshes its age
+        // and use: no copy, no allocation, no index work, and the stored reply not touched.
         let reply_hash = key_hashers()[0].hash_one(reply);
         if st.lru.refresh(&key, reply_hash, reply.len(), now, expires) {
-            drop(st);
-            self.count(CacheResult::Fill);
+            tally.fills += 1;
             return true;
         }
         if !fits {
             if st.remove(&key) {
-                self.publish(&st);
+                tally.changed = true;
             }
-            drop(st);
-            self.count(CacheResult::Bypass);
+            tally.bypasses += 1;
             return false;
         }
         let redis_key = Bytes::copy_from_slice(redis_key);
@@ -838,22 +937,16 @@ impl Cache {
             expires,
             charge,
         };
-        let index_key = key;
         st.bytes += charge;
-        // Unbounded, so `push` only ever returns the entry it replaced. The same command
-        // always names the same Redis key, but unindexing through the old entry keeps the
-        // index right even if a caller disagrees with itself.
+        // The same command always names the same Redis key, but unindexing through the old
+        // entry keeps the index right even if a caller disagrees with itself.
         if let Some(old) = st.lru.push(key, entry) {
             st.unaccount(&key, old);
         }
-        st.add_to_index(index_key, redis_key);
-        let evicted = self.evict_until_within(&mut st, now);
-        self.publish(&st);
-        drop(st);
-        if let Some(m) = &self.metrics {
-            m.count(CacheResult::Fill);
-            m.evictions.inc_by(evicted);
-        }
+        st.add_to_index(key, redis_key);
+        tally.evicted += self.evict_until_within(st, now);
+        tally.changed = true;
+        tally.fills += 1;
         true
     }
 

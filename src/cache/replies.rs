@@ -100,6 +100,19 @@ impl Replies {
         })
     }
 
+    /// Reads the slots of `keys` without using them, so that the cache misses of a run of
+    /// lookups overlap (each lookup is independent of the others) and the stores that
+    /// follow find the slots in cache.
+    pub fn prefetch<'a>(&self, keys: impl Iterator<Item = &'a CacheKey>) {
+        let mut seen = 0u64;
+        for key in keys {
+            if let Some(slot) = self.slots.get(key) {
+                seen = seen.wrapping_add(slot.reply_hash);
+            }
+        }
+        std::hint::black_box(seen);
+    }
+
     /// When `key` holds a reply with this hash and length: records it as filled again at
     /// `now` with `expires`, marks it used, and returns true. The stored bytes are not
     /// read (nor, unless an expiry changes, written).

@@ -8,9 +8,9 @@ use tokio::time::Instant;
 
 use super::Degrade;
 use crate::auth::IdentityId;
-use crate::cache::{CacheKey, Seen, Ttl};
+use crate::cache::{CacheKey, Fill, Seen, Ttl};
 use crate::command::{Classified, ids};
-use crate::effect::{ConnId, EffectSink, FillPlan, ReplyEffect, Written};
+use crate::effect::{ConnId, DeferredFill, EffectSink, FillPlan, ReplyEffect, Written};
 use crate::error::{Reply, UpstreamError};
 use crate::resp::scan::split_aggregate;
 use crate::resp::{Proto, Request, is_error_reply, parse_int, reply};
@@ -24,7 +24,15 @@ impl EffectSink for Degrade {
                 degraded,
             } => {
                 match &*result {
-                    Ok(r) if !is_error_reply(r) => self.apply_fill(plan, r, via),
+                    Ok(r) if !is_error_reply(r) => {
+                        let fill = DeferredFill {
+                            plan,
+                            leader,
+                            reply: r.clone(),
+                        };
+                        self.fill_together(&mut vec![fill], via);
+                        return;
+                    }
                     Ok(_) => {}
                     Err(e)
                         if e.is_unavailability()
@@ -59,40 +67,72 @@ impl EffectSink for Degrade {
             }
         }
     }
+
+    fn apply_fills(&self, fills: &mut Vec<DeferredFill>, via: Option<ConnId>) {
+        if !fills.is_empty() {
+            self.fill_together(fills, via);
+        }
+    }
 }
 
 impl Degrade {
-    /// Stores a reply per its fill plan. Error replies are never stored; nil ones only when
-    /// configured.
-    fn apply_fill(&self, plan: FillPlan, reply: &Bytes, via: Option<ConnId>) {
+    /// The fills of [`EffectSink::apply_fills`]: one cache lock for all of them, then the
+    /// reads that followed them are released.
+    fn fill_together(&self, fills: &mut Vec<DeferredFill>, via: Option<ConnId>) {
         let now = Instant::now();
-        let storable = |r: &Bytes| self.policy.cache_nil() || !reply::is_null(r);
-        match plan {
-            FillPlan::Single {
-                key,
-                redis_key,
-                ticket,
-            } => {
-                if storable(reply) {
-                    self.cache
-                        .insert_checked(ticket, via, key, &redis_key, reply, now);
-                }
-            }
-            FillPlan::Mget { parts } => {
-                let Some(values) = split_aggregate(reply) else {
-                    return;
-                };
-                if values.len() != parts.len() {
-                    return;
-                }
-                for ((key, redis_key, ticket), value) in parts.into_iter().zip(values) {
-                    // Only strings and nulls are GET answers (MGET nils a hash key, GET
-                    // would refuse it).
-                    if matches!(value.first(), Some(b'$' | b'_')) && storable(&value) {
-                        self.cache
-                            .insert_checked(ticket, via, key, &redis_key, &value, now);
+        let nil_ok = self.policy.cache_nil();
+        // MGET replies split into their values first, so the batch can borrow them.
+        let values: Vec<Option<Vec<Bytes>>> = fills
+            .iter()
+            .map(|f| match &f.plan {
+                FillPlan::Mget { .. } => split_aggregate(&f.reply),
+                FillPlan::Single { .. } => None,
+            })
+            .collect();
+        let mut batch = Vec::with_capacity(fills.len());
+        for (f, values) in fills.iter().zip(&values) {
+            match (&f.plan, values) {
+                (
+                    FillPlan::Single {
+                        key,
+                        redis_key,
+                        ticket,
+                    },
+                    _,
+                ) => {
+                    if nil_ok || !reply::is_null(&f.reply) {
+                        batch.push(Fill {
+                            ticket: *ticket,
+                            key: *key,
+                            redis_key,
+                            reply: &f.reply,
+                        });
                     }
                 }
+                (FillPlan::Mget { parts }, Some(values)) if values.len() == parts.len() => {
+                    for ((key, redis_key, ticket), value) in parts.iter().zip(values) {
+                        // Only strings and nulls are GET answers (MGET nils a hash key,
+                        // GET would refuse it).
+                        if matches!(value.first(), Some(b'$' | b'_'))
+                            && (nil_ok || !reply::is_null(value))
+                        {
+                            batch.push(Fill {
+                                ticket: *ticket,
+                                key: *key,
+                                redis_key,
+                                reply: value,
+                            });
+                        }
+                    }
+                }
+                (FillPlan::Mget { .. }, _) => {}
+            }
+        }
+        self.cache.insert_all(&batch, via, now);
+        drop(batch);
+        for f in fills.drain(..) {
+            if let Some(leader) = f.leader {
+                leader.finish(&Ok(f.reply));
             }
         }
     }

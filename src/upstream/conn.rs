@@ -37,7 +37,7 @@ use super::handshake::{Setup, open};
 use super::tls::UpstreamStream;
 use super::{Inflight, UpstreamCtx};
 use crate::breaker::{CallGuard, FailureKind, Outcome, ReplyClass, classify_error_reply};
-use crate::effect::{ConnId, Mark, OutputBudget, ReplyEffect};
+use crate::effect::{ConnId, DeferredFill, Mark, OutputBudget, ReplyEffect};
 use crate::error::{ConnectFailure, Reply, UpstreamError};
 use crate::resp::{ErrorCode, ReplyScanner};
 
@@ -464,6 +464,8 @@ async fn pipeline(
     let reader = async {
         let mut buf = BytesMut::with_capacity(64 * 1024);
         let mut scanner = ReplyScanner::new();
+        // Fills of the replies in `buf`, applied together once it is scanned.
+        let mut fills = Vec::new();
         // When the reply before the next one had fully arrived: see the module docs.
         let mut last_done = Instant::now();
         let far = Duration::from_secs(86400 * 365);
@@ -476,13 +478,22 @@ async fn pipeline(
                 match scanner.scan(&buf, ctx.max_reply_depth) {
                     Ok(Some(n)) => {
                         let frame = buf.split_to(n).freeze();
-                        if let Err(end) =
-                            complete(ctx, &pending, frame, &mut last_done, arrived, id)
-                        {
+                        if let Err(end) = complete(
+                            ctx,
+                            &pending,
+                            frame,
+                            &mut last_done,
+                            arrived,
+                            id,
+                            &mut fills,
+                        ) {
                             return end;
                         }
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        ctx.sink.apply_fills(&mut fills, Some(ConnId(id)));
+                        break;
+                    }
                     Err(e) => return Ended::Malformed(e.0),
                 }
             }
@@ -601,6 +612,7 @@ fn complete<'a>(
     last_done: &mut Instant,
     now: Instant,
     id: u64,
+    fills: &mut Vec<DeferredFill>,
 ) -> Result<(), Ended> {
     // Out-of-band RESP3 pushes belong to no request.
     if frame.first() == Some(&b'>') {
@@ -638,7 +650,13 @@ fn complete<'a>(
     }
     let mut result = Ok(frame);
     if let Some(e) = p.effect {
-        ctx.sink.apply(e, &mut result, Some(ConnId(id)));
+        match e.defer(&result) {
+            Ok(fill) => fills.push(fill),
+            Err(e) => {
+                ctx.sink.apply_fills(fills, Some(ConnId(id)));
+                ctx.sink.apply(e, &mut result, Some(ConnId(id)));
+            }
+        }
     }
     let _ = p.reply.send(result);
     Ok(())
