@@ -5,6 +5,7 @@
 #   bench/profile.sh              # GET -P 16, one hot key (redis-benchmark without -r)
 #   bench/profile.sh random       # GET -P 16 over KEYSPACE random keys
 #   CACHE=off bench/profile.sh    # same with `[cache] enabled = false`
+#   TEST=set PIPELINE=1 N=200000 bench/profile.sh random  # unpipelined SETs (any redis-benchmark -t test)
 #   PERF_RECORD=0 bench/profile.sh  # counts only, no call-graph profile
 #
 # Starts a redis-server and one redfuse (release build, built here unless REDFUSE_BIN is
@@ -16,7 +17,7 @@
 # second run is recorded with `perf record --call-graph dwarf` and the top symbols are
 # printed; the perf.data file is kept in the work dir for `perf report -i`.
 #
-# Environment: REDFUSE_BIN, CACHE [on], N [1000000], PIPELINE [16], CLIENTS [50],
+# Environment: REDFUSE_BIN, CACHE [on], TEST [get], N [1000000], PIPELINE [16], CLIENTS [50],
 # KEYSPACE [100000], PERF_RECORD [1], PERF_FREQ [999], TOP [30], KEEP_WORKDIR [1].
 
 set -euo pipefail
@@ -29,6 +30,7 @@ N=${N:-1000000}
 PIPELINE=${PIPELINE:-16}
 CLIENTS=${CLIENTS:-50}
 KEYSPACE=${KEYSPACE:-100000}
+TEST=${TEST:-get}
 PERF_RECORD=${PERF_RECORD:-1}
 PERF_FREQ=${PERF_FREQ:-999}
 TOP=${TOP:-30}
@@ -102,7 +104,7 @@ resp() { # CMD: SET or GET over key:%012d and key:__rand_int__
 resp SET | redis-cli -p "$RPORT" --pipe >"$WORKDIR/prefill.log" 2>&1 || die "prefill failed"
 resp GET | redis-cli -p "$FPORT" --pipe >"$WORKDIR/warm.log" 2>&1 || die "warm-up read failed"
 
-BENCH=(redis-benchmark -p "$FPORT" -t get -c "$CLIENTS" -n "$N" -P "$PIPELINE" --csv)
+BENCH=(redis-benchmark -p "$FPORT" -t "$TEST" -c "$CLIENTS" -n "$N" -P "$PIPELINE" --csv)
 [[ $MODE == random ]] && BENCH+=(-r "$KEYSPACE")
 metric() {
     local body
@@ -129,7 +131,7 @@ cpu_ms=$(stat msec)
 per() { awk -v a="${1:-0}" -v n="$N" -v m="${2:-1}" 'BEGIN { printf "%.3f", a * m / n }'; }
 
 echo
-echo "redfuse under GET -P $PIPELINE -c $CLIENTS, $([[ $MODE == hot ]] && echo "one hot key" || echo "$KEYSPACE random keys"), cache $CACHE, $N requests"
+echo "redfuse under ${TEST^^} -P $PIPELINE -c $CLIENTS, $([[ $MODE == hot ]] && echo "one hot key" || echo "$KEYSPACE random keys"), cache $CACHE, $N requests"
 echo
 echo "| figure | total | per client request |"
 echo "|---|---:|---:|"

@@ -17,8 +17,8 @@ use crate::cache::{CacheKey, FillTicket, LeaderGuard};
 use crate::command::{Classified, absent_reply};
 use crate::degrade::ClientView;
 use crate::error::Reply;
-use crate::resp::Request;
 use crate::resp::reply::Absent;
+use crate::resp::{Proto, Request};
 
 /// Single-flight of identical cacheable reads: the same command, db, protocol and
 /// identity, and no write to the key since.
@@ -85,6 +85,10 @@ pub struct Written {
     /// arrives means no other write to the key went by, so a plain `SET` may fill the cache
     /// with its own value.
     pub ticket: Option<FillTicket>,
+    /// The writer's protocol: a plain `SET` fills the `GET` entry of that framing only
+    /// (a client of the other one reads the key from Redis, or gets an error while it is
+    /// down, as after any write redfuse does not hold the result of).
+    pub proto: Proto,
 }
 
 /// What a reply changes.
@@ -149,19 +153,20 @@ pub struct DeferredFill {
 }
 
 impl ReplyEffect {
-    /// The fill this effect would make of `reply`, when it changes nothing in the reply:
-    /// a fill of a reply Redis answered without an error. Anything else is handed back to
-    /// be applied at once.
-    pub fn defer(self, reply: &Reply) -> Result<DeferredFill, ReplyEffect> {
+    /// Puts the fill this effect would make of `reply` in `fills` when it changes nothing
+    /// in the reply: a fill of a reply Redis answered without an error. Anything else is
+    /// handed back, to be applied at once.
+    pub fn defer(self, reply: &Reply, fills: &mut Vec<DeferredFill>) -> Option<ReplyEffect> {
         match (self, reply) {
             (ReplyEffect::Fill { plan, leader, .. }, Ok(r)) if !crate::resp::is_error_reply(r) => {
-                Ok(DeferredFill {
+                fills.push(DeferredFill {
                     plan,
                     leader,
                     reply: r.clone(),
-                })
+                });
+                None
             }
-            (effect, _) => Err(effect),
+            (effect, _) => Some(effect),
         }
     }
 }

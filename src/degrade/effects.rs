@@ -171,7 +171,7 @@ impl Degrade {
             // Other identities (and other commands) do not hold the new value.
             self.cache
                 .key_written(db, key, Some(Seen::ByAll), *ttl, Instant::now());
-            self.fill_value(db, w.identity, key, &w.request.args[2]);
+            self.fill_value(db, w.identity, w.proto, key, &w.request.args[2]);
             return;
         }
         self.invalidate_via(w.db, &w.request, &w.class, via);
@@ -197,17 +197,14 @@ impl Degrade {
     }
 
     /// `GET key` answers `value` for `identity`, in both protocols.
-    fn fill_value(&self, db: u32, identity: IdentityId, key: &Bytes, value: &[u8]) {
-        let now = Instant::now();
+    fn fill_value(&self, db: u32, identity: IdentityId, proto: Proto, key: &Bytes, value: &[u8]) {
         let bulk = reply::bulk(value);
-        for proto in [Proto::Resp2, Proto::Resp3] {
-            self.cache.insert(
-                CacheKey::get(db, identity, proto, key),
-                key.clone(),
-                bulk.clone(),
-                now,
-            );
-        }
+        self.cache.insert(
+            CacheKey::get(db, identity, proto, key),
+            key,
+            &bulk,
+            Instant::now(),
+        );
     }
 }
 

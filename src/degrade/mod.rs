@@ -190,6 +190,7 @@ impl Degrade {
         &self,
         db: Option<u32>,
         identity: IdentityId,
+        proto: Proto,
         request: &Request,
         class: &Classified,
     ) -> Written {
@@ -207,6 +208,7 @@ impl Degrade {
             class: class.clone(),
             sent: Instant::now(),
             ticket,
+            proto,
         }
     }
 

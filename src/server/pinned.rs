@@ -125,10 +125,13 @@ impl Session {
             self.multi_writes.clear();
             None
         } else if cls.write {
-            let written = self
-                .server
-                .degrade
-                .before_write(self.state.db, identity, &req, cls);
+            let written = self.server.degrade.before_write(
+                self.state.db,
+                identity,
+                self.state.proto,
+                &req,
+                cls,
+            );
             if self.state.in_multi() {
                 // Queued: it runs at EXEC, whose reply invalidates it again.
                 self.multi_writes.push(written);

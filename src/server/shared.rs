@@ -101,10 +101,13 @@ impl Session {
         let mut fallback = None;
         let mut write_mark = None;
         if cls.write {
-            let written =
-                self.server
-                    .degrade
-                    .before_write(self.state.db, view.identity, &req, &cls);
+            let written = self.server.degrade.before_write(
+                self.state.db,
+                view.identity,
+                view.proto,
+                &req,
+                &cls,
+            );
             effect = Some(ReplyEffect::Write(Box::new(written)));
             write_mark = Some(self.links.writes.mark());
         } else if let Some(plan) = plan {

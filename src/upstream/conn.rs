@@ -649,14 +649,11 @@ fn complete<'a>(
         budget.add(frame.len());
     }
     let mut result = Ok(frame);
-    if let Some(e) = p.effect {
-        match e.defer(&result) {
-            Ok(fill) => fills.push(fill),
-            Err(e) => {
-                ctx.sink.apply_fills(fills, Some(ConnId(id)));
-                ctx.sink.apply(e, &mut result, Some(ConnId(id)));
-            }
-        }
+    if let Some(e) = p.effect
+        && let Some(e) = e.defer(&result, fills)
+    {
+        ctx.sink.apply_fills(fills, Some(ConnId(id)));
+        ctx.sink.apply(e, &mut result, Some(ConnId(id)));
     }
     let _ = p.reply.send(result);
     Ok(())

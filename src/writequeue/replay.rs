@@ -482,6 +482,7 @@ impl Pass<'_> {
             request,
             sent: Instant::now(),
             ticket: None,
+            proto: crate::resp::Proto::Resp2,
         };
         self.sink.apply(
             ReplyEffect::Replayed(Box::new(written)),
