@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use prometheus::IntCounter;
@@ -18,18 +18,31 @@ use tokio::sync::oneshot;
 
 use super::{FastMap, Hasher};
 
-/// Stripes of the leaders-in-flight counts. With this many, a key whose stripe has no
-/// leader (the common case with many distinct keys) is the rule, not the exception.
+/// Stripes of key hashes. With this many, a key whose stripe is idle (the common case
+/// with many distinct keys) is the rule, not the exception.
 const STRIPES: usize = 1 << 14;
 
-/// Each registered flight with the followers waiting for its leader's value.
+/// Set in a stripe once a follower waits on its unregistered leader: that leader must look
+/// in the map when it finishes.
+const FOLLOWED: u64 = 1;
+
+/// [`LeaderGuard::stripe`] of a registered leader.
+const NOT_HELD: u32 = u32::MAX;
+
+/// Followers waiting per key: of a registered leader, or of the unregistered leader
+/// that holds the key's stripe.
 type FlightMap<K, V> = FastMap<K, Vec<oneshot::Sender<V>>>;
 
 struct Flights<K, V> {
     map: Mutex<FlightMap<K, V>>,
-    /// Leaders in flight per stripe of key hashes, registered or not.
-    busy: Box<[AtomicU32]>,
-    hasher: Hasher,
+    /// Per stripe: 0, or the fingerprint of the key whose leader holds the stripe without
+    /// a map entry, with [`FOLLOWED`] once a follower waits for it.
+    stripes: Box<[AtomicU64]>,
+    /// Picks the stripe.
+    stripe_hasher: Hasher,
+    /// Makes the fingerprint, independent of the stripe: two keys in flight at once in one
+    /// stripe share a fingerprint with a 2^-63 chance.
+    fingerprint_hasher: Hasher,
 }
 
 impl<K, V> Flights<K, V> {
@@ -46,12 +59,15 @@ impl<K, V> Flights<K, V> {
 /// follow and receive a clone of it. Once the leader finishes (or gives up), the key is
 /// free again: a later join leads a new request rather than getting an old answer.
 ///
-/// Most reads share nothing (distinct keys), so a leader is only registered where a
-/// follower could find it when its stripe of key hashes already has a leader in flight:
-/// a join whose stripe is idle costs one atomic add and no lock. The price is that the
-/// first read of a burst on one key leads unregistered and the second leads too (and
-/// registers); every later one follows. Two requests per burst instead of one, for no
-/// shared lock on the path of every read.
+/// Most reads share nothing (distinct keys), and a shared map on the path of every read
+/// costs a lock and cache-line transfers between cores per request. So a leader whose
+/// stripe of key hashes is idle claims the stripe with one compare-and-swap of its key's
+/// fingerprint, and registers nothing; a join that finds its own fingerprint there
+/// follows, through the map, and flags the stripe so that the leader looks in the map
+/// when it finishes. Flagging and waiting happen under the map's lock, and the leader
+/// clears the stripe before it takes that lock, so a follower either is found by the
+/// leader or sees the stripe cleared and starts over. Only when the stripe is held by
+/// another key does a leader register in the map, as every leader used to.
 pub struct SingleFlight<K, V> {
     flights: Arc<Flights<K, V>>,
     shared: Option<IntCounter>,
@@ -72,58 +88,86 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
         SingleFlight {
             flights: Arc::new(Flights {
                 map: Mutex::new(FastMap::default()),
-                busy: (0..STRIPES).map(|_| AtomicU32::new(0)).collect(),
-                hasher: Hasher::default(),
+                stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+                stripe_hasher: Hasher::default(),
+                fingerprint_hasher: Hasher::default(),
             }),
             shared,
         }
     }
 
     pub fn join(&self, key: K) -> Flight<K, V> {
-        let stripe = self.flights.hasher.hash_one(&key) as usize % STRIPES;
-        // Relaxed: the count only decides whether to look in the map, which has its own
-        // lock; a stale count costs at most a needless look or a second request.
-        if self.flights.busy[stripe].fetch_add(1, Ordering::Relaxed) == 0 {
+        let flights = &*self.flights;
+        let stripe = flights.stripe_hasher.hash_one(&key) as usize % STRIPES;
+        // Never 0 (idle), and FOLLOWED clear.
+        let fingerprint = (flights.fingerprint_hasher.hash_one(&key) | 2) & !FOLLOWED;
+        let cell = &flights.stripes[stripe];
+        loop {
+            let seen = cell.load(Ordering::Acquire);
+            if seen == 0 {
+                if cell
+                    .compare_exchange(0, fingerprint, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    return Flight::Leader(LeaderGuard {
+                        flights: Arc::clone(&self.flights),
+                        key: Some(key),
+                        stripe: stripe as u32,
+                    });
+                }
+                continue;
+            }
+            let mut map = flights.lock();
+            if seen & !FOLLOWED == fingerprint {
+                // Flag it under the lock; failing means the leader has just finished.
+                if cell
+                    .compare_exchange(
+                        seen,
+                        fingerprint | FOLLOWED,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
+                    .is_err()
+                {
+                    continue;
+                }
+                return self.follow(map.entry(key).or_default());
+            }
+            if let Some(followers) = map.get_mut(&key) {
+                return self.follow(followers);
+            }
+            map.insert(key.clone(), Vec::new());
             return Flight::Leader(LeaderGuard {
                 flights: Arc::clone(&self.flights),
-                stripe,
-                key: None,
+                key: Some(key),
+                stripe: NOT_HELD,
             });
         }
-        let mut map = self.flights.lock();
-        if let Some(followers) = map.get_mut(&key) {
-            let (tx, rx) = oneshot::channel();
-            followers.push(tx);
-            drop(map);
-            self.flights.busy[stripe].fetch_sub(1, Ordering::Relaxed);
-            if let Some(c) = &self.shared {
-                c.inc();
-            }
-            return Flight::Follower(Follower { rx });
-        }
-        map.insert(key.clone(), Vec::new());
-        drop(map);
-        Flight::Leader(LeaderGuard {
-            flights: Arc::clone(&self.flights),
-            stripe,
-            key: Some(key),
-        })
     }
 
-    /// Keys with a registered leader still working.
+    fn follow(&self, followers: &mut Vec<oneshot::Sender<V>>) -> Flight<K, V> {
+        let (tx, rx) = oneshot::channel();
+        followers.push(tx);
+        if let Some(c) = &self.shared {
+            c.inc();
+        }
+        Flight::Follower(Follower { rx })
+    }
+
+    /// Keys with followers or a registered leader.
     #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.flights.lock().len()
     }
 
-    /// Leaders still working, registered or not.
+    /// Stripes held by an unregistered leader.
     #[cfg(test)]
-    pub fn leaders(&self) -> u32 {
+    pub fn held(&self) -> usize {
         self.flights
-            .busy
+            .stripes
             .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .sum()
+            .filter(|s| s.load(Ordering::Relaxed) != 0)
+            .count()
     }
 }
 
@@ -137,9 +181,11 @@ impl<K: Hash + Eq + Clone, V: Clone> Default for SingleFlight<K, V> {
 /// timeout, a cancelled task) releases the followers with `None`.
 pub struct LeaderGuard<K: Hash + Eq, V> {
     flights: Arc<Flights<K, V>>,
-    stripe: usize,
-    /// `None` once finished, and for a leader nobody could follow.
+    /// `None` once finished.
     key: Option<K>,
+    /// The stripe a leader holds (and has no map entry for unless a follower made one);
+    /// `NOT_HELD` for a registered leader.
+    stripe: u32,
 }
 
 impl<K: Hash + Eq, V> LeaderGuard<K, V> {
@@ -147,13 +193,19 @@ impl<K: Hash + Eq, V> LeaderGuard<K, V> {
         let Some(key) = self.key.take() else {
             return Vec::new();
         };
+        if self.stripe != NOT_HELD {
+            // Cleared before the map is looked at (see `SingleFlight`): a join from now on
+            // starts a flight of its own.
+            let seen = self.flights.stripes[self.stripe as usize].swap(0, Ordering::AcqRel);
+            if seen & FOLLOWED == 0 {
+                return Vec::new();
+            }
+        }
         // Removed before answering, so that a join from now on leads anew instead of
         // following a flight that is over.
         self.flights.lock().remove(&key).unwrap_or_default()
     }
-}
 
-impl<K: Hash + Eq, V> LeaderGuard<K, V> {
     /// Hands a clone of `value` to every follower (none made when nobody follows).
     pub fn finish(mut self, value: &V)
     where
@@ -169,7 +221,6 @@ impl<K: Hash + Eq, V> Drop for LeaderGuard<K, V> {
     fn drop(&mut self) {
         // Dropping the senders is how followers learn of `None`.
         drop(self.take_followers());
-        self.flights.busy[self.stripe].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -259,62 +310,115 @@ mod tests {
         for task in tasks {
             assert_eq!(task.await.unwrap(), Some(b("$1\r\nv\r\n")));
         }
-        // The first leads unregistered, the second registers, the rest follow it.
-        assert_eq!(leaders.load(Ordering::SeqCst), 2);
-        assert_eq!(metrics.singleflight_shared.get(), N as u64 - 2);
-        assert_eq!((flights.in_flight(), flights.leaders()), (0, 0));
+        assert_eq!(leaders.load(Ordering::SeqCst), 1);
+        assert_eq!(metrics.singleflight_shared.get(), N as u64 - 1);
+        assert_eq!((flights.in_flight(), flights.held()), (0, 0));
     }
 
     #[tokio::test]
     async fn a_dropped_leader_releases_followers_with_none() {
         let flights: SingleFlight<&str, u32> = SingleFlight::default();
-        let Flight::Leader(unregistered) = flights.join("k") else {
+        let Flight::Leader(guard) = flights.join("k") else {
             panic!("first join must lead")
         };
         assert_eq!(
-            flights.in_flight(),
-            0,
-            "an idle stripe's leader registers nothing"
+            (flights.in_flight(), flights.held()),
+            (0, 1),
+            "a leader alone in its stripe registers nothing"
         );
-        let Flight::Leader(guard) = flights.join("k") else {
-            panic!("second join leads too: nobody could follow the first")
-        };
-        assert_eq!(flights.in_flight(), 1);
         let Flight::Follower(early) = flights.join("k") else {
-            panic!("third join must follow")
+            panic!("second join must follow")
         };
         let waiting = tokio::spawn(early.into_future());
         tokio::task::yield_now().await;
         let Flight::Follower(late) = flights.join("k") else {
-            panic!("fourth join must follow")
+            panic!("third join must follow")
         };
         drop(guard);
         assert_eq!(waiting.await.unwrap(), None);
         assert_eq!(late.wait().await, None);
-        assert_eq!(flights.in_flight(), 0);
-        drop(unregistered);
-        assert_eq!(flights.leaders(), 0);
+        assert_eq!((flights.in_flight(), flights.held()), (0, 0));
 
         // The key is free again, and a finished flight does not leak into the next one.
-        let Flight::Leader(first) = flights.join("k") else {
-            panic!("must lead again")
-        };
         let Flight::Leader(guard) = flights.join("k") else {
-            panic!("must lead (registered)")
+            panic!("must lead again")
         };
         let Flight::Follower(f) = flights.join("k") else {
             panic!("must follow")
         };
         guard.finish(&7);
         assert_eq!(f.await, Some(7));
-        first.finish(&8);
-        assert_eq!(flights.leaders(), 0);
         assert!(matches!(flights.join("k"), Flight::Leader(_)));
-        assert_eq!(
-            flights.leaders(),
-            0,
-            "a dropped flight gives its stripe back"
-        );
+        assert_eq!((flights.in_flight(), flights.held()), (0, 0));
+    }
+
+    /// Keys are spread over stripes by one hash; this finds two that share a stripe.
+    fn stripe_mates(flights: &SingleFlight<u64, u32>) -> (u64, u64) {
+        let stripe = |k: u64| flights.flights.stripe_hasher.hash_one(k) as usize % STRIPES;
+        let first = stripe(0);
+        let mate = (1..).find(|&k| stripe(k) == first).expect("a stripe mate");
+        (0, mate)
+    }
+
+    #[test]
+    fn a_key_whose_stripe_is_taken_registers_and_is_followed() {
+        let flights: SingleFlight<u64, u32> = SingleFlight::default();
+        let (a, b) = stripe_mates(&flights);
+        let Flight::Leader(lead_a) = flights.join(a) else {
+            panic!("a leads")
+        };
+        let Flight::Leader(lead_b) = flights.join(b) else {
+            panic!("b leads: the stripe is a's")
+        };
+        assert_eq!((flights.in_flight(), flights.held()), (1, 1));
+        let Flight::Follower(follow_b) = flights.join(b) else {
+            panic!("b's second read follows its registered leader")
+        };
+        let Flight::Follower(follow_a) = flights.join(a) else {
+            panic!("a's second read follows a")
+        };
+        lead_a.finish(&1);
+        assert!(matches!(follow_a.try_take(), Ok(Some(1))));
+        let Err(follow_b) = follow_b.try_take() else {
+            panic!("b's leader has not finished")
+        };
+        lead_b.finish(&2);
+        assert!(matches!(follow_b.try_take(), Ok(Some(2))));
+        assert_eq!((flights.in_flight(), flights.held()), (0, 0));
+    }
+
+    /// Leaders finishing while followers join, on two threads: every follower is answered
+    /// (none waits on a flight nobody will finish) and nothing is left behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn followers_racing_a_finishing_leader_are_always_answered() {
+        let flights: Arc<SingleFlight<u8, u32>> = Arc::new(SingleFlight::default());
+        let tasks: Vec<_> = (0..4)
+            .map(|t| {
+                let flights = flights.clone();
+                tokio::spawn(async move {
+                    let mut waiting = Vec::new();
+                    for i in 0..20_000u32 {
+                        match flights.join((i % 3) as u8) {
+                            Flight::Leader(g) if (i + t) % 4 == 0 => drop(g),
+                            Flight::Leader(g) => g.finish(&i),
+                            Flight::Follower(f) => waiting.push(f),
+                        }
+                        if i % 64 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    for f in waiting {
+                        tokio::time::timeout(std::time::Duration::from_secs(10), f)
+                            .await
+                            .expect("a follower was never answered");
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!((flights.in_flight(), flights.held()), (0, 0));
     }
 
     #[test]
@@ -328,8 +432,8 @@ mod tests {
             .collect();
         // 64 keys over 2^14 stripes: almost surely no two share one.
         assert!(flights.in_flight() <= 2, "{}", flights.in_flight());
-        assert_eq!(flights.leaders(), 64);
+        assert_eq!(flights.held() + flights.in_flight(), 64);
         drop(guards);
-        assert_eq!((flights.in_flight(), flights.leaders()), (0, 0));
+        assert_eq!((flights.in_flight(), flights.held()), (0, 0));
     }
 }

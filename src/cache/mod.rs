@@ -967,6 +967,25 @@ impl Cache {
         }
         let hash = self.key_hash(db, redis_key);
         let mut st = self.lock();
+        let evicted = self.record_locked(&mut st, hash, db, written, ttl, now);
+        self.publish(&st);
+        drop(st);
+        if let Some(m) = &self.metrics {
+            m.evictions.inc_by(evicted);
+        }
+    }
+
+    /// [`Cache::key_written`] under the lock, `hash` being the key's; returns how many
+    /// entries it evicted.
+    fn record_locked(
+        &self,
+        st: &mut State,
+        hash: u64,
+        db: u32,
+        written: Option<Seen>,
+        ttl: Ttl,
+        now: Instant,
+    ) -> u64 {
         st.lost.rotate(now, self.config.written_ttl);
         let written = written.map(|seen| (now, seen));
         if let Some(r) = st.records.get_mut(&hash) {
@@ -978,17 +997,12 @@ impl Cache {
             r.db = db;
         } else {
             if written.is_none() && ttl == Ttl::Unknown {
-                return;
+                return 0;
             }
             st.bytes += RECORD_CHARGE;
             st.records.push(hash, Record { db, written, ttl });
         }
-        let evicted = self.evict_until_within(&mut st, now);
-        self.publish(&st);
-        drop(st);
-        if let Some(m) = &self.metrics {
-            m.evictions.inc_by(evicted);
-        }
+        self.evict_until_within(st, now)
     }
 
     /// Evicts replies, least recently used first, then records, until within the bounds.
@@ -1036,7 +1050,25 @@ impl Cache {
         }
         let hash = self.key_hash(db, redis_key);
         let mut st = self.lock();
-        let seq = self.bump(&mut st, hash, via);
+        let removed = self.invalidate_locked(&mut st, db, redis_key, hash, via);
+        if removed > 0 {
+            self.publish(&st);
+        }
+        drop(st);
+        self.count_invalidations(removed);
+        removed
+    }
+
+    /// [`Cache::invalidate_via`] under the lock, `hash` being the key's.
+    fn invalidate_locked(
+        &self,
+        st: &mut State,
+        db: u32,
+        redis_key: &[u8],
+        hash: u64,
+        via: Option<ConnId>,
+    ) -> usize {
+        let seq = self.bump(st, hash, via);
         let Some(by_key) = st.index.get_mut(&db) else {
             return 0;
         };
@@ -1046,11 +1078,45 @@ impl Cache {
         if by_key.is_empty() {
             st.index.remove(&db);
         }
-        let removed = self.supersede_entries(&mut st, keys, seq);
+        self.supersede_entries(st, keys, seq)
+    }
+
+    /// What an acknowledged plain `SET` (see `degrade::effects::fills_own_value`) did to
+    /// its key, as one step under one lock: its reply invalidates the key again, the key
+    /// is marked written (other commands and identities do not hold the new value) with
+    /// `ttl`, and `get` (the writer's `GET` of the key) is filled with `reply`, the value
+    /// as a bulk string. Does nothing and returns false when the key was invalidated
+    /// since `ticket` was taken (another write went by: the value is not known).
+    #[allow(clippy::too_many_arguments)]
+    pub fn set_acknowledged(
+        &self,
+        ticket: FillTicket,
+        via: Option<ConnId>,
+        get: CacheKey,
+        redis_key: &[u8],
+        reply: &[u8],
+        ttl: Ttl,
+        now: Instant,
+    ) -> bool {
+        if !self.enabled() {
+            return false;
+        }
+        let mut tally = Tally::default();
+        let mut st = self.lock();
+        if !self.ticket_valid(&st, ticket, via) {
+            return false;
+        }
+        let removed = self.invalidate_locked(&mut st, get.db, redis_key, ticket.hash, via);
+        tally.evicted +=
+            self.record_locked(&mut st, ticket.hash, get.db, Some(Seen::ByAll), ttl, now);
+        // Stored unchecked: the ticket was current a moment ago, under this same lock,
+        // and the invalidation just made is this write's own.
+        self.store(&mut st, None, get, redis_key, reply, now, &mut tally);
         self.publish(&st);
         drop(st);
         self.count_invalidations(removed);
-        removed
+        self.count_tally(&tally);
+        true
     }
 
     /// Removes what `identity`'s reads of `redis_key` filled, and nobody else's (a write

@@ -164,14 +164,16 @@ impl Degrade {
             }),
             Some(ticket),
         ) = (&learnt, w.ticket)
-            && self.cache.ticket_current(ticket, via)
+            && self.cache.set_acknowledged(
+                ticket,
+                via,
+                CacheKey::get(db, w.identity, w.proto, &w.request.args[1]),
+                &w.request.args[1],
+                &reply::bulk(&w.request.args[2]),
+                *ttl,
+                Instant::now(),
+            )
         {
-            let key = &w.request.args[1];
-            self.invalidate_via(w.db, &w.request, &w.class, via);
-            // Other identities (and other commands) do not hold the new value.
-            self.cache
-                .key_written(db, key, Some(Seen::ByAll), *ttl, Instant::now());
-            self.fill_value(db, w.identity, w.proto, key, &w.request.args[2]);
             return;
         }
         self.invalidate_via(w.db, &w.request, &w.class, via);
@@ -194,17 +196,6 @@ impl Degrade {
                 now,
             );
         }
-    }
-
-    /// `GET key` answers `value` for `identity`, in both protocols.
-    fn fill_value(&self, db: u32, identity: IdentityId, proto: Proto, key: &Bytes, value: &[u8]) {
-        let bulk = reply::bulk(value);
-        self.cache.insert(
-            CacheKey::get(db, identity, proto, key),
-            key,
-            &bulk,
-            Instant::now(),
-        );
     }
 }
 
