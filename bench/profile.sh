@@ -6,6 +6,7 @@
 #   bench/profile.sh random       # GET -P 16 over KEYSPACE random keys
 #   CACHE=off bench/profile.sh    # same with `[cache] enabled = false`
 #   TEST=set PIPELINE=1 N=200000 bench/profile.sh random  # unpipelined SETs (any redis-benchmark -t test)
+#   OPEN=1 bench/profile.sh random  # Redis stopped once the cache is warm: reads served by the open breaker
 #   PERF_RECORD=0 bench/profile.sh  # counts only, no call-graph profile
 #
 # Starts a redis-server and one redfuse (release build, built here unless REDFUSE_BIN is
@@ -17,7 +18,7 @@
 # second run is recorded with `perf record --call-graph dwarf` and the top symbols are
 # printed; the perf.data file is kept in the work dir for `perf report -i`.
 #
-# Environment: REDFUSE_BIN, CACHE [on], TEST [get], N [1000000], PIPELINE [16], CLIENTS [50],
+# Environment: REDFUSE_BIN, CACHE [on], TEST [get], OPEN [0], N [1000000], PIPELINE [16], CLIENTS [50],
 # KEYSPACE [100000], PERF_RECORD [1], PERF_FREQ [999], TOP [30], KEEP_WORKDIR [1].
 
 set -euo pipefail
@@ -31,6 +32,7 @@ PIPELINE=${PIPELINE:-16}
 CLIENTS=${CLIENTS:-50}
 KEYSPACE=${KEYSPACE:-100000}
 TEST=${TEST:-get}
+OPEN=${OPEN:-0}
 PERF_RECORD=${PERF_RECORD:-1}
 PERF_FREQ=${PERF_FREQ:-999}
 TOP=${TOP:-30}
@@ -103,6 +105,17 @@ resp() { # CMD: SET or GET over key:%012d and key:__rand_int__
 }
 resp SET | redis-cli -p "$RPORT" --pipe >"$WORKDIR/prefill.log" 2>&1 || die "prefill failed"
 resp GET | redis-cli -p "$FPORT" --pipe >"$WORKDIR/warm.log" 2>&1 || die "warm-up read failed"
+if [[ $OPEN == 1 ]]; then
+    log "stopping redis-server; waiting for the breaker to open"
+    redis-cli -p "$RPORT" shutdown nosave >/dev/null 2>&1 || true
+    for ((i = 0; i < 300; i++)); do
+        redis-cli -p "$FPORT" get key:000000000000 >/dev/null 2>&1 || true
+        [[ $(curl -fsS --max-time 5 "http://127.0.0.1:$APORT/ready" 2>/dev/null) == *'"breaker":"open"'* ]] && break
+        sleep 0.2
+    done
+    [[ $(curl -fsS --max-time 5 "http://127.0.0.1:$APORT/ready" 2>/dev/null) == *'"breaker":"open"'* ]] ||
+        die "the breaker did not open within 60 s"
+fi
 
 BENCH=(redis-benchmark -p "$FPORT" -t "$TEST" -c "$CLIENTS" -n "$N" -P "$PIPELINE" --csv)
 [[ $MODE == random ]] && BENCH+=(-r "$KEYSPACE")
@@ -116,13 +129,13 @@ upstream_gets() {
 }
 
 log "perf stat: ${BENCH[*]}"
-redis-cli -p "$RPORT" config resetstat >/dev/null
+[[ $OPEN == 1 ]] || redis-cli -p "$RPORT" config resetstat >/dev/null
 shared0=$(metric redfuse_singleflight_shared_total)
 perf stat -e task-clock,context-switches,syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait \
     -p "$RF_PID" -o "$WORKDIR/perf-stat.txt" -- "${BENCH[@]}" >"$WORKDIR/bench.csv" 2>"$WORKDIR/bench.err" ||
     die "redis-benchmark under perf stat failed: $(tail -n 3 "$WORKDIR/bench.err")"
 shared1=$(metric redfuse_singleflight_shared_total)
-gets=$(upstream_gets)
+gets=$([[ $OPEN == 1 ]] && echo 0 || upstream_gets)
 rps=$(awk -F, 'NR > 1 { gsub(/"/, ""); print $2; exit }' "$WORKDIR/bench.csv")
 p50=$(awk -F, 'NR > 1 { gsub(/"/, ""); print $5; exit }' "$WORKDIR/bench.csv")
 stat() { awk -v e="$1" '$2 == e { gsub(/,/, "", $1); print $1; exit }' "$WORKDIR/perf-stat.txt"; }

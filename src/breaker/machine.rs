@@ -808,8 +808,13 @@ impl Breaker {
     }
 
     fn index_since(&self, origin: Instant, now: Instant) -> u64 {
-        let elapsed = now.saturating_duration_since(origin).as_millis();
-        u64::try_from(elapsed / u128::from(self.config.bucket_ms)).unwrap_or(u64::MAX)
+        // In u64: a u128 division per call showed in profiles.
+        let elapsed = now.saturating_duration_since(origin);
+        let ms = elapsed
+            .as_secs()
+            .saturating_mul(1000)
+            .saturating_add(u64::from(elapsed.subsec_millis()));
+        ms / self.config.bucket_ms.max(1)
     }
 
     fn maybe_reset_backoff(&mut self, now: Instant) {

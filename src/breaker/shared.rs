@@ -173,7 +173,7 @@ impl SharedBreaker {
         }
     }
 
-    fn finish(&self, permit: Permit, outcome: Outcome) {
+    fn finish(&self, permit: Permit, outcome: Outcome, now: Instant) {
         let m = &self.inner.metrics;
         match outcome {
             Outcome::Success { latency } => {
@@ -190,7 +190,6 @@ impl SharedBreaker {
             Outcome::Ignored => m.calls_ignored.inc(),
         }
         let mut b = self.lock();
-        let now = Instant::now();
         let before = b.next_deadline();
         if let Some(t) = b.record(permit, outcome, now) {
             self.apply(&b, &t, now);
@@ -435,9 +434,15 @@ impl CallGuard {
         self.started.elapsed()
     }
 
-    pub fn complete(mut self, outcome: Outcome) {
+    pub fn complete(self, outcome: Outcome) {
+        self.complete_at(outcome, Instant::now());
+    }
+
+    /// [`CallGuard::complete`] at `now`, for a caller that has just read the clock (the
+    /// replies read together from one connection).
+    pub fn complete_at(mut self, outcome: Outcome, now: Instant) {
         self.completed = true;
-        self.breaker.finish(self.permit, outcome);
+        self.breaker.finish(self.permit, outcome, now);
     }
 
     /// Completes as a success whose latency is the time since admission.
@@ -455,7 +460,8 @@ impl CallGuard {
 impl Drop for CallGuard {
     fn drop(&mut self) {
         if !self.completed {
-            self.breaker.finish(self.permit, Outcome::Ignored);
+            self.breaker
+                .finish(self.permit, Outcome::Ignored, Instant::now());
         }
     }
 }

@@ -131,9 +131,7 @@ impl CacheKey {
                 let piece = arg.as_ref();
                 state.write_usize(piece.len());
                 if i == 0 {
-                    for b in piece {
-                        state.write_u8(b.to_ascii_uppercase());
-                    }
+                    write_upper(&mut state, piece);
                 } else {
                     state.write(piece);
                 }
@@ -155,6 +153,22 @@ impl CacheKey {
     /// answers WRONGTYPE; storing that nil as a GET entry is a deliberate approximation.
     pub fn get(db: u32, identity: IdentityId, proto: Proto, key: &[u8]) -> CacheKey {
         CacheKey::new(db, identity, proto, &[b"GET".as_slice(), key])
+    }
+}
+
+/// Feeds `name` upper-cased to `state`: in one write when it is short (every command
+/// name is), not one per byte.
+fn write_upper(state: &mut impl std::hash::Hasher, name: &[u8]) {
+    let mut buf = [0u8; 32];
+    match buf.get_mut(..name.len()) {
+        Some(upper) => {
+            upper.copy_from_slice(name);
+            upper.make_ascii_uppercase();
+            state.write(upper);
+        }
+        None => name
+            .iter()
+            .for_each(|b| state.write_u8(b.to_ascii_uppercase())),
     }
 }
 

@@ -104,6 +104,9 @@ async fn write_loop(
 ) {
     let metrics = &server.metrics;
     let mut out = BytesMut::with_capacity(16 * 1024);
+    // The clock, read again only after the writer waited: replies handled without a wait
+    // in between leave together, so one reading times them all.
+    let mut clock: Option<Instant> = None;
     loop {
         let (slot, received) = match slots.try_recv() {
             Ok(slot) => slot,
@@ -111,6 +114,7 @@ async fn write_loop(
                 if flush(&mut wr, &mut out, server).await.is_err() {
                     return;
                 }
+                clock = None;
                 match slots.recv().await {
                     Some(slot) => slot,
                     None => break,
@@ -126,6 +130,7 @@ async fn write_loop(
                         if flush(&mut wr, &mut out, server).await.is_err() {
                             return;
                         }
+                        clock = None;
                         rx.await.unwrap_or_else(|_| Err(dropped()))
                     }
                     Err(oneshot::error::TryRecvError::Closed) => Err(dropped()),
@@ -143,6 +148,7 @@ async fn write_loop(
                         if flush(&mut wr, &mut out, server).await.is_err() {
                             return;
                         }
+                        clock = None;
                         follower.await
                     }
                 };
@@ -172,7 +178,11 @@ async fn write_loop(
         metrics.count_command(slot.command, result, origin);
         // From the arrival of the request's bytes to its reply leaving for the client: what
         // the client sees of redfuse and Redis together.
-        metrics.observe_command(slot.command, received.elapsed().as_secs_f64());
+        let now = *clock.get_or_insert_with(Instant::now);
+        metrics.observe_command(
+            slot.command,
+            now.saturating_duration_since(received).as_secs_f64(),
+        );
         if reply.len() >= BATCH_BYTES {
             if flush(&mut wr, &mut out, server).await.is_err() {
                 return;
@@ -181,10 +191,14 @@ async fn write_loop(
             if wr.write_all(&reply).await.is_err() {
                 return;
             }
+            clock = None;
         } else {
             out.extend_from_slice(&reply);
-            if out.len() >= BATCH_BYTES && flush(&mut wr, &mut out, server).await.is_err() {
-                return;
+            if out.len() >= BATCH_BYTES {
+                if flush(&mut wr, &mut out, server).await.is_err() {
+                    return;
+                }
+                clock = None;
             }
         }
     }

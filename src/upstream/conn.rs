@@ -409,8 +409,10 @@ async fn pipeline(
                 },
             };
             let mut next = Some(call);
+            // Calls taken together are sent together: one clock reading for them all
+            // (taken again after a write that had to wait).
+            let mut now = Instant::now();
             while let Some(call) = next.take() {
-                let now = Instant::now();
                 let deadline = (!call.blocking).then(|| now + ctx.command_timeout);
                 let frame = call.frame;
                 {
@@ -441,6 +443,7 @@ async fn pipeline(
                     if let Err(e) = wr.write_all(&frame).await {
                         return Ended::Io(e);
                     }
+                    now = Instant::now();
                 } else {
                     out.extend_from_slice(&frame);
                 }
@@ -643,7 +646,7 @@ fn complete<'a>(
         if class == ReplyClass::AuthProblem {
             ctx.metrics.auth_errors.inc();
         }
-        g.complete(class.outcome(latency));
+        g.complete_at(class.outcome(latency), now);
     }
     if let Some(budget) = &p.output {
         budget.add(frame.len());
