@@ -465,6 +465,13 @@ impl Breaker {
 
     /// Asks to send one request. Never changes the state and never moves
     /// [`Breaker::next_deadline`], so a caller need not wake the timer.
+    /// Whether [`Breaker::try_acquire`] refuses every request until the next transition or
+    /// mode change.
+    pub fn rejects_all(&self) -> bool {
+        self.mode == Mode::ForceOpen
+            || (self.state == State::Open && self.mode != Mode::MetricsOnly)
+    }
+
     pub fn try_acquire(&mut self, now: Instant) -> Result<Permit, Rejected> {
         self.init_clock(now);
         let permit = |kind| Permit {

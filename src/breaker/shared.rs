@@ -27,6 +27,9 @@ struct Inner {
     /// reload changes it ([`SharedBreaker::reconfigure`]).
     slow_ms: std::sync::atomic::AtomicU64,
     breaker: Mutex<Breaker>,
+    /// Whether the breaker refuses every request (see [`SharedBreaker::rejects_all`]),
+    /// kept beside the lock so that the hot path can ask without taking it.
+    rejecting: std::sync::atomic::AtomicBool,
     metrics: UpstreamBreakerMetrics,
     /// Separate `Arc` so the timer can wait on it without keeping `Inner`
     /// alive; see [`SharedBreaker::spawn_timer`].
@@ -97,6 +100,7 @@ impl SharedBreaker {
     ) -> SharedBreaker {
         let breaker = Breaker::new(config.clone(), seed);
         let state = breaker.state();
+        let rejecting = std::sync::atomic::AtomicBool::new(breaker.rejects_all());
         metrics.publish(&breaker.snapshot(Instant::now()));
         let (state_tx, _) = watch::channel(state);
         SharedBreaker {
@@ -104,6 +108,7 @@ impl SharedBreaker {
                 name: name.to_owned(),
                 slow_ms: std::sync::atomic::AtomicU64::new(config.slow_call_threshold_ms),
                 breaker: Mutex::new(breaker),
+                rejecting,
                 metrics,
                 timer_wake: Arc::new(Notify::new()),
                 state_tx,
@@ -214,6 +219,7 @@ impl SharedBreaker {
     /// Side effects of a transition. Runs under the breaker lock so that two
     /// quick transitions cannot publish out of order.
     fn apply(&self, b: &Breaker, t: &Transition, now: Instant) {
+        self.note_rejecting(b);
         let m = &self.inner.metrics;
         m.publish(&b.snapshot(now));
         m.count_transition(t);
@@ -276,9 +282,26 @@ impl SharedBreaker {
                 "circuit breaker mode changed"
             );
         }
+        self.note_rejecting(&b);
         // Manual actions rearrange timers freely; an extra wake-up is cheap.
         self.inner.timer_wake.notify_one();
         t
+    }
+
+    /// Call under the lock after anything that may change the state or the mode.
+    fn note_rejecting(&self, b: &Breaker) {
+        self.inner
+            .rejecting
+            .store(b.rejects_all(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the breaker refuses every request (Open, or forced open), as of its last
+    /// transition: a hint, without the lock, for work that only matters if a request can
+    /// go upstream. [`SharedBreaker::try_acquire`] remains the answer.
+    pub fn rejects_all(&self) -> bool {
+        self.inner
+            .rejecting
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn set_mode(&self, mode: Mode) -> Option<Transition> {

@@ -156,6 +156,20 @@ impl CacheKey {
     }
 }
 
+/// Replies up to this size are handed out as copies (see [`share`]).
+const COPY_REPLIES_UP_TO: usize = 1024;
+
+/// A stored reply to hand out. A small one is copied: a clone's shared count lives in an
+/// allocation of its own, a cache miss away, and is written by the clone and again by its
+/// drop, where a copy of a few dozen bytes reads what the client's write reads anyway.
+fn share(reply: &Bytes) -> Bytes {
+    if reply.len() <= COPY_REPLIES_UP_TO {
+        Bytes::copy_from_slice(reply)
+    } else {
+        reply.clone()
+    }
+}
+
 /// Feeds `name` upper-cased to `state`: in one write when it is short (every command
 /// name is), not one per byte.
 fn write_upper(state: &mut impl std::hash::Hasher, name: &[u8]) {
@@ -681,7 +695,7 @@ impl Cache {
                 if now.saturating_duration_since(e.filled) <= max_stale
                     && e.expires.is_none_or(|x| now < x) =>
             {
-                Lookup::Hit(e.reply.clone())
+                Lookup::Hit(share(e.reply))
             }
             Some(_) => {
                 st.remove(key);

@@ -27,10 +27,15 @@ impl Session {
             self.release_dedicated().await;
         }
         let view = self.view();
+        // With every breaker open the read is answered from the cache: there is no fill to
+        // plan and no request in flight to share (planned after admission if one admits
+        // after all).
+        let unplanned = cls.read && self.set.list.iter().all(|u| u.breaker.rejects_all());
         // A read identical to one in flight waits for it: no permit, no bulkhead slot.
         let mut plan = None;
         let mut leader = None;
         if cls.read
+            && !unplanned
             && let Some(p) = self.server.degrade.plan_fill(view, &req, &cls)
         {
             // While this client has writes in flight, a read in flight of another client
@@ -86,6 +91,9 @@ impl Session {
         let Some((index, guard)) = admitted else {
             return self.degraded(&req, &cls).await;
         };
+        if unplanned {
+            plan = self.server.degrade.plan_fill(view, &req, &cls);
+        }
         let upstream = set.list[index].clone();
         let Some(inflight) = upstream.admit() else {
             // Shed load here rather than pile onto a struggling Redis; not the server's fault.
