@@ -1317,3 +1317,30 @@ async fn a_busy_server_heals_as_soon_as_it_answers() {
     assert_eq!(c.server_recovered(now + ms(10)), None);
     assert_eq!(c.state(), State::Open);
 }
+
+// -- The lock-free rejection hint -------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn the_rejection_hint_follows_state_and_mode() {
+    let (sb, _registry) = shared("hint", BreakerConfig::default());
+    let agrees = |sb: &SharedBreaker| sb.rejects_all() == sb.try_acquire().is_err();
+    assert!(!sb.rejects_all());
+    sb.set_mode(Mode::ForceOpen);
+    assert!(sb.rejects_all() && agrees(&sb));
+    sb.set_mode(Mode::Normal);
+    assert_eq!(sb.state(), State::HalfOpen);
+    assert!(!sb.rejects_all(), "half-open admits probes");
+    sb.reset();
+    sb.probes_failed(3, FailureKind::ConnectRefused);
+    assert_eq!(sb.state(), State::Open);
+    assert!(sb.rejects_all() && agrees(&sb));
+    sb.set_mode(Mode::MetricsOnly);
+    assert!(
+        !sb.rejects_all() && agrees(&sb),
+        "metrics_only admits everything"
+    );
+    sb.set_mode(Mode::Normal);
+    sb.reset();
+    assert_eq!(sb.state(), State::Closed);
+    assert!(!sb.rejects_all() && agrees(&sb));
+}
