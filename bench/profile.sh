@@ -7,6 +7,7 @@
 #   CACHE=off bench/profile.sh    # same with `[cache] enabled = false`
 #   TEST=set PIPELINE=1 N=200000 bench/profile.sh random  # unpipelined SETs (any redis-benchmark -t test)
 #   OPEN=1 bench/profile.sh random  # Redis stopped once the cache is warm: reads served by the open breaker
+#   COMMAND='MGET key:__rand_int__ key:__rand_int__' bench/profile.sh random  # any command line instead of TEST
 #   PERF_RECORD=0 bench/profile.sh  # counts only, no call-graph profile
 #
 # Starts a redis-server and one redfuse (release build, built here unless REDFUSE_BIN is
@@ -18,7 +19,7 @@
 # second run is recorded with `perf record --call-graph dwarf` and the top symbols are
 # printed; the perf.data file is kept in the work dir for `perf report -i`.
 #
-# Environment: REDFUSE_BIN, CACHE [on], TEST [get], OPEN [0], N [1000000], PIPELINE [16], CLIENTS [50],
+# Environment: REDFUSE_BIN, CACHE [on], TEST [get], COMMAND, OPEN [0], N [1000000], PIPELINE [16], CLIENTS [50],
 # KEYSPACE [100000], PERF_RECORD [1], PERF_FREQ [999], TOP [30], KEEP_WORKDIR [1].
 
 set -euo pipefail
@@ -32,6 +33,7 @@ PIPELINE=${PIPELINE:-16}
 CLIENTS=${CLIENTS:-50}
 KEYSPACE=${KEYSPACE:-100000}
 TEST=${TEST:-get}
+COMMAND=${COMMAND:-}
 OPEN=${OPEN:-0}
 PERF_RECORD=${PERF_RECORD:-1}
 PERF_FREQ=${PERF_FREQ:-999}
@@ -117,8 +119,14 @@ if [[ $OPEN == 1 ]]; then
         die "the breaker did not open within 60 s"
 fi
 
-BENCH=(redis-benchmark -p "$FPORT" -t "$TEST" -c "$CLIENTS" -n "$N" -P "$PIPELINE" --csv)
+BENCH=(redis-benchmark -p "$FPORT" -c "$CLIENTS" -n "$N" -P "$PIPELINE" --csv)
 [[ $MODE == random ]] && BENCH+=(-r "$KEYSPACE")
+if [[ -n $COMMAND ]]; then
+    read -r -a words <<<"$COMMAND"
+    BENCH+=("${words[@]}")
+else
+    BENCH+=(-t "$TEST")
+fi
 metric() {
     local body
     body=$(curl -fsS --max-time 5 "http://127.0.0.1:$APORT/metrics" 2>/dev/null) || body=""
@@ -144,7 +152,7 @@ cpu_ms=$(stat msec)
 per() { awk -v a="${1:-0}" -v n="$N" -v m="${2:-1}" 'BEGIN { printf "%.3f", a * m / n }'; }
 
 echo
-echo "redfuse under ${TEST^^} -P $PIPELINE -c $CLIENTS, $([[ $MODE == hot ]] && echo "one hot key" || echo "$KEYSPACE random keys"), cache $CACHE, $N requests"
+echo "redfuse under ${COMMAND:-${TEST^^}} -P $PIPELINE -c $CLIENTS, $([[ $MODE == hot ]] && echo "one hot key" || echo "$KEYSPACE random keys"), cache $CACHE, $N requests"
 echo
 echo "| figure | total | per client request |"
 echo "|---|---:|---:|"

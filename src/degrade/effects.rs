@@ -1,6 +1,7 @@
 //! Reply effects applied by the cache's owner: fills, single-flight, and what a write that
 //! has run tells about its keys (see `crate::effect`).
 
+use std::ops::Range;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -12,7 +13,7 @@ use crate::cache::{CacheKey, Fill, Seen, Ttl};
 use crate::command::{Classified, ids};
 use crate::effect::{ConnId, DeferredFill, EffectSink, FillPlan, ReplyEffect, Written};
 use crate::error::{Reply, UpstreamError};
-use crate::resp::scan::split_aggregate;
+use crate::resp::scan::element_ranges;
 use crate::resp::{Proto, Request, is_error_reply, parse_int, reply};
 
 impl EffectSink for Degrade {
@@ -81,11 +82,11 @@ impl Degrade {
     fn fill_together(&self, fills: &mut Vec<DeferredFill>, via: Option<ConnId>) {
         let now = Instant::now();
         let nil_ok = self.policy.cache_nil();
-        // MGET replies split into their values first, so the batch can borrow them.
-        let values: Vec<Option<Vec<Bytes>>> = fills
+        // Where each MGET reply's values lie, found first, so the batch can borrow them.
+        let values: Vec<Option<Vec<Range<usize>>>> = fills
             .iter()
             .map(|f| match &f.plan {
-                FillPlan::Mget { .. } => split_aggregate(&f.reply),
+                FillPlan::Mget { .. } => element_ranges(&f.reply),
                 FillPlan::Single { .. } => None,
             })
             .collect();
@@ -110,7 +111,8 @@ impl Degrade {
                     }
                 }
                 (FillPlan::Mget { parts }, Some(values)) if values.len() == parts.len() => {
-                    for ((key, redis_key, ticket), value) in parts.iter().zip(values) {
+                    for ((key, redis_key, ticket), range) in parts.iter().zip(values) {
+                        let value = &f.reply[range.clone()];
                         // Only strings and nulls are GET answers (MGET nils a hash key,
                         // GET would refuse it).
                         if matches!(value.first(), Some(b'$' | b'_'))

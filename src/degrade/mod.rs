@@ -146,7 +146,8 @@ impl Degrade {
         filter: bool,
     ) -> Option<FillPlan> {
         let db = view.db?;
-        let allowed = |k: &[u8]| !filter || self.policy.cacheable_key(k);
+        let policy = self.policy.get();
+        let allowed = |k: &[u8]| !filter || policy.cacheable_key(k);
         match cls.cacheable {
             Cacheable::No => None,
             Cacheable::SingleKeyRead => {
@@ -162,9 +163,14 @@ impl Degrade {
                 })
             }
             Cacheable::Mget => {
-                let parts: Vec<_> = req.args[1..]
+                let keys = &req.args[1..];
+                if !keys.iter().all(|k| allowed(k)) {
+                    self.cache.count(CacheResult::Bypass);
+                    return None;
+                }
+                // Exact size known: one allocation, no regrowth.
+                let parts: Arc<[_]> = keys
                     .iter()
-                    .filter(|k| allowed(k))
                     .map(|k| {
                         (
                             CacheKey::get(db, view.identity, view.proto, k),
@@ -173,10 +179,6 @@ impl Degrade {
                         )
                     })
                     .collect();
-                if parts.len() != req.args.len() - 1 {
-                    self.cache.count(CacheResult::Bypass);
-                    return None;
-                }
                 Some(FillPlan::Mget { parts })
             }
         }
@@ -304,7 +306,7 @@ impl Degrade {
             }
             FillPlan::Mget { parts } => {
                 let mut values = Vec::with_capacity(parts.len());
-                for (key, redis_key, ticket) in parts {
+                for (key, redis_key, ticket) in parts.iter() {
                     let max_stale = self.policy.max_stale(redis_key);
                     if let Lookup::Hit(bytes) =
                         self.cache.get_for(key, Some(*ticket), now, max_stale)

@@ -126,6 +126,17 @@ impl ReplyScanner {
 /// zero-copy slices of `frame`; a map's keys and values alternate. `None` for anything else,
 /// including a truncated frame or one with bytes after its end.
 pub fn split_aggregate(frame: &Bytes) -> Option<Vec<Bytes>> {
+    Some(
+        element_ranges(frame)?
+            .into_iter()
+            .map(|r| frame.slice(r))
+            .collect(),
+    )
+}
+
+/// Where in `frame` each element of [`split_aggregate`] lies, for a caller that only reads
+/// them (no shared-buffer count taken per element).
+pub fn element_ranges(frame: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
     if !matches!(frame.first(), Some(b'*' | b'~' | b'%' | b'>')) {
         return None;
     }
@@ -142,7 +153,7 @@ pub fn split_aggregate(frame: &Bytes) -> Option<Vec<Bytes>> {
     let mut pos = cr + 2;
     for _ in 0..n {
         let len = ReplyScanner::new().scan(&frame[pos..], usize::MAX).ok()??;
-        out.push(frame.slice(pos..pos + len));
+        out.push(pos..pos + len);
         pos += len;
     }
     (pos == frame.len()).then_some(out)
