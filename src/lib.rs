@@ -24,9 +24,11 @@
 //!  -> upstream::conn    (drill::inject may delay, fail or refuse it first, during a drill)
 //!                       FIFO pipeline, batched writes, per-command timeout; on the reply
 //!                       (or the failure) the breaker hears the outcome and degrade applies
-//!                       the effect in pipeline order (fill, release followers, invalidate
-//!                       again, learn expiries; a failed cacheable read is answered from
-//!                       the cache right there)
+//!                       the effect in pipeline order (invalidate again, learn expiries; a
+//!                       failed cacheable read is answered from the cache right there);
+//!                       the fills of the replies read together are applied together,
+//!                       under one cache lock, before any later effect, and release the
+//!                       reads that followed them
 //!  -> server::writer    replies in request order, many frames per write; client-side
 //!                       latency per command
 //! ```
