@@ -130,11 +130,17 @@ impl Links {
     /// has run, then records `next` as where its commands go. Across upstreams (replica
     /// reads) there is no order to keep: replication lag already gives none.
     pub async fn fence(&mut self, upstream: usize, next: &Tracked) {
-        let prev = match self.last[upstream].replace(next.clone()) {
-            Some(prev) if prev.conn.id != next.conn.id => prev,
-            _ => return,
-        };
-        if prev.inflight.any() {
+        // The same connection as last time (nearly always): nothing to fence, and no clone
+        // of the handle to store (each clone and drop is a handful of atomic counts).
+        if self.last[upstream]
+            .as_ref()
+            .is_some_and(|prev| prev.conn.id == next.conn.id)
+        {
+            return;
+        }
+        if let Some(prev) = self.last[upstream].replace(next.clone())
+            && prev.inflight.any()
+        {
             await_ping(&prev.conn).await;
         }
     }
