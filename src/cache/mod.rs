@@ -42,7 +42,7 @@
 //!   under the lock and reply copies are made before it is taken.
 //! * **Fill tickets.** A read sent before a write can have its (older) reply arrive after
 //!   the write's invalidation; filling it then would cache a value Redis no longer holds.
-//!   [`Cache::ticket`] taken before the read is sent and [`Cache::insert_checked`] refuse
+//!   [`Cache::ticket`] taken before the read is sent and [`Cache::insert_all`] refuse
 //!   such fills. Tickets are striped by a hash of the key, so the bookkeeping stays
 //!   bounded at the price of an occasional needless refusal.
 //! * **MGET is cached per key,** as `GET` entries ([`CacheKey::get`]), so that any later
@@ -411,8 +411,8 @@ pub struct Fill<'a> {
     pub reply: &'a [u8],
 }
 
-/// What a run of stores did, counted once into the metrics (shared counters cost a
-/// cross-core cache-line transfer per increment).
+/// What a run of stores did, counted into the metrics once per run rather than once per
+/// reply (each count is an atomic add).
 #[derive(Default)]
 struct Tally {
     fills: u64,
@@ -758,11 +758,29 @@ impl Cache {
         reply: impl AsRef<[u8]>,
         now: Instant,
     ) -> bool {
-        self.insert_inner(None, key, redis_key.as_ref(), reply.as_ref(), now)
+        let mut tally = Tally::default();
+        let mut st = self.lock();
+        let stored = self.store(
+            &mut st,
+            None,
+            key,
+            redis_key.as_ref(),
+            reply.as_ref(),
+            now,
+            &mut tally,
+        );
+        if tally.changed {
+            self.publish(&st);
+        }
+        drop(st);
+        self.count_tally(&tally);
+        stored
     }
 
     /// Like [`Cache::insert`], but also refused (without touching the cache) when
-    /// `redis_key` was invalidated, or its database cleared, since `ticket` was taken.
+    /// `redis_key` was invalidated, or its database cleared, since `ticket` was taken:
+    /// [`Cache::insert_all`] for one reply.
+    #[cfg(test)]
     pub fn insert_checked(
         &self,
         ticket: FillTicket,
@@ -772,11 +790,17 @@ impl Cache {
         reply: &[u8],
         now: Instant,
     ) -> bool {
-        self.insert_inner(Some((ticket, via)), key, redis_key, reply, now)
+        let fill = Fill {
+            ticket,
+            key,
+            redis_key,
+            reply,
+        };
+        self.insert_all(std::slice::from_ref(&fill), via, now) == 1
     }
 
     /// Take this before sending a read whose reply may fill the cache, and hand it to
-    /// [`Cache::insert_checked`]. No lock: it is two atomic loads.
+    /// [`Cache::insert_all`]. No lock: it is two atomic loads.
     pub fn ticket(&self, db: u32, redis_key: &[u8]) -> FillTicket {
         let hash = self.key_hash(db, redis_key);
         let stripe = stripe_of(hash);
@@ -791,15 +815,17 @@ impl Cache {
         }
     }
 
-    /// Whether nothing invalidated the ticket's key since it was taken, but replies that
-    /// arrived on `via` before the reply now being stored (see [`ConnId`]).
+    /// [`Cache::ticket_valid`], taking the lock.
+    #[cfg(test)]
     pub fn ticket_current(&self, t: FillTicket, via: Option<ConnId>) -> bool {
         let st = self.lock();
         self.ticket_valid(&st, t, via)
     }
 
-    /// [`Cache::ticket_current`] under the lock invalidations bump under: the stripe alone
-    /// when it has not moved, else what is remembered of the key's own invalidations.
+    /// Whether nothing invalidated the ticket's key since it was taken, but replies that
+    /// arrived on `via` before the reply now being stored (see [`ConnId`]). Call under the
+    /// lock invalidations bump under: the stripe alone when it has not moved, else what is
+    /// remembered of the key's own invalidations.
     fn ticket_valid(&self, st: &State, t: FillTicket, via: Option<ConnId>) -> bool {
         if self.clears.load(Ordering::SeqCst) != t.clears {
             return false;
@@ -822,41 +848,9 @@ impl Cache {
         self.stripe_hasher.hash_one((db, redis_key))
     }
 
-    fn insert_inner(
-        &self,
-        checked: Option<(FillTicket, Option<ConnId>)>,
-        key: CacheKey,
-        redis_key: &[u8],
-        reply: &[u8],
-        now: Instant,
-    ) -> bool {
-        let mut tally = Tally::default();
-        let stored = match checked {
-            Some((ticket, via)) => {
-                let fill = Fill {
-                    ticket,
-                    key,
-                    redis_key,
-                    reply,
-                };
-                self.fill_all(std::slice::from_ref(&fill), via, now, &mut tally);
-                tally.fills > 0
-            }
-            None => {
-                let mut st = self.lock();
-                let stored = self.store(&mut st, None, key, redis_key, reply, now, &mut tally);
-                if tally.changed {
-                    self.publish(&st);
-                }
-                stored
-            }
-        };
-        self.count_tally(&tally);
-        stored
-    }
-
-    /// [`Cache::insert_checked`] for many replies that arrived together on `via`, under
-    /// one lock. Returns how many were stored.
+    /// Stores replies that arrived together on `via`, under one lock, each refused (without
+    /// touching the cache) when its key was invalidated, or its database cleared, since its
+    /// ticket was taken. Returns how many were stored.
     ///
     /// Their slots are looked up once before any is stored: the lookups do not depend on
     /// each other, so their cache misses overlap instead of each stalling in turn (with

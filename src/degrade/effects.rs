@@ -1,7 +1,6 @@
 //! Reply effects applied by the cache's owner: fills, single-flight, and what a write that
 //! has run tells about its keys (see `crate::effect`).
 
-use std::ops::Range;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -82,25 +81,14 @@ impl Degrade {
     fn fill_together(&self, fills: &mut Vec<DeferredFill>, via: Option<ConnId>) {
         let now = Instant::now();
         let nil_ok = self.policy.cache_nil();
-        // Where each MGET reply's values lie, found first, so the batch can borrow them.
-        let values: Vec<Option<Vec<Range<usize>>>> = fills
-            .iter()
-            .map(|f| match &f.plan {
-                FillPlan::Mget { .. } => element_ranges(&f.reply),
-                FillPlan::Single { .. } => None,
-            })
-            .collect();
         let mut batch = Vec::with_capacity(fills.len());
-        for (f, values) in fills.iter().zip(&values) {
-            match (&f.plan, values) {
-                (
-                    FillPlan::Single {
-                        key,
-                        redis_key,
-                        ticket,
-                    },
-                    _,
-                ) => {
+        for f in fills.iter() {
+            match &f.plan {
+                FillPlan::Single {
+                    key,
+                    redis_key,
+                    ticket,
+                } => {
                     if nil_ok || !reply::is_null(&f.reply) {
                         batch.push(Fill {
                             ticket: *ticket,
@@ -110,9 +98,15 @@ impl Degrade {
                         });
                     }
                 }
-                (FillPlan::Mget { parts }, Some(values)) if values.len() == parts.len() => {
-                    for ((key, redis_key, ticket), range) in parts.iter().zip(values) {
-                        let value = &f.reply[range.clone()];
+                FillPlan::Mget { parts } => {
+                    let Some(ranges) = element_ranges(&f.reply) else {
+                        continue;
+                    };
+                    if ranges.len() != parts.len() {
+                        continue;
+                    }
+                    for ((key, redis_key, ticket), range) in parts.iter().zip(ranges) {
+                        let value = &f.reply[range];
                         // Only strings and nulls are GET answers (MGET nils a hash key,
                         // GET would refuse it).
                         if matches!(value.first(), Some(b'$' | b'_'))
@@ -127,7 +121,6 @@ impl Degrade {
                         }
                     }
                 }
-                (FillPlan::Mget { .. }, _) => {}
             }
         }
         self.cache.insert_all(&batch, via, now);
