@@ -173,6 +173,18 @@ fn a_wrong_ca_fails_with_a_clear_error() {
         log.contains("UnknownIssuer") || log.contains("unknown issuer"),
         "{log}"
     );
+    // Once the failed handshakes have opened the breaker, a client is still told why,
+    // not just "circuit open".
+    assert!(
+        rf.wait_for_log("closed -> open", secs(10)),
+        "the breaker should open:\n{}",
+        rf.logs_text()
+    );
+    let reply = String::from_utf8_lossy(&c.cmd(&["SET", "k", "v"])).into_owned();
+    assert!(
+        reply.contains("TLS handshake") && reply.contains("certificate"),
+        "with the breaker open: {reply}"
+    );
 }
 
 #[test]

@@ -98,8 +98,19 @@ pub async fn connect(ctx: &UpstreamCtx) -> Result<UpstreamStream, UpstreamError>
         return Ok(UpstreamStream::Plain(stream));
     };
     match tokio::time::timeout_at(deadline, super::tls::handshake(stream, tls)).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(UpstreamError::connect(&ctx.name, &e)),
+        Ok(Ok(s)) => {
+            ctx.set_tls_refused(None);
+            Ok(s)
+        }
+        Ok(Err(e)) => {
+            if let Some(refused) = e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<super::tls::Refused>())
+            {
+                ctx.set_tls_refused(Some(refused.0.clone()));
+            }
+            Err(UpstreamError::connect(&ctx.name, &e))
+        }
         // A plain-text server waits for the end of a command line that never comes.
         Err(_) => Err(timed_out(
             "TLS handshake (is the server speaking TLS on this port?)",

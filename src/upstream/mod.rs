@@ -85,6 +85,9 @@ pub struct UpstreamCtx {
     /// The address does not resolve (a typo, a Service that does not exist): also
     /// misconfigured, kept apart so that a good probe answer does not hide it.
     unresolved: Mutex<Option<String>>,
+    /// Why the last TLS handshake was refused (an untrusted certificate, a client
+    /// certificate required ...), until one succeeds.
+    tls_refused: Mutex<Option<String>>,
     /// When a `-BUSY` reply was last seen, in ms since `epoch`.
     busy_seen: AtomicU64,
     epoch: Instant,
@@ -205,16 +208,21 @@ impl UpstreamCtx {
             .set(self.misconfigured().is_some() as i64);
     }
 
-    /// Why the upstream cannot be used as configured: its address does not resolve, or it
-    /// refuses redfuse's credentials.
+    /// The TLS handshake was refused (`Some(why)`), or succeeded.
+    pub fn set_tls_refused(&self, why: Option<String>) {
+        *self.tls_refused.lock().unwrap_or_else(|e| e.into_inner()) = why;
+        self.metrics
+            .misconfigured
+            .set(self.misconfigured().is_some() as i64);
+    }
+
+    /// Why the upstream cannot be used as configured: its address does not resolve, it
+    /// refuses the TLS handshake, or it refuses redfuse's credentials.
     pub fn misconfigured(&self) -> Option<String> {
-        let unresolved = self.unresolved.lock().unwrap_or_else(|e| e.into_inner());
-        unresolved.clone().or_else(|| {
-            self.misconfigured
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-        })
+        let read = |m: &Mutex<Option<String>>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        read(&self.unresolved)
+            .or_else(|| read(&self.tls_refused))
+            .or_else(|| read(&self.misconfigured))
     }
 }
 
@@ -307,6 +315,7 @@ impl Upstream {
             anonymous_denied: AtomicBool::new(false),
             misconfigured: Mutex::new(None),
             unresolved: Mutex::new(None),
+            tls_refused: Mutex::new(None),
             busy_seen: AtomicU64::new(0),
             epoch: Instant::now(),
             reconnect: tokio::sync::Notify::new(),

@@ -175,17 +175,32 @@ pub async fn handshake(tcp: TcpStream, tls: &TlsClient) -> io::Result<UpstreamSt
     let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
     match connector.connect(tls.server_name.clone(), tcp).await {
         Ok(s) => Ok(UpstreamStream::Tls(Box::new(s))),
-        Err(e) => {
-            let reason = explain(&e, tls).unwrap_or_else(|| {
+        Err(e) => Err(match explain(&e, tls) {
+            Some(reason) => io::Error::new(e.kind(), Refused(reason)),
+            None => io::Error::new(
+                e.kind(),
                 format!(
                     "TLS handshake with {} failed: {e}",
                     tls.server_name.to_str()
-                )
-            });
-            Err(io::Error::new(e.kind(), reason))
-        }
+                ),
+            ),
+        }),
     }
 }
+
+/// The server (or redfuse's own trust settings) refused the handshake: a configuration
+/// problem, not an outage, which degraded replies name instead of "circuit open". Carried
+/// inside the `io::Error` that [`handshake`] returns; its text is the reason.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// A TLS failure in words that say what to check; `None` when `e` is not one.
 pub fn explain(e: &io::Error, tls: &TlsClient) -> Option<String> {
