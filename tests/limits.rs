@@ -391,3 +391,52 @@ fn a_client_that_never_reads_is_cut_off_at_its_output_limit() {
     assert_eq!(other.cmd(&["SET", "k", "v"]), b"+OK\r\n");
     assert_eq!(other.cmd(&["GET", "k"]), b"$1\r\nv\r\n");
 }
+
+/// A client that writes a long pipeline before reading any reply (`redis-cli --pipe`) is
+/// slowed down, never refused: a connection to Redis holds a bounded number of calls
+/// (sent or waiting to be), so redfuse stops reading the client's socket instead of
+/// pushing the upstream's whole in-flight allowance (the bulkhead) into one pipe while
+/// Redis is slow to answer.
+#[test]
+fn a_long_pipeline_is_slowed_down_not_refused_by_the_bulkhead() {
+    use std::io::Write;
+    // Redis answers late: what redfuse reads from the client piles up unless it stops.
+    let redis = RedisServer::start();
+    let relay = FaultRelay::start(&redis.addr());
+    relay.set_mode(FaultMode::Delay(ms(50)));
+    let rf = Redfuse::start(&relay.addr(), &[]);
+    let n = 200_000;
+    let mut input = Vec::with_capacity(n * 32);
+    for i in 0..n {
+        input.extend_from_slice(&resp_cmd(&["GET", &format!("key:{i}")]));
+    }
+    let port = rf.addr().rsplit(':').next().unwrap().to_owned();
+    let mut cli = std::process::Command::new("redis-cli")
+        .args(["-p", &port, "--pipe"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("redis-cli runs");
+    let mut stdin = cli.stdin.take().unwrap();
+    let writer = thread::spawn(move || stdin.write_all(&input));
+    let out = cli.wait_with_output().expect("redis-cli --pipe finishes");
+    writer
+        .join()
+        .unwrap()
+        .expect("pipeline written to redis-cli");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains(&format!("errors: 0, replies: {n}")),
+        "redis-cli --pipe: {report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = rf.metrics();
+    assert_eq!(metric_sum(&m, "redfuse_bulkhead_overflow_total", &[]), 0.0);
+    // Every GET reached Redis.
+    let stats = String::from_utf8_lossy(&redis.cmd(&["INFO", "commandstats"])).into_owned();
+    assert!(
+        stats.contains(&format!("cmdstat_get:calls={n},")),
+        "{stats}"
+    );
+}

@@ -14,6 +14,7 @@ pub mod links;
 pub mod listener;
 pub mod local;
 pub mod login;
+pub mod outbox;
 pub mod pinned;
 pub mod route;
 pub mod session;

@@ -18,9 +18,10 @@ use tracing::debug;
 use super::Server;
 use super::links::Links;
 use super::local::Local;
+use super::outbox::Outbox;
 use super::route::{self, Dispatch};
 use super::state::{Auth, ConnState};
-use super::writer::{Slot, SlotKind};
+use super::writer::{Slot, SlotKind, Slots};
 use crate::command::{Classified, UNKNOWN, classify};
 use crate::degrade::{ClientView, Origin};
 use crate::effect::OutputBudget;
@@ -50,7 +51,9 @@ pub(super) struct Session {
     /// (checked before each request: one atomic load, no lock).
     pub(super) set: Arc<UpstreamSet>,
     set_changed: watch::Receiver<u64>,
-    slots: mpsc::Sender<(Slot, Instant)>,
+    slots: mpsc::Sender<Slots>,
+    /// Calls and reply slots of the current read burst, handed on together.
+    pub(super) outbox: Outbox,
     /// When the bytes being parsed arrived: what the client-side latency counts from.
     received: Instant,
 }
@@ -79,7 +82,7 @@ pub async fn run(
     let (mut rd, wr) = stream.into_split();
     // Replies a client may have outstanding before redfuse stops reading from it: deep
     // enough that a client writing a whole pipeline before reading its replies does not
-    // stall.
+    // stall. Counted in messages: a burst's slots (up to `outbox::MAX_SLOTS`) are one.
     let (slots_tx, slots_rx) = mpsc::channel(16 * 1024);
     let output = Arc::new(OutputBudget::new(server.config.output_limits));
     let writer = tokio::spawn(super::writer::write_replies(
@@ -104,6 +107,7 @@ pub async fn run(
         server,
         id,
         slots: slots_tx,
+        outbox: Outbox::default(),
         received: Instant::now(),
     };
     let end = session.read_loop(&mut rd, &mut shutdown).await;
@@ -169,6 +173,16 @@ impl Session {
         rd: &mut OwnedReadHalf,
         shutdown: &mut watch::Receiver<bool>,
     ) -> End {
+        let end = self.read_bursts(rd, shutdown).await;
+        self.flush().await;
+        end
+    }
+
+    async fn read_bursts(
+        &mut self,
+        rd: &mut OwnedReadHalf,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> End {
         let limits = self.server.config.limits;
         let idle = self.server.config.idle_timeout;
         let mut buf = BytesMut::with_capacity(16 * 1024);
@@ -188,7 +202,10 @@ impl Session {
                             return if quit { End::Quit } else { End::Closed };
                         }
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        self.flush().await;
+                        break;
+                    }
                     Err(e) => {
                         self.server.metrics.client_protocol_errors.inc();
                         debug!(client = self.id, "protocol error: {e}");
@@ -235,13 +252,33 @@ impl Session {
         }
     }
 
-    pub(super) async fn push(&self, slot: Slot) {
-        // The writer only goes away when the client socket is gone; nothing to do then.
-        let _ = self.slots.send((slot, self.received)).await;
+    /// Queues a reply slot, in request order (handed to the writer with its burst).
+    pub(super) async fn push(&mut self, slot: Slot) {
+        if self.outbox.hold_slot(slot) {
+            self.flush().await;
+        }
     }
 
-    pub(super) async fn push_ready(&self, command: usize, reply: Bytes) {
+    pub(super) async fn push_ready(&mut self, command: usize, reply: Bytes) {
         self.push(Slot::ready(command, reply)).await;
+    }
+
+    /// Sends the calls held for the burst. Done before the session waits on anything
+    /// else: what it waits for may be behind one of them.
+    pub(super) async fn send_calls(&mut self) {
+        if let Some((conn, calls)) = self.outbox.take_calls() {
+            conn.send_all(calls).await;
+        }
+    }
+
+    /// Hands on everything held: the calls first, since the writer may wait on their
+    /// replies (and the slot channel, when full, on the writer).
+    pub(super) async fn flush(&mut self) {
+        self.send_calls().await;
+        if let Some(slots) = self.outbox.take_slots(self.received) {
+            // The writer only goes away when the client socket is gone; nothing to do then.
+            let _ = self.slots.send(slots).await;
+        }
     }
 
     /// Routes by the current set of upstreams from now on (see `Links::remap`).
@@ -255,10 +292,19 @@ impl Session {
 
     async fn dispatch(&mut self, req: Request, cls: Classified) -> Flow {
         if self.set_changed.has_changed().unwrap_or(false) {
+            self.send_calls().await;
             self.refresh_set().await;
         }
         let id = cls.id;
-        match route::decide(&self.state, &cls, &req.args, self.id) {
+        let dispatch = route::decide(&self.state, &cls, &req.args, self.id);
+        // Only the shared path and local replies hold calls back or wait on nothing.
+        if !matches!(
+            dispatch,
+            Dispatch::Shared | Dispatch::Local(Local::Reply(_) | Local::SetName(_))
+        ) {
+            self.send_calls().await;
+        }
+        match dispatch {
             Dispatch::Local(local) => self.local(local, req, cls).await,
             Dispatch::Quit => self.quit(id).await,
             Dispatch::Reset => self.reset(id).await,
@@ -341,6 +387,7 @@ impl Session {
 
     /// No upstream admits the request: degraded mode answers it.
     pub(super) async fn degraded(&mut self, req: &Request, cls: &Classified) -> Flow {
+        self.send_calls().await;
         let primary = self.set.primary();
         let err = match primary.ctx.misconfigured() {
             Some(reason) => UpstreamError::Misconfigured {
@@ -368,7 +415,7 @@ impl Session {
     }
 
     /// An error of redfuse's own, for `req`.
-    pub(super) async fn fail(&self, id: usize, err: UpstreamError) {
+    pub(super) async fn fail(&mut self, id: usize, err: UpstreamError) {
         self.push(Slot {
             command: id,
             kind: SlotKind::Ready(error_reply(&err.into()), Origin::Error),

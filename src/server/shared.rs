@@ -19,6 +19,7 @@ impl Session {
     /// holds one it cannot release yet, else shared.
     pub(super) async fn forward(&mut self, req: Request, cls: Classified) -> Flow {
         if self.links.pinned.is_some() {
+            self.send_calls().await;
             if !self.state.releasable(self.links.blocked()) {
                 return self
                     .pinned_send(req, cls, false, super::route::Then::Nothing)
@@ -69,12 +70,14 @@ impl Session {
         if cls.write
             && !self.server.degrade.queue.is_empty()
             && set.primary().breaker.state() != State::Open
-            && let Err(gate) = self
-                .server
-                .degrade
-                .queue
-                .wait_for_replay(self.server.config.command_timeout)
-                .await
+            && let Err(gate) = {
+                self.send_calls().await;
+                self.server
+                    .degrade
+                    .queue
+                    .wait_for_replay(self.server.config.command_timeout)
+                    .await
+            }
         {
             let err = UpstreamError::unavailable(set.primary().name(), gate);
             self.fail(cls.id, err).await;
@@ -140,6 +143,10 @@ impl Session {
                 Tracked::new(upstream.shared_conn(self.state.proto, &identity))
             }
         };
+        // Calls held for another connection go first: the fence may wait on them.
+        if self.outbox.conn_id().is_some_and(|id| id != link.conn.id) {
+            self.send_calls().await;
+        }
         self.links.fence(index, &link).await;
         let (mut call, rx) = Call::new(req.raw, false, cls.write);
         call.slow = cls.slow();
@@ -147,7 +154,8 @@ impl Session {
         call.guard = Some(guard);
         call.inflight = Some(inflight);
         call.effect = effect;
-        link.send(call, write_mark).await;
+        call.marks = [Some(link.inflight.mark()), write_mark];
+        self.outbox.hold(&link.conn, call);
         self.links.shared[index] = Some(link);
         self.push(Slot {
             command: cls.id,

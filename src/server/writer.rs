@@ -56,6 +56,13 @@ impl Slot {
     }
 }
 
+/// The slots of one client read burst, in request order: one channel message for them all.
+pub struct Slots {
+    pub slots: Vec<Slot>,
+    /// When the burst's bytes arrived: what the client-side latency counts from.
+    pub received: Instant,
+}
+
 const BATCH_BYTES: usize = 64 * 1024;
 
 /// Turns an upstream result into the client's reply, falling back to degraded mode for a
@@ -85,7 +92,7 @@ fn resolve(server: &Server, result: Reply, fallback: Option<Box<Fallback>>) -> (
 /// budget is exceeded (its pending replies are then dropped and it is disconnected).
 pub async fn write_replies(
     wr: OwnedWriteHalf,
-    slots: mpsc::Receiver<(Slot, Instant)>,
+    slots: mpsc::Receiver<Slots>,
     server: Arc<Server>,
     output: Arc<OutputBudget>,
 ) {
@@ -98,7 +105,7 @@ pub async fn write_replies(
 
 async fn write_loop(
     mut wr: OwnedWriteHalf,
-    mut slots: mpsc::Receiver<(Slot, Instant)>,
+    mut slots: mpsc::Receiver<Slots>,
     server: &Server,
     output: &OutputBudget,
 ) {
@@ -107,18 +114,28 @@ async fn write_loop(
     // The clock, read again only after the writer waited: replies handled without a wait
     // in between leave together, so one reading times them all.
     let mut clock: Option<Instant> = None;
+    let mut batch = Vec::new().into_iter();
+    let mut received = Instant::now();
     loop {
-        let (slot, received) = match slots.try_recv() {
-            Ok(slot) => slot,
-            Err(_) => {
-                if flush(&mut wr, &mut out, server).await.is_err() {
-                    return;
-                }
-                clock = None;
-                match slots.recv().await {
-                    Some(slot) => slot,
-                    None => break,
-                }
+        let slot = match batch.next() {
+            Some(slot) => slot,
+            None => {
+                let next = match slots.try_recv() {
+                    Ok(next) => next,
+                    Err(_) => {
+                        if flush(&mut wr, &mut out, server).await.is_err() {
+                            return;
+                        }
+                        clock = None;
+                        match slots.recv().await {
+                            Some(next) => next,
+                            None => break,
+                        }
+                    }
+                };
+                received = next.received;
+                batch = next.slots.into_iter();
+                continue;
             }
         };
         let (reply, origin) = match slot.kind {

@@ -123,10 +123,87 @@ pub fn outcome_of_error(err: &UpstreamError) -> Outcome {
     }
 }
 
+/// Calls handed to a connection task in one message: a client's pipelined requests for one
+/// connection, read in one burst, cost one channel send instead of one each.
+pub type Calls = Vec<Call>;
+
+/// A connection's request channel, bounded in calls rather than in messages: a message
+/// holds a burst of calls, and the bound is what keeps a client that pipelines a whole
+/// file from queueing more than the bulkhead admits (senders wait instead).
+fn call_queue(depth: usize) -> (CallTx, CallRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let room = Arc::new(tokio::sync::Semaphore::new(depth));
+    (
+        CallTx {
+            tx,
+            room: room.clone(),
+            depth,
+        },
+        CallRx { rx, room, depth },
+    )
+}
+
+#[derive(Clone)]
+struct CallTx {
+    tx: mpsc::UnboundedSender<Calls>,
+    room: Arc<tokio::sync::Semaphore>,
+    depth: usize,
+}
+
+impl CallTx {
+    async fn send(&self, calls: Calls) -> Result<(), Calls> {
+        let n = weight(calls.len(), self.depth);
+        match self.room.acquire_many(n).await {
+            Ok(permit) => permit.forget(),
+            Err(_) => return Err(calls),
+        }
+        self.tx.send(calls).map_err(|e| e.0)
+    }
+}
+
+/// The room a message takes (a burst longer than the whole queue takes all of it).
+fn weight(calls: usize, depth: usize) -> u32 {
+    u32::try_from(calls.min(depth)).unwrap_or(u32::MAX)
+}
+
+struct CallRx {
+    rx: mpsc::UnboundedReceiver<Calls>,
+    room: Arc<tokio::sync::Semaphore>,
+    depth: usize,
+}
+
+impl CallRx {
+    async fn recv(&mut self) -> Option<Calls> {
+        let calls = self.rx.recv().await?;
+        self.room
+            .add_permits(weight(calls.len(), self.depth) as usize);
+        Some(calls)
+    }
+
+    fn try_recv(&mut self) -> Option<Calls> {
+        let calls = self.rx.try_recv().ok()?;
+        self.room
+            .add_permits(weight(calls.len(), self.depth) as usize);
+        Some(calls)
+    }
+
+    /// No more calls are taken: senders waiting for room get their calls back.
+    fn close(&mut self) {
+        self.rx.close();
+        self.room.close();
+    }
+}
+
+impl Drop for CallRx {
+    fn drop(&mut self) {
+        self.room.close();
+    }
+}
+
 /// A cheap handle to a connection task.
 #[derive(Clone)]
 pub struct ConnHandle {
-    tx: mpsc::Sender<Call>,
+    tx: CallTx,
     pub id: u64,
     ctx: Arc<UpstreamCtx>,
     /// Dedicated connections only: see [`ConnHandle::abandon`].
@@ -142,25 +219,37 @@ pub struct Abandon {
 
 impl ConnHandle {
     /// Queues a call; if the task is gone the call is answered with an error.
-    pub async fn send(&self, mut call: Call) {
+    pub async fn send(&self, call: Call) {
+        self.send_all(vec![call]).await;
+    }
+
+    /// Queues calls, in order, as one message; if the task is gone they are answered with
+    /// an error.
+    pub async fn send_all(&self, mut calls: Calls) {
         if crate::drill::inject::armed() {
-            match crate::drill::inject::intercept(&self.ctx, call).await {
-                Some(c) => call = c,
-                None => return,
+            let mut kept = Vec::with_capacity(calls.len());
+            for call in calls {
+                if let Some(c) = crate::drill::inject::intercept(&self.ctx, call).await {
+                    kept.push(c);
+                }
             }
+            calls = kept;
         }
-        if let Err(mpsc::error::SendError(call)) = self.tx.send(call).await {
-            call.fail(
-                &self.ctx,
-                UpstreamError::Closed {
-                    upstream: self.ctx.name.clone(),
-                },
-            );
+        if calls.is_empty() {
+            return;
+        }
+        if let Err(calls) = self.tx.send(calls).await {
+            let err = UpstreamError::Closed {
+                upstream: self.ctx.name.clone(),
+            };
+            for call in calls {
+                call.fail(&self.ctx, err.clone());
+            }
         }
     }
 
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        self.tx.tx.is_closed()
     }
 
     pub fn upstream(&self) -> &Arc<str> {
@@ -187,7 +276,7 @@ fn next_conn_id() -> u64 {
 
 /// Starts a shared connection task that reconnects with back-off for as long as a handle exists.
 pub fn spawn_shared(ctx: Arc<UpstreamCtx>, setup: Setup, depth: usize) -> ConnHandle {
-    let (tx, rx) = mpsc::channel(depth);
+    let (tx, rx) = call_queue(depth);
     let id = next_conn_id();
     tokio::spawn(run_shared(ctx.clone(), setup, rx, id));
     ConnHandle {
@@ -200,7 +289,7 @@ pub fn spawn_shared(ctx: Arc<UpstreamCtx>, setup: Setup, depth: usize) -> ConnHa
 
 /// Runs a dedicated connection on an already opened stream; it ends with its socket.
 pub fn spawn_dedicated(ctx: Arc<UpstreamCtx>, stream: UpstreamStream, depth: usize) -> ConnHandle {
-    let (tx, mut rx) = mpsc::channel(depth);
+    let (tx, mut rx) = call_queue(depth);
     let id = next_conn_id();
     let abandon = Arc::new(Abandon::default());
     let watch = abandon.clone();
@@ -220,8 +309,10 @@ pub fn spawn_dedicated(ctx: Arc<UpstreamCtx>, stream: UpstreamStream, depth: usi
         debug!(upstream = %ctx.name, conn = id, "dedicated connection ended: {end:?}");
         rx.close();
         let err = end.error(&ctx);
-        while let Ok(call) = rx.try_recv() {
-            call.fail(&ctx, err.clone());
+        while let Some(calls) = rx.try_recv() {
+            for call in calls {
+                call.fail(&ctx, err.clone());
+            }
         }
     });
     ConnHandle {
@@ -232,21 +323,19 @@ pub fn spawn_dedicated(ctx: Arc<UpstreamCtx>, stream: UpstreamStream, depth: usi
     }
 }
 
-async fn run_shared(ctx: Arc<UpstreamCtx>, setup: Setup, mut rx: mpsc::Receiver<Call>, id: u64) {
+async fn run_shared(ctx: Arc<UpstreamCtx>, setup: Setup, mut rx: CallRx, id: u64) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut logged_down = false;
-    // A request that arrived during back-off and triggered this attempt.
-    let mut first: Option<Call> = None;
+    // Requests that arrived during back-off and triggered this attempt.
+    let mut first: Option<Calls> = None;
     loop {
         if ctx.drain.is_forced() {
-            if let Some(call) = first.take() {
-                call.fail(&ctx, Ended::Drained.error(&ctx));
-            }
+            fail_all(&ctx, first.take(), &Ended::Drained.error(&ctx));
             return;
         }
         let attempt = open(&ctx, &setup).await;
-        if let (Err(err), Some(call)) = (&attempt, first.take()) {
-            call.fail(&ctx, err.clone());
+        if let Err(err) = &attempt {
+            fail_all(&ctx, first.take(), err);
         }
         match attempt {
             Ok(stream) => {
@@ -290,19 +379,25 @@ async fn run_shared(ctx: Arc<UpstreamCtx>, setup: Setup, mut rx: mpsc::Receiver<
                         _ = &mut retry => break,
                         _ = ctx.reconnect.notified() => break,
                         _ = &mut min_gap, if !gap_passed => gap_passed = true,
-                        call = rx.recv() => match call {
+                        calls = rx.recv() => match calls {
                             // Another connection to this upstream is up: Redis is back.
-                            Some(call) if gap_passed || ctx.connected.load(std::sync::atomic::Ordering::Relaxed) > 0 => {
-                                first = Some(call);
+                            Some(calls) if gap_passed || ctx.connected.load(std::sync::atomic::Ordering::Relaxed) > 0 => {
+                                first = Some(calls);
                                 break;
                             }
-                            Some(call) => call.fail(&ctx, err.clone()),
+                            calls @ Some(_) => fail_all(&ctx, calls, &err),
                             None => return,
                         },
                     }
                 }
             }
         }
+    }
+}
+
+fn fail_all(ctx: &UpstreamCtx, calls: Option<Calls>, err: &UpstreamError) {
+    for call in calls.into_iter().flatten() {
+        call.fail(ctx, err.clone());
     }
 }
 
@@ -382,14 +477,19 @@ const DIRECT_WRITE_BYTES: usize = 64 * 1024;
 async fn pipeline(
     ctx: &UpstreamCtx,
     mut stream: UpstreamStream,
-    rx: &mut mpsc::Receiver<Call>,
-    mut first: Option<Call>,
+    rx: &mut CallRx,
+    mut first: Option<Calls>,
     abandon: Option<&Abandon>,
     id: u64,
 ) -> Ended {
+    let depth = rx.depth;
     let (mut rd, mut wr) = stream.split();
     let pending: Mutex<VecDeque<Pending<'_>>> = Mutex::new(VecDeque::new());
     let armed = Notify::new();
+    // Sent and unanswered calls are bounded too: past `rx.depth` the writer takes no more
+    // from the channel, which fills, and senders wait. Without this a fast client could
+    // push the whole in-flight allowance of the upstream into one connection's pipe.
+    let roomy = Notify::new();
     // Set when every handle is gone: replies still pending (a client's last BLPOP during a
     // graceful shutdown) are read before the connection ends.
     let closing = std::sync::atomic::AtomicBool::new(false);
@@ -397,7 +497,11 @@ async fn pipeline(
     let writer = async {
         let mut out = BytesMut::with_capacity(16 * 1024);
         loop {
-            let call = match first.take() {
+            if first.is_none() && pending.lock().unwrap_or_else(|e| e.into_inner()).len() >= depth {
+                roomy.notified().await;
+                continue;
+            }
+            let calls = match first.take() {
                 Some(c) => c,
                 None => match rx.recv().await {
                     Some(c) => c,
@@ -408,47 +512,55 @@ async fn pipeline(
                     }
                 },
             };
-            let mut next = Some(call);
+            let mut next = Some(calls);
             // Calls taken together are sent together: one clock reading for them all
             // (taken again after a write that had to wait).
             let mut now = Instant::now();
-            while let Some(call) = next.take() {
-                let deadline = (!call.blocking).then(|| now + ctx.command_timeout);
-                let frame = call.frame;
+            while let Some(calls) = next.take() {
+                let deadline = now + ctx.command_timeout;
+                let mut frames = Vec::with_capacity(calls.len());
                 {
+                    // Registered before any of their bytes can reach Redis, under one lock.
                     let mut q = pending.lock().unwrap_or_else(|e| e.into_inner());
                     if q.is_empty() {
                         armed.notify_one();
                     }
-                    q.push_back(Pending {
-                        reply: call.reply,
-                        sent: now,
-                        deadline,
-                        is_write: call.is_write,
-                        _slow: call.slow.then(|| SlowMark::new(ctx)),
-                        guard: call.guard,
-                        _inflight: call.inflight,
-                        effect: call.effect,
-                        _marks: call.marks,
-                        output: call.output,
-                    });
+                    for call in calls {
+                        frames.push(call.frame);
+                        q.push_back(Pending {
+                            reply: call.reply,
+                            sent: now,
+                            deadline: (!call.blocking).then_some(deadline),
+                            is_write: call.is_write,
+                            _slow: call.slow.then(|| SlowMark::new(ctx)),
+                            guard: call.guard,
+                            _inflight: call.inflight,
+                            effect: call.effect,
+                            _marks: call.marks,
+                            output: call.output,
+                        });
+                    }
                 }
-                if frame.len() >= DIRECT_WRITE_BYTES {
-                    if !out.is_empty() {
-                        if let Err(e) = wr.write_all(&out).await {
+                for frame in frames {
+                    if frame.len() >= DIRECT_WRITE_BYTES {
+                        if !out.is_empty() {
+                            if let Err(e) = wr.write_all(&out).await {
+                                return Ended::Io(e);
+                            }
+                            out.clear();
+                        }
+                        if let Err(e) = wr.write_all(&frame).await {
                             return Ended::Io(e);
                         }
-                        out.clear();
+                        now = Instant::now();
+                    } else {
+                        out.extend_from_slice(&frame);
                     }
-                    if let Err(e) = wr.write_all(&frame).await {
-                        return Ended::Io(e);
-                    }
-                    now = Instant::now();
-                } else {
-                    out.extend_from_slice(&frame);
                 }
-                if out.len() < WRITE_BATCH_BYTES {
-                    next = rx.try_recv().ok();
+                if out.len() < WRITE_BATCH_BYTES
+                    && pending.lock().unwrap_or_else(|e| e.into_inner()).len() < depth
+                {
+                    next = rx.try_recv();
                 }
             }
             if !out.is_empty() {
@@ -483,7 +595,7 @@ async fn pipeline(
                         let frame = buf.split_to(n).freeze();
                         if let Err(end) = complete(
                             ctx,
-                            &pending,
+                            (&pending, &roomy, depth),
                             frame,
                             &mut last_done,
                             arrived,
@@ -610,7 +722,7 @@ impl Drop for SlowMark<'_> {
 /// Hands a reply frame to the oldest pending request.
 fn complete<'a>(
     ctx: &'a UpstreamCtx,
-    pending: &Mutex<VecDeque<Pending<'a>>>,
+    (pending, roomy, depth): (&Mutex<VecDeque<Pending<'a>>>, &Notify, usize),
     frame: Bytes,
     last_done: &mut Instant,
     now: Instant,
@@ -626,6 +738,9 @@ fn complete<'a>(
         let Some(p) = q.pop_front() else {
             return Err(Ended::Malformed("reply without a request".to_owned()));
         };
+        if q.len() + 1 == depth {
+            roomy.notify_one();
+        }
         // The next request's time starts now if it was waiting behind this one: the
         // timeout bounds how long Redis makes no progress, not how much was queued.
         if let Some(next) = q.front_mut()
