@@ -147,7 +147,12 @@ impl SharedBreaker {
     /// Asks to send one request. The guard records the outcome when completed
     /// and records [`Outcome::Ignored`] if dropped first.
     pub fn try_acquire(&self) -> Result<CallGuard, Rejected> {
-        let now = Instant::now();
+        self.try_acquire_at(Instant::now())
+    }
+
+    /// [`SharedBreaker::try_acquire`] at `now`, for a caller that has just read the clock
+    /// (the requests of one client read arrived together).
+    pub fn try_acquire_at(&self, now: Instant) -> Result<CallGuard, Rejected> {
         let result = {
             let mut b = self.lock();
             let before = b.next_deadline();

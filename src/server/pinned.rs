@@ -176,7 +176,7 @@ impl Session {
                 }
                 self.push(Slot {
                     command: cls.id,
-                    kind: SlotKind::Waiting(rx, None),
+                    kind: SlotKind::Waiting(rx),
                 })
                 .await;
                 Flow::Continue

@@ -54,8 +54,9 @@ pub(super) struct Session {
     slots: mpsc::Sender<Slots>,
     /// Calls and reply slots of the current read burst, handed on together.
     pub(super) outbox: Outbox,
-    /// When the bytes being parsed arrived: what the client-side latency counts from.
-    received: Instant,
+    /// When the bytes being parsed arrived: what the client-side latency counts from, and
+    /// the time the breaker admits their requests at.
+    pub(super) received: Instant,
 }
 
 /// Why a session stopped reading.

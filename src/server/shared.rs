@@ -66,27 +66,28 @@ impl Session {
         // breaker permit meanwhile (in half-open, writes waiting on the replay would take
         // every permit and starve the probes that close the breaker). With the breaker
         // open, it goes where the queued ones went.
-        let set = self.set.clone();
+        // The set is read in place, not cloned: `self.set` changes only between requests.
         if cls.write
             && !self.server.degrade.queue.is_empty()
-            && set.primary().breaker.state() != State::Open
-            && let Err(gate) = {
-                self.send_calls().await;
-                self.server
-                    .degrade
-                    .queue
-                    .wait_for_replay(self.server.config.command_timeout)
-                    .await
-            }
+            && self.set.primary().breaker.state() != State::Open
         {
-            let err = UpstreamError::unavailable(set.primary().name(), gate);
-            self.fail(cls.id, err).await;
-            return Flow::Continue;
+            self.send_calls().await;
+            if let Err(gate) = self
+                .server
+                .degrade
+                .queue
+                .wait_for_replay(self.server.config.command_timeout)
+                .await
+            {
+                let err = UpstreamError::unavailable(self.set.primary().name(), gate);
+                self.fail(cls.id, err).await;
+                return Flow::Continue;
+            }
         }
         let mut admitted = None;
-        for index in self.server.route(&set, cls.read).iter() {
-            let upstream = &set.list[index];
-            if let Ok(guard) = upstream.breaker.try_acquire() {
+        for index in self.server.route(&self.set, cls.read).iter() {
+            let upstream = &self.set.list[index];
+            if let Ok(guard) = upstream.breaker.try_acquire_at(self.received) {
                 admitted = Some((index, guard));
                 break;
             }
@@ -97,10 +98,10 @@ impl Session {
         if unplanned {
             plan = self.server.degrade.plan_fill(view, &req, &cls);
         }
-        let upstream = set.list[index].clone();
-        let Some(inflight) = upstream.admit() else {
+        let Some(inflight) = self.set.list[index].admit() else {
             // Shed load here rather than pile onto a struggling Redis; not the server's fault.
             drop(guard);
+            let upstream = &self.set.list[index];
             upstream.ctx.metrics.bulkhead_overflow.inc();
             let err = UpstreamError::Overloaded {
                 upstream: upstream.name().clone(),
@@ -109,7 +110,6 @@ impl Session {
             return Flow::Continue;
         };
         let mut effect = None;
-        let mut fallback = None;
         let mut write_mark = None;
         if cls.write {
             let written = self.server.degrade.before_write(
@@ -122,15 +122,12 @@ impl Session {
             effect = Some(ReplyEffect::Write(Box::new(written)));
             write_mark = Some(self.links.writes.mark());
         } else if let Some(plan) = plan {
-            let read = DegradedRead::new(view, &cls, &req);
-            fallback = Some(Box::new(Fallback {
-                plan: plan.clone(),
-                read,
-            }));
+            // A failure is answered from the cache by the effect, wherever it happens: on
+            // the connection, or unsent (`Call::fail`).
             effect = Some(ReplyEffect::Fill {
                 plan,
                 leader,
-                degraded: Some(read),
+                degraded: Some(DegradedRead::new(view, &cls, &req)),
             });
         }
         // Taken out for the send and put back after it rather than cloned: a clone and a
@@ -140,7 +137,7 @@ impl Session {
             Some(c) => c,
             None => {
                 let identity = self.state.identity().and_then(|i| i.credentials.clone());
-                Tracked::new(upstream.shared_conn(self.state.proto, &identity))
+                Tracked::new(self.set.list[index].shared_conn(self.state.proto, &identity))
             }
         };
         // Calls held for another connection go first: the fence may wait on them.
@@ -159,7 +156,7 @@ impl Session {
         self.links.shared[index] = Some(link);
         self.push(Slot {
             command: cls.id,
-            kind: SlotKind::Waiting(rx, fallback),
+            kind: SlotKind::Waiting(rx),
         })
         .await;
         Flow::Continue

@@ -5,7 +5,7 @@
 //! order and batches: while the next slot is already resolved its bytes join the same write,
 //! so a pipeline of thousands of commands leaves in a few syscalls. A cacheable read the
 //! upstream failed is answered in degraded mode where the failure happened (see
-//! `ReplyEffect::Fill`), or here when it never reached an upstream connection.
+//! `ReplyEffect::Fill`); here only a follower whose leader went away unanswered is.
 
 use std::sync::Arc;
 
@@ -25,7 +25,9 @@ use crate::resp::is_error_reply;
 
 pub enum SlotKind {
     Ready(Bytes, Origin),
-    Waiting(oneshot::Receiver<Reply>, Option<Box<Fallback>>),
+    /// An upstream reply. A cacheable read's failure arrives already answered from the
+    /// cache (`ReplyEffect::Fill`): every way a call ends applies its effect.
+    Waiting(oneshot::Receiver<Reply>),
     /// The same read is already in flight; its leader's reply is ours.
     Follower(Follower<Reply>, Option<Box<Fallback>>),
     /// Raw bytes from an upstream connection that became a pipe (pub/sub, MONITOR).
@@ -34,8 +36,8 @@ pub enum SlotKind {
     Close,
 }
 
-/// How to answer a cacheable read in degraded mode if the upstream fails it and the
-/// failure was not answered already where it happened (a request dropped unsent).
+/// How a follower answers its read in degraded mode if its leader's failure reaches it
+/// unanswered.
 pub struct Fallback {
     pub plan: FillPlan,
     pub read: DegradedRead,
@@ -140,7 +142,7 @@ async fn write_loop(
         };
         let (reply, origin) = match slot.kind {
             SlotKind::Ready(b, origin) => (b, origin),
-            SlotKind::Waiting(mut rx, fallback) => {
+            SlotKind::Waiting(mut rx) => {
                 let result = match rx.try_recv() {
                     Ok(r) => r,
                     Err(oneshot::error::TryRecvError::Empty) => {
@@ -155,7 +157,7 @@ async fn write_loop(
                 if let Ok(b) = &result {
                     output.sub(b.len());
                 }
-                resolve(server, result, fallback)
+                resolve(server, result, None)
             }
             SlotKind::Follower(follower, fallback) => {
                 // Usually the leader's reply is already in: no flush, no wake-up.

@@ -330,7 +330,13 @@ async fn run_shared(ctx: Arc<UpstreamCtx>, setup: Setup, mut rx: CallRx, id: u64
     let mut first: Option<Calls> = None;
     loop {
         if ctx.drain.is_forced() {
-            fail_all(&ctx, first.take(), &Ended::Drained.error(&ctx));
+            // Every call is answered (a read from the cache, by its effect), queued ones too.
+            let err = Ended::Drained.error(&ctx);
+            fail_all(&ctx, first.take(), &err);
+            rx.close();
+            while let Some(calls) = rx.try_recv() {
+                fail_all(&ctx, Some(calls), &err);
+            }
             return;
         }
         let attempt = open(&ctx, &setup).await;
@@ -775,4 +781,60 @@ fn complete<'a>(
     }
     let _ = p.reply.send(result);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn calls(n: usize) -> Calls {
+        (0..n)
+            .map(|_| Call::new(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"), false, false).0)
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_call_queue_is_bounded_in_calls_not_messages() {
+        let (tx, mut rx) = call_queue(10);
+        tx.send(calls(6))
+            .await
+            .unwrap_or_else(|_| panic!("room for 6"));
+        tx.send(calls(4))
+            .await
+            .unwrap_or_else(|_| panic!("room for 4 more"));
+        // Full: an eleventh call waits until a message is taken.
+        let waiting = tokio::time::timeout(Duration::from_secs(1), tx.send(calls(1))).await;
+        assert!(waiting.is_err(), "a full queue took another call");
+        assert_eq!(rx.try_recv().map(|c| c.len()), Some(6));
+        tokio::time::timeout(Duration::from_secs(1), tx.send(calls(5)))
+            .await
+            .expect("room after a message was taken")
+            .unwrap_or_else(|_| panic!("queue open"));
+        // A burst longer than the whole queue still goes, taking all of it.
+        assert_eq!(rx.try_recv().map(|c| c.len()), Some(4));
+        assert_eq!(rx.try_recv().map(|c| c.len()), Some(5));
+        tx.send(calls(25))
+            .await
+            .unwrap_or_else(|_| panic!("an oversized burst"));
+        assert_eq!(rx.try_recv().map(|c| c.len()), Some(25));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sender_waiting_for_room_gets_its_calls_back_when_the_queue_closes() {
+        let (tx, mut rx) = call_queue(2);
+        tx.send(calls(2))
+            .await
+            .unwrap_or_else(|_| panic!("room for 2"));
+        let sender = tokio::spawn({
+            let tx = tx.clone();
+            async move { tx.send(calls(3)).await.err().map(|c| c.len()) }
+        });
+        tokio::task::yield_now().await;
+        rx.close();
+        assert_eq!(sender.await.unwrap(), Some(3));
+        // Queued before the close: still there to be failed by the connection.
+        assert_eq!(rx.try_recv().map(|c| c.len()), Some(2));
+        drop(rx);
+        assert!(tx.send(calls(1)).await.is_err());
+    }
 }
