@@ -184,28 +184,49 @@ impl SharedBreaker {
     }
 
     fn finish(&self, permit: Permit, outcome: Outcome, now: Instant) {
-        let m = &self.inner.metrics;
-        match outcome {
-            Outcome::Success { latency } => {
-                m.calls_success.inc();
-                let slow_ms = self
-                    .inner
-                    .slow_ms
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                if latency > Duration::from_millis(slow_ms) {
-                    m.calls_slow.inc();
-                }
-            }
-            Outcome::Failure(_) => m.calls_failure.inc(),
-            Outcome::Ignored => m.calls_ignored.inc(),
-        }
+        self.finish_all(std::iter::once((permit, outcome)), now);
+    }
+
+    /// Records outcomes in order under one lock, and counts them in one step each.
+    fn finish_all(&self, finished: impl Iterator<Item = (Permit, Outcome)>, now: Instant) {
+        let slow = Duration::from_millis(
+            self.inner
+                .slow_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        let mut counts = [0u64; 4];
         let mut b = self.lock();
         let before = b.next_deadline();
-        if let Some(t) = b.record(permit, outcome, now) {
-            self.apply(&b, &t, now);
+        for (permit, outcome) in finished {
+            match outcome {
+                Outcome::Success { latency } => {
+                    counts[0] += 1;
+                    counts[1] += u64::from(latency > slow);
+                }
+                Outcome::Failure(_) => counts[2] += 1,
+                Outcome::Ignored => counts[3] += 1,
+            }
+            if let Some(t) = b.record(permit, outcome, now) {
+                self.apply(&b, &t, now);
+            }
         }
         if b.next_deadline() != before {
             self.inner.timer_wake.notify_one();
+        }
+        drop(b);
+        let m = &self.inner.metrics;
+        for (counter, n) in [
+            &m.calls_success,
+            &m.calls_slow,
+            &m.calls_failure,
+            &m.calls_ignored,
+        ]
+        .into_iter()
+        .zip(counts)
+        {
+            if n > 0 {
+                counter.inc_by(n);
+            }
         }
     }
 
@@ -471,6 +492,26 @@ impl CallGuard {
     pub fn complete_at(mut self, outcome: Outcome, now: Instant) {
         self.completed = true;
         self.breaker.finish(self.permit, outcome, now);
+    }
+
+    /// Completes calls at `now`, in order: the replies read together from one connection,
+    /// all admitted by the same breaker (one lock for them all).
+    pub fn complete_all(finished: &mut Vec<(CallGuard, Outcome)>, now: Instant) {
+        let Some(breaker) = finished.first().map(|(g, _)| g.breaker.clone()) else {
+            return;
+        };
+        debug_assert!(
+            finished
+                .iter()
+                .all(|(g, _)| Arc::ptr_eq(&g.breaker.inner, &breaker.inner))
+        );
+        breaker.finish_all(
+            finished.drain(..).map(|(mut g, outcome)| {
+                g.completed = true;
+                (g.permit, outcome)
+            }),
+            now,
+        );
     }
 
     /// Completes as a success whose latency is the time since admission.

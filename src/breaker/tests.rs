@@ -1344,3 +1344,34 @@ async fn the_rejection_hint_follows_state_and_mode() {
     assert_eq!(sb.state(), State::Closed);
     assert!(!sb.rejects_all() && agrees(&sb));
 }
+
+/// Replies read together are completed together: in order, under one lock, with the same
+/// transitions and counts as one at a time (a trip in the middle of the batch included).
+#[tokio::test(start_paused = true)]
+async fn complete_all_records_a_batch_as_one_at_a_time_would() {
+    let (sb, reg) = shared("batch", no_jitter());
+    let up = ("upstream", "batch");
+    let calls = |o: &str| metric(&reg, "redfuse_breaker_calls_total", &[up, ("outcome", o)]);
+    let now = Instant::now();
+    let mut batch: Vec<(CallGuard, Outcome)> = Vec::new();
+    batch.push((sb.try_acquire().unwrap(), fast()));
+    batch.push((sb.try_acquire().unwrap(), slow()));
+    CallGuard::complete_all(&mut batch, now);
+    assert!(batch.is_empty());
+    assert_eq!((calls("success"), calls("slow")), (2.0, 1.0));
+    assert_eq!(sb.state(), State::Closed);
+    // Five consecutive failures trip the breaker; the call after them in the same batch
+    // is still recorded (as a late reply of the old generation, ignored by the machine).
+    for _ in 0..5 {
+        batch.push((sb.try_acquire().unwrap(), TIMEOUT));
+    }
+    batch.push((sb.try_acquire().unwrap(), Outcome::Ignored));
+    CallGuard::complete_all(&mut batch, now);
+    assert_eq!(sb.state(), State::Open);
+    assert!(sb.rejects_all());
+    assert_eq!((calls("failure"), calls("ignored")), (5.0, 1.0));
+    // Nothing left to record when the guards are gone (no double count on drop).
+    assert_eq!(calls("success"), 2.0);
+    let mut empty = Vec::new();
+    CallGuard::complete_all(&mut empty, now);
+}

@@ -585,8 +585,8 @@ async fn pipeline(
     let reader = async {
         let mut buf = BytesMut::with_capacity(64 * 1024);
         let mut scanner = ReplyScanner::new();
-        // Fills of the replies in `buf`, applied together once it is scanned.
-        let mut fills = Vec::new();
+        // What the replies in `buf` leave to do, done together once it is scanned.
+        let mut settle = Settle::default();
         // When the reply before the next one had fully arrived: see the module docs.
         let mut last_done = Instant::now();
         let far = Duration::from_secs(86400 * 365);
@@ -606,16 +606,20 @@ async fn pipeline(
                             &mut last_done,
                             arrived,
                             id,
-                            &mut fills,
+                            &mut settle,
                         ) {
+                            settle.apply(ctx, id, arrived);
                             return end;
                         }
                     }
                     Ok(None) => {
-                        ctx.sink.apply_fills(&mut fills, Some(ConnId(id)));
+                        settle.apply(ctx, id, arrived);
                         break;
                     }
-                    Err(e) => return Ended::Malformed(e.0),
+                    Err(e) => {
+                        settle.apply(ctx, id, arrived);
+                        return Ended::Malformed(e.0);
+                    }
                 }
             }
             let (deadline, idle) = {
@@ -725,6 +729,22 @@ impl Drop for SlowMark<'_> {
     }
 }
 
+/// What the replies read together leave to do once each has been handed on: their cache
+/// fills (see `ReplyEffect::defer`) and their breaker outcomes, each group applied in one
+/// step (one cache lock, one breaker lock).
+#[derive(Default)]
+struct Settle {
+    fills: Vec<DeferredFill>,
+    outcomes: Vec<(CallGuard, Outcome)>,
+}
+
+impl Settle {
+    fn apply(&mut self, ctx: &UpstreamCtx, id: u64, now: Instant) {
+        ctx.sink.apply_fills(&mut self.fills, Some(ConnId(id)));
+        CallGuard::complete_all(&mut self.outcomes, now);
+    }
+}
+
 /// Hands a reply frame to the oldest pending request.
 fn complete<'a>(
     ctx: &'a UpstreamCtx,
@@ -733,7 +753,7 @@ fn complete<'a>(
     last_done: &mut Instant,
     now: Instant,
     id: u64,
-    fills: &mut Vec<DeferredFill>,
+    settle: &mut Settle,
 ) -> Result<(), Ended> {
     // Out-of-band RESP3 pushes belong to no request.
     if frame.first() == Some(&b'>') {
@@ -767,16 +787,16 @@ fn complete<'a>(
         if class == ReplyClass::AuthProblem {
             ctx.metrics.auth_errors.inc();
         }
-        g.complete_at(class.outcome(latency), now);
+        settle.outcomes.push((g, class.outcome(latency)));
     }
     if let Some(budget) = &p.output {
         budget.add(frame.len());
     }
     let mut result = Ok(frame);
     if let Some(e) = p.effect
-        && let Some(e) = e.defer(&result, fills)
+        && let Some(e) = e.defer(&result, &mut settle.fills)
     {
-        ctx.sink.apply_fills(fills, Some(ConnId(id)));
+        ctx.sink.apply_fills(&mut settle.fills, Some(ConnId(id)));
         ctx.sink.apply(e, &mut result, Some(ConnId(id)));
     }
     let _ = p.reply.send(result);
