@@ -21,14 +21,17 @@
 //!                         fail-open rule (reply, error, queue -> writequeue)
 //!  -> server::shared    writes invalidate their keys; cacheable reads plan a fill and join
 //!                       a single-flight; the request carries a typed effect::ReplyEffect
+//!  -> server::outbox    the calls and reply slots of one client read go on as one message
+//!                       each (sent before the session waits on anything else)
 //!  -> upstream::conn    (drill::inject may delay, fail or refuse it first, during a drill)
-//!                       FIFO pipeline, batched writes, per-command timeout; on the reply
+//!                       a queue bounded in calls; FIFO pipeline with a bounded number of
+//!                       unanswered calls, batched writes, per-command timeout; on the reply
 //!                       (or the failure) the breaker hears the outcome and degrade applies
 //!                       the effect in pipeline order (invalidate again, learn expiries; a
 //!                       failed cacheable read is answered from the cache right there);
-//!                       the fills of the replies read together are applied together,
-//!                       under one cache lock, before any later effect, and release the
-//!                       reads that followed them
+//!                       the fills and breaker outcomes of the replies read together are
+//!                       applied together (one cache lock, one breaker lock), fills before
+//!                       any later effect, and release the reads that followed them
 //!  -> server::writer    replies in request order, many frames per write; client-side
 //!                       latency per command
 //! ```

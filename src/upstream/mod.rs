@@ -88,6 +88,9 @@ pub struct UpstreamCtx {
     /// Why the last TLS handshake was refused (an untrusted certificate, a client
     /// certificate required ...), until one succeeds.
     tls_refused: Mutex<Option<String>>,
+    /// Whether any of the three above is set: every degraded reply asks, and nearly
+    /// always the answer is no (one load instead of three locks).
+    any_misconfigured: AtomicBool,
     /// When a `-BUSY` reply was last seen, in ms since `epoch`.
     busy_seen: AtomicU64,
     epoch: Instant,
@@ -192,33 +195,43 @@ impl UpstreamCtx {
         seen != 0 && self.epoch.elapsed().as_millis() as u64 <= seen + BUSY_GRACE.as_millis() as u64
     }
 
+    fn note_misconfigured(&self) {
+        // Serialised, so that two changes at once cannot leave the flag of the older.
+        static UPDATE: Mutex<()> = Mutex::new(());
+        let _serial = UPDATE.lock().unwrap_or_else(|e| e.into_inner());
+        let any = self.misconfigured_now().is_some();
+        self.any_misconfigured.store(any, Ordering::Release);
+        self.metrics.misconfigured.set(any as i64);
+    }
+
     /// The server answers but refuses redfuse's credentials (`Some(reply)`), or no longer.
     pub fn set_misconfigured(&self, why: Option<String>) {
         *self.misconfigured.lock().unwrap_or_else(|e| e.into_inner()) = why;
-        self.metrics
-            .misconfigured
-            .set(self.misconfigured().is_some() as i64);
+        self.note_misconfigured();
     }
 
     /// The address does not resolve (`Some(why)`), or resolves again.
     pub fn set_unresolved(&self, why: Option<String>) {
         *self.unresolved.lock().unwrap_or_else(|e| e.into_inner()) = why;
-        self.metrics
-            .misconfigured
-            .set(self.misconfigured().is_some() as i64);
+        self.note_misconfigured();
     }
 
     /// The TLS handshake was refused (`Some(why)`), or succeeded.
     pub fn set_tls_refused(&self, why: Option<String>) {
         *self.tls_refused.lock().unwrap_or_else(|e| e.into_inner()) = why;
-        self.metrics
-            .misconfigured
-            .set(self.misconfigured().is_some() as i64);
+        self.note_misconfigured();
     }
 
     /// Why the upstream cannot be used as configured: its address does not resolve, it
     /// refuses the TLS handshake, or it refuses redfuse's credentials.
     pub fn misconfigured(&self) -> Option<String> {
+        if !self.any_misconfigured.load(Ordering::Acquire) {
+            return None;
+        }
+        self.misconfigured_now()
+    }
+
+    fn misconfigured_now(&self) -> Option<String> {
         let read = |m: &Mutex<Option<String>>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
         read(&self.unresolved)
             .or_else(|| read(&self.tls_refused))
@@ -316,6 +329,7 @@ impl Upstream {
             misconfigured: Mutex::new(None),
             unresolved: Mutex::new(None),
             tls_refused: Mutex::new(None),
+            any_misconfigured: AtomicBool::new(false),
             busy_seen: AtomicU64::new(0),
             epoch: Instant::now(),
             reconnect: tokio::sync::Notify::new(),

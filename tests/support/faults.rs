@@ -889,7 +889,14 @@ impl Workload {
 
     /// redfuse is about to be killed: closed connections and refused connects are expected
     /// until [`Workload::redfuse_up`].
+    ///
+    /// Its cache dies with it: no read before this is fresh any more, whichever process
+    /// answers next (the new one listens on the same address, and clients may reach it
+    /// before [`Workload::redfuse_up`] is called).
     pub fn redfuse_down(&self) {
+        self.shared
+            .cache_epoch
+            .store(self.shared.nanos(), Ordering::SeqCst);
         self.shared.redfuse_down.store(true, Ordering::SeqCst);
     }
 
