@@ -377,3 +377,47 @@ fn single_flight_collapses_concurrent_identical_reads() {
     let shared = metric_value(&rf.metrics(), "redfuse_singleflight_shared_total", &[]).unwrap();
     assert_eq!(shared, 99.0);
 }
+
+/// While the breaker is open, a pipelined run of reads is parsed ahead and answered from
+/// the cache; its replies still come in request order, a queued write in the middle is
+/// seen by the reads after it and not by those before, and a protocol error at the end is
+/// answered after everything before it.
+#[test]
+fn a_pipeline_answered_from_the_cache_keeps_its_order() {
+    let mut s = setup("");
+    let mut c = s.rf.client();
+    for i in 0..4 {
+        let (k, v) = (format!("q:{i}"), format!("old{i}"));
+        assert_eq!(c.cmd(&["SET", &k, &v]), b"+OK\r\n");
+        assert_eq!(c.cmd(&["GET", &k]), bulk(&v));
+    }
+    s.redis.kill();
+    wait_open(&s.rf);
+    let mut pipeline = Vec::new();
+    for args in [
+        vec!["GET", "q:0"],
+        vec!["MGET", "q:1", "q:2"],
+        vec!["GET", "q:3"],
+        vec!["SET", "q:3", "new3"],
+        vec!["GET", "q:3"],
+        vec!["MGET", "q:3", "q:0"],
+    ] {
+        pipeline.extend_from_slice(&resp_cmd(&args));
+    }
+    pipeline.extend_from_slice(b"*1\r\n$x\r\n");
+    c.send(&pipeline);
+    let want: [&[u8]; 6] = [
+        b"$4\r\nold0\r\n",
+        b"*2\r\n$4\r\nold1\r\n$4\r\nold2\r\n",
+        b"$4\r\nold3\r\n",
+        b"+OK\r\n",
+        b"$4\r\nnew3\r\n",
+        b"*2\r\n$4\r\nnew3\r\n$4\r\nold0\r\n",
+    ];
+    for (i, want) in want.iter().enumerate() {
+        assert_eq!(esc(&c.read_frame()), esc(want), "reply {i}");
+    }
+    let err = c.read_frame();
+    assert!(err.starts_with(b"-ERR Protocol error"), "{}", esc(&err));
+    assert!(c.wait_closed(secs(5)));
+}

@@ -855,6 +855,14 @@ impl Cache {
     /// Their slots are looked up once before any is stored: the lookups do not depend on
     /// each other, so their cache misses overlap instead of each stalling in turn (with
     /// many keys, the miss on a key's slot is most of what a fill costs).
+    /// Brings the entries of `keys` into the CPU's cache before a run of lookups (see
+    /// `Replies::prefetch_entries`); changes nothing, not even recency.
+    pub fn prefetch(&self, keys: &[CacheKey]) {
+        if keys.len() > 1 {
+            self.lock().lru.prefetch_entries(keys);
+        }
+    }
+
     pub fn insert_all(&self, fills: &[Fill<'_>], via: Option<ConnId>, now: Instant) -> usize {
         let mut tally = Tally::default();
         self.fill_all(fills, via, now, &mut tally);

@@ -136,6 +136,36 @@ impl Degrade {
         self.cache_keys(view, req, cls, true)
     }
 
+    /// Warms the cache entries a run of reads answered from the cache will look up, so
+    /// that their memory misses overlap instead of stalling each answer in turn.
+    pub fn prefetch_answers<'a>(
+        &self,
+        view: ClientView,
+        reads: impl Iterator<Item = (&'a Request, &'a Classified)>,
+    ) {
+        let Some(db) = view.db else {
+            return;
+        };
+        if !self.cache.enabled() {
+            return;
+        }
+        let mut keys = Vec::new();
+        for (req, cls) in reads {
+            match cls.cacheable {
+                Cacheable::No => {}
+                Cacheable::SingleKeyRead => {
+                    keys.push(CacheKey::new(db, view.identity, view.proto, &req.args))
+                }
+                Cacheable::Mget => keys.extend(
+                    req.args[1..]
+                        .iter()
+                        .map(|k| CacheKey::get(db, view.identity, view.proto, k)),
+                ),
+            }
+        }
+        self.cache.prefetch(&keys);
+    }
+
     /// The cache entries a read maps to; `filter` applies the include/exclude policy (a
     /// degraded lookup does not: an excluded key is simply never found).
     fn cache_keys(

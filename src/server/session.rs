@@ -195,30 +195,56 @@ impl Session {
                     Auth::Required => Peer::Unauthenticated,
                     _ => Peer::Authenticated,
                 };
-                match framer.next(&mut buf, &limits, peer) {
-                    Ok(Some(req)) => {
-                        let cls = classify(&req.args);
-                        let quit = cls.is(crate::command::ids::QUIT);
-                        if self.dispatch(req, cls).await == Flow::Stop {
-                            return if quit { End::Quit } else { End::Closed };
-                        }
-                    }
+                let req = match framer.next(&mut buf, &limits, peer) {
+                    Ok(Some(req)) => req,
                     Ok(None) => {
                         self.flush().await;
                         break;
                     }
-                    Err(e) => {
-                        self.server.metrics.client_protocol_errors.inc();
-                        debug!(client = self.id, "protocol error: {e}");
-                        self.push_ready(UNKNOWN, error_reply(&Error::Client(e)))
-                            .await;
-                        self.push(Slot {
-                            command: UNKNOWN,
-                            kind: SlotKind::Close,
-                        })
-                        .await;
-                        return End::ClientGone;
+                    Err(e) => return self.protocol_error(e).await,
+                };
+                let cls = classify(&req.args);
+                if !(cls.read && self.answering_from_cache()) {
+                    if let Some(end) = self.dispatch_one(req, cls).await {
+                        return end;
                     }
+                    continue;
+                }
+                // Every breaker refuses: reads are answered from the cache, one lookup
+                // after another, each stalled on memory. The run of reads that follows is
+                // parsed first and their entries warmed together. The run ends after its
+                // first command that is not a read: reads change nothing the parsing
+                // depends on (authentication), so every frame is parsed as before.
+                let mut run = Vec::with_capacity(16);
+                run.push((req, cls));
+                let mut error = None;
+                while run.len() < super::outbox::MAX_SLOTS {
+                    match framer.next(&mut buf, &limits, peer) {
+                        Ok(Some(req)) => {
+                            let cls = classify(&req.args);
+                            let read = cls.read;
+                            run.push((req, cls));
+                            if !read {
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            error = Some(e);
+                            break;
+                        }
+                    }
+                }
+                self.server
+                    .degrade
+                    .prefetch_answers(self.view(), run.iter().map(|(r, c)| (r, c)));
+                for (req, cls) in run {
+                    if let Some(end) = self.dispatch_one(req, cls).await {
+                        return end;
+                    }
+                }
+                if let Some(e) = error {
+                    return self.protocol_error(e).await;
                 }
             }
             if buf.capacity() - buf.len() < 4096 {
@@ -251,6 +277,36 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Dispatches one request; how the session ends if it does.
+    async fn dispatch_one(&mut self, req: Request, cls: Classified) -> Option<End> {
+        let quit = cls.is(crate::command::ids::QUIT);
+        match self.dispatch(req, cls).await {
+            Flow::Continue => None,
+            Flow::Stop if quit => Some(End::Quit),
+            Flow::Stop => Some(End::Closed),
+        }
+    }
+
+    /// The client broke the protocol: it gets the error, then the connection closes.
+    async fn protocol_error(&mut self, e: crate::resp::request::ProtocolError) -> End {
+        self.server.metrics.client_protocol_errors.inc();
+        debug!(client = self.id, "protocol error: {e}");
+        self.push_ready(UNKNOWN, error_reply(&Error::Client(e)))
+            .await;
+        self.push(Slot {
+            command: UNKNOWN,
+            kind: SlotKind::Close,
+        })
+        .await;
+        End::ClientGone
+    }
+
+    /// Whether reads are answered from the cache now: it is on, and every upstream's
+    /// breaker refuses (a lock-free hint each).
+    fn answering_from_cache(&self) -> bool {
+        self.server.degrade.cache.enabled() && self.set.list.iter().all(|u| u.breaker.rejects_all())
     }
 
     /// Queues a reply slot, in request order (handed to the writer with its burst).
