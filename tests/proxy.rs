@@ -1098,3 +1098,36 @@ async fn redis_crate_multiplexed_mixed_workload() {
         .await
         .expect("redis crate workload did not finish within 60s");
 }
+
+/// A reply redfuse has made goes out while a later command of the same pipeline waits on
+/// Redis: here `SELECT` needs its answer before the next command may go on, and Redis
+/// (behind a relay) answers it late. The `CLIENT SETNAME` reply before it is not held back.
+#[test]
+fn a_ready_reply_is_not_held_back_by_a_later_command_that_waits() {
+    let redis = RedisServer::start();
+    let relay = FaultRelay::start(&redis.addr());
+    // A slow Redis, not a failing one: no health probe or slow-call rule opens the breaker.
+    let rf = Redfuse::start_with_env(
+        &relay.addr(),
+        &["--command-timeout-ms", "10000"],
+        &[
+            ("REDFUSE_HEALTH_PROBE_INTERVAL_MS", "0"),
+            ("REDFUSE_BREAKER__SLOW_CALL_THRESHOLD_MS", "60000"),
+        ],
+    );
+    let mut c = rf.client();
+    assert_eq!(c.cmd(&["PING"]), b"+PONG\r\n");
+    relay.set_mode(FaultMode::Delay(ms(1500)));
+    let mut pipeline = resp_cmd(&["CLIENT", "SETNAME", "early"]);
+    pipeline.extend_from_slice(&resp_cmd(&["SELECT", "1"]));
+    let sent = Instant::now();
+    c.send(&pipeline);
+    assert_eq!(c.read_frame_timeout(secs(10)), b"+OK\r\n");
+    let first = sent.elapsed();
+    assert_eq!(c.read_frame_timeout(secs(10)), b"+OK\r\n");
+    let second = sent.elapsed();
+    assert!(
+        second >= ms(1500) && first < ms(750),
+        "SETNAME answered after {first:?}, SELECT after {second:?}"
+    );
+}

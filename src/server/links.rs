@@ -126,16 +126,21 @@ impl Links {
         self.last = last;
     }
 
+    /// Whether the client's commands to `upstream` move to `next` from another connection
+    /// (the fence may then wait).
+    pub fn moves(&self, upstream: usize, next: &Tracked) -> bool {
+        self.last[upstream]
+            .as_ref()
+            .is_none_or(|prev| prev.conn.id != next.conn.id)
+    }
+
     /// Waits until everything this client sent to another connection of the same upstream
     /// has run, then records `next` as where its commands go. Across upstreams (replica
     /// reads) there is no order to keep: replication lag already gives none.
     pub async fn fence(&mut self, upstream: usize, next: &Tracked) {
         // The same connection as last time (nearly always): nothing to fence, and no clone
         // of the handle to store (each clone and drop is a handful of atomic counts).
-        if self.last[upstream]
-            .as_ref()
-            .is_some_and(|prev| prev.conn.id == next.conn.id)
-        {
+        if !self.moves(upstream, next) {
             return;
         }
         if let Some(prev) = self.last[upstream].replace(next.clone())

@@ -6,11 +6,11 @@
 //! block write and a wake-up each), a tenth of the CPU of a pipelined GET in profiles.
 //! Gathered here, they cost two sends per burst.
 //!
-//! Holding calls back is safe only while the session waits on nothing else: something it
-//! waits for (a fence's `PING`, a reply on another connection, the write queue, a full
-//! slot channel) may be behind a call still held here. So the session sends the calls
-//! before any other wait ([`Session::send_calls`](super::session::Session)), and a send of
-//! the slots always sends the calls first: the writer may be waiting on their replies.
+//! Holding back is safe only while the session waits on nothing else: something it waits
+//! for (a fence's `PING`, a reply on another connection, the write queue's replay, the
+//! journal's disk) may be behind a call still held here, and replies already made must not
+//! wait with it. So the session hands everything on before any other wait (`flush`), the
+//! calls first: the writer may be waiting on their replies.
 
 use tokio::time::Instant;
 

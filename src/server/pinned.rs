@@ -78,7 +78,7 @@ impl Session {
                 .server
                 .degrade
                 .queue
-                .wait_for_replay(self.server.config.command_timeout)
+                .wait_for_replay(self.replay_wait())
                 .await
         {
             let name = self.set.primary().name().clone();

@@ -303,6 +303,15 @@ impl Session {
         End::ClientGone
     }
 
+    /// How long a write of this burst may still wait for the replay of queued writes: the
+    /// command timeout from when it arrived. The writes of one pipeline share that
+    /// deadline; each waiting the whole timeout in turn, the last would be answered many
+    /// timeouts late.
+    pub(super) fn replay_wait(&self) -> std::time::Duration {
+        (self.received + self.server.config.command_timeout)
+            .saturating_duration_since(Instant::now())
+    }
+
     /// Whether reads are answered from the cache now: it is on, and every upstream's
     /// breaker refuses (a lock-free hint each).
     fn answering_from_cache(&self) -> bool {
@@ -320,18 +329,14 @@ impl Session {
         self.push(Slot::ready(command, reply)).await;
     }
 
-    /// Sends the calls held for the burst. Done before the session waits on anything
-    /// else: what it waits for may be behind one of them.
-    pub(super) async fn send_calls(&mut self) {
+    /// Hands on everything held: the calls first, since the writer may wait on their
+    /// replies (and the slot channel, when full, on the writer). Done at the end of a
+    /// burst and before the session waits on anything else: what it waits for may be
+    /// behind a held call, and replies already made must not wait with it.
+    pub(super) async fn flush(&mut self) {
         if let Some((conn, calls)) = self.outbox.take_calls() {
             conn.send_all(calls).await;
         }
-    }
-
-    /// Hands on everything held: the calls first, since the writer may wait on their
-    /// replies (and the slot channel, when full, on the writer).
-    pub(super) async fn flush(&mut self) {
-        self.send_calls().await;
         if let Some(slots) = self.outbox.take_slots(self.received) {
             // The writer only goes away when the client socket is gone; nothing to do then.
             let _ = self.slots.send(slots).await;
@@ -349,17 +354,18 @@ impl Session {
 
     async fn dispatch(&mut self, req: Request, cls: Classified) -> Flow {
         if self.set_changed.has_changed().unwrap_or(false) {
-            self.send_calls().await;
+            self.flush().await;
             self.refresh_set().await;
         }
         let id = cls.id;
         let dispatch = route::decide(&self.state, &cls, &req.args, self.id);
-        // Only the shared path and local replies hold calls back or wait on nothing.
+        // Only the shared path and local replies wait on nothing (or only on a held call
+        // being sent, on the shared path).
         if !matches!(
             dispatch,
             Dispatch::Shared | Dispatch::Local(Local::Reply(_) | Local::SetName(_))
         ) {
-            self.send_calls().await;
+            self.flush().await;
         }
         match dispatch {
             Dispatch::Local(local) => self.local(local, req, cls).await,
@@ -444,7 +450,11 @@ impl Session {
 
     /// No upstream admits the request: degraded mode answers it.
     pub(super) async fn degraded(&mut self, req: &Request, cls: &Classified) -> Flow {
-        self.send_calls().await;
+        // A read is answered from memory at once; anything else may wait (a queued write
+        // on the journal's disk).
+        if !cls.read {
+            self.flush().await;
+        }
         let primary = self.set.primary();
         let err = match primary.ctx.misconfigured() {
             Some(reason) => UpstreamError::Misconfigured {

@@ -19,7 +19,7 @@ impl Session {
     /// holds one it cannot release yet, else shared.
     pub(super) async fn forward(&mut self, req: Request, cls: Classified) -> Flow {
         if self.links.pinned.is_some() {
-            self.send_calls().await;
+            self.flush().await;
             if !self.state.releasable(self.links.blocked()) {
                 return self
                     .pinned_send(req, cls, false, super::route::Then::Nothing)
@@ -71,12 +71,12 @@ impl Session {
             && !self.server.degrade.queue.is_empty()
             && self.set.primary().breaker.state() != State::Open
         {
-            self.send_calls().await;
+            self.flush().await;
             if let Err(gate) = self
                 .server
                 .degrade
                 .queue
-                .wait_for_replay(self.server.config.command_timeout)
+                .wait_for_replay(self.replay_wait())
                 .await
             {
                 let err = UpstreamError::unavailable(self.set.primary().name(), gate);
@@ -140,9 +140,12 @@ impl Session {
                 Tracked::new(self.set.list[index].shared_conn(self.state.proto, &identity))
             }
         };
-        // Calls held for another connection go first: the fence may wait on them.
-        if self.outbox.conn_id().is_some_and(|id| id != link.conn.id) {
-            self.send_calls().await;
+        // Calls held for another connection go first (the fence may wait on them), and
+        // everything held before the fence waits.
+        if self.links.moves(index, &link)
+            || self.outbox.conn_id().is_some_and(|id| id != link.conn.id)
+        {
+            self.flush().await;
         }
         self.links.fence(index, &link).await;
         let (mut call, rx) = Call::new(req.raw, false, cls.write);

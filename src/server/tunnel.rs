@@ -30,7 +30,7 @@ impl Session {
             .server
             .degrade
             .queue
-            .wait_for_replay(self.server.config.command_timeout)
+            .wait_for_replay(self.replay_wait())
             .await
         {
             drop(guard);

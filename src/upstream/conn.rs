@@ -586,7 +586,7 @@ async fn pipeline(
         let mut buf = BytesMut::with_capacity(64 * 1024);
         let mut scanner = ReplyScanner::new();
         // What the replies in `buf` leave to do, done together once it is scanned.
-        let mut settle = Settle::default();
+        let mut settle = Settle::new(ctx);
         // When the reply before the next one had fully arrived: see the module docs.
         let mut last_done = Instant::now();
         let far = Duration::from_secs(86400 * 365);
@@ -730,18 +730,27 @@ impl Drop for SlowMark<'_> {
 }
 
 /// What the replies read together leave to do once each has been handed on: their cache
-/// fills (see `ReplyEffect::defer`) and their breaker outcomes, each group applied in one
-/// step (one cache lock, one breaker lock).
-#[derive(Default)]
+/// fills (see `ReplyEffect::defer`), their breaker outcomes and their latencies, each
+/// group applied in one step (one cache lock, one breaker lock, one histogram update).
 struct Settle {
     fills: Vec<DeferredFill>,
     outcomes: Vec<(CallGuard, Outcome)>,
+    latency: prometheus::local::LocalHistogram,
 }
 
 impl Settle {
+    fn new(ctx: &UpstreamCtx) -> Settle {
+        Settle {
+            fills: Vec::new(),
+            outcomes: Vec::new(),
+            latency: ctx.metrics.latency.local(),
+        }
+    }
+
     fn apply(&mut self, ctx: &UpstreamCtx, id: u64, now: Instant) {
         ctx.sink.apply_fills(&mut self.fills, Some(ConnId(id)));
         CallGuard::complete_all(&mut self.outcomes, now);
+        self.latency.flush();
     }
 }
 
@@ -778,7 +787,7 @@ fn complete<'a>(
     };
     let latency = now.saturating_duration_since(p.sent.max(*last_done));
     *last_done = now;
-    ctx.metrics.latency.observe(latency.as_secs_f64());
+    settle.latency.observe(latency.as_secs_f64());
     if frame.first() == Some(&b'-') && ErrorCode::of(&frame) == ErrorCode::Busy {
         ctx.note_busy();
     }
