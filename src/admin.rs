@@ -199,6 +199,7 @@ async fn write_queue(State(server): State<Arc<Server>>) -> Response {
     let q = &server.degrade.queue;
     json(json!({
         "depth": q.journal.len(),
+        "writing": q.journal.writing(),
         "bytes": q.journal.bytes(),
         "replay_stalled": q.is_stalled(),
         "dead_letters": q.dead_letters().len(),

@@ -690,6 +690,13 @@ impl Journal {
         state.entries.len() + state.pending
     }
 
+    /// Queued entries that are still being written: not yet durable, and not yet
+    /// acknowledged to their clients (a crash now loses them, and nobody was told they
+    /// were queued).
+    pub fn writing(&self) -> usize {
+        self.shared.lock().pending
+    }
+
     /// Bytes of queued frames (what `max_bytes` limits).
     pub fn bytes(&self) -> usize {
         self.shared.lock().bytes
