@@ -1,7 +1,8 @@
 //! The client-facing half of a session: writes replies in request order.
 //!
-//! The reader pushes one [`Slot`] per request, in order; a slot is either a reply made
-//! locally or the receiving end of an upstream reply. The writer resolves slots strictly in
+//! The reader hands over one [`Slot`] per request, in order, the slots of a read burst in
+//! one message ([`Slots`]); a slot is either a reply made locally or the receiving end of
+//! an upstream reply. The writer resolves slots strictly in
 //! order and batches: while the next slot is already resolved its bytes join the same write,
 //! so a pipeline of thousands of commands leaves in a few syscalls. A cacheable read the
 //! upstream failed is answered in degraded mode where the failure happened (see
