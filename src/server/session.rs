@@ -52,6 +52,8 @@ pub(super) struct Session {
     pub(super) set: Arc<UpstreamSet>,
     set_changed: watch::Receiver<u64>,
     slots: mpsc::Sender<Slots>,
+    /// Room for reply slots not yet taken by the writer (`writer::SLOT_ROOM`).
+    slot_room: Arc<tokio::sync::Semaphore>,
     /// Calls and reply slots of the current read burst, handed on together.
     pub(super) outbox: Outbox,
     /// When the bytes being parsed arrived: what the client-side latency counts from, and
@@ -81,14 +83,15 @@ pub async fn run(
 ) {
     let _ = stream.set_nodelay(true);
     let (mut rd, wr) = stream.into_split();
-    // Replies a client may have outstanding before redfuse stops reading from it: deep
-    // enough that a client writing a whole pipeline before reading its replies does not
-    // stall. Counted in messages: a burst's slots (up to `outbox::MAX_SLOTS`) are one.
-    let (slots_tx, slots_rx) = mpsc::channel(16 * 1024);
+    // Bounded in slots by `slot_room`; a message holds at least one, so the channel never
+    // fills first.
+    let (slots_tx, slots_rx) = mpsc::channel(super::writer::SLOT_ROOM);
+    let slot_room = Arc::new(tokio::sync::Semaphore::new(super::writer::SLOT_ROOM));
     let output = Arc::new(OutputBudget::new(server.config.output_limits));
     let writer = tokio::spawn(super::writer::write_replies(
         wr,
         slots_rx,
+        slot_room.clone(),
         server.clone(),
         output.clone(),
     ));
@@ -108,6 +111,7 @@ pub async fn run(
         server,
         id,
         slots: slots_tx,
+        slot_room,
         outbox: Outbox::default(),
         received: Instant::now(),
     };
@@ -338,7 +342,12 @@ impl Session {
             conn.send_all(calls).await;
         }
         if let Some(slots) = self.outbox.take_slots(self.received) {
-            // The writer only goes away when the client socket is gone; nothing to do then.
+            // The writer only goes away when the client socket is gone (the room is closed
+            // then); nothing to do then.
+            let weight = super::writer::slot_weight(slots.slots.len());
+            if let Ok(permit) = self.slot_room.acquire_many(weight).await {
+                permit.forget();
+            }
             let _ = self.slots.send(slots).await;
         }
     }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::Server;
@@ -66,6 +66,16 @@ pub struct Slots {
     pub received: Instant,
 }
 
+/// Reply slots a client may have outstanding before redfuse stops reading from it: deep
+/// enough that a client writing a whole pipeline before reading its replies does not
+/// stall. Counted in slots, not messages (a message holds a read burst's slots).
+pub const SLOT_ROOM: usize = 16 * 1024;
+
+/// The room a message of `n` slots takes.
+pub fn slot_weight(n: usize) -> u32 {
+    u32::try_from(n.min(SLOT_ROOM)).unwrap_or(u32::MAX)
+}
+
 const BATCH_BYTES: usize = 64 * 1024;
 
 /// Turns an upstream result into the client's reply, falling back to degraded mode for a
@@ -96,11 +106,20 @@ fn resolve(server: &Server, result: Reply, fallback: Option<Box<Fallback>>) -> (
 pub async fn write_replies(
     wr: OwnedWriteHalf,
     slots: mpsc::Receiver<Slots>,
+    room: Arc<Semaphore>,
     server: Arc<Server>,
     output: Arc<OutputBudget>,
 ) {
+    // However the writer ends, a session waiting for room stops waiting.
+    struct Close(Arc<Semaphore>);
+    impl Drop for Close {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _close = Close(room.clone());
     tokio::select! {
-        _ = write_loop(wr, slots, &server, &output) => {}
+        _ = write_loop(wr, slots, &room, &server, &output) => {}
         // The writer is stuck on a client that does not read: stop holding its replies.
         _ = output.exceeded() => {}
     }
@@ -109,6 +128,7 @@ pub async fn write_replies(
 async fn write_loop(
     mut wr: OwnedWriteHalf,
     mut slots: mpsc::Receiver<Slots>,
+    room: &Semaphore,
     server: &Server,
     output: &OutputBudget,
 ) {
@@ -136,6 +156,7 @@ async fn write_loop(
                         }
                     }
                 };
+                room.add_permits(slot_weight(next.slots.len()) as usize);
                 received = next.received;
                 batch = next.slots.into_iter();
                 continue;
