@@ -61,6 +61,7 @@
 pub(crate) mod admin;
 pub(crate) mod auth;
 pub(crate) mod breaker;
+pub(crate) mod burst;
 pub(crate) mod cache;
 pub(crate) mod command;
 pub mod config;

@@ -37,9 +37,14 @@ impl Tracked {
         }
     }
 
+    /// Counts `call` on this connection (and in `other`) until it is answered.
+    pub fn track(&self, call: &mut Call, other: Option<Mark>) {
+        call.marks = [Some(self.inflight.mark()), other];
+    }
+
     /// Sends a call on this connection, counted until answered.
     pub async fn send(&self, mut call: Call, other: Option<Mark>) {
-        call.marks = [Some(self.inflight.mark()), other];
+        self.track(&mut call, other);
         self.conn.send(call).await;
     }
 }

@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -22,6 +22,7 @@ use super::outbox::Outbox;
 use super::route::{self, Dispatch};
 use super::state::{Auth, ConnState};
 use super::writer::{Slot, SlotKind, Slots};
+use crate::burst;
 use crate::command::{Classified, UNKNOWN, classify};
 use crate::degrade::{ClientView, Origin};
 use crate::effect::OutputBudget;
@@ -51,9 +52,8 @@ pub(super) struct Session {
     /// (checked before each request: one atomic load, no lock).
     pub(super) set: Arc<UpstreamSet>,
     set_changed: watch::Receiver<u64>,
-    slots: mpsc::Sender<Slots>,
-    /// Room for reply slots not yet taken by the writer (`writer::SLOT_ROOM`).
-    slot_room: Arc<tokio::sync::Semaphore>,
+    /// Bounded in slots (`writer::SLOT_ROOM`), not in messages.
+    slots: burst::Sender<Slots>,
     /// Calls and reply slots of the current read burst, handed on together.
     pub(super) outbox: Outbox,
     /// When the bytes being parsed arrived: what the client-side latency counts from, and
@@ -83,15 +83,11 @@ pub async fn run(
 ) {
     let _ = stream.set_nodelay(true);
     let (mut rd, wr) = stream.into_split();
-    // Bounded in slots by `slot_room`; a message holds at least one, so the channel never
-    // fills first.
-    let (slots_tx, slots_rx) = mpsc::channel(super::writer::SLOT_ROOM);
-    let slot_room = Arc::new(tokio::sync::Semaphore::new(super::writer::SLOT_ROOM));
+    let (slots_tx, slots_rx) = burst::channel(super::writer::SLOT_ROOM);
     let output = Arc::new(OutputBudget::new(server.config.output_limits));
     let writer = tokio::spawn(super::writer::write_replies(
         wr,
         slots_rx,
-        slot_room.clone(),
         server.clone(),
         output.clone(),
     ));
@@ -111,7 +107,6 @@ pub async fn run(
         server,
         id,
         slots: slots_tx,
-        slot_room,
         outbox: Outbox::default(),
         received: Instant::now(),
     };
@@ -316,10 +311,9 @@ impl Session {
             .saturating_duration_since(Instant::now())
     }
 
-    /// Whether reads are answered from the cache now: it is on, and every upstream's
-    /// breaker refuses (a lock-free hint each).
+    /// Whether reads are answered from the cache now: it is on, and every breaker refuses.
     fn answering_from_cache(&self) -> bool {
-        self.server.degrade.cache.enabled() && self.set.list.iter().all(|u| u.breaker.rejects_all())
+        self.server.degrade.cache.enabled() && self.set.all_refuse()
     }
 
     /// Queues a reply slot, in request order (handed to the writer with its burst).
@@ -342,12 +336,7 @@ impl Session {
             conn.send_all(calls).await;
         }
         if let Some(slots) = self.outbox.take_slots(self.received) {
-            // The writer only goes away when the client socket is gone (the room is closed
-            // then); nothing to do then.
-            let weight = super::writer::slot_weight(slots.slots.len());
-            if let Ok(permit) = self.slot_room.acquire_many(weight).await {
-                permit.forget();
-            }
+            // The writer only goes away when the client socket is gone; nothing to do then.
             let _ = self.slots.send(slots).await;
         }
     }

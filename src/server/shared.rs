@@ -31,7 +31,7 @@ impl Session {
         // With every breaker open the read is answered from the cache: there is no fill to
         // plan and no request in flight to share (planned after admission if one admits
         // after all).
-        let unplanned = cls.read && self.set.list.iter().all(|u| u.breaker.rejects_all());
+        let unplanned = cls.read && self.set.all_refuse();
         // A read identical to one in flight waits for it: no permit, no bulkhead slot.
         let mut plan = None;
         let mut leader = None;
@@ -154,7 +154,7 @@ impl Session {
         call.guard = Some(guard);
         call.inflight = Some(inflight);
         call.effect = effect;
-        call.marks = [Some(link.inflight.mark()), write_mark];
+        link.track(&mut call, write_mark);
         self.outbox.hold(&link.conn, call);
         self.links.shared[index] = Some(link);
         self.push(Slot {

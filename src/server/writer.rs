@@ -13,10 +13,11 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::Server;
+use crate::burst;
 use crate::cache::Follower;
 use crate::degrade::Origin;
 use crate::effect::{DegradedRead, FillPlan, OutputBudget};
@@ -66,15 +67,16 @@ pub struct Slots {
     pub received: Instant,
 }
 
+impl crate::burst::Burst for Slots {
+    fn items(&self) -> usize {
+        self.slots.len()
+    }
+}
+
 /// Reply slots a client may have outstanding before redfuse stops reading from it: deep
 /// enough that a client writing a whole pipeline before reading its replies does not
 /// stall. Counted in slots, not messages (a message holds a read burst's slots).
 pub const SLOT_ROOM: usize = 16 * 1024;
-
-/// The room a message of `n` slots takes.
-pub fn slot_weight(n: usize) -> u32 {
-    u32::try_from(n.min(SLOT_ROOM)).unwrap_or(u32::MAX)
-}
 
 const BATCH_BYTES: usize = 64 * 1024;
 
@@ -105,21 +107,12 @@ fn resolve(server: &Server, result: Reply, fallback: Option<Box<Fallback>>) -> (
 /// budget is exceeded (its pending replies are then dropped and it is disconnected).
 pub async fn write_replies(
     wr: OwnedWriteHalf,
-    slots: mpsc::Receiver<Slots>,
-    room: Arc<Semaphore>,
+    slots: burst::Receiver<Slots>,
     server: Arc<Server>,
     output: Arc<OutputBudget>,
 ) {
-    // However the writer ends, a session waiting for room stops waiting.
-    struct Close(Arc<Semaphore>);
-    impl Drop for Close {
-        fn drop(&mut self) {
-            self.0.close();
-        }
-    }
-    let _close = Close(room.clone());
     tokio::select! {
-        _ = write_loop(wr, slots, &room, &server, &output) => {}
+        _ = write_loop(wr, slots, &server, &output) => {}
         // The writer is stuck on a client that does not read: stop holding its replies.
         _ = output.exceeded() => {}
     }
@@ -127,8 +120,7 @@ pub async fn write_replies(
 
 async fn write_loop(
     mut wr: OwnedWriteHalf,
-    mut slots: mpsc::Receiver<Slots>,
-    room: &Semaphore,
+    mut slots: burst::Receiver<Slots>,
     server: &Server,
     output: &OutputBudget,
 ) {
@@ -144,8 +136,8 @@ async fn write_loop(
             Some(slot) => slot,
             None => {
                 let next = match slots.try_recv() {
-                    Ok(next) => next,
-                    Err(_) => {
+                    Some(next) => next,
+                    None => {
                         if flush(&mut wr, &mut out, server).await.is_err() {
                             return;
                         }
@@ -156,7 +148,6 @@ async fn write_loop(
                         }
                     }
                 };
-                room.add_permits(slot_weight(next.slots.len()) as usize);
                 received = next.received;
                 batch = next.slots.into_iter();
                 continue;

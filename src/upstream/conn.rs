@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -37,6 +37,7 @@ use super::handshake::{Setup, open};
 use super::tls::UpstreamStream;
 use super::{Inflight, UpstreamCtx};
 use crate::breaker::{CallGuard, FailureKind, Outcome, ReplyClass, classify_error_reply};
+use crate::burst;
 use crate::effect::{ConnId, DeferredFill, Mark, OutputBudget, ReplyEffect};
 use crate::error::{ConnectFailure, Reply, UpstreamError};
 use crate::resp::{ErrorCode, ReplyScanner};
@@ -127,83 +128,13 @@ pub fn outcome_of_error(err: &UpstreamError) -> Outcome {
 /// connection, read in one burst, cost one channel send instead of one each.
 pub type Calls = Vec<Call>;
 
-/// A connection's request channel, bounded in calls rather than in messages: a message
-/// holds a burst of calls, and the bound is what keeps a client that pipelines a whole
-/// file from queueing more than the bulkhead admits (senders wait instead).
-fn call_queue(depth: usize) -> (CallTx, CallRx) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let room = Arc::new(tokio::sync::Semaphore::new(depth));
-    (
-        CallTx {
-            tx,
-            room: room.clone(),
-            depth,
-        },
-        CallRx { rx, room, depth },
-    )
-}
-
-#[derive(Clone)]
-struct CallTx {
-    tx: mpsc::UnboundedSender<Calls>,
-    room: Arc<tokio::sync::Semaphore>,
-    depth: usize,
-}
-
-impl CallTx {
-    async fn send(&self, calls: Calls) -> Result<(), Calls> {
-        let n = weight(calls.len(), self.depth);
-        match self.room.acquire_many(n).await {
-            Ok(permit) => permit.forget(),
-            Err(_) => return Err(calls),
-        }
-        self.tx.send(calls).map_err(|e| e.0)
-    }
-}
-
-/// The room a message takes (a burst longer than the whole queue takes all of it).
-fn weight(calls: usize, depth: usize) -> u32 {
-    u32::try_from(calls.min(depth)).unwrap_or(u32::MAX)
-}
-
-struct CallRx {
-    rx: mpsc::UnboundedReceiver<Calls>,
-    room: Arc<tokio::sync::Semaphore>,
-    depth: usize,
-}
-
-impl CallRx {
-    async fn recv(&mut self) -> Option<Calls> {
-        let calls = self.rx.recv().await?;
-        self.room
-            .add_permits(weight(calls.len(), self.depth) as usize);
-        Some(calls)
-    }
-
-    fn try_recv(&mut self) -> Option<Calls> {
-        let calls = self.rx.try_recv().ok()?;
-        self.room
-            .add_permits(weight(calls.len(), self.depth) as usize);
-        Some(calls)
-    }
-
-    /// No more calls are taken: senders waiting for room get their calls back.
-    fn close(&mut self) {
-        self.rx.close();
-        self.room.close();
-    }
-}
-
-impl Drop for CallRx {
-    fn drop(&mut self) {
-        self.room.close();
-    }
-}
+type CallRx = burst::Receiver<Calls>;
 
 /// A cheap handle to a connection task.
 #[derive(Clone)]
 pub struct ConnHandle {
-    tx: CallTx,
+    /// Bounded in calls (`depth`), not in messages.
+    tx: burst::Sender<Calls>,
     pub id: u64,
     ctx: Arc<UpstreamCtx>,
     /// Dedicated connections only: see [`ConnHandle::abandon`].
@@ -249,7 +180,7 @@ impl ConnHandle {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.tx.tx.is_closed()
+        self.tx.is_closed()
     }
 
     pub fn upstream(&self) -> &Arc<str> {
@@ -276,7 +207,7 @@ fn next_conn_id() -> u64 {
 
 /// Starts a shared connection task that reconnects with back-off for as long as a handle exists.
 pub fn spawn_shared(ctx: Arc<UpstreamCtx>, setup: Setup, depth: usize) -> ConnHandle {
-    let (tx, rx) = call_queue(depth);
+    let (tx, rx) = burst::channel(depth);
     let id = next_conn_id();
     tokio::spawn(run_shared(ctx.clone(), setup, rx, id));
     ConnHandle {
@@ -289,7 +220,7 @@ pub fn spawn_shared(ctx: Arc<UpstreamCtx>, setup: Setup, depth: usize) -> ConnHa
 
 /// Runs a dedicated connection on an already opened stream; it ends with its socket.
 pub fn spawn_dedicated(ctx: Arc<UpstreamCtx>, stream: UpstreamStream, depth: usize) -> ConnHandle {
-    let (tx, mut rx) = call_queue(depth);
+    let (tx, mut rx) = burst::channel(depth);
     let id = next_conn_id();
     let abandon = Arc::new(Abandon::default());
     let watch = abandon.clone();
@@ -488,11 +419,11 @@ async fn pipeline(
     abandon: Option<&Abandon>,
     id: u64,
 ) -> Ended {
-    let depth = rx.depth;
+    let depth = rx.room();
     let (mut rd, mut wr) = stream.split();
     let pending: Mutex<VecDeque<Pending<'_>>> = Mutex::new(VecDeque::new());
     let armed = Notify::new();
-    // Sent and unanswered calls are bounded too: past `rx.depth` the writer takes no more
+    // Sent and unanswered calls are bounded too: past `depth` the writer takes no more
     // from the channel, which fills, and senders wait. Without this a fast client could
     // push the whole in-flight allowance of the upstream into one connection's pipe.
     let roomy = Notify::new();
@@ -524,7 +455,9 @@ async fn pipeline(
             let mut now = Instant::now();
             while let Some(calls) = next.take() {
                 let deadline = now + ctx.command_timeout;
-                let mut frames = Vec::with_capacity(calls.len());
+                // Frames from the first large one on, written after the lock (none, nearly
+                // always: the small ones are copied into `out` right here).
+                let mut large = Vec::new();
                 {
                     // Registered before any of their bytes can reach Redis, under one lock.
                     let mut q = pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -532,7 +465,11 @@ async fn pipeline(
                         armed.notify_one();
                     }
                     for call in calls {
-                        frames.push(call.frame);
+                        if large.is_empty() && call.frame.len() < DIRECT_WRITE_BYTES {
+                            out.extend_from_slice(&call.frame);
+                        } else {
+                            large.push(call.frame);
+                        }
                         q.push_back(Pending {
                             reply: call.reply,
                             sent: now,
@@ -547,7 +484,7 @@ async fn pipeline(
                         });
                     }
                 }
-                for frame in frames {
+                for frame in large {
                     if frame.len() >= DIRECT_WRITE_BYTES {
                         if !out.is_empty() {
                             if let Err(e) = wr.write_all(&out).await {
@@ -810,60 +747,4 @@ fn complete<'a>(
     }
     let _ = p.reply.send(result);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn calls(n: usize) -> Calls {
-        (0..n)
-            .map(|_| Call::new(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"), false, false).0)
-            .collect()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_call_queue_is_bounded_in_calls_not_messages() {
-        let (tx, mut rx) = call_queue(10);
-        tx.send(calls(6))
-            .await
-            .unwrap_or_else(|_| panic!("room for 6"));
-        tx.send(calls(4))
-            .await
-            .unwrap_or_else(|_| panic!("room for 4 more"));
-        // Full: an eleventh call waits until a message is taken.
-        let waiting = tokio::time::timeout(Duration::from_secs(1), tx.send(calls(1))).await;
-        assert!(waiting.is_err(), "a full queue took another call");
-        assert_eq!(rx.try_recv().map(|c| c.len()), Some(6));
-        tokio::time::timeout(Duration::from_secs(1), tx.send(calls(5)))
-            .await
-            .expect("room after a message was taken")
-            .unwrap_or_else(|_| panic!("queue open"));
-        // A burst longer than the whole queue still goes, taking all of it.
-        assert_eq!(rx.try_recv().map(|c| c.len()), Some(4));
-        assert_eq!(rx.try_recv().map(|c| c.len()), Some(5));
-        tx.send(calls(25))
-            .await
-            .unwrap_or_else(|_| panic!("an oversized burst"));
-        assert_eq!(rx.try_recv().map(|c| c.len()), Some(25));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_sender_waiting_for_room_gets_its_calls_back_when_the_queue_closes() {
-        let (tx, mut rx) = call_queue(2);
-        tx.send(calls(2))
-            .await
-            .unwrap_or_else(|_| panic!("room for 2"));
-        let sender = tokio::spawn({
-            let tx = tx.clone();
-            async move { tx.send(calls(3)).await.err().map(|c| c.len()) }
-        });
-        tokio::task::yield_now().await;
-        rx.close();
-        assert_eq!(sender.await.unwrap(), Some(3));
-        // Queued before the close: still there to be failed by the connection.
-        assert_eq!(rx.try_recv().map(|c| c.len()), Some(2));
-        drop(rx);
-        assert!(tx.send(calls(1)).await.is_err());
-    }
 }

@@ -83,6 +83,12 @@ impl UpstreamSet {
         }
     }
 
+    /// Whether every upstream's breaker refuses requests (a lock-free hint each): reads
+    /// are answered from the cache.
+    pub fn all_refuse(&self) -> bool {
+        self.list.iter().all(|u| u.breaker.rejects_all())
+    }
+
     pub fn primary(&self) -> &Arc<Upstream> {
         &self.list[self.primary]
     }
