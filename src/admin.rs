@@ -123,6 +123,8 @@ fn upstream_states(server: &Server) -> serde_json::Value {
                 // Up, but refusing redfuse's own credentials.
                 "misconfigured": u.ctx.misconfigured(),
                 "warm_dedicated_connections": u.warm_dedicated(),
+                // Requests waiting on it, against `max_inflight_per_upstream`.
+                "in_flight": u.inflight(),
             })
         })
         .collect();

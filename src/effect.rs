@@ -224,13 +224,36 @@ mod tests {
     }
 }
 
+/// Reply bytes a client may have coming from Redis (its requests waiting on Redis, times
+/// the size of its recent replies) before redfuse stops reading from it: its share of a
+/// shared connection's FIFO pipeline. Everyone else on that connection waits behind what
+/// is ahead of them; a client pipelining thousands of 100 KB reads kept others waiting
+/// seconds behind hundreds of megabytes. Counted in bytes, not requests, so a lone client
+/// pipelining small commands over a slow link keeps its whole window. Answered requests
+/// are not counted: a client that writes a long pipeline before reading anything is slowed
+/// down, never stuck.
+pub const UNANSWERED_BYTES: usize = 8 << 20;
+
+/// Requests a new client may have waiting on Redis before its replies' size is known (the
+/// average starts at the size that allows this many).
+const FIRST_WINDOW: usize = 256;
+
 /// A client's replies that have arrived from Redis but not yet been written to its socket,
 /// in bytes, against `client-output-buffer-limit`-style limits: past the hard limit, or
 /// above the soft limit for longer than its grace period, the client is disconnected (as
 /// Redis does), so one client that does not read cannot grow redfuse without bound.
+///
+/// It also counts the client's requests still waiting on Redis ([`Owed`],
+/// [`MAX_UNANSWERED`]).
 #[derive(Debug)]
 pub struct OutputBudget {
     pending: AtomicUsize,
+    unanswered: AtomicUsize,
+    /// A moving average of the client's reply sizes.
+    reply_size: AtomicUsize,
+    /// Set while the session waits for answers (`caught_up`).
+    waiting: std::sync::atomic::AtomicBool,
+    answered: tokio::sync::Notify,
     hard: usize,
     soft: usize,
     soft_for: std::time::Duration,
@@ -253,6 +276,10 @@ impl OutputBudget {
     pub fn new(limits: OutputLimits) -> OutputBudget {
         OutputBudget {
             pending: AtomicUsize::new(0),
+            unanswered: AtomicUsize::new(0),
+            reply_size: AtomicUsize::new(UNANSWERED_BYTES / FIRST_WINDOW),
+            waiting: std::sync::atomic::AtomicBool::new(false),
+            answered: tokio::sync::Notify::new(),
             hard: if limits.hard == 0 {
                 usize::MAX
             } else {
@@ -273,6 +300,11 @@ impl OutputBudget {
 
     /// A reply of `n` bytes arrived for the client.
     pub fn add(&self, n: usize) {
+        // Replies of one client arrive on one connection at a time, nearly always: an
+        // update lost to a race only makes the average a little older.
+        let avg = self.reply_size.load(Ordering::Relaxed);
+        self.reply_size
+            .store(avg - avg / 8 + n / 8, Ordering::Relaxed);
         let now = self.pending.fetch_add(n, Ordering::AcqRel) + n;
         if now > self.hard {
             self.exceed();
@@ -327,12 +359,131 @@ impl OutputBudget {
     pub fn pending(&self) -> usize {
         self.pending.load(Ordering::Acquire)
     }
+
+    /// Counts one more request of the client's waiting on Redis, until the [`Owed`] is
+    /// dropped (answered, failed or never sent).
+    pub fn owe(self: &Arc<Self>) -> Owed {
+        self.unanswered.fetch_add(1, Ordering::AcqRel);
+        Owed(self.clone())
+    }
+
+    /// Whether the client has its share of the pipeline waiting on Redis
+    /// ([`UNANSWERED_BYTES`]).
+    pub fn owes_enough(&self) -> bool {
+        let size = self.reply_size.load(Ordering::Relaxed).max(1);
+        // SeqCst here, on `waiting` and in `Owed::drop`: the session's "waiting, then
+        // check" and the reply's "count down, then check waiting" never both miss.
+        let n = self.unanswered.load(Ordering::SeqCst);
+        n.saturating_mul(size) >= UNANSWERED_BYTES
+    }
+
+    /// Resolves once the client no longer [`owes_enough`](Self::owes_enough).
+    pub async fn caught_up(&self) {
+        loop {
+            let notified = self.answered.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.waiting.store(true, Ordering::SeqCst);
+            if !self.owes_enough() {
+                self.waiting.store(false, Ordering::Relaxed);
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One request of a client's waiting on Redis (see [`OutputBudget::owe`]); its reply is
+/// charged to the client's budget through it.
+#[derive(Debug)]
+pub struct Owed(Arc<OutputBudget>);
+
+impl Owed {
+    pub fn budget(&self) -> &Arc<OutputBudget> {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Owed {
+    type Target = OutputBudget;
+
+    fn deref(&self) -> &OutputBudget {
+        &self.0
+    }
+}
+
+impl Drop for Owed {
+    fn drop(&mut self) {
+        let budget = &self.0;
+        budget.unanswered.fetch_sub(1, Ordering::SeqCst);
+        if budget.waiting.load(Ordering::SeqCst) && !budget.owes_enough() {
+            budget.waiting.store(false, Ordering::Relaxed);
+            budget.answered.notify_one();
+        }
+    }
 }
 
 #[cfg(test)]
 mod budget_tests {
     use super::*;
     use std::time::Duration;
+
+    fn unlimited() -> Arc<OutputBudget> {
+        Arc::new(OutputBudget::new(OutputLimits {
+            hard: 0,
+            soft: 0,
+            soft_for: Duration::ZERO,
+        }))
+    }
+
+    #[tokio::test]
+    async fn a_clients_share_of_the_pipeline_is_counted_in_reply_bytes() {
+        let b = unlimited();
+        // Before any reply: FIRST_WINDOW requests.
+        let mut owed: Vec<Owed> = (0..FIRST_WINDOW - 1).map(|_| b.owe()).collect();
+        assert!(!b.owes_enough());
+        owed.push(b.owe());
+        assert!(b.owes_enough());
+        // Replies of 64 KiB: 128 requests' worth.
+        for o in owed.drain(..) {
+            o.add(64 << 10);
+        }
+        for _ in 0..100 {
+            b.add(64 << 10);
+        }
+        let mut owed: Vec<Owed> = (0..127).map(|_| b.owe()).collect();
+        assert!(!b.owes_enough());
+        owed.push(b.owe());
+        assert!(b.owes_enough());
+        // Small replies: the window is far wider.
+        drop(owed);
+        for _ in 0..200 {
+            b.add(10);
+        }
+        let owed: Vec<Owed> = (0..50_000).map(|_| b.owe()).collect();
+        assert!(!b.owes_enough());
+        drop(owed);
+    }
+
+    #[tokio::test]
+    async fn caught_up_wakes_when_an_answer_makes_room() {
+        let b = unlimited();
+        let mut owed: Vec<Owed> = (0..FIRST_WINDOW).map(|_| b.owe()).collect();
+        let waiter = tokio::spawn({
+            let b = b.clone();
+            async move { b.caught_up().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        // Failed or never sent counts as answered too: dropping is enough.
+        owed.pop();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        drop(owed);
+        b.caught_up().await;
+    }
 
     #[tokio::test(start_paused = true)]
     async fn hard_and_soft_limits() {

@@ -440,3 +440,90 @@ fn a_long_pipeline_is_slowed_down_not_refused_by_the_bulkhead() {
         "{stats}"
     );
 }
+
+/// A client pipelining large reads holds a bounded share of its shared Redis connection:
+/// 256 requests waiting on Redis while the size of its replies is unknown, then about
+/// 8 MiB of replies' worth, not thousands of requests. Without the bound, every read of
+/// the pipeline below waits on the paused Redis at once, past the upstream's in-flight
+/// allowance (the bulkhead refuses some of them), and whoever shares the connection waits
+/// behind 75 MB of replies.
+#[test]
+fn a_client_pipelining_large_reads_holds_a_bounded_share_of_its_connection() {
+    let redis = RedisServer::start();
+    let value = "x".repeat(50 * 1024);
+    let mut filler = redis.client();
+    for i in 0..100 {
+        filler.send_cmd(&["SET", &format!("big:{i}"), &value]);
+    }
+    for _ in 0..100 {
+        assert_eq!(filler.read_frame(), b"+OK\r\n");
+    }
+    let dir = TempDir::new("limits");
+    // Redis is paused below: no health probe, no breaker and no timeout get in the way.
+    let config = dir.write(
+        "redfuse.toml",
+        &format!(
+            "upstream = \"{}\"\nupstream_connections = 1\nmax_inflight_per_upstream = 1000\n\
+             health_probe_interval_ms = 0\ncommand_timeout_ms = 30000\n[breaker]\nmode = \"disabled\"\n",
+            redis.addr()
+        ),
+    );
+    let rf = start_with_config(&config);
+    let in_flight = || {
+        support::admin::get_json(&rf.admin_addr(), "/ready")["upstreams"][0]["in_flight"]
+            .as_u64()
+            .expect("in_flight in /ready")
+    };
+    let mut bystander = rf.client();
+    assert_eq!(bystander.cmd(&["SET", "mine", "1"]), b"+OK\r\n");
+    let mut hog = rf.client();
+    let n = 1500;
+    // Distinct reads: identical ones in flight would share one upstream request.
+    let pipeline = |round: usize| {
+        let mut p = Vec::new();
+        for i in 0..n {
+            p.extend(resp_cmd(&[
+                "GETRANGE",
+                &format!("big:{}", i % 100),
+                "0",
+                &(100_000 + round * n + i).to_string(),
+            ]));
+        }
+        p
+    };
+    // The value's bulk string: `$51200\r\n` and the value.
+    let reply_len = value.len() + 10;
+    // First the size of its replies is unknown: 256 requests; then 8 MiB / 51,210 bytes.
+    for (round, most) in [(0, 256), (1, (8u64 << 20).div_ceil(reply_len as u64))] {
+        let mut pause = redis.client();
+        assert_eq!(pause.cmd(&["CLIENT", "PAUSE", "3000", "ALL"]), b"+OK\r\n");
+        hog.send(&pipeline(round));
+        bystander.send_cmd(&["GET", "mine"]);
+        eventually("the pipeline waits on the paused Redis", secs(2), || {
+            in_flight() >= most / 2
+        });
+        // Long enough for redfuse to read the whole pipeline, had it no bound.
+        thread::sleep(ms(300));
+        let seen = in_flight();
+        assert!(
+            seen <= most + 1,
+            "round {round}: {seen} requests wait on Redis, more than the client's share ({most}) and the bystander's GET"
+        );
+        assert_eq!(pause.cmd(&["CLIENT", "UNPAUSE"]), b"+OK\r\n");
+        for i in 0..n {
+            let f = hog.read_frame();
+            assert_eq!(
+                f.len(),
+                reply_len,
+                "round {round}, reply {i}: {}",
+                esc(&f[..f.len().min(80)])
+            );
+        }
+        assert_eq!(bystander.read_frame(), b"$1\r\n1\r\n");
+    }
+    assert_eq!(
+        metric_sum(&rf.metrics(), "redfuse_bulkhead_overflow_total", &[]),
+        0.0,
+        "the upstream's in-flight allowance ran out"
+    );
+}

@@ -113,7 +113,7 @@ fn answer(ctx: &UpstreamCtx, call: Call, frame: Bytes) {
 fn delayed(ctx: &Arc<UpstreamCtx>, mut call: Call, delay: Duration) -> Call {
     let guard = call.guard.take();
     let effect = call.effect.take();
-    let output = call.output.clone();
+    let output = call.output.as_ref().map(|o| o.budget().clone());
     let (tx, rx) = oneshot::channel();
     let client = std::mem::replace(&mut call.reply, tx);
     let is_write = call.is_write;

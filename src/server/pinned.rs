@@ -145,7 +145,7 @@ impl Session {
         let (mut call, rx) = Call::new(req.raw, blocking, true);
         call.slow = cls.slow();
         // A reply that goes to the writer counts against the client's output limit.
-        call.output = to_writer.then(|| self.output.clone());
+        call.output = to_writer.then(|| self.output.owe());
         call.effect = effect;
         let mark = blocking.then(|| self.links.blocking.mark());
         if blocking {

@@ -202,6 +202,13 @@ impl Session {
                     }
                     Err(e) => return self.protocol_error(e).await,
                 };
+                // The client has its share of the upstream pipeline waiting on Redis: the
+                // others on its connection are not kept waiting behind more of it.
+                if self.output.owes_enough()
+                    && let Some(end) = self.wait_for_answers(shutdown).await
+                {
+                    return end;
+                }
                 let cls = classify(&req.args);
                 if !(cls.read && self.answering_from_cache()) {
                     if let Some(end) = self.dispatch_one(req, cls).await {
@@ -265,17 +272,34 @@ impl Session {
                 r = self.set_changed.changed() => if r.is_ok() {
                     self.refresh_set().await;
                 },
-                _ = self.output.exceeded() => {
-                    self.server.metrics.client_output_overflows.inc();
-                    debug!(client = self.id, pending = self.output.pending(), "closing a client over its output buffer limit");
-                    return End::ClientGone;
-                }
+                _ = self.output.exceeded() => return self.over_output_limit(),
                 _ = sleep_or_forever(idle_deadline) => {
                     debug!(client = self.id, "closing idle client");
                     return End::Closed;
                 }
             }
         }
+    }
+
+    /// Waits until fewer of the client's requests wait on Redis (`OutputBudget::owes_enough`);
+    /// how the session ends if it does meanwhile.
+    async fn wait_for_answers(&mut self, shutdown: &mut watch::Receiver<bool>) -> Option<End> {
+        self.flush().await;
+        tokio::select! {
+            _ = self.output.caught_up() => None,
+            _ = shutdown.changed() => Some(End::Shutdown),
+            _ = self.output.exceeded() => Some(self.over_output_limit()),
+        }
+    }
+
+    fn over_output_limit(&self) -> End {
+        self.server.metrics.client_output_overflows.inc();
+        debug!(
+            client = self.id,
+            pending = self.output.pending(),
+            "closing a client over its output buffer limit"
+        );
+        End::ClientGone
     }
 
     /// Dispatches one request; how the session ends if it does.

@@ -150,7 +150,7 @@ impl Session {
         self.links.fence(index, &link).await;
         let (mut call, rx) = Call::new(req.raw, false, cls.write);
         call.slow = cls.slow();
-        call.output = Some(self.output.clone());
+        call.output = Some(self.output.owe());
         call.guard = Some(guard);
         call.inflight = Some(inflight);
         call.effect = effect;

@@ -38,7 +38,7 @@ use super::tls::UpstreamStream;
 use super::{Inflight, UpstreamCtx};
 use crate::breaker::{CallGuard, FailureKind, Outcome, ReplyClass, classify_error_reply};
 use crate::burst;
-use crate::effect::{ConnId, DeferredFill, Mark, OutputBudget, ReplyEffect};
+use crate::effect::{ConnId, DeferredFill, Mark, Owed, ReplyEffect};
 use crate::error::{ConnectFailure, Reply, UpstreamError};
 use crate::resp::{ErrorCode, ReplyScanner};
 
@@ -62,8 +62,9 @@ pub struct Call {
     pub effect: Option<ReplyEffect>,
     /// The client's counts this request is in; they go down once it is answered.
     pub marks: [Option<Mark>; 2],
-    /// The client's output budget, charged with the reply until the client has it.
-    pub output: Option<Arc<OutputBudget>>,
+    /// The client's output budget, charged with the reply until the client has it; the
+    /// call counts as unanswered until this is dropped.
+    pub output: Option<Owed>,
 }
 
 impl Call {
@@ -405,7 +406,7 @@ struct Pending<'a> {
     _inflight: Option<Inflight>,
     effect: Option<ReplyEffect>,
     _marks: [Option<Mark>; 2],
-    output: Option<Arc<OutputBudget>>,
+    output: Option<Owed>,
 }
 
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
