@@ -63,6 +63,10 @@ impl IdentityId {
     /// Connections that never authenticated upstream.
     pub const ANONYMOUS: IdentityId = IdentityId(0);
 
+    pub fn as_u32(self) -> u32 {
+        self.0
+    }
+
     #[cfg(test)]
     pub fn is_anonymous(self) -> bool {
         self == IdentityId::ANONYMOUS

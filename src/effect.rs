@@ -20,12 +20,8 @@ use crate::error::Reply;
 use crate::resp::reply::Absent;
 use crate::resp::{Proto, Request};
 
-/// Single-flight of identical cacheable reads: the same command, db, protocol and
-/// identity, and no write to the key since.
-pub type FlightKey = (CacheKey, FillTicket);
-
-/// The one read in flight that identical reads wait for.
-pub type Leader = LeaderGuard<FlightKey, Reply>;
+/// The one read in flight that identical reads wait for (see [`FillPlan::flight_hash`]).
+pub type Leader = LeaderGuard<Reply>;
 
 /// How a cacheable read's reply fills the cache.
 #[derive(Debug, Clone)]
@@ -44,10 +40,11 @@ pub enum FillPlan {
 }
 
 impl FillPlan {
-    /// The single-flight identity of a single-key read.
-    pub fn flight_key(&self) -> Option<FlightKey> {
+    /// The single-flight identity of a single-key read: identical reads share a flight
+    /// (the same command, db, protocol and identity, and no write to the key since).
+    pub fn flight_hash(&self) -> Option<u64> {
         match self {
-            FillPlan::Single { key, ticket, .. } => Some((*key, *ticket)),
+            FillPlan::Single { key, ticket, .. } => Some(key.flight_hash(ticket)),
             FillPlan::Mget { .. } => None,
         }
     }
@@ -143,6 +140,18 @@ pub trait EffectSink: Send + Sync {
     /// effect of a reply that arrived after them (a write's invalidation must not overtake
     /// the fill of a read Redis ran before it), and once it has handled what it read.
     fn apply_fills(&self, fills: &mut Vec<DeferredFill>, via: Option<ConnId>);
+
+    /// What [`ReplyEffect::defer`] does; a sink may also find that the fill has nothing
+    /// to do (the cache holds this very reply, just stored) and finish it at once.
+    fn defer(
+        &self,
+        effect: ReplyEffect,
+        reply: &Reply,
+        fills: &mut Vec<DeferredFill>,
+        _now: Instant,
+    ) -> Option<ReplyEffect> {
+        effect.defer(reply, fills)
+    }
 }
 
 /// A successful read's fill, taken out of its [`ReplyEffect`] so that the reply can go on

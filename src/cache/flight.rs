@@ -11,7 +11,7 @@ use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use prometheus::IntCounter;
 use tokio::sync::oneshot;
@@ -29,24 +29,21 @@ const FOLLOWED: u64 = 1;
 /// [`LeaderGuard::stripe`] of a registered leader.
 const NOT_HELD: u32 = u32::MAX;
 
-/// Followers waiting per key: of a registered leader, or of the unregistered leader
-/// that holds the key's stripe.
-type FlightMap<K, V> = FastMap<K, Vec<oneshot::Sender<V>>>;
+/// Followers waiting per key (by its 64-bit hash): of a registered leader, or of the
+/// unregistered leader that holds the key's stripe.
+type FlightMap<V> = FastMap<u64, Vec<oneshot::Sender<V>>>;
 
-struct Flights<K, V> {
-    map: Mutex<FlightMap<K, V>>,
+struct Flights<V> {
+    map: Mutex<FlightMap<V>>,
     /// Per stripe: 0, or the fingerprint of the key whose leader holds the stripe without
     /// a map entry, with [`FOLLOWED`] once a follower waits for it.
     stripes: Box<[AtomicU64]>,
-    /// Picks the stripe.
-    stripe_hasher: Hasher,
-    /// Makes the fingerprint, independent of the stripe: two keys in flight at once in one
-    /// stripe share a fingerprint with a 2^-63 chance.
-    fingerprint_hasher: Hasher,
+    /// Hashes keys given without their hash ([`SingleFlight::join`]).
+    hasher: Hasher,
 }
 
-impl<K, V> Flights<K, V> {
-    fn lock(&self) -> MutexGuard<'_, FlightMap<K, V>> {
+impl<V> Flights<V> {
+    fn lock(&self) -> MutexGuard<'_, FlightMap<V>> {
         // The map is only inserted into and removed from; a panic cannot leave it half-done.
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -68,39 +65,49 @@ impl<K, V> Flights<K, V> {
 /// clears the stripe before it takes that lock, so a follower either is found by the
 /// leader or sees the stripe cleared and starts over. Only when the stripe is held by
 /// another key does a leader register in the map, as every leader used to.
-pub struct SingleFlight<K, V> {
-    flights: Arc<Flights<K, V>>,
+///
+/// The flights live as long as the process: every leader's guard points at them, and a
+/// shared count (an `Arc`) raised and lowered by every read on every core was a cache
+/// line the cores took from each other twice per read. One exists per server.
+pub struct SingleFlight<V: 'static> {
+    flights: &'static Flights<V>,
     shared: Option<IntCounter>,
 }
 
 /// Result of [`SingleFlight::join`].
-pub enum Flight<K: Hash + Eq, V> {
+pub enum Flight<V: 'static> {
     /// Send the request, then call [`LeaderGuard::finish`].
-    Leader(LeaderGuard<K, V>),
+    Leader(LeaderGuard<V>),
     /// `.await` it: `Some(reply)` from the leader, or `None` if the leader gave up, in
     /// which case send the request yourself.
     Follower(Follower<V>),
 }
 
-impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
+impl<V: Clone + 'static> SingleFlight<V> {
     /// `shared` counts followers (`CacheMetrics::singleflight_shared`).
     pub fn new(shared: Option<IntCounter>) -> Self {
         SingleFlight {
-            flights: Arc::new(Flights {
+            flights: Box::leak(Box::new(Flights {
                 map: Mutex::new(FastMap::default()),
                 stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
-                stripe_hasher: Hasher::default(),
-                fingerprint_hasher: Hasher::default(),
-            }),
+                hasher: Hasher::default(),
+            })),
             shared,
         }
     }
 
-    pub fn join(&self, key: K) -> Flight<K, V> {
-        let flights = &*self.flights;
-        let stripe = flights.stripe_hasher.hash_one(&key) as usize % STRIPES;
-        // Never 0 (idle), and FOLLOWED clear.
-        let fingerprint = (flights.fingerprint_hasher.hash_one(&key) | 2) & !FOLLOWED;
+    /// Joins the flight of `key`, hashed here (see [`join_hashed`](Self::join_hashed)).
+    pub fn join<K: Hash + ?Sized>(&self, key: &K) -> Flight<V> {
+        self.join_hashed(self.flights.hasher.hash_one(key))
+    }
+
+    /// Joins the flight of the key hashing to `hash`: keys are known by their hash alone,
+    /// so no key is copied or compared on the path of every read. Two keys in flight at
+    /// once with the same 64-bit hash would share a flight: `hash` must make that a 2^-62
+    /// chance, as a good (keyed) 64-bit hash does.
+    pub fn join_hashed(&self, hash: u64) -> Flight<V> {
+        let flights = self.flights;
+        let (stripe, fingerprint) = place(hash);
         let cell = &flights.stripes[stripe];
         loop {
             let seen = cell.load(Ordering::Acquire);
@@ -110,9 +117,10 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
                     .is_ok()
                 {
                     return Flight::Leader(LeaderGuard {
-                        flights: Arc::clone(&self.flights),
-                        key: Some(key),
+                        flights: self.flights,
+                        hash,
                         stripe: stripe as u32,
+                        done: false,
                     });
                 }
                 continue;
@@ -131,21 +139,22 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
                 {
                     continue;
                 }
-                return self.follow(map.entry(key).or_default());
+                return self.follow(map.entry(hash).or_default());
             }
-            if let Some(followers) = map.get_mut(&key) {
+            if let Some(followers) = map.get_mut(&hash) {
                 return self.follow(followers);
             }
-            map.insert(key.clone(), Vec::new());
+            map.insert(hash, Vec::new());
             return Flight::Leader(LeaderGuard {
-                flights: Arc::clone(&self.flights),
-                key: Some(key),
+                flights: self.flights,
+                hash,
                 stripe: NOT_HELD,
+                done: false,
             });
         }
     }
 
-    fn follow(&self, followers: &mut Vec<oneshot::Sender<V>>) -> Flight<K, V> {
+    fn follow(&self, followers: &mut Vec<oneshot::Sender<V>>) -> Flight<V> {
         let (tx, rx) = oneshot::channel();
         followers.push(tx);
         if let Some(c) = &self.shared {
@@ -171,28 +180,36 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
     }
 }
 
-impl<K: Hash + Eq + Clone, V: Clone> Default for SingleFlight<K, V> {
+impl<V: Clone + 'static> Default for SingleFlight<V> {
     fn default() -> Self {
         SingleFlight::new(None)
     }
 }
 
+/// A key's stripe and fingerprint, from its hash: the fingerprint is a bijection of the
+/// hash (an odd multiplier) with two bits set aside: never 0 (idle), and FOLLOWED clear.
+fn place(hash: u64) -> (usize, u64) {
+    let stripe = (hash >> 40) as usize % STRIPES;
+    let fingerprint = (hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 2) & !FOLLOWED;
+    (stripe, fingerprint)
+}
+
 /// Held by the one caller doing the request. Dropping it unfinished (an error, a
 /// timeout, a cancelled task) releases the followers with `None`.
-pub struct LeaderGuard<K: Hash + Eq, V> {
-    flights: Arc<Flights<K, V>>,
-    /// `None` once finished.
-    key: Option<K>,
+pub struct LeaderGuard<V: 'static> {
+    flights: &'static Flights<V>,
+    hash: u64,
     /// The stripe a leader holds (and has no map entry for unless a follower made one);
     /// `NOT_HELD` for a registered leader.
     stripe: u32,
+    done: bool,
 }
 
-impl<K: Hash + Eq, V> LeaderGuard<K, V> {
+impl<V: 'static> LeaderGuard<V> {
     fn take_followers(&mut self) -> Vec<oneshot::Sender<V>> {
-        let Some(key) = self.key.take() else {
+        if std::mem::replace(&mut self.done, true) {
             return Vec::new();
-        };
+        }
         if self.stripe != NOT_HELD {
             // Cleared before the map is looked at (see `SingleFlight`): a join from now on
             // starts a flight of its own.
@@ -203,7 +220,7 @@ impl<K: Hash + Eq, V> LeaderGuard<K, V> {
         }
         // Removed before answering, so that a join from now on leads anew instead of
         // following a flight that is over.
-        self.flights.lock().remove(&key).unwrap_or_default()
+        self.flights.lock().remove(&self.hash).unwrap_or_default()
     }
 
     /// Hands a clone of `value` to every follower (none made when nobody follows).
@@ -217,7 +234,7 @@ impl<K: Hash + Eq, V> LeaderGuard<K, V> {
     }
 }
 
-impl<K: Hash + Eq, V> Drop for LeaderGuard<K, V> {
+impl<V: 'static> Drop for LeaderGuard<V> {
     fn drop(&mut self) {
         // Dropping the senders is how followers learn of `None`.
         drop(self.take_followers());
@@ -266,6 +283,7 @@ mod tests {
     use crate::resp::Proto;
     use bytes::Bytes;
     use prometheus::Registry;
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn b(s: &str) -> Bytes {
@@ -277,7 +295,7 @@ mod tests {
         const N: usize = 100;
         let registry = Registry::new();
         let metrics = CacheMetrics::register(&registry).unwrap();
-        let flights: Arc<SingleFlight<CacheKey, Bytes>> =
+        let flights: Arc<SingleFlight<Bytes>> =
             Arc::new(SingleFlight::new(Some(metrics.singleflight_shared.clone())));
         let before = Arc::new(tokio::sync::Barrier::new(N));
         let joined = Arc::new(tokio::sync::Barrier::new(N));
@@ -293,7 +311,7 @@ mod tests {
                 tokio::spawn(async move {
                     before.wait().await;
                     let flight =
-                        flights.join(CacheKey::get(0, IdentityId::ANONYMOUS, Proto::Resp2, b"k"));
+                        flights.join(&CacheKey::get(0, IdentityId::ANONYMOUS, Proto::Resp2, b"k"));
                     // Nobody finishes until everyone has joined, so every join overlaps.
                     joined.wait().await;
                     match flight {
@@ -317,8 +335,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_leader_releases_followers_with_none() {
-        let flights: SingleFlight<&str, u32> = SingleFlight::default();
-        let Flight::Leader(guard) = flights.join("k") else {
+        let flights: SingleFlight<u32> = SingleFlight::default();
+        let Flight::Leader(guard) = flights.join(&"k") else {
             panic!("first join must lead")
         };
         assert_eq!(
@@ -326,12 +344,12 @@ mod tests {
             (0, 1),
             "a leader alone in its stripe registers nothing"
         );
-        let Flight::Follower(early) = flights.join("k") else {
+        let Flight::Follower(early) = flights.join(&"k") else {
             panic!("second join must follow")
         };
         let waiting = tokio::spawn(early.into_future());
         tokio::task::yield_now().await;
-        let Flight::Follower(late) = flights.join("k") else {
+        let Flight::Follower(late) = flights.join(&"k") else {
             panic!("third join must follow")
         };
         drop(guard);
@@ -340,21 +358,21 @@ mod tests {
         assert_eq!((flights.in_flight(), flights.held()), (0, 0));
 
         // The key is free again, and a finished flight does not leak into the next one.
-        let Flight::Leader(guard) = flights.join("k") else {
+        let Flight::Leader(guard) = flights.join(&"k") else {
             panic!("must lead again")
         };
-        let Flight::Follower(f) = flights.join("k") else {
+        let Flight::Follower(f) = flights.join(&"k") else {
             panic!("must follow")
         };
         guard.finish(&7);
         assert_eq!(f.await, Some(7));
-        assert!(matches!(flights.join("k"), Flight::Leader(_)));
+        assert!(matches!(flights.join(&"k"), Flight::Leader(_)));
         assert_eq!((flights.in_flight(), flights.held()), (0, 0));
     }
 
     /// Keys are spread over stripes by one hash; this finds two that share a stripe.
-    fn stripe_mates(flights: &SingleFlight<u64, u32>) -> (u64, u64) {
-        let stripe = |k: u64| flights.flights.stripe_hasher.hash_one(k) as usize % STRIPES;
+    fn stripe_mates(flights: &SingleFlight<u32>) -> (u64, u64) {
+        let stripe = |k: u64| place(flights.flights.hasher.hash_one(k)).0;
         let first = stripe(0);
         let mate = (1..).find(|&k| stripe(k) == first).expect("a stripe mate");
         (0, mate)
@@ -362,19 +380,19 @@ mod tests {
 
     #[test]
     fn a_key_whose_stripe_is_taken_registers_and_is_followed() {
-        let flights: SingleFlight<u64, u32> = SingleFlight::default();
+        let flights: SingleFlight<u32> = SingleFlight::default();
         let (a, b) = stripe_mates(&flights);
-        let Flight::Leader(lead_a) = flights.join(a) else {
+        let Flight::Leader(lead_a) = flights.join(&a) else {
             panic!("a leads")
         };
-        let Flight::Leader(lead_b) = flights.join(b) else {
+        let Flight::Leader(lead_b) = flights.join(&b) else {
             panic!("b leads: the stripe is a's")
         };
         assert_eq!((flights.in_flight(), flights.held()), (1, 1));
-        let Flight::Follower(follow_b) = flights.join(b) else {
+        let Flight::Follower(follow_b) = flights.join(&b) else {
             panic!("b's second read follows its registered leader")
         };
-        let Flight::Follower(follow_a) = flights.join(a) else {
+        let Flight::Follower(follow_a) = flights.join(&a) else {
             panic!("a's second read follows a")
         };
         lead_a.finish(&1);
@@ -391,14 +409,14 @@ mod tests {
     /// (none waits on a flight nobody will finish) and nothing is left behind.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn followers_racing_a_finishing_leader_are_always_answered() {
-        let flights: Arc<SingleFlight<u8, u32>> = Arc::new(SingleFlight::default());
+        let flights: Arc<SingleFlight<u32>> = Arc::new(SingleFlight::default());
         let tasks: Vec<_> = (0..4)
             .map(|t| {
                 let flights = flights.clone();
                 tokio::spawn(async move {
                     let mut waiting = Vec::new();
                     for i in 0..20_000u32 {
-                        match flights.join((i % 3) as u8) {
+                        match flights.join(&((i % 3) as u8)) {
                             Flight::Leader(g) if (i + t) % 4 == 0 => drop(g),
                             Flight::Leader(g) => g.finish(&i),
                             Flight::Follower(f) => waiting.push(f),
@@ -423,9 +441,9 @@ mod tests {
 
     #[test]
     fn reads_of_distinct_keys_register_nothing() {
-        let flights: SingleFlight<u64, u32> = SingleFlight::default();
+        let flights: SingleFlight<u32> = SingleFlight::default();
         let guards: Vec<_> = (0..64)
-            .map(|k| match flights.join(k) {
+            .map(|k| match flights.join(&k) {
                 Flight::Leader(g) => g,
                 Flight::Follower(_) => panic!("{k} has nobody to follow"),
             })

@@ -73,6 +73,35 @@ impl EffectSink for Degrade {
             self.fill_together(fills, via);
         }
     }
+
+    fn defer(
+        &self,
+        effect: ReplyEffect,
+        reply: &Reply,
+        fills: &mut Vec<DeferredFill>,
+        now: Instant,
+    ) -> Option<ReplyEffect> {
+        if let (
+            ReplyEffect::Fill {
+                plan: FillPlan::Single { key, .. },
+                ..
+            },
+            Ok(r),
+        ) = (&effect, reply)
+            && !is_error_reply(r)
+            && self.cache.unchanged(key, r, now)
+        {
+            if let ReplyEffect::Fill {
+                leader: Some(leader),
+                ..
+            } = effect
+            {
+                leader.finish(reply);
+            }
+            return None;
+        }
+        effect.defer(reply, fills)
+    }
 }
 
 impl Degrade {

@@ -186,9 +186,13 @@ impl Degrade {
                     self.cache.count(CacheResult::Bypass);
                     return None;
                 }
+                let key = CacheKey::new(db, view.identity, view.proto, &req.args);
+                if filter {
+                    self.cache.prefetch_unchanged(&key);
+                }
                 Some(FillPlan::Single {
                     ticket: self.cache.ticket(db, &redis_key),
-                    key: CacheKey::new(db, view.identity, view.proto, &req.args),
+                    key,
                     redis_key,
                 })
             }

@@ -7,29 +7,35 @@
 //! compiled globs and replies). Reloads that change nothing do not publish, so only an
 //! operator's real changes cost memory.
 
-use std::fmt;
+//!
+//! Since nothing published is freed, the current value is a plain atomic pointer: reading
+//! it is one load, where an `ArcSwap` guard (taken on every cacheable read) cost more than
+//! the policy check it guarded.
 
-use arc_swap::ArcSwap;
+use std::fmt;
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 pub struct Live<T: 'static> {
-    current: ArcSwap<&'static T>,
+    /// Always a value leaked by `new` or `replace`: valid for the rest of the process.
+    current: AtomicPtr<T>,
 }
 
 impl<T: Send + Sync + 'static> Live<T> {
     pub fn new(value: T) -> Live<T> {
         Live {
-            current: ArcSwap::from_pointee(Box::leak(Box::new(value))),
+            current: AtomicPtr::new(Box::leak(Box::new(value))),
         }
     }
 
     /// Publishes `value`: requests that start from now on see it.
     pub fn replace(&self, value: T) {
         self.current
-            .store(std::sync::Arc::new(Box::leak(Box::new(value))));
+            .store(Box::leak(Box::new(value)), Ordering::Release);
     }
 
     pub fn get(&self) -> &'static T {
-        **self.current.load()
+        // SAFETY: every pointer stored comes from `Box::leak` and is never freed.
+        unsafe { &*self.current.load(Ordering::Acquire) }
     }
 }
 

@@ -31,7 +31,6 @@ use crate::cache::SingleFlight;
 use crate::config::Config;
 use crate::degrade::Degrade;
 use crate::discovery::Discovery;
-use crate::effect::FlightKey;
 use crate::error::Reply;
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
@@ -55,7 +54,7 @@ pub struct Server {
     pub discovery: Arc<Discovery>,
     pub degrade: Arc<Degrade>,
     /// Identical cacheable reads in flight share one upstream request.
-    pub flights: SingleFlight<FlightKey, Reply>,
+    pub flights: SingleFlight<Reply>,
     pub identities: Arc<Identities>,
     /// What clients run as before they authenticate, when redfuse does not require it:
     /// redfuse's own upstream credentials, or none.
@@ -72,7 +71,7 @@ impl Server {
         metrics: Arc<Metrics>,
         discovery: Arc<Discovery>,
         degrade: Arc<Degrade>,
-        flights: SingleFlight<FlightKey, Reply>,
+        flights: SingleFlight<Reply>,
     ) -> Server {
         let identities = degrade.identities.clone();
         let own = identities.identity(config.credentials.clone());

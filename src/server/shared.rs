@@ -42,9 +42,9 @@ impl Session {
             // While this client has writes in flight, a read in flight of another client
             // may have run before them: it must send its own.
             if !self.links.writes.any()
-                && let Some(key) = p.flight_key()
+                && let Some(hash) = p.flight_hash()
             {
-                match self.server.flights.join(key) {
+                match self.server.flights.join_hashed(hash) {
                     Flight::Leader(guard) => leader = Some(guard),
                     Flight::Follower(follower) => {
                         let fallback = Fallback {

@@ -741,7 +741,7 @@ fn complete<'a>(
     }
     let mut result = Ok(frame);
     if let Some(e) = p.effect
-        && let Some(e) = e.defer(&result, &mut settle.fills)
+        && let Some(e) = ctx.sink.defer(e, &result, &mut settle.fills, now)
     {
         ctx.sink.apply_fills(&mut settle.fills, Some(ConnId(id)));
         ctx.sink.apply(e, &mut result, Some(ConnId(id)));

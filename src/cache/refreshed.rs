@@ -1,0 +1,199 @@
+//! Which entries were stored or refreshed with which reply in the last second: lets the
+//! fill of an unchanged reply be skipped without the cache's lock or its tables.
+//!
+//! While Redis is healthy nearly every cached read's reply is one the cache already holds,
+//! and a refresh only moves the entry's age forward. Doing it for every read cost a lock,
+//! a probe of a table of tens of MiB (a memory miss) and the batch bookkeeping around it:
+//! most of what the cache cost the data path. A second of lag in an entry's age is
+//! harmless (an older age only makes a degraded answer more careful), so a read whose
+//! reply was stored or refreshed under the same key less than [`FRESH`] (about a second)
+//! ago is not filled again.
+//!
+//! Skipping can never make the cache serve something older than a write redfuse saw:
+//! a skipped fill stores nothing, and every store of a reply goes through
+//! `Cache::store`, which sets the cell. A cell that outlived its entry (evicted,
+//! invalidated) only makes a fill be skipped that would have stored the same reply again:
+//! a miss later, for at most [`FRESH`], never a wrong answer.
+//!
+//! The table is a set-associative array of 64-bit cells, eight to a cache line: 32 bits
+//! of the cache key's tag, 16 of the reply's hash and 16 of time. A lookup reads one cache
+//! line, prefetched when the read is sent ([`Refreshed::prefetch`]); a store replaces the
+//! key's own cell, else the oldest of its line. Cells are only written under the cache's
+//! lock, so a key has at most one cell. A lookup wrongly finds a fresh cell with a
+//! 2^-45 chance (a 32-bit key tag and a 16-bit reply tag both matching).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::time::Instant;
+
+use super::CacheKey;
+
+/// 2^14 lines of eight cells: 1 MiB, 131,072 entries.
+const LINES: usize = 1 << 14;
+const WAYS: usize = 8;
+
+/// Time is kept in units of 2^24 ns (about 16.8 ms), 16 bits of it: it wraps every
+/// 18 minutes, and a cell that old may look fresh again for one [`FRESH`] (harmless, as
+/// above).
+const UNIT_SHIFT: u32 = 24;
+const TIME_MASK: u64 = 0xFFFF;
+
+/// How long after a store or refresh a fill of the same reply is skipped: about a second.
+#[cfg(test)]
+const FRESH: std::time::Duration = std::time::Duration::from_nanos(FRESH_UNITS << UNIT_SHIFT);
+const FRESH_UNITS: u64 = 60;
+
+#[repr(align(64))]
+struct Line([AtomicU64; WAYS]);
+
+pub(super) struct Refreshed {
+    lines: Box<[Line]>,
+    epoch: Instant,
+}
+
+impl Refreshed {
+    pub fn new(epoch: Instant) -> Refreshed {
+        Refreshed {
+            lines: (0..LINES)
+                .map(|_| Line(std::array::from_fn(|_| AtomicU64::new(0))))
+                .collect(),
+            epoch,
+        }
+    }
+
+    fn units(&self, now: Instant) -> u64 {
+        let d = now.saturating_duration_since(self.epoch);
+        // A second counts as 2^30 ns: monotonic, and no division.
+        (((d.as_secs() << 30) + u64::from(d.subsec_nanos())) >> UNIT_SHIFT) & TIME_MASK
+    }
+
+    /// Starts loading `key`'s line, so that the lookup when its reply arrives finds it
+    /// in cache instead of stalling on memory.
+    pub fn prefetch(&self, key: &CacheKey) {
+        let line = &self.lines[place(key).0];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch is only a hint; any address is allowed.
+        unsafe {
+            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+            _mm_prefetch::<_MM_HINT_T0>(line as *const Line as *const i8);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = line;
+    }
+
+    /// `key` was stored or refreshed with a reply hashing to `reply_hash` at `now`.
+    /// Called under the cache's lock.
+    pub fn set(&self, key: &CacheKey, reply_hash: u64, now: Instant) {
+        let (line, tag) = place(key);
+        let now = self.units(now);
+        let cell = (tag << 32) | ((reply_hash >> 48) << 16) | now;
+        let line = &self.lines[line].0;
+        let mut victim = 0;
+        let mut oldest = 0;
+        for (i, c) in line.iter().enumerate() {
+            let seen = c.load(Ordering::Relaxed);
+            if seen >> 32 == tag {
+                victim = i;
+                break;
+            }
+            let age = if seen == 0 {
+                u64::MAX
+            } else {
+                now.wrapping_sub(seen) & TIME_MASK
+            };
+            if age > oldest {
+                (victim, oldest) = (i, age);
+            }
+        }
+        line[victim].store(cell, Ordering::Relaxed);
+    }
+
+    /// Whether `key` was stored or refreshed with a reply hashing to `reply_hash` less
+    /// than [`FRESH`] before `now`.
+    pub fn fresh(&self, key: &CacheKey, reply_hash: u64, now: Instant) -> bool {
+        let (line, tag) = place(key);
+        for c in &self.lines[line].0 {
+            let seen = c.load(Ordering::Relaxed);
+            if seen >> 32 == tag {
+                let age = self.units(now).wrapping_sub(seen) & TIME_MASK;
+                return (seen >> 16) & 0xFFFF == reply_hash >> 48 && age < FRESH_UNITS;
+            }
+        }
+        false
+    }
+}
+
+/// The line of `key` and its 32-bit tag (never 0: an empty cell). The digest is keyed
+/// with a random per-process seed, so its bits are as good as a hash.
+fn place(key: &CacheKey) -> (usize, u64) {
+    let (low, high) = key.digest_words();
+    let line = (low as usize) % LINES;
+    let tag = ((high ^ key.context_word()).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) | 1;
+    (line, tag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::IdentityId;
+    use crate::resp::Proto;
+    use std::time::Duration;
+
+    fn key(k: &str) -> CacheKey {
+        CacheKey::get(0, IdentityId::ANONYMOUS, Proto::Resp2, k.as_bytes())
+    }
+
+    const V1: u64 = 0x1234_5678_9abc_def0;
+    const V2: u64 = 0x4321_5678_9abc_def0;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_is_fresh_for_a_second_under_its_own_key_only() {
+        let r = Refreshed::new(Instant::now());
+        let now = Instant::now();
+        assert!(!r.fresh(&key("a"), V1, now), "nothing stored yet");
+        r.set(&key("a"), V1, now);
+        assert!(r.fresh(&key("a"), V1, now));
+        assert!(r.fresh(&key("a"), V1, now + FRESH - Duration::from_millis(20)));
+        assert!(!r.fresh(&key("a"), V1, now + FRESH), "a second later");
+        assert!(!r.fresh(&key("a"), V2, now), "another reply");
+        assert!(!r.fresh(&key("b"), V1, now), "another key");
+        let other_db = CacheKey::get(1, IdentityId::ANONYMOUS, Proto::Resp2, b"a");
+        assert!(!r.fresh(&other_db, V1, now), "another db");
+        let resp3 = CacheKey::get(0, IdentityId::ANONYMOUS, Proto::Resp3, b"a");
+        assert!(!r.fresh(&resp3, V1, now), "another protocol");
+        // Refreshed again: fresh from then on.
+        let later = now + Duration::from_secs(5);
+        r.set(&key("a"), V1, later);
+        assert!(r.fresh(&key("a"), V1, later + Duration::from_millis(500)));
+        // Stored with another reply: the old one is no longer fresh.
+        r.set(&key("a"), V2, later);
+        assert!(!r.fresh(&key("a"), V1, later));
+        assert!(r.fresh(&key("a"), V2, later));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_line_gives_up_its_oldest_cell() {
+        let r = Refreshed::new(Instant::now());
+        let start = Instant::now();
+        // Keys that share a line, found by trying.
+        let line = place(&key("k0")).0;
+        let mates: Vec<CacheKey> = (0..)
+            .map(|i| key(&format!("k{i}")))
+            .filter(|k| place(k).0 == line)
+            .take(WAYS + 1)
+            .collect();
+        for (i, k) in mates[..WAYS].iter().enumerate() {
+            r.set(k, V1, start + Duration::from_millis(100 * i as u64));
+        }
+        let now = start + Duration::from_millis(100 * WAYS as u64);
+        r.set(&mates[WAYS], V1, now);
+        assert!(!r.fresh(&mates[0], V1, now), "the oldest made room");
+        for k in &mates[1..] {
+            assert!(r.fresh(k, V1, now));
+        }
+        // A key stored again keeps its one cell.
+        r.set(&mates[3], V2, now);
+        assert!(r.fresh(&mates[3], V2, now));
+        assert!(r.fresh(&mates[1], V1, now) && r.fresh(&mates[WAYS], V1, now));
+    }
+}
