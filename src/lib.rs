@@ -12,7 +12,9 @@
 //! client socket
 //!  -> server::listener  accept, connection limit, drain
 //!  -> server::session   read bytes; resp::request splits frames (zero-copy);
-//!                       command::classify once: id, route, read/write, keys, cacheability
+//!                       command::classify once: id, route, read/write, keys, cacheability;
+//!                       stops reading while the client has ~8 MiB of replies still to
+//!                       come from Redis (its share of a shared connection)
 //!  -> server::route     from the connection's state (server::state) and the class:
 //!                       local reply (server::local, server::login) | shared | pinned |
 //!                       tunnel | degraded
@@ -29,6 +31,8 @@
 //!                       (or the failure) the breaker hears the outcome and degrade applies
 //!                       the effect in pipeline order (invalidate again, learn expiries; a
 //!                       failed cacheable read is answered from the cache right there);
+//!                       a fill of the reply the cache stored under the same key within
+//!                       the last second is skipped (cache::refreshed);
 //!                       the fills and breaker outcomes of the replies read together are
 //!                       applied together (one cache lock, one breaker lock), fills before
 //!                       any later effect, and release the reads that followed them

@@ -283,6 +283,45 @@ fn journal_survives_a_redfuse_crash_mid_outage() {
     );
 }
 
+/// A value changed behind redfuse's back (another client of Redis) is what the next read
+/// through redfuse stores, at once: a fill is skipped only when the reply is the one the
+/// cache stored under the same key in the last second, never because the key was filled
+/// recently with something else.
+#[test]
+fn a_value_changed_behind_redfuses_back_is_stored_by_the_next_read() {
+    let mut s = setup("");
+    let mut direct = s.redis.client();
+    let mut c = s.rf.client();
+    assert_eq!(direct.cmd(&["MSET", "k", "v1", "m", "w1"]), b"+OK\r\n");
+    // Read twice: the second fill of each is skipped (the same reply, just stored).
+    for _ in 0..2 {
+        assert_eq!(c.cmd(&["GET", "k"]), b"$2\r\nv1\r\n");
+        assert_eq!(
+            esc(&c.cmd(&["MGET", "m", "k"])),
+            esc(b"*2\r\n$2\r\nw1\r\n$2\r\nv1\r\n")
+        );
+    }
+    assert_eq!(direct.cmd(&["MSET", "k", "v2", "m", "w2"]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["GET", "k"]), b"$2\r\nv2\r\n");
+    assert_eq!(
+        esc(&c.cmd(&["MGET", "m", "k"])),
+        esc(b"*2\r\n$2\r\nw2\r\n$2\r\nv2\r\n")
+    );
+    // A write takes the key's entries out before it is sent, even one Redis refuses: the
+    // read after it stores the value again, though it is the one stored just before.
+    let refused = c.cmd(&["HSET", "k", "f", "x"]);
+    assert!(refused.starts_with(b"-WRONGTYPE"), "{}", esc(&refused));
+    assert_eq!(c.cmd(&["GET", "k"]), b"$2\r\nv2\r\n");
+    s.redis.kill();
+    wait_open(&s.rf);
+    assert_eq!(c.cmd(&["GET", "k"]), b"$2\r\nv2\r\n");
+    assert_eq!(c.cmd(&["GET", "m"]), b"$2\r\nw2\r\n");
+    assert_eq!(
+        esc(&c.cmd(&["MGET", "k", "m"])),
+        esc(b"*2\r\n$2\r\nv2\r\n$2\r\nw2\r\n")
+    );
+}
+
 #[test]
 fn a_write_through_redfuse_invalidates_the_cached_value() {
     let mut s = setup("");

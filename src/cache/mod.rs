@@ -61,7 +61,7 @@ use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -566,6 +566,9 @@ struct State {
     lost: LostMarks,
     invalidations: Invalidations,
     superseded: Superseded,
+    /// The cache's table of fresh fills (see `refreshed`): an entry that leaves `lru`
+    /// leaves it too, so that the next read of its key fills it again.
+    refreshed: Arc<Refreshed>,
 }
 
 impl State {
@@ -603,6 +606,7 @@ impl State {
 
     /// Forgets a reply taken out of the LRU.
     fn unaccount(&mut self, key: &CacheKey, entry: Entry) {
+        self.refreshed.forget(key);
         self.bytes -= entry.charge;
         self.remove_from_index(key, entry.redis_key);
     }
@@ -640,7 +644,7 @@ pub struct Cache {
     invalidated: AtomicU64,
     stripe_hasher: Hasher,
     /// Lets the fill of a reply the cache has just stored be skipped (see `refreshed`).
-    refreshed: Refreshed,
+    refreshed: Arc<Refreshed>,
 }
 
 impl Cache {
@@ -656,6 +660,7 @@ impl Cache {
     fn build(config: CacheConfig, metrics: Option<CacheMetrics>) -> Cache {
         // Superseded replies are kept beside the byte bound, at a sixteenth of it.
         let superseded = Superseded::new(config.max_bytes / 16);
+        let refreshed = Arc::new(Refreshed::new(Instant::now()));
         Cache {
             config,
             state: Mutex::new(State {
@@ -666,13 +671,14 @@ impl Cache {
                 lost: LostMarks::new(Instant::now()),
                 invalidations: Invalidations::default(),
                 superseded,
+                refreshed: refreshed.clone(),
             }),
             metrics,
             stripes: (0..TICKET_STRIPES).map(|_| AtomicU64::new(0)).collect(),
             clears: AtomicU64::new(0),
             invalidated: AtomicU64::new(0),
             stripe_hasher: Hasher::default(),
-            refreshed: Refreshed::new(Instant::now()),
+            refreshed,
         }
     }
 
@@ -683,16 +689,17 @@ impl Cache {
     }
 
     /// Whether `reply` to `key` was stored or refreshed within about a second before
-    /// `now`: its fill can be skipped (see `refreshed`), and is counted as made.
+    /// `now`: its fill can be skipped (see `refreshed`; count it with
+    /// [`Cache::count_skipped_fills`]).
     pub fn unchanged(&self, key: &CacheKey, reply: &[u8], now: Instant) -> bool {
-        if !self.enabled() {
-            return false;
+        self.enabled() && self.refreshed.fresh(key, reply_hash(reply), now)
+    }
+
+    /// Counts `n` fills skipped as [`Cache::unchanged`] as made: the reply is stored.
+    pub fn count_skipped_fills(&self, n: u64) {
+        if let Some(m) = &self.metrics {
+            m.requests[CacheResult::Fill as usize].inc_by(n);
         }
-        let fresh = self.refreshed.fresh(key, reply_hash(reply), now);
-        if fresh {
-            self.count(CacheResult::Fill);
-        }
-        fresh
     }
 
     /// Whether the cache stores anything at all.
@@ -1265,6 +1272,7 @@ impl Cache {
         self.clears.fetch_add(1, Ordering::SeqCst);
         let removed = st.replies();
         st.lru.clear();
+        st.refreshed.clear();
         st.index.clear();
         st.records.clear();
         st.superseded.clear();
@@ -1281,6 +1289,7 @@ impl Cache {
         let now = Instant::now();
         let mut move_one = |key: &CacheKey| match st.lru.pop(key) {
             Some(entry) => {
+                st.refreshed.forget(key);
                 st.bytes -= entry.charge;
                 st.superseded.keep(*key, entry, seq, now);
                 1
@@ -1297,6 +1306,7 @@ impl Cache {
     fn drop_entries(&self, st: &mut State, readers: Readers) -> usize {
         let mut drop_one = |key: &CacheKey| match st.lru.pop(key) {
             Some(entry) => {
+                st.refreshed.forget(key);
                 st.bytes -= entry.charge;
                 1
             }
@@ -1500,11 +1510,24 @@ mod tests {
             !cache.unchanged(&get, &v1, now),
             "v1 is no longer what is stored"
         );
-        // A write removes the entry; a skipped fill then stores nothing, and a degraded
-        // read misses instead of answering with the value from before the write.
+        // An entry that leaves the cache (a write, even one Redis refused; eviction; a
+        // flush) is filled again by the next read, whatever its reply.
         cache.invalidate(0, b"k");
+        assert!(!cache.unchanged(&get, &v2, now));
+        assert!(cache.insert(get, b("k"), v2.clone(), now));
         assert!(cache.unchanged(&get, &v2, now));
-        assert_eq!(cache.get(&get, now, FRESH), Lookup::Miss);
+        assert_eq!(cache.get(&get, now, FRESH), Lookup::Hit(v2.clone()));
+        cache.clear_all();
+        assert!(!cache.unchanged(&get, &v2, now));
+        let small = Cache::new(CacheConfig {
+            max_entries: 1,
+            ..CacheConfig::default()
+        });
+        let other = key(0, &["GET", "other"]);
+        assert!(small.insert(get, b("k"), v1.clone(), now));
+        assert!(small.insert(other, b("other"), v1.clone(), now));
+        assert!(!small.unchanged(&get, &v1, now), "evicted");
+        assert!(small.unchanged(&other, &v1, now));
         cache.check_invariants();
     }
 

@@ -11,9 +11,10 @@
 //!
 //! Skipping can never make the cache serve something older than a write redfuse saw:
 //! a skipped fill stores nothing, and every store of a reply goes through
-//! `Cache::store`, which sets the cell. A cell that outlived its entry (evicted,
-//! invalidated) only makes a fill be skipped that would have stored the same reply again:
-//! a miss later, for at most [`FRESH`], never a wrong answer.
+//! `Cache::store`, which sets the cell. Every entry that leaves the cache (invalidated by
+//! a write, evicted, flushed) clears its cell, so the read after a write (even one Redis
+//! refused) fills it again: a read served from the cache while Redis is down is as recent
+//! as without skipping, give or take the second of age.
 //!
 //! The table is a set-associative array of 64-bit cells, eight to a cache line: 32 bits
 //! of the cache key's tag, 16 of the reply's hash and 16 of time. A lookup reads one cache
@@ -106,6 +107,27 @@ impl Refreshed {
             }
         }
         line[victim].store(cell, Ordering::Relaxed);
+    }
+
+    /// `key`'s entry left the cache (invalidated, evicted, replaced): the next read of it
+    /// fills it again, whatever the reply. Called under the cache's lock.
+    pub fn forget(&self, key: &CacheKey) {
+        let (line, tag) = place(key);
+        for c in &self.lines[line].0 {
+            if c.load(Ordering::Relaxed) >> 32 == tag {
+                c.store(0, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+
+    /// Every entry left the cache (see [`forget`](Self::forget)).
+    pub fn clear(&self) {
+        for line in self.lines.iter() {
+            for c in &line.0 {
+                c.store(0, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Whether `key` was stored or refreshed with a reply hashing to `reply_hash` less

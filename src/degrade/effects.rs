@@ -81,16 +81,11 @@ impl EffectSink for Degrade {
         fills: &mut Vec<DeferredFill>,
         now: Instant,
     ) -> Option<ReplyEffect> {
-        if let (
-            ReplyEffect::Fill {
-                plan: FillPlan::Single { key, .. },
-                ..
-            },
-            Ok(r),
-        ) = (&effect, reply)
+        if let (ReplyEffect::Fill { plan, .. }, Ok(r)) = (&effect, reply)
             && !is_error_reply(r)
-            && self.cache.unchanged(key, r, now)
+            && let Some(skipped) = self.redundant_fills(plan, r, now)
         {
+            self.cache.count_skipped_fills(skipped);
             if let ReplyEffect::Fill {
                 leader: Some(leader),
                 ..
@@ -101,6 +96,36 @@ impl EffectSink for Degrade {
             return None;
         }
         effect.defer(reply, fills)
+    }
+}
+
+impl Degrade {
+    /// `Some(fills)` when the fills of `reply` would store nothing new: every reply it
+    /// would store was stored under the same key within the last second
+    /// ([`crate::cache::Cache::unchanged`]).
+    fn redundant_fills(&self, plan: &FillPlan, reply: &Bytes, now: Instant) -> Option<u64> {
+        match plan {
+            FillPlan::Single { key, .. } => self.cache.unchanged(key, reply, now).then_some(1),
+            FillPlan::Mget { parts } => {
+                let ranges = element_ranges(reply)?;
+                if ranges.len() != parts.len() {
+                    return None;
+                }
+                let nil_ok = self.policy.cache_nil();
+                let mut fills = 0;
+                for ((key, _, _), range) in parts.iter().zip(ranges) {
+                    let value = &reply[range];
+                    if !storable_get_reply(value, nil_ok) {
+                        continue;
+                    }
+                    if !self.cache.unchanged(key, value, now) {
+                        return None;
+                    }
+                    fills += 1;
+                }
+                Some(fills)
+            }
+        }
     }
 }
 
@@ -136,11 +161,7 @@ impl Degrade {
                     }
                     for ((key, redis_key, ticket), range) in parts.iter().zip(ranges) {
                         let value = &f.reply[range];
-                        // Only strings and nulls are GET answers (MGET nils a hash key,
-                        // GET would refuse it).
-                        if matches!(value.first(), Some(b'$' | b'_'))
-                            && (nil_ok || !reply::is_null(value))
-                        {
+                        if storable_get_reply(value, nil_ok) {
                             batch.push(Fill {
                                 ticket: *ticket,
                                 key: *key,
@@ -421,6 +442,13 @@ pub(super) fn show_queued_write(
         }
         _ => {}
     }
+}
+
+/// Whether an element of an MGET reply is stored as the key's GET entry: only strings and
+/// nulls are GET answers (MGET nils a hash key, GET would refuse it), nulls when the
+/// policy caches them.
+fn storable_get_reply(value: &[u8], nil_ok: bool) -> bool {
+    matches!(value.first(), Some(b'$' | b'_')) && (nil_ok || !reply::is_null(value))
 }
 
 #[cfg(test)]

@@ -490,7 +490,7 @@ impl Session {
         let credentials = self.state.identity().and_then(|i| i.credentials.as_ref());
         let degrade = &self.server.degrade;
         // The primary's own fail-open rules, when it has some (`upstreams[].fail_open`).
-        let own = primary.fail_open.load();
+        let own = primary.fail_open();
         let rules = own.as_deref().unwrap_or_else(|| degrade.fail_open.get());
         let (reply, origin) = degrade
             .reply_by(rules, self.view(), credentials, req, cls, &err)

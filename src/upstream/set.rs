@@ -412,7 +412,7 @@ impl Manager {
                             updated = true;
                         }
                         if entry.0.fail_open != cfg.fail_open {
-                            u.fail_open.store(fail_open_of(cfg).map(Arc::new));
+                            u.set_fail_open(fail_open_of(cfg).map(Arc::new));
                             updated = true;
                         }
                         *entry = (cfg.clone(), breaker);
@@ -541,7 +541,7 @@ fn build(f: &Factory, cfg: &UpstreamConfig) -> (Arc<Upstream>, BreakerConfig) {
         breaker,
         f.sink.clone(),
     ));
-    u.fail_open.store(fail_open_of(cfg).map(Arc::new));
+    u.set_fail_open(fail_open_of(cfg).map(Arc::new));
     // By name: an instance replacing another (a moved address) takes its place.
     if let Some(fleet) = &f.fleet {
         fleet.register(&cfg.name, &u.breaker);
