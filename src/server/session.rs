@@ -478,14 +478,16 @@ impl Session {
             self.flush().await;
         }
         let primary = self.set.primary();
+        let misconfigured;
         let err = match primary.ctx.misconfigured() {
-            Some(reason) => UpstreamError::Misconfigured {
-                upstream: primary.name().clone(),
-                reason: reason.into(),
-            },
-            None => UpstreamError::CircuitOpen {
-                upstream: primary.name().clone(),
-            },
+            Some(reason) => {
+                misconfigured = UpstreamError::Misconfigured {
+                    upstream: primary.name().clone(),
+                    reason: reason.into(),
+                };
+                &misconfigured
+            }
+            None => primary.circuit_open_error(),
         };
         let credentials = self.state.identity().and_then(|i| i.credentials.as_ref());
         let degrade = &self.server.degrade;
@@ -493,7 +495,7 @@ impl Session {
         let own = primary.fail_open();
         let rules = own.as_deref().unwrap_or_else(|| degrade.fail_open.get());
         let (reply, origin) = degrade
-            .reply_by(rules, self.view(), credentials, req, cls, &err)
+            .reply_by(rules, self.view(), credentials, req, cls, err)
             .await;
         self.push(Slot {
             command: cls.id,

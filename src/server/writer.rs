@@ -22,7 +22,7 @@ use crate::cache::Follower;
 use crate::degrade::Origin;
 use crate::effect::{DegradedRead, FillPlan, OutputBudget};
 use crate::error::{Error, Reply, UpstreamError, error_reply};
-use crate::metrics::CommandResult;
+use crate::metrics::{CommandResult, CommandTally};
 use crate::resp::is_error_reply;
 
 pub enum SlotKind {
@@ -125,6 +125,7 @@ async fn write_loop(
     output: &OutputBudget,
 ) {
     let metrics = &server.metrics;
+    let mut tally = CommandTally::new(metrics);
     let mut out = BytesMut::with_capacity(16 * 1024);
     // The clock, read again only after the writer waited: replies handled without a wait
     // in between leave together, so one reading times them all.
@@ -138,7 +139,7 @@ async fn write_loop(
                 let next = match slots.try_recv() {
                     Some(next) => next,
                     None => {
-                        if flush(&mut wr, &mut out, server).await.is_err() {
+                        if flush(&mut wr, &mut out, &mut tally).await.is_err() {
                             return;
                         }
                         clock = None;
@@ -159,7 +160,7 @@ async fn write_loop(
                 let result = match rx.try_recv() {
                     Ok(r) => r,
                     Err(oneshot::error::TryRecvError::Empty) => {
-                        if flush(&mut wr, &mut out, server).await.is_err() {
+                        if flush(&mut wr, &mut out, &mut tally).await.is_err() {
                             return;
                         }
                         clock = None;
@@ -177,7 +178,7 @@ async fn write_loop(
                 let result = match follower.try_take() {
                     Ok(v) => v,
                     Err(follower) => {
-                        if flush(&mut wr, &mut out, server).await.is_err() {
+                        if flush(&mut wr, &mut out, &mut tally).await.is_err() {
                             return;
                         }
                         clock = None;
@@ -187,7 +188,7 @@ async fn write_loop(
                 resolve(server, result.unwrap_or_else(|| Err(dropped())), fallback)
             }
             SlotKind::Stream(mut rx) => {
-                if flush(&mut wr, &mut out, server).await.is_err() {
+                if flush(&mut wr, &mut out, &mut tally).await.is_err() {
                     return;
                 }
                 while let Some(chunk) = rx.recv().await {
@@ -207,16 +208,17 @@ async fn write_loop(
         } else {
             CommandResult::Ok
         };
-        metrics.count_command(slot.command, result, origin);
         // From the arrival of the request's bytes to its reply leaving for the client: what
         // the client sees of redfuse and Redis together.
         let now = *clock.get_or_insert_with(Instant::now);
-        metrics.observe_command(
+        tally.record(
             slot.command,
+            result,
+            origin,
             now.saturating_duration_since(received).as_secs_f64(),
         );
         if reply.len() >= BATCH_BYTES {
-            if flush(&mut wr, &mut out, server).await.is_err() {
+            if flush(&mut wr, &mut out, &mut tally).await.is_err() {
                 return;
             }
             metrics.bytes_sent.inc_by(reply.len() as u64);
@@ -227,14 +229,14 @@ async fn write_loop(
         } else {
             out.extend_from_slice(&reply);
             if out.len() >= BATCH_BYTES {
-                if flush(&mut wr, &mut out, server).await.is_err() {
+                if flush(&mut wr, &mut out, &mut tally).await.is_err() {
                     return;
                 }
                 clock = None;
             }
         }
     }
-    let _ = flush(&mut wr, &mut out, server).await;
+    let _ = flush(&mut wr, &mut out, &mut tally).await;
     let _ = wr.shutdown().await;
 }
 
@@ -244,15 +246,17 @@ fn dropped() -> UpstreamError {
     }
 }
 
+/// Writes what `out` holds, and adds what `tally` recorded to the metrics.
 async fn flush(
     wr: &mut OwnedWriteHalf,
     out: &mut BytesMut,
-    server: &Server,
+    tally: &mut CommandTally<'_>,
 ) -> std::io::Result<()> {
+    tally.flush();
     if out.is_empty() {
         return Ok(());
     }
-    server.metrics.bytes_sent.inc_by(out.len() as u64);
+    tally.metrics().bytes_sent.inc_by(out.len() as u64);
     let r = wr.write_all(out).await;
     out.clear();
     r

@@ -35,6 +35,7 @@ use crate::auth::Credentials;
 use crate::breaker::SharedBreaker;
 use crate::config::{Role, UpstreamConfig};
 use crate::effect::EffectSink;
+use crate::error::UpstreamError;
 use crate::metrics::UpstreamMetrics;
 use crate::resp::Proto;
 pub use conn::{Call, ConnHandle};
@@ -290,9 +291,17 @@ pub struct Upstream {
     /// Whether `fail_open` is set: nearly no upstream has rules of its own, and a guard
     /// taken for nothing on every degraded answer showed in profiles.
     has_fail_open: AtomicBool,
+    /// What a request it refuses with its breaker open failed with: made once, borrowed by
+    /// every degraded answer (most never show it).
+    circuit_open: UpstreamError,
 }
 
 impl Upstream {
+    /// The error of a request refused by its open breaker.
+    pub fn circuit_open_error(&self) -> &UpstreamError {
+        &self.circuit_open
+    }
+
     /// Replaces its own fail-open rules.
     pub fn set_fail_open(&self, rules: Option<Arc<crate::rules::FailOpen>>) {
         self.has_fail_open.store(rules.is_some(), Ordering::Release);
@@ -353,7 +362,11 @@ impl Upstream {
             server_info: RwLock::new(None),
         });
         ctx.set_place(config.role, config.priority, config.weight);
+        let circuit_open = UpstreamError::CircuitOpen {
+            upstream: ctx.name.clone(),
+        };
         Upstream {
+            circuit_open,
             warm: Arc::new(dedicated::WarmSet::new(ctx.clone())),
             ctx,
             breaker,
