@@ -660,7 +660,10 @@ impl Cache {
     fn build(config: CacheConfig, metrics: Option<CacheMetrics>) -> Cache {
         // Superseded replies are kept beside the byte bound, at a sixteenth of it.
         let superseded = Superseded::new(config.max_bytes / 16);
-        let refreshed = Arc::new(Refreshed::new(Instant::now()));
+        let most = config
+            .max_entries
+            .min(config.max_bytes / ENTRY_OVERHEAD.max(1));
+        let refreshed = Arc::new(Refreshed::new(Instant::now(), most));
         Cache {
             config,
             state: Mutex::new(State {
