@@ -660,10 +660,7 @@ impl Cache {
     fn build(config: CacheConfig, metrics: Option<CacheMetrics>) -> Cache {
         // Superseded replies are kept beside the byte bound, at a sixteenth of it.
         let superseded = Superseded::new(config.max_bytes / 16);
-        let most = config
-            .max_entries
-            .min(config.max_bytes / ENTRY_OVERHEAD.max(1));
-        let refreshed = Arc::new(Refreshed::new(Instant::now(), most));
+        let refreshed = Arc::new(Refreshed::new(Instant::now()));
         Cache {
             config,
             state: Mutex::new(State {

@@ -16,11 +16,10 @@
 //! refused) fills it again: a read served from the cache while Redis is down is as recent
 //! as without skipping, give or take the second of age.
 //!
-//! The table is a set-associative array of 64-bit cells, eight to a cache line, twice as
-//! many cells as the cache can hold entries: 32 bits of the cache key's tag, 16 of the
-//! reply's hash and 16 of time. A lookup reads one cache line, prefetched when the read is
-//! sent ([`Refreshed::prefetch`]); a store replaces the key's own cell, else the oldest of
-//! its line. Cells are only written under the cache's
+//! The table is a set-associative array of 64-bit cells, eight to a cache line: 32 bits
+//! of the cache key's tag, 16 of the reply's hash and 16 of time. A lookup reads one cache
+//! line, prefetched when the read is sent ([`Refreshed::prefetch`]); a store replaces the
+//! key's own cell, else the oldest of its line. Cells are only written under the cache's
 //! lock, so a key has at most one cell. A lookup wrongly finds a fresh cell with a
 //! 2^-45 chance (a 32-bit key tag and a 16-bit reply tag both matching).
 
@@ -30,15 +29,9 @@ use tokio::time::Instant;
 
 use super::CacheKey;
 
+/// 2^14 lines of eight cells: 1 MiB, 131,072 entries.
+const LINES: usize = 1 << 14;
 const WAYS: usize = 8;
-
-/// Lines are sized for twice the entries the cache can hold: at half load a line rarely has
-/// more keys than ways. (The first table had 131,072 cells whatever the cache: with
-/// 100,000 keys about one key in 17 found its line full, by a Poisson estimate, and its
-/// fills were never skipped.)
-const LOAD: usize = 2;
-const MIN_LINES: usize = 1 << 10;
-const MAX_LINES: usize = 1 << 20;
 
 /// Time is kept in units of 2^24 ns (about 16.8 ms), 16 bits of it: it wraps every
 /// 18 minutes, and a cell that old may look fresh again for one [`FRESH`] (harmless, as
@@ -60,19 +53,13 @@ pub(super) struct Refreshed {
 }
 
 impl Refreshed {
-    /// A table for a cache of at most `entries` entries.
-    pub fn new(epoch: Instant, entries: usize) -> Refreshed {
-        let n = (entries.saturating_mul(LOAD) / WAYS)
-            .next_power_of_two()
-            .clamp(MIN_LINES, MAX_LINES);
+    pub fn new(epoch: Instant) -> Refreshed {
         Refreshed {
-            lines: zeroed_lines(n),
+            lines: (0..LINES)
+                .map(|_| Line(std::array::from_fn(|_| AtomicU64::new(0))))
+                .collect(),
             epoch,
         }
-    }
-
-    fn place(&self, key: &CacheKey) -> (usize, u64) {
-        place(key, self.lines.len())
     }
 
     fn units(&self, now: Instant) -> u64 {
@@ -84,7 +71,7 @@ impl Refreshed {
     /// Starts loading `key`'s line, so that the lookup when its reply arrives finds it
     /// in cache instead of stalling on memory.
     pub fn prefetch(&self, key: &CacheKey) {
-        let line = &self.lines[self.place(key).0];
+        let line = &self.lines[place(key).0];
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a prefetch is only a hint; any address is allowed.
         unsafe {
@@ -98,7 +85,7 @@ impl Refreshed {
     /// `key` was stored or refreshed with a reply hashing to `reply_hash` at `now`.
     /// Called under the cache's lock.
     pub fn set(&self, key: &CacheKey, reply_hash: u64, now: Instant) {
-        let (line, tag) = self.place(key);
+        let (line, tag) = place(key);
         let now = self.units(now);
         let cell = (tag << 32) | ((reply_hash >> 48) << 16) | now;
         let line = &self.lines[line].0;
@@ -125,7 +112,7 @@ impl Refreshed {
     /// `key`'s entry left the cache (invalidated, evicted, replaced): the next read of it
     /// fills it again, whatever the reply. Called under the cache's lock.
     pub fn forget(&self, key: &CacheKey) {
-        let (line, tag) = self.place(key);
+        let (line, tag) = place(key);
         for c in &self.lines[line].0 {
             if c.load(Ordering::Relaxed) >> 32 == tag {
                 c.store(0, Ordering::Relaxed);
@@ -146,7 +133,7 @@ impl Refreshed {
     /// Whether `key` was stored or refreshed with a reply hashing to `reply_hash` less
     /// than [`FRESH`] before `now`.
     pub fn fresh(&self, key: &CacheKey, reply_hash: u64, now: Instant) -> bool {
-        let (line, tag) = self.place(key);
+        let (line, tag) = place(key);
         for c in &self.lines[line].0 {
             let seen = c.load(Ordering::Relaxed);
             if seen >> 32 == tag {
@@ -158,27 +145,11 @@ impl Refreshed {
     }
 }
 
-/// `n` lines of empty cells, from zeroed memory: pages the table never touches (a small
-/// cache) are never made resident.
-fn zeroed_lines(n: usize) -> Box<[Line]> {
-    let layout = std::alloc::Layout::array::<Line>(n).expect("a table of at most 64 MiB");
-    // SAFETY: `layout` is not zero-sized (n >= MIN_LINES); an all-zero `Line` is eight
-    // `AtomicU64`s of 0, a valid value; the pointer comes from the global allocator with
-    // `Line`'s layout, as `Box` frees it.
-    unsafe {
-        let ptr = std::alloc::alloc_zeroed(layout) as *mut Line;
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n))
-    }
-}
-
-/// The line of `key` among `lines` (a power of two) and its 32-bit tag (never 0: an empty cell). The digest is keyed
+/// The line of `key` and its 32-bit tag (never 0: an empty cell). The digest is keyed
 /// with a random per-process seed, so its bits are as good as a hash.
-fn place(key: &CacheKey, lines: usize) -> (usize, u64) {
+fn place(key: &CacheKey) -> (usize, u64) {
     let (low, high) = key.digest_words();
-    let line = (low as usize) & (lines - 1);
+    let line = (low as usize) % LINES;
     let tag = ((high ^ key.context_word()).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) | 1;
     (line, tag)
 }
@@ -199,7 +170,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_reply_is_fresh_for_a_second_under_its_own_key_only() {
-        let r = Refreshed::new(Instant::now(), 1000);
+        let r = Refreshed::new(Instant::now());
         let now = Instant::now();
         assert!(!r.fresh(&key("a"), V1, now), "nothing stored yet");
         r.set(&key("a"), V1, now);
@@ -224,13 +195,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_full_line_gives_up_its_oldest_cell() {
-        let r = Refreshed::new(Instant::now(), 1000);
+        let r = Refreshed::new(Instant::now());
         let start = Instant::now();
         // Keys that share a line, found by trying.
-        let line = r.place(&key("k0")).0;
+        let line = place(&key("k0")).0;
         let mates: Vec<CacheKey> = (0..)
             .map(|i| key(&format!("k{i}")))
-            .filter(|k| r.place(k).0 == line)
+            .filter(|k| place(k).0 == line)
             .take(WAYS + 1)
             .collect();
         for (i, k) in mates[..WAYS].iter().enumerate() {
