@@ -105,7 +105,10 @@ impl LazyHistograms {
     fn local(&self, id: usize) -> Option<prometheus::local::LocalHistogram> {
         let cell = self.cells.get(id)?;
         let name = command::COMMANDS.get(id).map_or("unknown", |c| c.name);
-        Some(cell.get_or_init(|| self.vec.with_label_values(&[name])).local())
+        Some(
+            cell.get_or_init(|| self.vec.with_label_values(&[name]))
+                .local(),
+        )
     }
 }
 
