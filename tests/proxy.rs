@@ -1106,10 +1106,17 @@ async fn redis_crate_multiplexed_mixed_workload() {
 fn a_ready_reply_is_not_held_back_by_a_later_command_that_waits() {
     let redis = RedisServer::start();
     let relay = FaultRelay::start(&redis.addr());
-    // A slow Redis, not a failing one: no health probe or slow-call rule opens the breaker.
+    // A slow Redis, not a failing one: no health probe or slow-call rule opens the breaker,
+    // and no connection is timed out while opening (under the full suite the relay, in
+    // this process, once made the pool's handshake take over the default 1 s).
     let rf = Redfuse::start_with_env(
         &relay.addr(),
-        &["--command-timeout-ms", "10000"],
+        &[
+            "--command-timeout-ms",
+            "10000",
+            "--connect-timeout-ms",
+            "10000",
+        ],
         &[
             ("REDFUSE_HEALTH_PROBE_INTERVAL_MS", "0"),
             ("REDFUSE_BREAKER__SLOW_CALL_THRESHOLD_MS", "60000"),
