@@ -7,7 +7,7 @@
 //! read its replies. The upstream side only carries the value; it never looks inside.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -253,7 +253,7 @@ const FIRST_WINDOW: usize = 256;
 /// Redis does), so one client that does not read cannot grow redfuse without bound.
 ///
 /// It also counts the client's requests still waiting on Redis ([`Owed`],
-/// [`MAX_UNANSWERED`]).
+/// [`UNANSWERED_BYTES`]).
 #[derive(Debug)]
 pub struct OutputBudget {
     pending: AtomicUsize,
@@ -261,7 +261,7 @@ pub struct OutputBudget {
     /// A moving average of the client's reply sizes.
     reply_size: AtomicUsize,
     /// Set while the session waits for answers (`caught_up`).
-    waiting: std::sync::atomic::AtomicBool,
+    waiting: AtomicBool,
     answered: tokio::sync::Notify,
     hard: usize,
     soft: usize,
@@ -287,7 +287,7 @@ impl OutputBudget {
             pending: AtomicUsize::new(0),
             unanswered: AtomicUsize::new(0),
             reply_size: AtomicUsize::new(UNANSWERED_BYTES / FIRST_WINDOW),
-            waiting: std::sync::atomic::AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
             answered: tokio::sync::Notify::new(),
             hard: if limits.hard == 0 {
                 usize::MAX

@@ -336,20 +336,24 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// Sets `big:0` .. `big:{n-1}` to `len` bytes of `x` directly in Redis, pipelined; the
+/// replies.
+fn set_big_values(redis: &RedisServer, n: usize, len: usize) -> Vec<Vec<u8>> {
+    let value = "x".repeat(len);
+    let mut filler = redis.client();
+    for i in 0..n {
+        filler.send_cmd(&["SET", &format!("big:{i}"), &value]);
+    }
+    (0..n).map(|_| filler.read_frame()).collect()
+}
+
 /// A client that pipelines large reads and never reads the replies is disconnected once its
 /// unwritten replies pass the output limit, instead of growing redfuse without bound; other
 /// clients carry on.
 #[test]
 fn a_client_that_never_reads_is_cut_off_at_its_output_limit() {
     let redis = RedisServer::start();
-    let value = "x".repeat(100 * 1024);
-    let mut filler = redis.client();
-    for i in 0..200 {
-        filler.send_cmd(&["SET", &format!("big:{i}"), &value]);
-    }
-    for _ in 0..200 {
-        filler.read_frame();
-    }
+    set_big_values(&redis, 200, 100 * 1024);
     let dir = TempDir::new("limits");
     let config = dir.write(
         "redfuse.toml",
@@ -451,12 +455,8 @@ fn a_long_pipeline_is_slowed_down_not_refused_by_the_bulkhead() {
 fn a_client_pipelining_large_reads_holds_a_bounded_share_of_its_connection() {
     let redis = RedisServer::start();
     let value = "x".repeat(50 * 1024);
-    let mut filler = redis.client();
-    for i in 0..100 {
-        filler.send_cmd(&["SET", &format!("big:{i}"), &value]);
-    }
-    for _ in 0..100 {
-        assert_eq!(filler.read_frame(), b"+OK\r\n");
+    for reply in set_big_values(&redis, 100, value.len()) {
+        assert_eq!(reply, b"+OK\r\n");
     }
     let dir = TempDir::new("limits");
     // Redis is paused below: no health probe, no breaker and no timeout get in the way.

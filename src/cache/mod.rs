@@ -186,7 +186,7 @@ impl CacheKey {
         (h.rotate_left(29) ^ ticket.clears).wrapping_mul(0x8EBC_6AF0_9C88_C6E3)
     }
 
-    /// The command's digest: two keyed hashes, as random as any hash of the key.
+    /// The command's digest, its two halves: seeded, as random as any hash of the key.
     fn digest_words(&self) -> (u64, u64) {
         (self.digest[0], self.digest[1])
     }
@@ -697,9 +697,10 @@ impl Cache {
 
     /// Counts `n` fills skipped as [`Cache::unchanged`] as made: the reply is stored.
     pub fn count_skipped_fills(&self, n: u64) {
-        if let Some(m) = &self.metrics {
-            m.requests[CacheResult::Fill as usize].inc_by(n);
-        }
+        self.count_tally(&Tally {
+            fills: n,
+            ..Tally::default()
+        });
     }
 
     /// Whether the cache stores anything at all.

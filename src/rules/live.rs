@@ -6,7 +6,6 @@
 //! references, and a reload that changes the rules leaks the previous ones (a few KB of
 //! compiled globs and replies). Reloads that change nothing do not publish, so only an
 //! operator's real changes cost memory.
-
 //!
 //! Since nothing published is freed, the current value is a plain atomic pointer: reading
 //! it is one load, where an `ArcSwap` guard (taken on every cacheable read) cost more than
