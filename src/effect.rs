@@ -141,6 +141,10 @@ pub trait EffectSink: Send + Sync {
     /// the fill of a read Redis ran before it), and once it has handled what it read.
     fn apply_fills(&self, fills: &mut Vec<DeferredFill>, via: Option<ConnId>);
 
+    /// Starts loading the memory that applying `effect` will touch: the connection calls it
+    /// a few replies ahead of the one it completes.
+    fn prefetch(&self, _effect: &ReplyEffect) {}
+
     /// What [`ReplyEffect::defer`] does; a sink may also find that the fill has nothing
     /// to do (the cache holds this very reply, just stored) and finish it at once.
     fn defer(
@@ -150,7 +154,7 @@ pub trait EffectSink: Send + Sync {
         fills: &mut Vec<DeferredFill>,
         _now: Instant,
     ) -> Option<ReplyEffect> {
-        effect.defer(reply, fills)
+        effect.defer(reply, fills, 0)
     }
 }
 
@@ -161,19 +165,28 @@ pub struct DeferredFill {
     pub plan: FillPlan,
     pub leader: Option<Leader>,
     pub reply: Bytes,
+    /// The MGET parts (bit i: part i) whose reply the cache stored a moment ago: not
+    /// stored again.
+    pub fresh: u64,
 }
 
 impl ReplyEffect {
     /// Puts the fill this effect would make of `reply` in `fills` when it changes nothing
-    /// in the reply: a fill of a reply Redis answered without an error. Anything else is
-    /// handed back, to be applied at once.
-    pub fn defer(self, reply: &Reply, fills: &mut Vec<DeferredFill>) -> Option<ReplyEffect> {
+    /// in the reply: a fill of a reply Redis answered without an error, but for the `fresh`
+    /// parts ([`DeferredFill::fresh`]). Anything else is handed back, to be applied at once.
+    pub fn defer(
+        self,
+        reply: &Reply,
+        fills: &mut Vec<DeferredFill>,
+        fresh: u64,
+    ) -> Option<ReplyEffect> {
         match (self, reply) {
             (ReplyEffect::Fill { plan, leader, .. }, Ok(r)) if !crate::resp::is_error_reply(r) => {
                 fills.push(DeferredFill {
                     plan,
                     leader,
                     reply: r.clone(),
+                    fresh,
                 });
                 None
             }

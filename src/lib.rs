@@ -31,8 +31,9 @@
 //!                       (or the failure) the breaker hears the outcome and degrade applies
 //!                       the effect in pipeline order (invalidate again, learn expiries; a
 //!                       failed cacheable read is answered from the cache right there);
-//!                       a fill of the reply the cache stored under the same key within
-//!                       the last second is skipped (cache::refreshed);
+//!                       a fill of the reply the cache stored under the same key a
+//!                       moment ago is skipped (cache::refreshed); what completing a
+//!                       reply touches is prefetched a few replies ahead;
 //!                       the fills and breaker outcomes of the replies read together are
 //!                       applied together (one cache lock, one breaker lock), fills before
 //!                       any later effect, and release the reads that followed them

@@ -101,6 +101,12 @@ impl<V: Clone + 'static> SingleFlight<V> {
         self.join_hashed(self.flights.hasher.hash_one(key))
     }
 
+    /// Starts loading what [`SingleFlight::join_hashed`] of `hash` will touch, so that a
+    /// run of joins does not stall on each in turn.
+    pub fn prefetch(&self, hash: u64) {
+        super::prefetch_line(&self.flights.stripes[place(hash).0]);
+    }
+
     /// Joins the flight of the key hashing to `hash`: keys are known by their hash alone,
     /// so no key is copied or compared on the path of every read. Two keys in flight at
     /// once with the same 64-bit hash would share a flight: `hash` must make that a 2^-62
@@ -206,6 +212,14 @@ pub struct LeaderGuard<V: 'static> {
 }
 
 impl<V: 'static> LeaderGuard<V> {
+    /// Starts loading what finishing will touch (the stripe it clears), so that a
+    /// connection completing a run of replies does not stall on each in turn.
+    pub fn prefetch(&self) {
+        if self.stripe != NOT_HELD {
+            super::prefetch_line(&self.flights.stripes[self.stripe as usize]);
+        }
+    }
+
     fn take_followers(&mut self) -> Vec<oneshot::Sender<V>> {
         if std::mem::replace(&mut self.done, true) {
             return Vec::new();

@@ -1,29 +1,32 @@
-//! Which entries were stored or refreshed with which reply in the last second: lets the
+//! Which entries were stored or refreshed with which reply a moment ago: lets the
 //! fill of an unchanged reply be skipped without the cache's lock or its tables.
 //!
 //! While Redis is healthy nearly every cached read's reply is one the cache already holds,
 //! and a refresh only moves the entry's age forward. Doing it for every read cost a lock,
 //! a probe of a table of tens of MiB (a memory miss) and the batch bookkeeping around it:
-//! most of what the cache cost the data path. A second of lag in an entry's age is
+//! most of what the cache cost the data path. A little lag in an entry's age is
 //! harmless (an older age only makes a degraded answer more careful), so a read whose
-//! reply was stored or refreshed under the same key less than [`FRESH`] (about a second)
-//! ago is not filled again.
+//! reply was stored or refreshed under the same key less than a window ago is not filled
+//! again. The window is the cache policy's (`CachePolicy::refill_after`): a small part of
+//! the shortest `max_stale`, so that the lag is small next to the age that matters.
 //!
 //! Skipping can never make the cache serve something older than a write redfuse saw:
 //! a skipped fill stores nothing, and every store of a reply goes through
 //! `Cache::store`, which sets the cell. Every entry that leaves the cache (invalidated by
 //! a write, evicted, flushed) clears its cell, so the read after a write (even one Redis
 //! refused) fills it again: a read served from the cache while Redis is down is as recent
-//! as without skipping, give or take the second of age.
+//! as without skipping, give or take the window's lag in age.
 //!
 //! The table is a set-associative array of 64-bit cells, eight to a cache line: 32 bits
 //! of the cache key's tag, 16 of the reply's hash and 16 of time. A lookup reads one cache
-//! line, prefetched when the read is sent ([`Refreshed::prefetch`]); a store replaces the
+//! line, prefetched by the connection a few replies before the read's
+//! ([`Refreshed::prefetch`]); a store replaces the
 //! key's own cell, else the oldest of its line. Cells are only written under the cache's
 //! lock, so a key has at most one cell. A lookup wrongly finds a fresh cell with a
 //! 2^-45 chance (a 32-bit key tag and a 16-bit reply tag both matching).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -34,15 +37,14 @@ const LINES: usize = 1 << 14;
 const WAYS: usize = 8;
 
 /// Time is kept in units of 2^24 ns (about 16.8 ms), 16 bits of it: it wraps every
-/// 18 minutes, and a cell that old may look fresh again for one [`FRESH`] (harmless, as
+/// 18 minutes, and a cell that old may look fresh again for one window (harmless, as
 /// above).
 const UNIT_SHIFT: u32 = 24;
 const TIME_MASK: u64 = 0xFFFF;
 
-/// How long after a store or refresh a fill of the same reply is skipped: about a second.
-#[cfg(test)]
-const FRESH: std::time::Duration = std::time::Duration::from_nanos(FRESH_UNITS << UNIT_SHIFT);
-const FRESH_UNITS: u64 = 60;
+/// The longest window [`Refreshed::fresh`] honours, in time units: a minute, far inside
+/// the 18 minutes before the time wraps.
+const MAX_WINDOW_UNITS: u64 = 60 << (30 - UNIT_SHIFT);
 
 #[repr(align(64))]
 struct Line([AtomicU64; WAYS]);
@@ -63,23 +65,13 @@ impl Refreshed {
     }
 
     fn units(&self, now: Instant) -> u64 {
-        let d = now.saturating_duration_since(self.epoch);
-        // A second counts as 2^30 ns: monotonic, and no division.
-        (((d.as_secs() << 30) + u64::from(d.subsec_nanos())) >> UNIT_SHIFT) & TIME_MASK
+        units(now.saturating_duration_since(self.epoch)) & TIME_MASK
     }
 
-    /// Starts loading `key`'s line, so that the lookup when its reply arrives finds it
-    /// in cache instead of stalling on memory.
+    /// Starts loading `key`'s line, so that the lookup when its reply is completed finds
+    /// it in cache instead of stalling on memory.
     pub fn prefetch(&self, key: &CacheKey) {
-        let line = &self.lines[place(key).0];
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: a prefetch is only a hint; any address is allowed.
-        unsafe {
-            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-            _mm_prefetch::<_MM_HINT_T0>(line as *const Line as *const i8);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = line;
+        super::prefetch_line(&self.lines[place(key).0]);
     }
 
     /// `key` was stored or refreshed with a reply hashing to `reply_hash` at `now`.
@@ -131,18 +123,24 @@ impl Refreshed {
     }
 
     /// Whether `key` was stored or refreshed with a reply hashing to `reply_hash` less
-    /// than [`FRESH`] before `now`.
-    pub fn fresh(&self, key: &CacheKey, reply_hash: u64, now: Instant) -> bool {
+    /// than `window` before `now` (a window shorter than a time unit is never met).
+    pub fn fresh(&self, key: &CacheKey, reply_hash: u64, now: Instant, window: Duration) -> bool {
+        let window = units(window).min(MAX_WINDOW_UNITS);
         let (line, tag) = place(key);
         for c in &self.lines[line].0 {
             let seen = c.load(Ordering::Relaxed);
             if seen >> 32 == tag {
                 let age = self.units(now).wrapping_sub(seen) & TIME_MASK;
-                return (seen >> 16) & 0xFFFF == reply_hash >> 48 && age < FRESH_UNITS;
+                return (seen >> 16) & 0xFFFF == reply_hash >> 48 && age < window;
             }
         }
         false
     }
+}
+
+/// `d` in time units; a second counts as 2^30 ns: monotonic, and no division.
+fn units(d: Duration) -> u64 {
+    (d.as_secs().min(1 << 32) << 30).saturating_add(u64::from(d.subsec_nanos())) >> UNIT_SHIFT
 }
 
 /// The line of `key` and its 32-bit tag (never 0: an empty cell). The digest is keyed
@@ -159,7 +157,6 @@ mod tests {
     use super::*;
     use crate::auth::IdentityId;
     use crate::resp::Proto;
-    use std::time::Duration;
 
     fn key(k: &str) -> CacheKey {
         CacheKey::get(0, IdentityId::ANONYMOUS, Proto::Resp2, k.as_bytes())
@@ -167,30 +164,45 @@ mod tests {
 
     const V1: u64 = 0x1234_5678_9abc_def0;
     const V2: u64 = 0x4321_5678_9abc_def0;
+    const FRESH: Duration = Duration::from_secs(1);
 
     #[tokio::test(start_paused = true)]
     async fn a_reply_is_fresh_for_a_second_under_its_own_key_only() {
         let r = Refreshed::new(Instant::now());
         let now = Instant::now();
-        assert!(!r.fresh(&key("a"), V1, now), "nothing stored yet");
+        assert!(!r.fresh(&key("a"), V1, now, FRESH), "nothing stored yet");
         r.set(&key("a"), V1, now);
-        assert!(r.fresh(&key("a"), V1, now));
-        assert!(r.fresh(&key("a"), V1, now + FRESH - Duration::from_millis(20)));
-        assert!(!r.fresh(&key("a"), V1, now + FRESH), "a second later");
-        assert!(!r.fresh(&key("a"), V2, now), "another reply");
-        assert!(!r.fresh(&key("b"), V1, now), "another key");
+        assert!(r.fresh(&key("a"), V1, now, FRESH));
+        assert!(r.fresh(
+            &key("a"),
+            V1,
+            now + FRESH - Duration::from_millis(20),
+            FRESH
+        ));
+        assert!(
+            !r.fresh(&key("a"), V1, now + FRESH, FRESH),
+            "a second later"
+        );
+        assert!(!r.fresh(&key("a"), V2, now, FRESH), "another reply");
+        assert!(!r.fresh(&key("b"), V1, now, FRESH), "another key");
         let other_db = CacheKey::get(1, IdentityId::ANONYMOUS, Proto::Resp2, b"a");
-        assert!(!r.fresh(&other_db, V1, now), "another db");
+        assert!(!r.fresh(&other_db, V1, now, FRESH), "another db");
         let resp3 = CacheKey::get(0, IdentityId::ANONYMOUS, Proto::Resp3, b"a");
-        assert!(!r.fresh(&resp3, V1, now), "another protocol");
+        assert!(!r.fresh(&resp3, V1, now, FRESH), "another protocol");
+        // The window is the caller's: a longer one keeps it fresh longer, one shorter than
+        // the table's time unit never.
+        let long = Duration::from_secs(4);
+        assert!(r.fresh(&key("a"), V1, now + Duration::from_millis(3900), long));
+        assert!(!r.fresh(&key("a"), V1, now + long, long));
+        assert!(!r.fresh(&key("a"), V1, now, Duration::from_millis(10)));
         // Refreshed again: fresh from then on.
         let later = now + Duration::from_secs(5);
         r.set(&key("a"), V1, later);
-        assert!(r.fresh(&key("a"), V1, later + Duration::from_millis(500)));
+        assert!(r.fresh(&key("a"), V1, later + Duration::from_millis(500), FRESH));
         // Stored with another reply: the old one is no longer fresh.
         r.set(&key("a"), V2, later);
-        assert!(!r.fresh(&key("a"), V1, later));
-        assert!(r.fresh(&key("a"), V2, later));
+        assert!(!r.fresh(&key("a"), V1, later, FRESH));
+        assert!(r.fresh(&key("a"), V2, later, FRESH));
     }
 
     #[tokio::test(start_paused = true)]
@@ -209,13 +221,13 @@ mod tests {
         }
         let now = start + Duration::from_millis(100 * WAYS as u64);
         r.set(&mates[WAYS], V1, now);
-        assert!(!r.fresh(&mates[0], V1, now), "the oldest made room");
+        assert!(!r.fresh(&mates[0], V1, now, FRESH), "the oldest made room");
         for k in &mates[1..] {
-            assert!(r.fresh(k, V1, now));
+            assert!(r.fresh(k, V1, now, FRESH));
         }
         // A key stored again keeps its one cell.
         r.set(&mates[3], V2, now);
-        assert!(r.fresh(&mates[3], V2, now));
-        assert!(r.fresh(&mates[1], V1, now) && r.fresh(&mates[WAYS], V1, now));
+        assert!(r.fresh(&mates[3], V2, now, FRESH));
+        assert!(r.fresh(&mates[1], V1, now, FRESH) && r.fresh(&mates[WAYS], V1, now, FRESH));
     }
 }

@@ -29,6 +29,7 @@ impl EffectSink for Degrade {
                             plan,
                             leader,
                             reply: r.clone(),
+                            fresh: 0,
                         };
                         self.fill_together(&mut vec![fill], via);
                         return;
@@ -74,6 +75,22 @@ impl EffectSink for Degrade {
         }
     }
 
+    fn prefetch(&self, effect: &ReplyEffect) {
+        if let ReplyEffect::Fill { plan, leader, .. } = effect {
+            match plan {
+                FillPlan::Single { key, .. } => self.cache.prefetch_unchanged(key),
+                FillPlan::Mget { parts } => {
+                    for (key, _, _) in parts.iter() {
+                        self.cache.prefetch_unchanged(key);
+                    }
+                }
+            }
+            if let Some(leader) = leader {
+                leader.prefetch();
+            }
+        }
+    }
+
     fn defer(
         &self,
         effect: ReplyEffect,
@@ -81,49 +98,83 @@ impl EffectSink for Degrade {
         fills: &mut Vec<DeferredFill>,
         now: Instant,
     ) -> Option<ReplyEffect> {
+        let mut fresh = Fresh::default();
         if let (ReplyEffect::Fill { plan, .. }, Ok(r)) = (&effect, reply)
             && !is_error_reply(r)
-            && let Some(skipped) = self.redundant_fills(plan, r, now)
         {
-            self.cache.count_skipped_fills(skipped);
-            if let ReplyEffect::Fill {
-                leader: Some(leader),
-                ..
-            } = effect
-            {
-                leader.finish(reply);
+            fresh = self.fresh_fills(plan, r, now);
+            if fresh.count > 0 {
+                self.cache.count_skipped_fills(fresh.count);
             }
-            return None;
+            if fresh.all {
+                if let ReplyEffect::Fill {
+                    leader: Some(leader),
+                    ..
+                } = effect
+                {
+                    leader.finish(reply);
+                }
+                return None;
+            }
         }
-        effect.defer(reply, fills)
+        effect.defer(reply, fills, fresh.parts)
     }
 }
 
+/// Which fills of a reply would store nothing new; see [`Degrade::fresh_fills`].
+#[derive(Debug, Default)]
+struct Fresh {
+    /// Every fill the reply makes.
+    all: bool,
+    /// MGET parts whose fill stores nothing new (bit i: part i, for the first 64).
+    parts: u64,
+    /// How many fills store nothing new.
+    count: u64,
+}
+
 impl Degrade {
-    /// `Some(fills)` when the fills of `reply` would store nothing new: every reply it
-    /// would store was stored under the same key within the last second
-    /// ([`crate::cache::Cache::unchanged`]).
-    fn redundant_fills(&self, plan: &FillPlan, reply: &Bytes, now: Instant) -> Option<u64> {
+    /// The fills of `reply` that would store nothing new: the reply each would store was
+    /// stored under the same key less than the policy's `refill_after` ago
+    /// ([`crate::cache::Cache::unchanged`]). An MGET whose keys were read a moment ago
+    /// but for one stores that one alone.
+    fn fresh_fills(&self, plan: &FillPlan, reply: &Bytes, now: Instant) -> Fresh {
+        let policy = self.policy.get();
+        let window = policy.refill_after();
         match plan {
-            FillPlan::Single { key, .. } => self.cache.unchanged(key, reply, now).then_some(1),
-            FillPlan::Mget { parts } => {
-                let ranges = element_ranges(reply)?;
-                if ranges.len() != parts.len() {
-                    return None;
+            FillPlan::Single { key, .. } => {
+                let all = self.cache.unchanged(key, reply, now, window);
+                Fresh {
+                    all,
+                    parts: 0,
+                    count: u64::from(all),
                 }
-                let nil_ok = self.policy.cache_nil();
-                let mut fills = 0;
-                for ((key, _, _), range) in parts.iter().zip(ranges) {
+            }
+            FillPlan::Mget { parts } => {
+                // The lookups do not depend on each other: their misses overlap.
+                for (key, _, _) in parts.iter() {
+                    self.cache.prefetch_unchanged(key);
+                }
+                let Some(ranges) = element_ranges(reply).filter(|r| r.len() == parts.len()) else {
+                    return Fresh::default();
+                };
+                let nil_ok = policy.cache_nil();
+                let mut fresh = Fresh {
+                    all: true,
+                    ..Fresh::default()
+                };
+                for (i, ((key, _, _), range)) in parts.iter().zip(ranges).enumerate() {
                     let value = &reply[range];
                     if !storable_get_reply(value, nil_ok) {
                         continue;
                     }
-                    if !self.cache.unchanged(key, value, now) {
-                        return None;
+                    if i < 64 && self.cache.unchanged(key, value, now, window) {
+                        fresh.parts |= 1 << i;
+                        fresh.count += 1;
+                    } else {
+                        fresh.all = false;
                     }
-                    fills += 1;
                 }
-                Some(fills)
+                fresh
             }
         }
     }
@@ -159,9 +210,12 @@ impl Degrade {
                     if ranges.len() != parts.len() {
                         continue;
                     }
-                    for ((key, redis_key, ticket), range) in parts.iter().zip(ranges) {
+                    for (i, ((key, redis_key, ticket), range)) in
+                        parts.iter().zip(ranges).enumerate()
+                    {
                         let value = &f.reply[range];
-                        if storable_get_reply(value, nil_ok) {
+                        let fresh = i < 64 && f.fresh & (1 << i) != 0;
+                        if !fresh && storable_get_reply(value, nil_ok) {
                             batch.push(Fill {
                                 ticket: *ticket,
                                 key: *key,

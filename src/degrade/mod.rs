@@ -187,9 +187,6 @@ impl Degrade {
                     return None;
                 }
                 let key = CacheKey::new(db, view.identity, view.proto, &req.args);
-                if filter {
-                    self.cache.prefetch_unchanged(&key);
-                }
                 Some(FillPlan::Single {
                     ticket: self.cache.ticket(db, &redis_key),
                     key,

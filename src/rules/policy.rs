@@ -120,7 +120,11 @@ pub struct CachePolicy {
     stale: Vec<(Glob, Duration)>,
     /// Patterns that set `miss`, in file order.
     misses: Vec<(Glob, MissReply)>,
+    refill_after: Duration,
 }
+
+/// The longest [`CachePolicy::refill_after`].
+const MAX_REFILL_AFTER: Duration = Duration::from_secs(4);
 
 impl CachePolicy {
     /// Validates and compiles the policy.
@@ -139,6 +143,7 @@ impl CachePolicy {
             exclude: globs(&cfg.exclude, "exclude")?,
             stale: Vec::new(),
             misses: Vec::new(),
+            refill_after: Duration::ZERO,
         };
         for (i, pattern) in cfg.patterns.iter().enumerate() {
             let at = format!("cache.patterns[{i}]");
@@ -153,6 +158,7 @@ impl CachePolicy {
                 policy.misses.push((glob, miss.clone()));
             }
         }
+        policy.refill_after = policy.shortest_refill();
         Ok(policy)
     }
 
@@ -161,6 +167,23 @@ impl CachePolicy {
     pub fn cacheable_key(&self, key: &[u8]) -> bool {
         (self.include.is_empty() || self.include.iter().any(|g| g.matches(key)))
             && !self.exclude.iter().any(|g| g.matches(key))
+    }
+
+    /// How long after a reply is stored an identical reply's fill may be skipped (see
+    /// `cache::refreshed`): the entry's age then runs ahead of the truth by at most this,
+    /// so it is a 64th of the shortest `max_stale` of any key (an entry is refused at most
+    /// that much early in an outage), and never more than 4 s.
+    pub fn refill_after(&self) -> Duration {
+        self.refill_after
+    }
+
+    fn shortest_refill(&self) -> Duration {
+        let shortest = self
+            .stale
+            .iter()
+            .map(|&(_, d)| d)
+            .fold(self.max_stale, Duration::min);
+        (shortest / 64).min(MAX_REFILL_AFTER)
     }
 
     /// How stale a cached value for `key` may be when served in degraded mode: the first
@@ -201,7 +224,7 @@ impl CachePolicy {
 impl Default for CachePolicy {
     /// Every key cacheable, 300 s max staleness, nil on a miss.
     fn default() -> Self {
-        CachePolicy {
+        let mut policy = CachePolicy {
             max_stale: Duration::from_millis(DEFAULT_MAX_STALE_MS),
             cache_nil: true,
             miss: MissReply::Absent,
@@ -209,7 +232,10 @@ impl Default for CachePolicy {
             exclude: Vec::new(),
             stale: Vec::new(),
             misses: Vec::new(),
-        }
+            refill_after: Duration::ZERO,
+        };
+        policy.refill_after = policy.shortest_refill();
+        policy
     }
 }
 
@@ -280,6 +306,31 @@ mod tests {
         assert_eq!(d.max_stale(b"k"), Duration::from_secs(300));
         assert_eq!(d.miss_reply(b"k"), &MissReply::Absent);
         assert!(d.cache_nil());
+    }
+
+    #[test]
+    fn an_unchanged_reply_is_refilled_within_a_64th_of_the_shortest_max_stale() {
+        let with = |max_stale_ms, patterns| {
+            CachePolicy::compile(&CachePolicyConfig {
+                max_stale_ms,
+                patterns,
+                ..CachePolicyConfig::default()
+            })
+            .unwrap()
+            .refill_after()
+        };
+        assert_eq!(with(6_400, vec![]), Duration::from_millis(100));
+        let short = vec![pattern("recs:hot:*", Some(640), None)];
+        assert_eq!(with(60_000, short), Duration::from_millis(10));
+        assert_eq!(
+            with(3_600_000, vec![]),
+            Duration::from_secs(4),
+            "at most 4 s"
+        );
+        assert_eq!(
+            CachePolicy::default().refill_after(),
+            Duration::from_secs(4)
+        );
     }
 
     #[test]

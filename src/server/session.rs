@@ -25,7 +25,7 @@ use super::writer::{Slot, SlotKind, Slots};
 use crate::burst;
 use crate::command::{Classified, UNKNOWN, classify};
 use crate::degrade::{ClientView, Origin};
-use crate::effect::OutputBudget;
+use crate::effect::{FillPlan, OutputBudget};
 use crate::error::{Error, UpstreamError, error_reply};
 use crate::resp::request::{Framer, Peer};
 use crate::resp::{Request, reply};
@@ -59,6 +59,12 @@ pub(super) struct Session {
     /// When the bytes being parsed arrived: what the client-side latency counts from, and
     /// the time the breaker admits their requests at.
     pub(super) received: Instant,
+    /// A run of reads parsed ahead of their dispatch, with their cache fill plans; kept
+    /// between runs so that its room is allocated once.
+    ahead: Vec<(Request, Classified, Option<FillPlan>)>,
+    /// The fill plan made ahead for the request being dispatched, if any: the shared path
+    /// takes it instead of planning again.
+    pub(super) prepared: Option<FillPlan>,
 }
 
 /// Why a session stopped reading.
@@ -109,6 +115,8 @@ pub async fn run(
         slots: slots_tx,
         outbox: Outbox::default(),
         received: Instant::now(),
+        ahead: Vec::new(),
+        prepared: None,
     };
     let end = session.read_loop(&mut rd, &mut shutdown).await;
     if end == End::ClientGone {
@@ -210,26 +218,28 @@ impl Session {
                     return end;
                 }
                 let cls = classify(&req.args);
-                if !(cls.read && self.answering_from_cache()) {
+                if !(cls.read && self.server.degrade.cache.enabled()) {
                     if let Some(end) = self.dispatch_one(req, cls).await {
                         return end;
                     }
                     continue;
                 }
-                // Every breaker refuses: reads are answered from the cache, one lookup
-                // after another, each stalled on memory. The run of reads that follows is
-                // parsed first and their entries warmed together. The run ends after its
-                // first command that is not a read: reads change nothing the parsing
-                // depends on (authentication), so every frame is parsed as before.
-                let mut run = Vec::with_capacity(16);
-                run.push((req, cls));
+                // A read that uses the cache stalls on memory: on its cache entry when
+                // answered from the cache (every breaker refuses), else on its
+                // single-flight. The run of reads that follows is parsed first and what
+                // each will touch is requested for all of them before the first waits on
+                // it. The run ends after its first command that is not a read: reads
+                // change nothing the parsing depends on (authentication), so every frame
+                // is parsed as before.
+                let mut run = std::mem::take(&mut self.ahead);
+                run.push((req, cls, None));
                 let mut error = None;
                 while run.len() < super::outbox::MAX_SLOTS {
                     match framer.next(&mut buf, &limits, peer) {
                         Ok(Some(req)) => {
                             let cls = classify(&req.args);
                             let read = cls.read;
-                            run.push((req, cls));
+                            run.push((req, cls, None));
                             if !read {
                                 break;
                             }
@@ -241,14 +251,34 @@ impl Session {
                         }
                     }
                 }
-                self.server
-                    .degrade
-                    .prefetch_answers(self.view(), run.iter().map(|(r, c)| (r, c)));
-                for (req, cls) in run {
-                    if let Some(end) = self.dispatch_one(req, cls).await {
+                let view = self.view();
+                let degrade = &self.server.degrade;
+                if self.answering_from_cache() {
+                    degrade.prefetch_answers(view, run.iter().map(|(r, c, _)| (r, c)));
+                } else {
+                    for (req, cls, plan) in run.iter_mut().filter(|(_, c, _)| c.read) {
+                        *plan = degrade.plan_fill(view, req, cls);
+                        if let Some(hash) = plan.as_ref().and_then(|p| p.flight_hash()) {
+                            self.server.flights.prefetch(hash);
+                        }
+                    }
+                }
+                for (i, (req, cls, plan)) in run.drain(..).enumerate() {
+                    // Checked for the first before it was classified.
+                    if i > 0
+                        && self.output.owes_enough()
+                        && let Some(end) = self.wait_for_answers(shutdown).await
+                    {
+                        return end;
+                    }
+                    self.prepared = plan;
+                    let end = self.dispatch_one(req, cls).await;
+                    self.prepared = None;
+                    if let Some(end) = end {
                         return end;
                     }
                 }
+                self.ahead = run;
                 if let Some(e) = error {
                     return self.protocol_error(e).await;
                 }

@@ -37,7 +37,10 @@ impl Session {
         let mut leader = None;
         if cls.read
             && !unplanned
-            && let Some(p) = self.server.degrade.plan_fill(view, &req, &cls)
+            && let Some(p) = self
+                .prepared
+                .take()
+                .or_else(|| self.server.degrade.plan_fill(view, &req, &cls))
         {
             // While this client has writes in flight, a read in flight of another client
             // may have run before them: it must send its own.
@@ -96,7 +99,10 @@ impl Session {
             return self.degraded(&req, &cls).await;
         };
         if unplanned {
-            plan = self.server.degrade.plan_fill(view, &req, &cls);
+            plan = self
+                .prepared
+                .take()
+                .or_else(|| self.server.degrade.plan_fill(view, &req, &cls));
         }
         let Some(inflight) = self.set.list[index].admit() else {
             // Shed load here rather than pile onto a struggling Redis; not the server's fault.

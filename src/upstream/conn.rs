@@ -692,6 +692,11 @@ impl Settle {
     }
 }
 
+/// How many replies ahead of the one it completes the connection starts loading what
+/// completing will touch (`EffectSink::prefetch`): a reply takes a few hundred
+/// nanoseconds to complete, so the loads have that long times this to arrive.
+const PREFETCH_AHEAD: usize = 4;
+
 /// Hands a reply frame to the oldest pending request.
 fn complete<'a>(
     ctx: &'a UpstreamCtx,
@@ -713,6 +718,9 @@ fn complete<'a>(
         };
         if q.len() + 1 == depth {
             roomy.notify_one();
+        }
+        if let Some(effect) = q.get(PREFETCH_AHEAD).and_then(|a| a.effect.as_ref()) {
+            ctx.sink.prefetch(effect);
         }
         // The next request's time starts now if it was waiting behind this one: the
         // timeout bounds how long Redis makes no progress, not how much was queued.
