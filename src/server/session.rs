@@ -59,13 +59,17 @@ pub(super) struct Session {
     /// When the bytes being parsed arrived: what the client-side latency counts from, and
     /// the time the breaker admits their requests at.
     pub(super) received: Instant,
-    /// A run of reads parsed ahead of their dispatch, with their cache fill plans; kept
-    /// between runs so that its room is allocated once.
+    /// A run of reads parsed ahead of their dispatch, with their cache fill plans; room
+    /// for [`KEPT_AHEAD`] of them is kept between runs, so that a client sending one read
+    /// at a time does not allocate it for each.
     ahead: Vec<(Request, Classified, Option<FillPlan>)>,
     /// The fill plan made ahead for the request being dispatched, if any: the shared path
     /// takes it instead of planning again.
     pub(super) prepared: Option<FillPlan>,
 }
+
+/// Reads of a run whose room a session keeps between runs (about 4.5 KiB).
+const KEPT_AHEAD: usize = 16;
 
 /// Why a session stopped reading.
 #[derive(Debug, PartialEq, Eq)]
@@ -278,6 +282,8 @@ impl Session {
                         return end;
                     }
                 }
+                // A long pipeline's room is not kept for the life of the connection.
+                run.shrink_to(KEPT_AHEAD);
                 self.ahead = run;
                 if let Some(e) = error {
                     return self.protocol_error(e).await;
