@@ -9,6 +9,8 @@
 #   OPEN=1 bench/profile.sh random  # Redis stopped once the cache is warm: reads served by the open breaker
 #   COMMAND='MGET key:__rand_int__ key:__rand_int__' bench/profile.sh random  # any command line instead of TEST
 #   PERF_RECORD=0 bench/profile.sh  # counts only, no call-graph profile
+#   BEFORE='-t set -P 1 -n 200000' PAUSE=5 bench/profile.sh random  # what bench/run.sh's round
+#       order does: SETs through redfuse (redis-benchmark arguments), 5 s, then the GETs
 #
 # Starts a redis-server and one redfuse (release build, built here unless REDFUSE_BIN is
 # set) on free loopback ports, prefills KEYSPACE keys and the hot key, reads them all through
@@ -20,7 +22,7 @@
 # printed; the perf.data file is kept in the work dir for `perf report -i`.
 #
 # Environment: REDFUSE_BIN, CACHE [on], TEST [get], COMMAND, OPEN [0], N [1000000], PIPELINE [16], CLIENTS [50],
-# KEYSPACE [100000], PERF_RECORD [1], PERF_FREQ [999], TOP [30], KEEP_WORKDIR [1].
+# KEYSPACE [100000], BEFORE, PAUSE [0], PERF_RECORD [1], PERF_FREQ [999], TOP [30], KEEP_WORKDIR [1].
 
 set -euo pipefail
 
@@ -35,6 +37,8 @@ KEYSPACE=${KEYSPACE:-100000}
 TEST=${TEST:-get}
 COMMAND=${COMMAND:-}
 OPEN=${OPEN:-0}
+BEFORE=${BEFORE:-}
+PAUSE=${PAUSE:-0}
 PERF_RECORD=${PERF_RECORD:-1}
 PERF_FREQ=${PERF_FREQ:-999}
 TOP=${TOP:-30}
@@ -107,6 +111,15 @@ resp() { # CMD: SET or GET over key:%012d and key:__rand_int__
 }
 resp SET | redis-cli -p "$RPORT" --pipe >"$WORKDIR/prefill.log" 2>&1 || die "prefill failed"
 resp GET | redis-cli -p "$FPORT" --pipe >"$WORKDIR/warm.log" 2>&1 || die "warm-up read failed"
+before_run() { # BEFORE, through redfuse, then PAUSE: before each measured run
+    [[ -n $BEFORE ]] || return 0
+    local before
+    read -r -a before <<<"$BEFORE"
+    log "before: redis-benchmark -c $CLIENTS -r $KEYSPACE -d 64 ${before[*]}; then $PAUSE s"
+    redis-benchmark -p "$FPORT" -c "$CLIENTS" -r "$KEYSPACE" -d 64 -q "${before[@]}" >"$WORKDIR/before.log" 2>&1 ||
+        die "the BEFORE run failed: $(tail -n 3 "$WORKDIR/before.log")"
+    sleep "$PAUSE"
+}
 if [[ $OPEN == 1 ]]; then
     log "stopping redis-server; waiting for the breaker to open"
     redis-cli -p "$RPORT" shutdown nosave >/dev/null 2>&1 || true
@@ -136,6 +149,7 @@ upstream_gets() {
     redis-cli -p "$RPORT" info commandstats | tr -d '\r' | sed -n 's/^cmdstat_get:calls=\([0-9]*\).*/\1/p'
 }
 
+before_run
 log "perf stat: ${BENCH[*]}"
 [[ $OPEN == 1 ]] || redis-cli -p "$RPORT" config resetstat >/dev/null
 shared0=$(metric redfuse_singleflight_shared_total)
@@ -167,6 +181,7 @@ echo "| reads shared by single-flight | $((${shared1:-0} - ${shared0:-0})) | $(p
 echo
 
 if [[ $PERF_RECORD == 1 ]]; then
+    before_run
     log "perf record (call graphs, $PERF_FREQ Hz): ${BENCH[*]}"
     perf record -F "$PERF_FREQ" --call-graph dwarf,32768 -p "$RF_PID" -o "$WORKDIR/perf.data" -- \
         "${BENCH[@]}" >"$WORKDIR/bench-record.csv" 2>"$WORKDIR/perf-record.err" ||

@@ -576,6 +576,10 @@ struct State {
     index: FastMap<u32, FastMap<Bytes, Readers>>,
     /// Key records by key hash, least recently used first.
     records: LruCache<u64, Record>,
+    /// Whether a record may hold an expiry (`Ttl::At`): set when one is recorded, cleared
+    /// with the records. While it is false a fill need not look its key's record up (a
+    /// memory miss per fill once writes have left records of many keys).
+    expiring_records: bool,
     bytes: usize,
     lost: LostMarks,
     invalidations: Invalidations,
@@ -681,6 +685,7 @@ impl Cache {
                 lru: Replies::default(),
                 index: FastMap::default(),
                 records: LruCache::unbounded(),
+                expiring_records: false,
                 bytes: 0,
                 lost: LostMarks::new(Instant::now()),
                 invalidations: Invalidations::default(),
@@ -1010,7 +1015,7 @@ impl Cache {
             tally.bypasses += 1;
             return false;
         }
-        let expires = if st.records.is_empty() {
+        let expires = if !st.expiring_records {
             None
         } else {
             let hash = checked.map_or_else(|| self.key_hash(key.db, redis_key), |(t, _)| t.hash);
@@ -1095,6 +1100,7 @@ impl Cache {
         now: Instant,
     ) -> u64 {
         st.lost.rotate(now, self.config.written_ttl);
+        st.expiring_records |= ttl.deadline().is_some();
         let written = written.map(|seen| (now, seen));
         if let Some(r) = st.records.get_mut(&hash) {
             r.written = match (written, r.written) {
@@ -1290,6 +1296,7 @@ impl Cache {
         st.refreshed.clear();
         st.index.clear();
         st.records.clear();
+        st.expiring_records = false;
         st.superseded.clear();
         st.bytes = 0;
         self.publish(&st);

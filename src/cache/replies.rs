@@ -238,7 +238,12 @@ impl Replies {
                 continue;
             }
             let slot = self.slots.remove(&key).expect("just found");
-            return Some((key, self.release(slot)));
+            let entry = self.release(slot);
+            // A full cache evicts once per store: the next eviction starts from this node.
+            if let Some(next) = self.nodes.get(self.oldest as usize) {
+                super::prefetch_line(next);
+            }
+            return Some((key, entry));
         }
     }
 

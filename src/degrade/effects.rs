@@ -124,7 +124,7 @@ impl EffectSink for Degrade {
 /// Which fills of a reply would store nothing new; see [`Degrade::fresh_fills`].
 #[derive(Debug, Default)]
 struct Fresh {
-    /// Every fill the reply makes.
+    /// Every fill the reply would make stores nothing new: none is made.
     all: bool,
     /// MGET parts whose fill stores nothing new (bit i: part i, for the first 64).
     parts: u64,

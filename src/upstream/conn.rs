@@ -695,7 +695,7 @@ impl Settle {
 /// How many replies ahead of the one it completes the connection starts loading what
 /// completing will touch (`EffectSink::prefetch`): a reply takes a few hundred
 /// nanoseconds to complete, so the loads have that long times this to arrive.
-const PREFETCH_AHEAD: usize = 4;
+const PREFETCH_AHEAD: usize = 5;
 
 /// Hands a reply frame to the oldest pending request.
 fn complete<'a>(
@@ -719,7 +719,7 @@ fn complete<'a>(
         if q.len() + 1 == depth {
             roomy.notify_one();
         }
-        if let Some(effect) = q.get(PREFETCH_AHEAD).and_then(|a| a.effect.as_ref()) {
+        if let Some(effect) = q.get(PREFETCH_AHEAD - 1).and_then(|a| a.effect.as_ref()) {
             ctx.sink.prefetch(effect);
         }
         // The next request's time starts now if it was waiting behind this one: the
