@@ -701,8 +701,9 @@ impl Cache {
         }
     }
 
-    /// Starts loading what [`Cache::unchanged`] will read for `key`. Done when the read
-    /// is sent it came too early: by its reply, other reads had evicted the line again.
+    /// Starts loading what [`Cache::unchanged`] will read for `key`. The connection calls
+    /// it a few replies ahead: prefetched when the read was sent, the line had been
+    /// evicted again by the time the reply arrived.
     pub fn prefetch_unchanged(&self, key: &CacheKey) {
         self.refreshed.prefetch(key);
     }
