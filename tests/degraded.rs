@@ -328,6 +328,60 @@ fn a_value_changed_behind_redfuses_back_is_stored_by_the_next_read() {
     );
 }
 
+/// Pipelined reads are planned a run at a time before they are dispatched (a run ends
+/// after its first command that is not a read): a read after a write, a transaction or a
+/// SELECT in the same pipeline fills what it really read, in its own database.
+#[test]
+fn reads_planned_ahead_in_a_pipeline_fill_what_they_read() {
+    let mut s = setup("");
+    let mut direct = s.redis.client();
+    assert_eq!(direct.cmd(&["SET", "j", "j0"]), b"+OK\r\n");
+    assert_eq!(direct.cmd(&["SELECT", "1"]), b"+OK\r\n");
+    assert_eq!(direct.cmd(&["SET", "j", "j1"]), b"+OK\r\n");
+    let mut c = s.rf.client();
+    let pipeline: [&[&str]; 11] = [
+        &["SET", "k", "v0"],
+        &["GET", "k"],
+        &["GET", "j"],
+        &["MULTI"],
+        &["GET", "k"],
+        &["SET", "k", "v1"],
+        &["EXEC"],
+        &["GET", "k"],
+        &["SELECT", "1"],
+        &["GET", "j"],
+        &["SELECT", "0"],
+    ];
+    c.send(
+        &pipeline
+            .iter()
+            .flat_map(|cmd| resp_cmd(cmd))
+            .collect::<Vec<u8>>(),
+    );
+    let expected: [&[u8]; 11] = [
+        b"+OK\r\n",
+        b"$2\r\nv0\r\n",
+        b"$2\r\nj0\r\n",
+        b"+OK\r\n",
+        b"+QUEUED\r\n",
+        b"+QUEUED\r\n",
+        b"*2\r\n$2\r\nv0\r\n+OK\r\n",
+        b"$2\r\nv1\r\n",
+        b"+OK\r\n",
+        b"$2\r\nj1\r\n",
+        b"+OK\r\n",
+    ];
+    for (got, want) in c.read_frames(expected.len()).iter().zip(expected) {
+        assert_eq!(esc(got), esc(want));
+    }
+    s.redis.kill();
+    wait_open(&s.rf);
+    // Database 0 holds what its reads read: `k` as the transaction left it, and `j` as
+    // read before the SELECT (the read of database 1's `j` filled nothing of database 0).
+    assert_eq!(c.cmd(&["GET", "k"]), b"$2\r\nv1\r\n");
+    assert_eq!(c.cmd(&["GET", "j"]), b"$2\r\nj0\r\n");
+}
+
 #[test]
 fn a_write_through_redfuse_invalidates_the_cached_value() {
     let mut s = setup("");

@@ -267,13 +267,15 @@ impl Session {
                         }
                     }
                 }
-                for (i, (req, cls, plan)) in run.drain(..).enumerate() {
+                for (i, (req, cls, mut plan)) in run.drain(..).enumerate() {
                     // Checked for the first before it was classified.
-                    if i > 0
-                        && self.output.owes_enough()
-                        && let Some(end) = self.wait_for_answers(shutdown).await
-                    {
-                        return end;
+                    if i > 0 && self.output.owes_enough() {
+                        if let Some(end) = self.wait_for_answers(shutdown).await {
+                            return end;
+                        }
+                        // Replies that arrived meanwhile may have invalidated its keys: a
+                        // ticket taken now lets it fill what it reads.
+                        plan = None;
                     }
                     self.prepared = plan;
                     let end = self.dispatch_one(req, cls).await;

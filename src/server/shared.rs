@@ -19,6 +19,9 @@ impl Session {
     /// holds one it cannot release yet, else shared.
     pub(super) async fn forward(&mut self, req: Request, cls: Classified) -> Flow {
         if self.links.pinned.is_some() {
+            // Planned before the dedicated connection's last replies (an EXEC's
+            // invalidation) arrived: planned again once they have, so that it may fill.
+            self.prepared = None;
             self.flush().await;
             if !self.state.releasable(self.links.blocked()) {
                 return self
