@@ -77,14 +77,7 @@ impl EffectSink for Degrade {
 
     fn prefetch(&self, effect: &ReplyEffect) {
         if let ReplyEffect::Fill { plan, leader, .. } = effect {
-            match plan {
-                FillPlan::Single { key, .. } => self.cache.prefetch_unchanged(key),
-                FillPlan::Mget { parts } => {
-                    for (key, _, _) in parts.iter() {
-                        self.cache.prefetch_unchanged(key);
-                    }
-                }
-            }
+            self.prefetch_fresh_fills(plan);
             if let Some(leader) = leader {
                 leader.prefetch();
             }
@@ -133,6 +126,18 @@ struct Fresh {
 }
 
 impl Degrade {
+    /// Starts loading what [`Degrade::fresh_fills`] will read for `plan`.
+    fn prefetch_fresh_fills(&self, plan: &FillPlan) {
+        match plan {
+            FillPlan::Single { key, .. } => self.cache.prefetch_unchanged(key),
+            FillPlan::Mget { parts } => {
+                for (key, _, _) in parts.iter() {
+                    self.cache.prefetch_unchanged(key);
+                }
+            }
+        }
+    }
+
     /// The fills of `reply` that would store nothing new: the reply each would store was
     /// stored under the same key less than the policy's `refill_after` ago
     /// ([`crate::cache::Cache::unchanged`]). An MGET whose keys were read a moment ago
@@ -151,9 +156,7 @@ impl Degrade {
             }
             FillPlan::Mget { parts } => {
                 // The lookups do not depend on each other: their misses overlap.
-                for (key, _, _) in parts.iter() {
-                    self.cache.prefetch_unchanged(key);
-                }
+                self.prefetch_fresh_fills(plan);
                 let Some(ranges) = element_ranges(reply).filter(|r| r.len() == parts.len()) else {
                     return Fresh::default();
                 };

@@ -120,6 +120,7 @@ pub struct CachePolicy {
     stale: Vec<(Glob, Duration)>,
     /// Patterns that set `miss`, in file order.
     misses: Vec<(Glob, MissReply)>,
+    /// Derived from the `max_stale`s once, when compiled: it is read for every reply.
     refill_after: Duration,
 }
 
@@ -178,11 +179,7 @@ impl CachePolicy {
     }
 
     fn shortest_refill(&self) -> Duration {
-        let shortest = self
-            .stale
-            .iter()
-            .map(|&(_, d)| d)
-            .fold(self.max_stale, Duration::min);
+        let shortest = self.max_stales().min().unwrap_or(self.max_stale);
         (shortest / 64).min(MAX_REFILL_AFTER)
     }
 
@@ -207,12 +204,15 @@ impl CachePolicy {
     /// The longest `max_stale` of any pattern: how long anything about a write can matter
     /// to a degraded read.
     pub fn longest_max_stale(&self) -> Duration {
+        self.max_stales().max().unwrap_or(self.max_stale)
+    }
+
+    /// Every `max_stale` a key can have: the default and each pattern's.
+    fn max_stales(&self) -> impl Iterator<Item = Duration> + '_ {
         self.stale
             .iter()
             .map(|&(_, d)| d)
             .chain(std::iter::once(self.max_stale))
-            .max()
-            .unwrap_or(self.max_stale)
     }
 
     /// Whether nil replies are cached.

@@ -5,7 +5,8 @@
 use crate::breaker::State;
 use crate::cache::Flight;
 use crate::command::Classified;
-use crate::effect::{DegradedRead, ReplyEffect};
+use crate::degrade::ClientView;
+use crate::effect::{DegradedRead, FillPlan, ReplyEffect};
 use crate::error::UpstreamError;
 use crate::resp::Request;
 use crate::upstream::Call;
@@ -40,10 +41,7 @@ impl Session {
         let mut leader = None;
         if cls.read
             && !unplanned
-            && let Some(p) = self
-                .prepared
-                .take()
-                .or_else(|| self.server.degrade.plan_fill(view, &req, &cls))
+            && let Some(p) = self.take_plan(view, &req, &cls)
         {
             // While this client has writes in flight, a read in flight of another client
             // may have run before them: it must send its own.
@@ -102,10 +100,7 @@ impl Session {
             return self.degraded(&req, &cls).await;
         };
         if unplanned {
-            plan = self
-                .prepared
-                .take()
-                .or_else(|| self.server.degrade.plan_fill(view, &req, &cls));
+            plan = self.take_plan(view, &req, &cls);
         }
         let Some(inflight) = self.set.list[index].admit() else {
             // Shed load here rather than pile onto a struggling Redis; not the server's fault.
@@ -172,5 +167,12 @@ impl Session {
         })
         .await;
         Flow::Continue
+    }
+
+    /// The read's fill plan: the one made when its run was parsed, else made now.
+    fn take_plan(&mut self, view: ClientView, req: &Request, cls: &Classified) -> Option<FillPlan> {
+        self.prepared
+            .take()
+            .or_else(|| self.server.degrade.plan_fill(view, req, cls))
     }
 }
