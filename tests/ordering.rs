@@ -43,8 +43,9 @@ fn a_blocking_pop_sent_before_a_push_always_gets_it() {
         // value to a pop already waiting before it runs the next command, so the DEL finds
         // nothing left (as with Redis directly) unless the push overtook the pop, which
         // then waits forever.
-        if pusher.read_frame() != b":0\r\n" {
-            hangs.push(i);
+        let del = pusher.read_frame();
+        if del != b":0\r\n" {
+            hangs.push((i, String::from_utf8_lossy(&del).into_owned()));
             continue;
         }
         match a.try_read_frame(Duration::from_secs(30)) {
@@ -57,7 +58,59 @@ fn a_blocking_pop_sent_before_a_push_always_gets_it() {
     }
     assert!(
         hangs.is_empty(),
-        "the push overtook the blocking pop in {} of 1000 trials: {:?}",
+        "the push overtook the blocking pop in {} of 1000 trials (trial, DEL reply): {:?}",
+        hangs.len(),
+        &hangs[..hangs.len().min(20)]
+    );
+}
+
+/// As above, but the pop's client is one more than the warm dedicated connections: its
+/// connection is opened when the pop arrives (a connect and a handshake), and the push,
+/// ready to go on a shared connection, must still wait behind it.
+#[test]
+fn a_blocking_pop_that_must_open_its_connection_still_beats_the_push() {
+    let (_redis, rf) = setup(&[]);
+    let mut pusher = rf.client();
+    let mut hangs = Vec::new();
+    for i in 0..50 {
+        // Blocked on keys nobody pushes to, they take the warm connections and those the
+        // refill opens for them.
+        let mut blockers = Vec::new();
+        for _ in 0..4 {
+            let mut b = rf.client();
+            assert_eq!(b.cmd(&["PING"]), b"+PONG\r\n");
+            blockers.push(b);
+        }
+        let mut a = rf.client();
+        assert_eq!(a.cmd(&["PING"]), b"+PONG\r\n");
+        for (j, b) in blockers.iter_mut().enumerate() {
+            b.send_cmd(&["BLPOP", &format!("idle:{i}:{j}"), "0"]);
+        }
+        let key = format!("open:{i}");
+        a.send_cmd(&["BLPOP", &key, "0"]);
+        let mut both = resp_cmd(&["LPUSH", &key, "v"]);
+        both.extend(resp_cmd(&["DEL", &key]));
+        pusher.send(&both);
+        assert_eq!(pusher.read_frame(), b":1\r\n", "trial {i}: LPUSH reply");
+        let del = pusher.read_frame();
+        if del != b":0\r\n" {
+            hangs.push((i, String::from_utf8_lossy(&del).into_owned()));
+            continue;
+        }
+        let reply = a
+            .try_read_frame(Duration::from_secs(30))
+            .unwrap_or_else(|e| {
+                panic!("trial {i}: the pop got the value but no reply came: {e:?}")
+            });
+        assert_frame(
+            &reply,
+            &resp_cmd(&[key.as_str(), "v"]),
+            &format!("trial {i}"),
+        );
+    }
+    assert!(
+        hangs.is_empty(),
+        "the push overtook the blocking pop in {} of 50 trials (trial, DEL reply): {:?}",
         hangs.len(),
         &hangs[..hangs.len().min(20)]
     );

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::effect::{InFlight, Mark};
 use crate::resp::reply;
+use crate::upstream::barrier::Raised;
 use crate::upstream::set::UpstreamSet;
 use crate::upstream::tls::OwnedWriteHalf;
 use crate::upstream::{Call, ConnHandle, Setup, Upstream};
@@ -142,7 +143,10 @@ impl Links {
     /// Waits until everything this client sent to another connection of the same upstream
     /// has run, then records `next` as where its commands go. Across upstreams (replica
     /// reads) there is no order to keep: replication lag already gives none.
-    pub async fn fence(&mut self, upstream: usize, next: &Tracked) {
+    ///
+    /// `hold` is the barrier a blocking command about to go to `next` raised: the fence
+    /// goes through it.
+    pub async fn fence(&mut self, upstream: usize, next: &Tracked, hold: Option<&Raised>) {
         // The same connection as last time (nearly always): nothing to fence, and no clone
         // of the handle to store (each clone and drop is a handful of atomic counts).
         if !self.moves(upstream, next) {
@@ -151,7 +155,7 @@ impl Links {
         if let Some(prev) = self.last[upstream].replace(next.clone())
             && prev.inflight.any()
         {
-            await_ping(&prev.conn).await;
+            await_ping(&prev.conn, hold.map(Raised::again)).await;
         }
     }
 
@@ -169,7 +173,7 @@ impl Links {
             .flatten()
         {
             if Some(prev.conn.id) != blocked && prev.inflight.any() {
-                await_ping(&prev.conn).await;
+                await_ping(&prev.conn, None).await;
             }
         }
     }
@@ -204,8 +208,11 @@ impl Links {
 /// Sends a `PING` on `conn` and waits for it: everything sent there before has then run.
 /// True when the connection answered `PONG` (inside a transaction the answer would be
 /// `QUEUED`, and such a connection must never be handed to another client).
-pub async fn await_ping(conn: &ConnHandle) -> bool {
-    let (call, rx) = Call::new(Bytes::from_static(PING), false, false);
+///
+/// `raised` lets it past the barrier its own blocking command raised.
+pub async fn await_ping(conn: &ConnHandle, raised: Option<Raised>) -> bool {
+    let (mut call, rx) = Call::new(Bytes::from_static(PING), false, false);
+    call.raised = raised;
     conn.send(call).await;
     matches!(rx.await, Ok(Ok(reply)) if &reply[..] == reply::PONG)
 }

@@ -73,6 +73,9 @@ impl Session {
         blocking: bool,
         to_writer: bool,
     ) -> Result<Option<oneshot::Receiver<Reply>>, Flow> {
+        // Raised before anything here can wait, so that no other client's command read
+        // after this one reaches the server first (see `upstream::barrier`).
+        let raised = blocking.then(|| self.set.primary().raise_barrier());
         if cls.write
             && let Err(gate) = self
                 .server
@@ -111,7 +114,7 @@ impl Session {
             return Err(Flow::Stop);
         }
         let primary = self.set.primary_index();
-        self.links.fence(primary, &link).await;
+        self.links.fence(primary, &link, raised.as_ref()).await;
         let identity = self.view().identity;
         let effect = if cls.is(ids::EXEC) {
             // A transaction's writes run at EXEC: invalidated when EXEC is sent and again
@@ -147,6 +150,7 @@ impl Session {
         // A reply that goes to the writer counts against the client's output limit.
         call.output = to_writer.then(|| self.output.owe());
         call.effect = effect;
+        call.raised = raised;
         let mark = blocking.then(|| self.links.blocking.mark());
         if blocking {
             self.state.blocking_sent();
@@ -292,7 +296,7 @@ impl Session {
         let clean = self.state.db == Some(0)
             && p.setup.proto == self.state.proto
             && p.setup.credentials == self.setup().credentials;
-        let answered = !p.link.inflight.any() || await_ping(&p.link.conn).await;
+        let answered = !p.link.inflight.any() || await_ping(&p.link.conn, None).await;
         if clean && answered {
             p.upstream.release_dedicated(p.setup, p.link.conn);
         }

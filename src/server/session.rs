@@ -475,7 +475,7 @@ impl Session {
             if self.links.blocked() {
                 self.links.retire(p.link.conn);
             } else {
-                super::links::await_ping(&p.link.conn).await;
+                super::links::await_ping(&p.link.conn, None).await;
             }
         }
         self.links.blocking = crate::effect::InFlight::new();

@@ -151,7 +151,7 @@ impl Session {
         {
             self.flush().await;
         }
-        self.links.fence(index, &link).await;
+        self.links.fence(index, &link, None).await;
         let (mut call, rx) = Call::new(req.raw, false, cls.write);
         call.slow = cls.slow();
         call.output = Some(self.output.owe());

@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::backoff::Backoff;
+use super::barrier::Raised;
 use super::handshake::{Setup, open};
 use super::tls::UpstreamStream;
 use super::{Inflight, UpstreamCtx};
@@ -65,6 +66,9 @@ pub struct Call {
     /// The client's output budget, charged with the reply until the client has it; the
     /// call counts as unanswered until this is dropped.
     pub output: Option<Owed>,
+    /// A blocking command's hold on other traffic to the server, let go once it is
+    /// written (see [`super::barrier`]).
+    pub raised: Option<Raised>,
 }
 
 impl Call {
@@ -82,6 +86,7 @@ impl Call {
                 effect: None,
                 marks: [None, None],
                 output: None,
+                raised: None,
             },
             rx,
         )
@@ -169,6 +174,10 @@ impl ConnHandle {
         }
         if calls.is_empty() {
             return;
+        }
+        // A blocking command never waits for another (see `barrier`).
+        if self.ctx.barrier.is_raised() && !calls.iter().any(|c| c.raised.is_some()) {
+            self.ctx.barrier.pass().await;
         }
         if let Err(calls) = self.tx.send(calls).await {
             let err = UpstreamError::Closed {
@@ -454,6 +463,8 @@ async fn pipeline(
             // Calls taken together are sent together: one clock reading for them all
             // (taken again after a write that had to wait).
             let mut now = Instant::now();
+            // Barriers that blocking commands among these raised: lowered once written.
+            let mut raised: Vec<Raised> = Vec::new();
             while let Some(calls) = next.take() {
                 let deadline = now + ctx.command_timeout;
                 // Frames from the first large one on, written after the lock (none, nearly
@@ -466,6 +477,7 @@ async fn pipeline(
                         armed.notify_one();
                     }
                     for call in calls {
+                        raised.extend(call.raised);
                         if large.is_empty() && call.frame.len() < DIRECT_WRITE_BYTES {
                             out.extend_from_slice(&call.frame);
                         } else {
@@ -517,6 +529,7 @@ async fn pipeline(
             if let Err(e) = wr.flush().await {
                 return Ended::Io(e);
             }
+            drop(raised);
         }
     };
 

@@ -11,11 +11,13 @@
 //! blocking command or a transaction needs no connect and no handshake first.
 //!
 //! Layout: [`handshake`] opens connections, [`conn`] runs a connection's pipeline,
-//! [`dedicated`] keeps the warm set, [`probe`] checks health, [`backoff`] paces reconnects,
+//! [`dedicated`] keeps the warm set, [`barrier`] keeps other traffic behind a blocking
+//! command on its way, [`probe`] checks health, [`backoff`] paces reconnects,
 //! [`info`] remembers what `HELLO` said, [`set`] holds the set of upstreams that changes at
 //! run time and reconciles it.
 
 pub mod backoff;
+pub mod barrier;
 pub mod conn;
 pub mod dedicated;
 pub mod handshake;
@@ -97,6 +99,8 @@ pub struct UpstreamCtx {
     epoch: Instant,
     /// Wakes shared connections out of their reconnect back-off (the probe saw Redis back).
     pub reconnect: tokio::sync::Notify,
+    /// Raised while a client's blocking command is on its way here: see [`barrier`].
+    pub barrier: Arc<barrier::Barrier>,
     server_info: RwLock<Option<Arc<ServerInfo>>>,
 }
 
@@ -359,6 +363,7 @@ impl Upstream {
             busy_seen: AtomicU64::new(0),
             epoch: Instant::now(),
             reconnect: tokio::sync::Notify::new(),
+            barrier: Arc::default(),
             server_info: RwLock::new(None),
         });
         ctx.set_place(config.role, config.priority, config.weight);
@@ -465,6 +470,12 @@ impl Upstream {
         };
         let i = pool.next.fetch_add(1, Ordering::Relaxed) % pool.conns.len();
         pool.conns[i].clone()
+    }
+
+    /// Holds other traffic to this server back until the blocking command just read is
+    /// written (the guard goes into its call).
+    pub fn raise_barrier(&self) -> barrier::Raised {
+        self.ctx.barrier.raise()
     }
 
     /// A connection for one client alone: a warm one with this handshake when there is one
