@@ -8,6 +8,15 @@ use redfuse::config::{Cli, Config, LogFormat};
 use redfuse::reload::{LogLevelSetter, Source};
 use tracing::info;
 
+/// mimalloc rather than glibc's malloc: the data path allocates and frees small buffers on
+/// every request (request arguments, reply slots, cache entries), and glibc's malloc and
+/// free were a tenth of redfuse's CPU time (bench/profile.sh random, cache churned first:
+/// 1.78 us of CPU per pipelined GET with glibc, 1.64 with mimalloc). Built without
+/// transparent huge pages (`no_thp` in Cargo.toml): with them idle RSS was 19.5 MiB instead
+/// of 11, and the full cache's RSS 0.72 of its own accounting instead of 0.86.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(file) = &cli.check_config {
