@@ -18,7 +18,7 @@
 //!   reads made as its own identity filled.
 //! * **Entries are indexed by the Redis key they read.** A write to `k` makes `GET k`,
 //!   `HGETALL k`, `LRANGE k 0 -1`, ... all wrong at once (for every identity), and the
-//!   write only names `k`. The index `(db, key) -> {CacheKey}` lets [`Cache::invalidate`]
+//!   write only names `k`. The index `hash(db, key) -> {CacheKey}` lets [`Cache::invalidate`]
 //!   find every one of them without scanning, and eviction removes entries from it so it
 //!   never holds more than the LRU does.
 //! * **What redfuse learnt about a key is kept beside its replies.** A *key record* holds
@@ -76,13 +76,14 @@ use recent::{Invalidations, Superseded};
 use refreshed::Refreshed;
 use replies::Replies;
 
-/// Estimated memory per entry beyond its command, Redis key and reply bytes: the LRU node
-/// and its hash slot, the index slot, allocator rounding and the shared-buffer headers
-/// that cloning `Bytes` creates. Measured at 440-550 bytes on 64-bit glibc with small
-/// entries (more when several commands of one key are cached); the byte bound is only
-/// as good as this estimate, by design, since counting exactly would cost more than it
-/// saves.
-pub const ENTRY_OVERHEAD: usize = 480;
+/// Estimated memory per entry beyond its command, Redis key and reply bytes: the slot and
+/// node of the reply table, the index slot, and allocator rounding. Measured as RSS at the
+/// 64 MiB cap, filled with 64-byte values (bench/run.sh's memory figures, mimalloc):
+/// 576 bytes per entry, 456 of them beyond the bytes counted (a Redis key the entry no
+/// longer stores a copy of counts all the same). More when several commands of one key
+/// are cached; the byte bound is only as good as this estimate, by design, since counting
+/// exactly would cost more than it saves.
+pub const ENTRY_OVERHEAD: usize = 456;
 
 /// The LRU's own hasher (foldhash, randomly seeded). The index hashes the same
 /// client-chosen bytes the LRU already does, so SipHash would buy no DoS resistance there
@@ -474,7 +475,8 @@ struct Entry {
     /// A hash of `reply`, so an unchanged re-fill is recognised without reading the stored
     /// bytes (cold in memory by then).
     reply_hash: u64,
-    redis_key: Bytes,
+    /// The hash of `(db, Redis key)` the entry is indexed under (see `State::index`).
+    key_hash: u64,
     filled: Instant,
     /// When Redis expires the key, if redfuse knew when this was filled.
     expires: Option<Instant>,
@@ -571,9 +573,16 @@ impl LostMarks {
 
 struct State {
     lru: Replies,
-    /// db -> Redis key -> every cached reply that read it. Holds exactly the replies the
-    /// LRU holds.
-    index: FastMap<u32, FastMap<Bytes, Readers>>,
+    /// The hash of `(db, Redis key)` -> every cached reply that read that key. Holds
+    /// exactly the replies the LRU holds. Filed by the 64-bit hash the key's ticket and
+    /// record use, not by the key's bytes: nothing to copy per entry, nothing to read
+    /// behind a pointer to find it. Two keys sharing a hash share a set, so a write to one
+    /// drops the other's replies too: a miss more, never a reply served that a write
+    /// should have removed.
+    index: FastMap<u64, Readers>,
+    /// Every database an entry was ever filed in beyond Redis's default 16 (for
+    /// `invalidate_everywhere`).
+    other_dbs: Vec<u32>,
     /// Key records by key hash, least recently used first.
     records: LruCache<u64, Record>,
     /// Whether a record may hold an expiry (`Ttl::At`): set when one is recorded, cleared
@@ -590,27 +599,23 @@ struct State {
 }
 
 impl State {
-    fn add_to_index(&mut self, key: CacheKey, redis_key: Bytes) {
-        match self.index.entry(key.db).or_default().entry(redis_key) {
+    fn add_to_index(&mut self, key: CacheKey, key_hash: u64) {
+        match self.index.entry(key_hash) {
             MapEntry::Occupied(o) => o.into_mut().insert(key),
             MapEntry::Vacant(v) => {
                 v.insert(Readers::One(key));
             }
         }
+        if key.db >= 16 && !self.other_dbs.contains(&key.db) {
+            self.other_dbs.push(key.db);
+        }
     }
 
-    fn remove_from_index(&mut self, key: &CacheKey, redis_key: Bytes) {
-        let MapEntry::Occupied(mut by_db) = self.index.entry(key.db) else {
-            return;
-        };
-        let by_key = by_db.get_mut();
-        if let MapEntry::Occupied(mut readers) = by_key.entry(redis_key)
+    fn remove_from_index(&mut self, key: &CacheKey, key_hash: u64) {
+        if let MapEntry::Occupied(mut readers) = self.index.entry(key_hash)
             && readers.get_mut().remove(key)
         {
             readers.remove();
-            if by_key.is_empty() {
-                by_db.remove();
-            }
         }
     }
 
@@ -626,7 +631,7 @@ impl State {
     fn unaccount(&mut self, key: &CacheKey, entry: Entry) {
         self.refreshed.forget(key);
         self.bytes -= entry.charge;
-        self.remove_from_index(key, entry.redis_key);
+        self.remove_from_index(key, entry.key_hash);
     }
 
     /// Drops the least recently used record. A write mark that still matters is remembered
@@ -684,6 +689,7 @@ impl Cache {
             state: Mutex::new(State {
                 lru: Replies::default(),
                 index: FastMap::default(),
+                other_dbs: Vec::new(),
                 records: LruCache::unbounded(),
                 expiring_records: false,
                 bytes: 0,
@@ -1016,11 +1022,11 @@ impl Cache {
             tally.bypasses += 1;
             return false;
         }
+        let key_hash = || checked.map_or_else(|| self.key_hash(key.db, redis_key), |(t, _)| t.hash);
         let expires = if !st.expiring_records {
             None
         } else {
-            let hash = checked.map_or_else(|| self.key_hash(key.db, redis_key), |(t, _)| t.hash);
-            st.records.peek(&hash).and_then(|r| r.ttl.deadline())
+            st.records.peek(&key_hash()).and_then(|r| r.ttl.deadline())
         };
         if expires.is_some_and(|e| e <= now) {
             tally.bypasses += 1;
@@ -1041,11 +1047,11 @@ impl Cache {
             tally.bypasses += 1;
             return false;
         }
-        let redis_key = Bytes::copy_from_slice(redis_key);
+        let key_hash = key_hash();
         let entry = Entry {
             reply_hash,
             reply: Bytes::copy_from_slice(reply),
-            redis_key: redis_key.clone(),
+            key_hash,
             filled: now,
             expires,
             charge,
@@ -1056,7 +1062,7 @@ impl Cache {
         if let Some(old) = st.lru.push(key, entry) {
             st.unaccount(&key, old);
         }
-        st.add_to_index(key, redis_key);
+        st.add_to_index(key, key_hash);
         self.refreshed.set(&key, reply_hash, now);
         tally.evicted += self.evict_until_within(st, now);
         tally.changed = true;
@@ -1141,10 +1147,8 @@ impl Cache {
     /// [`invalidate`](Cache::invalidate) in every database a client can select (Redis's
     /// default 16, and any other the cache holds entries for).
     pub fn invalidate_everywhere(&self, redis_key: &[u8]) -> usize {
-        let mut dbs: Vec<u32> = self.lock().index.keys().copied().collect();
+        let mut dbs: Vec<u32> = self.lock().other_dbs.clone();
         dbs.extend(0..16);
-        dbs.sort_unstable();
-        dbs.dedup();
         dbs.into_iter()
             .map(|db| self.invalidate(db, redis_key))
             .sum()
@@ -1165,7 +1169,7 @@ impl Cache {
         }
         let hash = self.key_hash(db, redis_key);
         let mut st = self.lock();
-        let removed = self.invalidate_locked(&mut st, db, redis_key, hash, via);
+        let removed = self.invalidate_locked(&mut st, hash, via);
         if removed > 0 {
             self.publish(&st);
         }
@@ -1175,24 +1179,11 @@ impl Cache {
     }
 
     /// [`Cache::invalidate_via`] under the lock, `hash` being the key's.
-    fn invalidate_locked(
-        &self,
-        st: &mut State,
-        db: u32,
-        redis_key: &[u8],
-        hash: u64,
-        via: Option<ConnId>,
-    ) -> usize {
+    fn invalidate_locked(&self, st: &mut State, hash: u64, via: Option<ConnId>) -> usize {
         let seq = self.bump(st, hash, via);
-        let Some(by_key) = st.index.get_mut(&db) else {
+        let Some(keys) = st.index.remove(&hash) else {
             return 0;
         };
-        let Some(keys) = by_key.remove(redis_key) else {
-            return 0;
-        };
-        if by_key.is_empty() {
-            st.index.remove(&db);
-        }
         self.supersede_entries(st, keys, seq)
     }
 
@@ -1221,7 +1212,7 @@ impl Cache {
         if !self.ticket_valid(&st, ticket, via) {
             return false;
         }
-        let removed = self.invalidate_locked(&mut st, get.db, redis_key, ticket.hash, via);
+        let removed = self.invalidate_locked(&mut st, ticket.hash, via);
         tally.evicted +=
             self.record_locked(&mut st, ticket.hash, get.db, Some(Seen::ByAll), ttl, now);
         // Stored unchecked: the ticket was current a moment ago, under this same lock,
@@ -1243,7 +1234,7 @@ impl Cache {
         let hash = self.key_hash(db, redis_key);
         let mut st = self.lock();
         self.bump(&mut st, hash, None);
-        let keys: Vec<CacheKey> = match st.index.get(&db).and_then(|k| k.get(redis_key)) {
+        let keys: Vec<CacheKey> = match st.index.get(&hash) {
             Some(Readers::One(k)) if k.identity == identity => vec![*k],
             Some(Readers::Many(set)) => set
                 .iter()
@@ -1274,14 +1265,17 @@ impl Cache {
             st.records.pop(h);
             st.bytes -= RECORD_CHARGE;
         }
-        let Some(by_key) = st.index.remove(&db) else {
-            self.publish(&st);
-            return 0;
-        };
-        let removed = by_key
-            .into_values()
-            .map(|keys| self.drop_entries(&mut st, keys))
-            .sum();
+        // Rare (FLUSHDB, SWAPDB): the index is not by database, so every entry is looked at.
+        let keys: Vec<CacheKey> = st
+            .index
+            .values()
+            .flat_map(|readers| match readers {
+                Readers::One(k) => vec![*k],
+                Readers::Many(set) => set.iter().copied().collect(),
+            })
+            .filter(|k| k.db == db)
+            .collect();
+        let removed = keys.iter().filter(|k| st.remove(k)).count();
         self.publish(&st);
         drop(st);
         self.count_invalidations(removed);
@@ -1325,22 +1319,6 @@ impl Cache {
         }
     }
 
-    /// Removes from the LRU entries already taken out of the index.
-    fn drop_entries(&self, st: &mut State, readers: Readers) -> usize {
-        let mut drop_one = |key: &CacheKey| match st.lru.pop(key) {
-            Some(entry) => {
-                st.refreshed.forget(key);
-                st.bytes -= entry.charge;
-                1
-            }
-            None => 0,
-        };
-        match readers {
-            Readers::One(key) => drop_one(&key),
-            Readers::Many(keys) => keys.iter().map(drop_one).sum(),
-        }
-    }
-
     fn count_invalidations(&self, n: usize) {
         if let Some(m) = &self.metrics {
             m.invalidations.inc_by(n as u64);
@@ -1368,20 +1346,16 @@ impl Cache {
     fn check_invariants(&self) {
         let st = self.lock();
         let mut indexed = 0;
-        for (db, by_key) in &st.index {
-            assert!(!by_key.is_empty(), "empty db map left in the index");
-            for (redis_key, readers) in by_key {
-                if let Readers::Many(set) = readers {
-                    assert!(!set.is_empty(), "empty key set left in the index");
+        for (hash, readers) in &st.index {
+            if let Readers::Many(set) = readers {
+                assert!(!set.is_empty(), "empty key set left in the index");
+            }
+            for key in readers.iter() {
+                match st.lru.peek(key) {
+                    Some((h, _)) => assert_eq!(h, *hash),
+                    None => panic!("indexed key missing from the LRU"),
                 }
-                for key in readers.iter() {
-                    assert_eq!(key.db, *db);
-                    match st.lru.peek(key) {
-                        Some((k, _)) => assert_eq!(k, redis_key),
-                        None => panic!("indexed key missing from the LRU"),
-                    }
-                    indexed += 1;
-                }
+                indexed += 1;
             }
         }
         assert_eq!(

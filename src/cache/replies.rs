@@ -50,7 +50,7 @@ struct Node {
     /// The next free node while free.
     next_free: u32,
     reply: Bytes,
-    redis_key: Bytes,
+    key_hash: u64,
     expires: Option<Instant>,
     charge: usize,
 }
@@ -184,7 +184,7 @@ impl Replies {
             key,
             next_free: NIL,
             reply: entry.reply,
-            redis_key: entry.redis_key,
+            key_hash: entry.key_hash,
             expires: entry.expires,
             charge: entry.charge,
         };
@@ -273,12 +273,12 @@ impl Replies {
         *self = Replies::default();
     }
 
-    /// The Redis key and charge of `key`'s entry, without marking it used.
+    /// The key hash and charge of `key`'s entry, without marking it used.
     #[cfg(test)]
-    pub fn peek(&self, key: &CacheKey) -> Option<(&Bytes, usize)> {
+    pub fn peek(&self, key: &CacheKey) -> Option<(u64, usize)> {
         let slot = self.slots.get(key)?;
         let node = &self.nodes[slot.node as usize];
-        Some((&node.redis_key, node.charge))
+        Some((node.key_hash, node.charge))
     }
 
     #[cfg(test)]
@@ -293,7 +293,7 @@ impl Replies {
         let entry = Entry {
             reply: std::mem::take(&mut node.reply),
             reply_hash: slot.reply_hash,
-            redis_key: std::mem::take(&mut node.redis_key),
+            key_hash: node.key_hash,
             filled: slot.filled,
             expires: node.expires.take(),
             charge: node.charge,
@@ -327,7 +327,7 @@ mod tests {
         Entry {
             reply: Bytes::copy_from_slice(reply.as_bytes()),
             reply_hash: reply.len() as u64,
-            redis_key: Bytes::from_static(b"k"),
+            key_hash: 7,
             filled: now,
             expires: None,
             charge: 100,
