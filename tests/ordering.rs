@@ -25,7 +25,7 @@ fn a_blocking_pop_sent_before_a_push_always_gets_it() {
         !ready.contains("\"warm_dedicated_connections\":0")
             && ready.contains("\"warm_dedicated_connections\":")
     });
-    let mut pusher = rf.client();
+    let mut pusher = answered_client(&rf);
     let mut hangs = Vec::new();
     for i in 0..1000 {
         let mut a = rf.client();
@@ -70,11 +70,23 @@ fn a_blocking_pop_sent_before_a_push_always_gets_it() {
 #[test]
 fn a_blocking_pop_that_must_open_its_connection_still_beats_the_push() {
     let (_redis, rf) = setup(&[]);
-    let mut pusher = rf.client();
+    let hangs = pop_then_push_past_the_warm_set(&rf, 50);
+    assert!(
+        hangs.is_empty(),
+        "the push overtook the blocking pop in {} of 50 trials (trial, DEL reply): {:?}",
+        hangs.len(),
+        &hangs[..hangs.len().min(20)]
+    );
+}
+
+/// Runs `trials` rounds of: four clients block on keys nobody pushes to (taking the warm
+/// dedicated connections and those the refill opens for them), one more sends `BLPOP`, and
+/// another client at once pushes to its key and deletes it. Returns the trials where the
+/// push overtook the pop, with the `DEL` reply that tells.
+fn pop_then_push_past_the_warm_set(rf: &Redfuse, trials: usize) -> Vec<(usize, String)> {
+    let mut pusher = answered_client(rf);
     let mut hangs = Vec::new();
-    for i in 0..50 {
-        // Blocked on keys nobody pushes to, they take the warm connections and those the
-        // refill opens for them.
+    for i in 0..trials {
         let mut blockers = Vec::new();
         for _ in 0..4 {
             let mut b = rf.client();
@@ -108,12 +120,20 @@ fn a_blocking_pop_that_must_open_its_connection_still_beats_the_push() {
             &format!("trial {i}"),
         );
     }
-    assert!(
-        hangs.is_empty(),
-        "the push overtook the blocking pop in {} of 50 trials (trial, DEL reply): {:?}",
-        hangs.len(),
-        &hangs[..hangs.len().min(20)]
-    );
+    hangs
+}
+
+/// A client redfuse has already answered once. The client that pushes (or deletes) is a
+/// long-lived one, as an application's producer is: its session is set up before the
+/// trials. With a fresh one, trial 0 failed in about 3 of 30 runs of this file (under the
+/// load of its other tests starting), 0 of 16 with the client answered first: redfuse's
+/// log showed the push read from its socket before the pop, although the pop was written
+/// first. Why a session's first read can come first is not established (see the note on
+/// issue 9); redfuse can only order what it has read.
+fn answered_client(rf: &Redfuse) -> RawClient {
+    let mut c = rf.client();
+    assert_eq!(c.cmd(&["PING"]), b"+PONG\r\n");
+    c
 }
 
 /// `XREADGROUP ... BLOCK` then `DEL` of the stream from another connection: Redis wakes the
@@ -122,7 +142,7 @@ fn a_blocking_pop_that_must_open_its_connection_still_beats_the_push() {
 #[test]
 fn a_blocked_group_read_sees_its_stream_deleted() {
     let (redis, rf) = setup(&[]);
-    let mut deleter = rf.client();
+    let mut deleter = answered_client(&rf);
     for i in 0..200 {
         let stream = format!("stream:{i}");
         redis.cmd(&["XGROUP", "CREATE", &stream, "g", "$", "MKSTREAM"]);

@@ -286,7 +286,7 @@ impl Replies {
         self.slots.keys()
     }
 
-    /// Unlinks and frees `slot`'s node, returning what it held.
+    /// Frees `slot`'s node, returning what it held.
     fn release(&mut self, slot: Slot) -> Entry {
         mark(&mut self.held, slot.node, false);
         let node = &mut self.nodes[slot.node as usize];

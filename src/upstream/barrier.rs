@@ -12,8 +12,9 @@
 //! So a client's blocking command raises the barrier as soon as redfuse has read it, and the
 //! connection lowers it once the command's bytes are written to the server's socket; until
 //! then calls without a raised barrier wait before they are queued. Blocking commands are
-//! rare and the wait is the time a write takes, so traffic pays one load of a counter that
-//! is nearly always zero. A blocking command never waits for another: two of them could
+//! rare and the wait is the time a write takes (or, when no warm connection is left, the
+//! time opening one takes: a connect and a `HELLO`), so traffic pays one load of a counter
+//! that is nearly always zero. A blocking command never waits for another: two of them could
 //! each wait for the other, and Redis's order between two waiting pops is not a guarantee
 //! clients rely on.
 
@@ -22,11 +23,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
-
-/// The longest a call waits behind the barrier: far more than a write takes even on a
-/// loaded machine, and a bound on what a blocking command whose connection must first be
-/// opened (no warm one left) costs everyone else.
-pub const LIMIT: Duration = Duration::from_millis(20);
 
 #[derive(Default)]
 pub struct Barrier {
@@ -57,9 +53,12 @@ impl Barrier {
         self.raised.load(Ordering::Acquire) > 0
     }
 
-    /// Waits until no blocking command is on its way, or [`LIMIT`] passed: a write that
-    /// never completes is the connection's to time out, not a reason to stall everyone else.
-    pub async fn pass(&self) {
+    /// Waits until no blocking command is on its way, or `limit` passed. The caller passes
+    /// the server's connect timeout: a blocking command whose connection must first be
+    /// opened (no warm one left) holds the barrier while it is, and opening one is what that
+    /// timeout bounds; a write that never completes is the connection's to time out, not a
+    /// reason to stall everyone else longer.
+    pub async fn pass(&self, limit: Duration) {
         let wait = async {
             loop {
                 let lowered = self.lowered.notified();
@@ -71,7 +70,7 @@ impl Barrier {
                 lowered.await;
             }
         };
-        let _ = tokio::time::timeout(LIMIT, wait).await;
+        let _ = tokio::time::timeout(limit, wait).await;
     }
 }
 
@@ -99,13 +98,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn traffic_passes_once_every_blocking_command_is_written() {
         let barrier = Arc::new(Barrier::default());
-        barrier.pass().await;
+        barrier.pass(Duration::from_secs(1)).await;
         let first = barrier.raise();
         let second = barrier.raise();
         let passed = tokio::spawn({
             let barrier = barrier.clone();
             async move {
-                barrier.pass().await;
+                barrier.pass(Duration::from_secs(1)).await;
                 tokio::time::Instant::now()
             }
         });
@@ -126,7 +125,7 @@ mod tests {
         let barrier = Arc::new(Barrier::default());
         let _stuck = barrier.raise();
         let start = tokio::time::Instant::now();
-        barrier.pass().await;
-        assert_eq!(start.elapsed(), LIMIT);
+        barrier.pass(Duration::from_millis(500)).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
     }
 }

@@ -177,7 +177,7 @@ impl ConnHandle {
         }
         // A blocking command never waits for another (see `barrier`).
         if self.ctx.barrier.is_raised() && !calls.iter().any(|c| c.raised.is_some()) {
-            self.ctx.barrier.pass().await;
+            self.ctx.barrier.pass(self.ctx.connect_timeout).await;
         }
         if let Err(calls) = self.tx.send(calls).await {
             let err = UpstreamError::Closed {
