@@ -31,29 +31,8 @@ fn a_blocking_pop_sent_before_a_push_always_gets_it() {
         let mut a = rf.client();
         // Connected and answered: the session exists before the race starts.
         assert_eq!(a.cmd(&["PING"]), b"+PONG\r\n");
-        let key = format!("order:{i}");
-        a.send_cmd(&["BLPOP", &key, "0"]);
-        // The push and a DEL in one write: if the push overtook the pop, the DEL would
-        // remove the value before the pop arrives, and the pop would wait forever.
-        let mut both = resp_cmd(&["LPUSH", &key, "v"]);
-        both.extend(resp_cmd(&["DEL", &key]));
-        pusher.send(&both);
-        assert_eq!(pusher.read_frame(), b":1\r\n", "trial {i}: LPUSH reply");
-        // The DEL's reply tells the order, however slow the machine: Redis hands a pushed
-        // value to a pop already waiting before it runs the next command, so the DEL finds
-        // nothing left (as with Redis directly) unless the push overtook the pop, which
-        // then waits forever.
-        let del = pusher.read_frame();
-        if del != b":0\r\n" {
-            hangs.push((i, String::from_utf8_lossy(&del).into_owned()));
-            continue;
-        }
-        match a.try_read_frame(Duration::from_secs(30)) {
-            Ok(reply) => {
-                let want = resp_cmd(&[key.as_str(), "v"]);
-                assert_frame(&reply, &want, &format!("trial {i}: BLPOP reply"));
-            }
-            Err(e) => panic!("trial {i}: the pop got the value but no reply came: {e:?}"),
+        if let Some(del) = pop_then_push(&mut a, &mut pusher, &format!("order:{i}"), i) {
+            hangs.push((i, del));
         }
     }
     assert!(
@@ -98,29 +77,37 @@ fn pop_then_push_past_the_warm_set(rf: &Redfuse, trials: usize) -> Vec<(usize, S
         for (j, b) in blockers.iter_mut().enumerate() {
             b.send_cmd(&["BLPOP", &format!("idle:{i}:{j}"), "0"]);
         }
-        let key = format!("open:{i}");
-        a.send_cmd(&["BLPOP", &key, "0"]);
-        let mut both = resp_cmd(&["LPUSH", &key, "v"]);
-        both.extend(resp_cmd(&["DEL", &key]));
-        pusher.send(&both);
-        assert_eq!(pusher.read_frame(), b":1\r\n", "trial {i}: LPUSH reply");
-        let del = pusher.read_frame();
-        if del != b":0\r\n" {
-            hangs.push((i, String::from_utf8_lossy(&del).into_owned()));
-            continue;
+        if let Some(del) = pop_then_push(&mut a, &mut pusher, &format!("open:{i}"), i) {
+            hangs.push((i, del));
         }
-        let reply = a
-            .try_read_frame(Duration::from_secs(30))
-            .unwrap_or_else(|e| {
-                panic!("trial {i}: the pop got the value but no reply came: {e:?}")
-            });
-        assert_frame(
-            &reply,
-            &resp_cmd(&[key.as_str(), "v"]),
-            &format!("trial {i}"),
-        );
     }
     hangs
+}
+
+/// `a` sends `BLPOP key 0`, then `pusher` pushes to `key` and deletes it in one write.
+/// `None` when the pop got the value (its reply checked); else the `DEL` reply that shows
+/// the push overtook the pop. The DEL's reply tells the order, however slow the machine:
+/// Redis hands a pushed value to a pop already waiting before it runs the next command, so
+/// the DEL finds nothing left (as with Redis directly) unless the push overtook the pop,
+/// which then waits forever.
+fn pop_then_push(a: &mut RawClient, pusher: &mut RawClient, key: &str, i: usize) -> Option<String> {
+    a.send_cmd(&["BLPOP", key, "0"]);
+    let mut both = resp_cmd(&["LPUSH", key, "v"]);
+    both.extend(resp_cmd(&["DEL", key]));
+    pusher.send(&both);
+    assert_eq!(pusher.read_frame(), b":1\r\n", "trial {i}: LPUSH reply");
+    let del = pusher.read_frame();
+    if del != b":0\r\n" {
+        return Some(String::from_utf8_lossy(&del).into_owned());
+    }
+    match a.try_read_frame(Duration::from_secs(30)) {
+        Ok(reply) => {
+            let want = resp_cmd(&[key, "v"]);
+            assert_frame(&reply, &want, &format!("trial {i}: BLPOP reply"));
+        }
+        Err(e) => panic!("trial {i}: the pop got the value but no reply came: {e:?}"),
+    }
+    None
 }
 
 /// A client redfuse has already answered once. The client that pushes (or deletes) is a
