@@ -524,7 +524,6 @@ impl Readers {
         }
     }
 
-    #[cfg(test)]
     fn iter(&self) -> Box<dyn Iterator<Item = &CacheKey> + '_> {
         match self {
             Readers::One(k) => Box::new(std::iter::once(k)),
@@ -1269,11 +1268,9 @@ impl Cache {
         let keys: Vec<CacheKey> = st
             .index
             .values()
-            .flat_map(|readers| match readers {
-                Readers::One(k) => vec![*k],
-                Readers::Many(set) => set.iter().copied().collect(),
-            })
+            .flat_map(Readers::iter)
             .filter(|k| k.db == db)
+            .copied()
             .collect();
         let removed = keys.iter().filter(|k| st.remove(k)).count();
         self.publish(&st);
