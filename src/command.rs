@@ -38,7 +38,7 @@
 use std::fmt;
 use std::ops::{BitAnd, BitOr, BitOrAssign};
 
-use bytes::Bytes;
+use crate::resp::Args;
 
 // ---------------------------------------------------------------------------------------
 // Flags
@@ -253,7 +253,7 @@ pub enum KeySpec {
     /// XREAD / XREADGROUP: the first half of the arguments after the `STREAMS` option.
     Streams,
     /// Keys that only a parser of the options can find (SORT, GEORADIUS, MIGRATE).
-    Custom(fn(&[Bytes], &mut KeyIndices)),
+    Custom(fn(Args<'_>, &mut KeyIndices)),
     /// A container: keys are those of the subcommand ([`SubcommandSpec::keys`]).
     Subcommand,
 }
@@ -405,13 +405,13 @@ pub fn lookup(name: &[u8]) -> Option<&'static CommandSpec> {
 }
 
 /// The subcommand argument (`args[1]`) of a container command, if present.
-pub fn subcommand(args: &[Bytes]) -> Option<&[u8]> {
-    args.get(1).map(|a| a.as_ref())
+pub fn subcommand(args: Args<'_>) -> Option<&[u8]> {
+    args.get(1)
 }
 
 /// The subcommand spec of a container call (`OBJECT ENCODING k` -> `encoding`), ignoring
 /// ASCII case. `None` for non-containers, a missing subcommand or an unknown one.
-pub fn lookup_subcommand(spec: &CommandSpec, args: &[Bytes]) -> Option<&'static SubcommandSpec> {
+pub fn lookup_subcommand(spec: &CommandSpec, args: Args<'_>) -> Option<&'static SubcommandSpec> {
     let subcommands: &'static [SubcommandSpec] = spec.subcommands;
     let name = subcommand(args)?;
     subcommands
@@ -661,7 +661,7 @@ impl<'a> IntoIterator for &'a KeyIndices {
 ///
 /// Never panics: on short or malformed arguments it returns the keys that are present, and
 /// every index is `< args.len()`.
-pub fn key_indices(spec: &CommandSpec, args: &[Bytes]) -> KeyIndices {
+pub fn key_indices(spec: &CommandSpec, args: Args<'_>) -> KeyIndices {
     let mut out = KeyIndices::new();
     match spec.keys {
         KeySpec::Subcommand => {
@@ -674,7 +674,7 @@ pub fn key_indices(spec: &CommandSpec, args: &[Bytes]) -> KeyIndices {
     out
 }
 
-fn collect_keys(keys: KeySpec, args: &[Bytes], out: &mut KeyIndices) {
+fn collect_keys(keys: KeySpec, args: Args<'_>, out: &mut KeyIndices) {
     match keys {
         // A subcommand table never nests containers.
         KeySpec::None | KeySpec::Subcommand => {}
@@ -689,7 +689,7 @@ fn collect_keys(keys: KeySpec, args: &[Bytes], out: &mut KeyIndices) {
             {
                 out.push(dest);
             }
-            let Some(n) = args.get(numkeys_index).and_then(|a| parse_count(a)) else {
+            let Some(n) = args.get(numkeys_index).and_then(parse_count) else {
                 return;
             };
             let end = first.saturating_add(n).min(args.len());
@@ -767,7 +767,7 @@ struct XreadOptions {
 
 /// Walks XREAD/XREADGROUP options the way Redis does, skipping each option's values, so a
 /// group, consumer or stream named "block" or "streams" is not taken for the option.
-fn xread_options(args: &[Bytes]) -> XreadOptions {
+fn xread_options(args: Args<'_>) -> XreadOptions {
     let mut opts = XreadOptions {
         streams: None,
         block: false,
@@ -800,7 +800,7 @@ fn xread_options(args: &[Bytes]) -> XreadOptions {
 
 /// SORT's `STORE` destination, found as Redis's `sortGetKeys` does: skip LIMIT's two values
 /// and BY/GET's pattern, and let the last STORE win.
-fn sort_store_index(args: &[Bytes]) -> Option<usize> {
+fn sort_store_index(args: Args<'_>) -> Option<usize> {
     let mut store = None;
     let mut i = 2;
     while i < args.len() {
@@ -817,7 +817,7 @@ fn sort_store_index(args: &[Bytes]) -> Option<usize> {
     store
 }
 
-fn sort_keys(args: &[Bytes], out: &mut KeyIndices) {
+fn sort_keys(args: Args<'_>, out: &mut KeyIndices) {
     if args.len() > 1 {
         out.push(1);
     }
@@ -828,7 +828,7 @@ fn sort_keys(args: &[Bytes], out: &mut KeyIndices) {
 
 /// GEORADIUS(BYMEMBER)'s `STORE`/`STOREDIST` destination; options start at `first_option`.
 /// As in Redis's parser, COUNT's value is skipped and the last STORE/STOREDIST wins.
-fn geo_store_index(args: &[Bytes], first_option: usize) -> Option<usize> {
+fn geo_store_index(args: Args<'_>, first_option: usize) -> Option<usize> {
     let mut store = None;
     let mut i = first_option;
     while i < args.len() {
@@ -849,15 +849,15 @@ const GEORADIUS_FIRST_OPTION: usize = 6;
 /// GEORADIUSBYMEMBER key member radius unit [options]: options from index 5.
 const GEORADIUSBYMEMBER_FIRST_OPTION: usize = 5;
 
-fn georadius_keys(args: &[Bytes], out: &mut KeyIndices) {
+fn georadius_keys(args: Args<'_>, out: &mut KeyIndices) {
     geo_keys(args, GEORADIUS_FIRST_OPTION, out)
 }
 
-fn georadiusbymember_keys(args: &[Bytes], out: &mut KeyIndices) {
+fn georadiusbymember_keys(args: Args<'_>, out: &mut KeyIndices) {
     geo_keys(args, GEORADIUSBYMEMBER_FIRST_OPTION, out)
 }
 
-fn geo_keys(args: &[Bytes], first_option: usize, out: &mut KeyIndices) {
+fn geo_keys(args: Args<'_>, first_option: usize, out: &mut KeyIndices) {
     if args.len() > 1 {
         out.push(1);
     }
@@ -869,7 +869,7 @@ fn geo_keys(args: &[Bytes], first_option: usize, out: &mut KeyIndices) {
 /// MIGRATE host port key|"" destination-db timeout [COPY] [REPLACE] [AUTH pw | AUTH2 user pw]
 /// [KEYS key...]: the single key at 3, or every argument after KEYS (as Redis's
 /// `migrateGetKeys`, which returns nothing when both are given: the call is an error).
-fn migrate_keys(args: &[Bytes], out: &mut KeyIndices) {
+fn migrate_keys(args: Args<'_>, out: &mut KeyIndices) {
     const KEY: usize = 3;
     const FIRST_OPTION: usize = 6;
     if args.len() <= KEY {
@@ -903,7 +903,7 @@ fn migrate_keys(args: &[Bytes], out: &mut KeyIndices) {
 /// The flags of this call: the subcommand's for containers (joined with the container's),
 /// `READ` instead of `WRITE` for SORT/GEORADIUS without STORE, no `BLOCKING` for XREAD /
 /// XREADGROUP without BLOCK; the static flags otherwise.
-pub fn effective_flags(spec: &CommandSpec, args: &[Bytes]) -> Flags {
+pub fn effective_flags(spec: &CommandSpec, args: Args<'_>) -> Flags {
     if spec.flags.contains(Flags::CONTAINER) {
         return match lookup_subcommand(spec, args) {
             Some(sub) => spec.flags | sub.flags,
@@ -927,21 +927,21 @@ pub fn effective_flags(spec: &CommandSpec, args: &[Bytes]) -> Flags {
 /// True if this call may modify the keyspace. EVAL/EVALSHA/FCALL count as writes,
 /// their `_RO` variants as reads; SORT and GEORADIUS(BYMEMBER) only with STORE.
 #[cfg(test)]
-pub fn is_write(spec: &CommandSpec, args: &[Bytes]) -> bool {
+pub fn is_write(spec: &CommandSpec, args: Args<'_>) -> bool {
     effective_flags(spec, args).contains(Flags::WRITE)
 }
 
 /// True if this call reads the keyspace without writing. Commands that touch no data
 /// (PING, CONFIG GET ...) are neither reads nor writes.
 #[cfg(test)]
-pub fn is_read(spec: &CommandSpec, args: &[Bytes]) -> bool {
+pub fn is_read(spec: &CommandSpec, args: Args<'_>) -> bool {
     let flags = effective_flags(spec, args);
     flags.contains(Flags::READ) && !flags.contains(Flags::WRITE)
 }
 
 /// True if this call may block on the server: the [`Route::Blocking`] commands, and
 /// XREAD/XREADGROUP with a BLOCK option. Nothing else.
-pub fn is_blocking(spec: &CommandSpec, args: &[Bytes]) -> bool {
+pub fn is_blocking(spec: &CommandSpec, args: Args<'_>) -> bool {
     match spec.route {
         Route::Blocking => true,
         _ => matches!(spec.id, XREAD | XREADGROUP) && xread_options(args).block,
@@ -952,7 +952,7 @@ pub fn is_blocking(spec: &CommandSpec, args: &[Bytes]) -> bool {
 /// arity holds, and (for `SingleKeyRead`) it names exactly one key, so `EXISTS a` and
 /// `PFCOUNT a` are cacheable but `EXISTS a b` is not.
 #[cfg(test)]
-pub fn cacheable(spec: &CommandSpec, args: &[Bytes]) -> Cacheable {
+pub fn cacheable(spec: &CommandSpec, args: Args<'_>) -> Cacheable {
     if !spec.arity_ok(args.len()) {
         return Cacheable::No;
     }
@@ -1064,7 +1064,7 @@ impl Classified {
 }
 
 /// Classifies a request by its arguments (`args[0]` is the name).
-pub fn classify(args: &[Bytes]) -> Classified {
+pub fn classify(args: Args<'_>) -> Classified {
     let Some(spec) = args.first().and_then(|n| lookup(n)) else {
         let mut keys = KeyIndices::new();
         if args.len() > 1 {
@@ -1103,7 +1103,7 @@ pub fn classify(args: &[Bytes]) -> Classified {
 /// What Redis answers to a cacheable read of a key that does not exist; what a degraded
 /// read that misses the cache answers unless a pattern configures otherwise. `None` for
 /// commands that are not cacheable reads.
-pub fn absent_reply(id: usize, args: &[Bytes]) -> Option<crate::resp::reply::Absent> {
+pub fn absent_reply(id: usize, args: Args<'_>) -> Option<crate::resp::reply::Absent> {
     use crate::resp::reply::Absent;
     let name = TABLE.get(id)?.name;
     let after_key = args.len().saturating_sub(2);
@@ -1114,7 +1114,7 @@ pub fn absent_reply(id: usize, args: &[Bytes]) -> Option<crate::resp::reply::Abs
         "zrank" | "zrevrank" => Absent::Nil,
         "lpos" if with(b"COUNT") => Absent::EmptyArray,
         "lpos" => Absent::Nil,
-        "bitpos" => match args.get(2).map(|b| &b[..]) {
+        "bitpos" => match args.get(2) {
             Some(b"1") => Absent::Integer(-1),
             _ => Absent::Integer(0),
         },
@@ -1581,18 +1581,15 @@ const XINFO_SUBS: &[SubcommandSpec] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resp::Request;
 
     /// Whitespace-separated arguments; `''` stands for an empty argument.
-    fn argv(line: &str) -> Vec<Bytes> {
-        line.split_whitespace()
-            .map(|a| {
-                if a == "''" {
-                    Bytes::new()
-                } else {
-                    Bytes::copy_from_slice(a.as_bytes())
-                }
-            })
-            .collect()
+    fn argv(line: &str) -> Request {
+        let parts: Vec<&str> = line
+            .split_whitespace()
+            .map(|a| if a == "''" { "" } else { a })
+            .collect();
+        Request::from_args(&parts)
     }
 
     fn spec(name: &str) -> &'static CommandSpec {
@@ -1600,10 +1597,9 @@ mod tests {
     }
 
     fn keys_of(line: &str) -> Vec<usize> {
-        let args = argv(line);
-        let name = args.first().map(|a| a.to_vec()).unwrap_or_default();
-        let spec = lookup(&name).unwrap_or_else(|| panic!("unknown command in {line:?}"));
-        key_indices(spec, &args).to_vec()
+        let req = argv(line);
+        let spec = lookup(req.name()).unwrap_or_else(|| panic!("unknown command in {line:?}"));
+        key_indices(spec, req.args()).to_vec()
     }
 
     #[test]
@@ -1944,15 +1940,20 @@ mod tests {
             "99999999999",
         ];
         for spec in COMMANDS {
-            assert!(key_indices(spec, &[]).is_empty(), "{}", spec.name);
+            assert!(
+                key_indices(spec, Args::default()).is_empty(),
+                "{}",
+                spec.name
+            );
             for len in 1..10 {
                 for seed in 0..tokens.len() {
-                    let mut args = vec![Bytes::from_static(spec.name.as_bytes())];
+                    let mut parts = vec![spec.name];
                     for j in 1..len {
-                        let t = tokens[(seed * 7 + j * 3 + len) % tokens.len()];
-                        args.push(Bytes::copy_from_slice(t.as_bytes()));
+                        parts.push(tokens[(seed * 7 + j * 3 + len) % tokens.len()]);
                     }
-                    let keys = key_indices(spec, &args);
+                    let req = Request::from_args(&parts);
+                    let args = req.args();
+                    let keys = key_indices(spec, args);
                     let mut prev = 0;
                     for k in &keys {
                         assert!(
@@ -1966,9 +1967,9 @@ mod tests {
                     }
                     // Exercise the per-call helpers on the same junk.
                     let _ = (
-                        effective_flags(spec, &args),
-                        is_blocking(spec, &args),
-                        cacheable(spec, &args),
+                        effective_flags(spec, args),
+                        is_blocking(spec, args),
+                        cacheable(spec, args),
                     );
                 }
             }
@@ -1995,35 +1996,38 @@ mod tests {
 
     #[test]
     fn blocking_commands() {
-        assert!(is_blocking(spec("blpop"), &argv("BLPOP a 0")));
-        assert!(is_blocking(spec("wait"), &argv("WAIT 1 0")));
-        assert!(is_blocking(spec("waitaof"), &argv("WAITAOF 1 0 0")));
+        assert!(is_blocking(spec("blpop"), argv("BLPOP a 0").args()));
+        assert!(is_blocking(spec("wait"), argv("WAIT 1 0").args()));
+        assert!(is_blocking(spec("waitaof"), argv("WAITAOF 1 0 0").args()));
         assert!(is_blocking(
             spec("xread"),
-            &argv("XREAD BLOCK 0 STREAMS a $")
+            argv("XREAD BLOCK 0 STREAMS a $").args()
         ));
         assert!(is_blocking(
             spec("xread"),
-            &argv("XREAD count 1 block 100 STREAMS a $")
+            argv("XREAD count 1 block 100 STREAMS a $").args()
         ));
         assert!(is_blocking(
             spec("xreadgroup"),
-            &argv("XREADGROUP GROUP g c BLOCK 10 STREAMS s >")
+            argv("XREADGROUP GROUP g c BLOCK 10 STREAMS s >").args()
         ));
-        assert!(!is_blocking(spec("xread"), &argv("XREAD STREAMS a $")));
         assert!(!is_blocking(
             spec("xread"),
-            &argv("XREAD COUNT 5 STREAMS block 0")
+            argv("XREAD STREAMS a $").args()
+        ));
+        assert!(!is_blocking(
+            spec("xread"),
+            argv("XREAD COUNT 5 STREAMS block 0").args()
         ));
         assert!(!is_blocking(
             spec("xreadgroup"),
-            &argv("XREADGROUP GROUP block c STREAMS s >")
+            argv("XREADGROUP GROUP block c STREAMS s >").args()
         ));
         // No STREAMS: a syntax error, answered at once.
-        assert!(!is_blocking(spec("xread"), &argv("XREAD BLOCK 0")));
-        assert!(!is_blocking(spec("get"), &argv("GET block")));
-        assert!(!is_blocking(spec("lpop"), &argv("LPOP a")));
-        assert!(!is_blocking(spec("subscribe"), &argv("SUBSCRIBE a")));
+        assert!(!is_blocking(spec("xread"), argv("XREAD BLOCK 0").args()));
+        assert!(!is_blocking(spec("get"), argv("GET block").args()));
+        assert!(!is_blocking(spec("lpop"), argv("LPOP a").args()));
+        assert!(!is_blocking(spec("subscribe"), argv("SUBSCRIBE a").args()));
 
         let blocking: Vec<&str> = COMMANDS
             .iter()
@@ -2046,10 +2050,11 @@ mod tests {
             ]
         );
         assert!(
-            !effective_flags(spec("xread"), &argv("XREAD STREAMS a $")).contains(Flags::BLOCKING)
+            !effective_flags(spec("xread"), argv("XREAD STREAMS a $").args())
+                .contains(Flags::BLOCKING)
         );
         assert!(
-            effective_flags(spec("xread"), &argv("XREAD BLOCK 1 STREAMS a $"))
+            effective_flags(spec("xread"), argv("XREAD BLOCK 1 STREAMS a $").args())
                 .contains(Flags::BLOCKING)
         );
     }
@@ -2057,8 +2062,9 @@ mod tests {
     #[test]
     fn cacheability() {
         let c = |line: &str| {
-            let args = argv(line);
-            cacheable(lookup(&args[0]).unwrap(), &args)
+            let req = argv(line);
+            let args = req.args();
+            cacheable(lookup(&args[0]).unwrap(), args)
         };
         assert_eq!(c("EXISTS a"), Cacheable::SingleKeyRead);
         assert_eq!(c("EXISTS a b"), Cacheable::No);
@@ -2191,9 +2197,9 @@ mod tests {
     #[test]
     fn reads_and_writes() {
         let rw = |line: &str| {
-            let args = argv(line);
-            let s = lookup(&args[0]).unwrap();
-            (is_read(s, &args), is_write(s, &args))
+            let req = argv(line);
+            let s = lookup(req.name()).unwrap();
+            (is_read(s, req.args()), is_write(s, req.args()))
         };
         const READ: (bool, bool) = (true, false);
         const WRITE: (bool, bool) = (false, true);
@@ -2241,25 +2247,30 @@ mod tests {
             sort.flags.contains(Flags::WRITE),
             "static flags say what may happen"
         );
-        assert!(effective_flags(spec("config"), &argv("CONFIG SET a b")).contains(Flags::ADMIN));
-        assert!(!effective_flags(spec("config"), &argv("CONFIG HELP")).contains(Flags::ADMIN));
+        assert!(
+            effective_flags(spec("config"), argv("CONFIG SET a b").args()).contains(Flags::ADMIN)
+        );
+        assert!(
+            !effective_flags(spec("config"), argv("CONFIG HELP").args()).contains(Flags::ADMIN)
+        );
     }
 
     #[test]
     fn subcommands() {
-        let args = argv("client LIST");
-        assert_eq!(subcommand(&args), Some(&b"LIST"[..]));
-        assert_eq!(subcommand(&argv("PING")), None);
+        let req = argv("client LIST");
+        let args = req.args();
+        assert_eq!(subcommand(args), Some(&b"LIST"[..]));
+        assert_eq!(subcommand(argv("PING").args()), None);
         assert_eq!(
-            lookup_subcommand(spec("client"), &args).map(|s| s.name),
+            lookup_subcommand(spec("client"), args).map(|s| s.name),
             Some("list")
         );
         assert_eq!(
-            lookup_subcommand(spec("client"), &argv("CLIENT No-Touch on")).map(|s| s.name),
+            lookup_subcommand(spec("client"), argv("CLIENT No-Touch on").args()).map(|s| s.name),
             Some("no-touch")
         );
-        assert!(lookup_subcommand(spec("client"), &argv("CLIENT bogus")).is_none());
-        assert!(lookup_subcommand(spec("get"), &argv("GET list")).is_none());
+        assert!(lookup_subcommand(spec("client"), argv("CLIENT bogus").args()).is_none());
+        assert!(lookup_subcommand(spec("get"), argv("GET list").args()).is_none());
         let containers: Vec<&str> = COMMANDS
             .iter()
             .filter(|s| s.is_container())
@@ -2305,16 +2316,13 @@ mod tests {
         }
     }
 
-    fn args(parts: &[&str]) -> Vec<Bytes> {
-        parts
-            .iter()
-            .map(|p| Bytes::copy_from_slice(p.as_bytes()))
-            .collect()
+    fn args(parts: &[&str]) -> Request {
+        Request::from_args(parts)
     }
 
     #[test]
     fn classify_works_out_everything_once() {
-        let c = classify(&args(&["get", "k"]));
+        let c = classify(args(&["get", "k"]).args());
         assert_eq!(
             (c.id, c.read, c.write, c.blocking),
             (lookup(b"get").unwrap().id, true, false, false)
@@ -2322,25 +2330,25 @@ mod tests {
         assert_eq!(c.cacheable, Cacheable::SingleKeyRead);
         assert_eq!(c.keys.as_slice(), [1]);
         assert!(!c.slow(), "GET is FAST");
-        let c = classify(&args(&["EXISTS", "a", "b"]));
+        let c = classify(args(&["EXISTS", "a", "b"]).args());
         assert_eq!(c.cacheable, Cacheable::No, "two keys");
-        let c = classify(&args(&["SORT", "l", "STORE", "d"]));
+        let c = classify(args(&["SORT", "l", "STORE", "d"]).args());
         assert!(c.write && !c.read);
         assert_eq!(c.keys.as_slice(), [1, 3]);
-        let c = classify(&args(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]));
+        let c = classify(args(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]).args());
         assert!(c.blocking);
-        let c = classify(&args(&["KEYS", "*"]));
+        let c = classify(args(&["KEYS", "*"]).args());
         assert!(c.slow());
         for common in ["SET", "MSET", "DEL", "MGET", "RPUSH", "INCR", "EXPIRE"] {
             assert!(
-                !classify(&args(&[common, "k", "v"])).slow(),
+                !classify(args(&[common, "k", "v"]).args()).slow(),
                 "{common} is everyday traffic: it must not hide a frozen Redis"
             );
         }
         for long in ["EVAL", "LRANGE", "HGETALL", "DEBUG", "SUNIONSTORE"] {
-            assert!(classify(&args(&[long, "k", "v"])).slow(), "{long}");
+            assert!(classify(args(&[long, "k", "v"]).args()).slow(), "{long}");
         }
-        let c = classify(&args(&["MODULE.CMD", "k", "v"]));
+        let c = classify(args(&["MODULE.CMD", "k", "v"]).args());
         assert_eq!(c.id, UNKNOWN);
         assert!(
             c.write && c.slow(),
@@ -2348,7 +2356,11 @@ mod tests {
         );
         assert_eq!(c.keys.as_slice(), [1]);
         assert_eq!(c.name(), "unknown");
-        assert_eq!(classify(&args(&["GET"])).cacheable, Cacheable::No, "arity");
+        assert_eq!(
+            classify(args(&["GET"]).args()).cacheable,
+            Cacheable::No,
+            "arity"
+        );
     }
 
     #[test]
@@ -2356,7 +2368,7 @@ mod tests {
         use crate::resp::reply::Absent;
         let absent = |p: &[&str]| {
             let a = args(p);
-            absent_reply(classify(&a).id, &a)
+            absent_reply(classify(a.args()).id, a.args())
         };
         assert_eq!(absent(&["GET", "k"]), Some(Absent::Nil));
         assert_eq!(absent(&["EXISTS", "k"]), Some(Absent::Integer(0)));
@@ -2384,7 +2396,11 @@ mod tests {
             if spec.cache == Cacheable::Mget {
                 continue;
             }
-            assert!(absent_reply(spec.id, &[]).is_some(), "{}", spec.name);
+            assert!(
+                absent_reply(spec.id, Args::default()).is_some(),
+                "{}",
+                spec.name
+            );
         }
     }
 }

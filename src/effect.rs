@@ -64,7 +64,7 @@ impl DegradedRead {
         DegradedRead {
             view,
             command: cls.id,
-            absent: absent_reply(cls.id, &req.args),
+            absent: absent_reply(cls.id, req.args()),
         }
     }
 }

@@ -28,7 +28,7 @@ fn parse_whole(input: &[u8], limits: &Limits) -> (Vec<Vec<Bytes>>, Option<Protoc
     let mut out = Vec::new();
     loop {
         match parse_request(&mut buf, limits) {
-            Ok(Some(r)) => out.push(r.args),
+            Ok(Some(r)) => out.push(r.arg_list()),
             Ok(None) => return (out, None),
             Err(e) => return (out, Some(e)),
         }
@@ -66,7 +66,7 @@ fn parse_chunked(
             );
             assert!(framer.partial_len() <= buf.len());
             match result {
-                Ok(Some(r)) => out.push(r.args),
+                Ok(Some(r)) => out.push(r.arg_list()),
                 Ok(None) => break,
                 Err(e) => return (out, Some(e)),
             }
@@ -191,7 +191,7 @@ proptest! {
             );
             buf.extend_from_slice(&frame[split..]);
             let r = framer.next(&mut buf, &Limits::default(), Peer::Authenticated).unwrap().unwrap();
-            prop_assert_eq!(&r.args, &want.args);
+            prop_assert_eq!(r.arg_list(), want.arg_list());
             prop_assert_eq!(&r.raw, &frame);
             prop_assert!(buf.is_empty());
         }
@@ -238,7 +238,7 @@ proptest! {
             Err(e) if len > limits.max_bulk_len as i64 => prop_assert_eq!(e.0, "invalid bulk length"),
             // The bulk's bytes all arrived but its CRLF did not match.
             Err(e) => prop_assert!(len < 32 && e.0 == "invalid bulk length", "{}", e),
-            Ok(Some(r)) => prop_assert!(count == 1 && r.args[0].len() as i64 == len),
+            Ok(Some(r)) => prop_assert!(count == 1 && r.args()[0].len() as i64 == len),
             Ok(None) => prop_assert!(count <= i64::from(i32::MAX) && len <= limits.max_bulk_len as i64),
         }
         let unauthenticated = Framer::new().next(&mut BytesMut::from(&input[..]), &limits, Peer::Unauthenticated);

@@ -71,7 +71,7 @@ use tokio::time::Instant;
 
 use crate::auth::IdentityId;
 use crate::effect::ConnId;
-use crate::resp::Proto;
+use crate::resp::{Args, Proto};
 use recent::{Invalidations, Superseded};
 use refreshed::Refreshed;
 use replies::Replies;
@@ -148,7 +148,21 @@ impl CacheKey {
         proto: Proto,
         args: &[A],
     ) -> CacheKey {
-        let total: usize = args.iter().map(|a| 4 + a.as_ref().len()).sum();
+        CacheKey::digest(db, identity, proto, args.iter().map(|a| a.as_ref()))
+    }
+
+    /// The key of a request (see [`CacheKey::new`]).
+    pub fn of(db: u32, identity: IdentityId, proto: Proto, args: Args<'_>) -> CacheKey {
+        CacheKey::digest(db, identity, proto, args.iter())
+    }
+
+    fn digest<'a>(
+        db: u32,
+        identity: IdentityId,
+        proto: Proto,
+        args: impl Iterator<Item = &'a [u8]> + Clone,
+    ) -> CacheKey {
+        let total: usize = args.clone().map(|a| 4 + a.len()).sum();
         let mut stack = [0u8; DIGEST_STACK];
         let mut heap = Vec::new();
         let buf = match stack.get_mut(..total) {
@@ -159,8 +173,7 @@ impl CacheKey {
             }
         };
         let mut at = 0;
-        for (i, arg) in args.iter().enumerate() {
-            let piece = arg.as_ref();
+        for (i, piece) in args.enumerate() {
             // No argument reaches 4 GiB (`max_bulk_len` is at most 512 MiB).
             buf[at..at + 4].copy_from_slice(&(piece.len() as u32).to_le_bytes());
             at += 4;

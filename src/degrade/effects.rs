@@ -13,7 +13,7 @@ use crate::command::{Classified, ids};
 use crate::effect::{ConnId, DeferredFill, EffectSink, FillPlan, ReplyEffect, Written};
 use crate::error::{Reply, UpstreamError};
 use crate::resp::scan::element_ranges;
-use crate::resp::{Proto, Request, is_error_reply, parse_int, reply};
+use crate::resp::{Args, Proto, Request, is_error_reply, parse_int, reply};
 
 impl EffectSink for Degrade {
     fn apply(&self, effect: ReplyEffect, result: &mut Reply, via: Option<ConnId>) {
@@ -256,7 +256,7 @@ impl Degrade {
             Ok(r) => Some(r),
             Err(_) => None,
         };
-        let learnt = reply.map(|r| learn(&w.class, &w.request.args, r, w.sent));
+        let learnt = reply.map(|r| learn(&w.class, w.request.args(), r, w.sent));
         // A plain SET that nothing raced: the cache can show its value.
         if let (
             Some(Learnt {
@@ -269,9 +269,9 @@ impl Degrade {
             && self.cache.set_acknowledged(
                 ticket,
                 via,
-                CacheKey::get(db, w.identity, w.proto, &w.request.args[1]),
-                &w.request.args[1],
-                &reply::bulk(&w.request.args[2]),
+                CacheKey::get(db, w.identity, w.proto, &w.request.args()[1]),
+                &w.request.args()[1],
+                &reply::bulk(&w.request.args()[2]),
                 *ttl,
                 Instant::now(),
             )
@@ -292,7 +292,7 @@ impl Degrade {
         for i in w.class.keys.iter() {
             self.cache.key_written(
                 db,
-                &w.request.args[i],
+                &w.request.args()[i],
                 value_unknown.then_some(Seen::ByAll),
                 ttl,
                 now,
@@ -303,9 +303,9 @@ impl Degrade {
 
 /// Whether a write, acknowledged, leaves its key holding exactly its own argument: `SET k v`
 /// (with an expiry or `KEEPTTL`, not `NX`, `XX` or `GET`), `SETEX`, `PSETEX`.
-pub fn fills_own_value(class: &Classified, args: &[Bytes]) -> bool {
+pub fn fills_own_value(class: &Classified, args: Args<'_>) -> bool {
     match class.id {
-        ids::SET if args.len() >= 3 => args[3..].iter().all(|a| {
+        ids::SET if args.len() >= 3 => args.skip(3).iter().all(|a| {
             !(a.eq_ignore_ascii_case(b"NX")
                 || a.eq_ignore_ascii_case(b"XX")
                 || a.eq_ignore_ascii_case(b"GET"))
@@ -327,7 +327,7 @@ struct Learnt {
 /// Reads an acknowledged write and its reply. Relative expiries count from `sent`, which
 /// is no later than when Redis counted them, so redfuse never believes a key lives longer
 /// than it does.
-fn learn(class: &Classified, args: &[Bytes], reply: &Bytes, sent: Instant) -> Learnt {
+fn learn(class: &Classified, args: Args<'_>, reply: &Bytes, sent: Instant) -> Learnt {
     let unknown = Learnt {
         own_value: false,
         value_unknown: true,
@@ -337,12 +337,12 @@ fn learn(class: &Classified, args: &[Bytes], reply: &Bytes, sent: Instant) -> Le
         r.strip_prefix(b":")
             .and_then(|r| parse_int(r.strip_suffix(b"\r\n")?))
     };
-    let arg_int = |i: usize| args.get(i).and_then(|a| parse_int(a));
+    let arg_int = |i: usize| args.get(i).and_then(parse_int);
     let secs = |n: i64| Duration::from_secs(n.max(0) as u64);
     let millis = |n: i64| Duration::from_millis(n.max(0) as u64);
     match class.id {
         ids::SET if &reply[..] == reply::OK => {
-            let ttl = set_ttl(&args[3..], sent);
+            let ttl = set_ttl(args.skip(3), sent);
             Learnt {
                 own_value: fills_own_value(class, args),
                 value_unknown: !fills_own_value(class, args),
@@ -393,7 +393,7 @@ fn learn(class: &Classified, args: &[Bytes], reply: &Bytes, sent: Instant) -> Le
             ttl: if reply::is_null(reply) {
                 Ttl::Unknown
             } else {
-                getex_ttl(&args[2..], sent)
+                getex_ttl(args.skip(2), sent)
             },
         },
         // The key is gone: a miss answering "absent" is the truth.
@@ -407,10 +407,10 @@ fn learn(class: &Classified, args: &[Bytes], reply: &Bytes, sent: Instant) -> Le
 }
 
 /// The expiry `SET`'s options leave the key with.
-fn set_ttl(options: &[Bytes], sent: Instant) -> Ttl {
+fn set_ttl(options: Args<'_>, sent: Instant) -> Ttl {
     let mut it = options.iter();
     while let Some(opt) = it.next() {
-        let value = || it.clone().next().and_then(|v| parse_int(v));
+        let value = || it.clone().next().and_then(parse_int);
         let is = |name: &[u8]| opt.eq_ignore_ascii_case(name);
         let n = |v: Option<i64>| v.map(|n| n.max(0) as u64);
         if is(b"EX") {
@@ -429,7 +429,7 @@ fn set_ttl(options: &[Bytes], sent: Instant) -> Ttl {
 }
 
 /// The expiry `GETEX`'s options leave the key with; `Unknown` when it keeps the old one.
-fn getex_ttl(options: &[Bytes], sent: Instant) -> Ttl {
+fn getex_ttl(options: Args<'_>, sent: Instant) -> Ttl {
     match set_ttl(options, sent) {
         // No option: the expiry is untouched; PERSIST: none.
         Ttl::Persistent if options.iter().any(|o| o.eq_ignore_ascii_case(b"PERSIST")) => {
@@ -463,22 +463,18 @@ pub(super) fn show_queued_write(
     cls: &Classified,
 ) {
     let now = Instant::now();
-    let args = &req.args;
+    let args = req.args();
     // Redis still holds the old values, and so may every other identity's cache.
     for i in cls.keys.iter() {
         d.cache.invalidate_for(db, &args[i], identity);
         d.cache
             .key_written(db, &args[i], Some(Seen::By(identity)), Ttl::Unknown, now);
     }
-    let both = |redis_key: &Bytes, cmd: &[&[u8]], value: Option<&[u8]>| {
+    let both = |redis_key: &[u8], cmd: &[&[u8]], value: Option<&[u8]>| {
         for proto in [Proto::Resp2, Proto::Resp3] {
             let v = value.map_or_else(|| reply::null(proto), reply::bulk);
-            d.cache.insert(
-                CacheKey::new(db, identity, proto, cmd),
-                redis_key.clone(),
-                v,
-                now,
-            );
+            d.cache
+                .insert(CacheKey::new(db, identity, proto, cmd), redis_key, v, now);
         }
     };
     match cls.id {
@@ -488,13 +484,13 @@ pub(super) fn show_queued_write(
             both(&args[1], &[b"GET", &args[1]], Some(&args[3]))
         }
         ids::DEL | ids::UNLINK if d.policy.cache_nil() => {
-            for k in &args[1..] {
+            for k in args.skip(1).iter() {
                 both(k, &[b"GET", k], None);
             }
         }
         ids::HSET | ids::HMSET if args.len() >= 4 && args.len().is_multiple_of(2) => {
-            for pair in args[2..].chunks(2) {
-                both(&args[1], &[b"HGET", &args[1], &pair[0]], Some(&pair[1]));
+            for i in (2..args.len()).step_by(2) {
+                both(&args[1], &[b"HGET", &args[1], &args[i]], Some(&args[i + 1]));
             }
         }
         _ => {}
@@ -513,18 +509,15 @@ mod tests {
     use super::*;
     use crate::command::classify;
 
-    fn args(parts: &[&str]) -> Vec<Bytes> {
-        parts
-            .iter()
-            .map(|p| Bytes::copy_from_slice(p.as_bytes()))
-            .collect()
+    fn args(parts: &[&str]) -> Request {
+        Request::from_args(parts)
     }
 
     fn learnt(parts: &[&str], reply: &str, sent: Instant) -> Learnt {
         let a = args(parts);
         learn(
-            &classify(&a),
-            &a,
+            &classify(a.args()),
+            a.args(),
             &Bytes::copy_from_slice(reply.as_bytes()),
             sent,
         )
@@ -534,7 +527,7 @@ mod tests {
     fn plain_sets_fill_their_own_value() {
         let own = |p: &[&str]| {
             let a = args(p);
-            fills_own_value(&classify(&a), &a)
+            fills_own_value(&classify(a.args()), a.args())
         };
         assert!(own(&["SET", "k", "v"]));
         assert!(own(&["set", "k", "v", "EX", "10"]));

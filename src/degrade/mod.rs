@@ -154,10 +154,11 @@ impl Degrade {
             match cls.cacheable {
                 Cacheable::No => {}
                 Cacheable::SingleKeyRead => {
-                    keys.push(CacheKey::new(db, view.identity, view.proto, &req.args))
+                    keys.push(CacheKey::of(db, view.identity, view.proto, req.args()))
                 }
                 Cacheable::Mget => keys.extend(
-                    req.args[1..]
+                    req.args()
+                        .skip(1)
                         .iter()
                         .map(|k| CacheKey::get(db, view.identity, view.proto, k)),
                 ),
@@ -181,12 +182,12 @@ impl Degrade {
         match cls.cacheable {
             Cacheable::No => None,
             Cacheable::SingleKeyRead => {
-                let redis_key = req.args[*cls.keys.first()?].clone();
+                let redis_key = req.arg_bytes(*cls.keys.first()?);
                 if !allowed(&redis_key) {
                     self.cache.count(CacheResult::Bypass);
                     return None;
                 }
-                let key = CacheKey::new(db, view.identity, view.proto, &req.args);
+                let key = CacheKey::of(db, view.identity, view.proto, req.args());
                 Some(FillPlan::Single {
                     ticket: self.cache.ticket(db, &redis_key),
                     key,
@@ -194,18 +195,18 @@ impl Degrade {
                 })
             }
             Cacheable::Mget => {
-                let keys = &req.args[1..];
-                if !keys.iter().all(|k| allowed(k)) {
+                let keys = req.args().skip(1);
+                if !keys.iter().all(allowed) {
                     self.cache.count(CacheResult::Bypass);
                     return None;
                 }
                 // Exact size known: one allocation, no regrowth.
-                let parts: Arc<[_]> = keys
-                    .iter()
-                    .map(|k| {
+                let parts: Arc<[_]> = (1..req.args().len())
+                    .map(|i| {
+                        let k = req.args().arg(i);
                         (
                             CacheKey::get(db, view.identity, view.proto, k),
-                            k.clone(),
+                            req.arg_bytes(i),
                             self.cache.ticket(db, k),
                         )
                     })
@@ -229,8 +230,8 @@ impl Degrade {
     ) -> Written {
         self.invalidate(db, request, class);
         let ticket = match db {
-            Some(db) if effects::fills_own_value(class, &request.args) => {
-                Some(self.cache.ticket(db, &request.args[1]))
+            Some(db) if effects::fills_own_value(class, request.args()) => {
+                Some(self.cache.ticket(db, &request.args()[1]))
             }
             _ => None,
         };
@@ -267,7 +268,7 @@ impl Degrade {
         }
         let Some(db) = db else {
             for i in cls.keys.iter() {
-                self.cache.invalidate_everywhere(&req.args[i]);
+                self.cache.invalidate_everywhere(&req.args()[i]);
             }
             return;
         };
@@ -276,7 +277,7 @@ impl Degrade {
                 self.cache.clear_db(db);
             }
             ids::SWAPDB => {
-                for a in req.args.iter().skip(1).take(2) {
+                for a in req.args().iter().skip(1).take(2) {
                     if let Some(other) = parse_u32(a) {
                         self.cache.clear_db(other);
                     }
@@ -284,19 +285,22 @@ impl Degrade {
             }
             _ => {
                 for i in cls.keys.iter() {
-                    self.cache.invalidate_via(db, &req.args[i], via);
+                    self.cache.invalidate_via(db, &req.args()[i], via);
                 }
                 // Commands that write a key in another db.
                 match cls.id {
-                    ids::MOVE if req.args.len() >= 3 => {
-                        if let Some(target) = parse_u32(&req.args[2]) {
-                            self.cache.invalidate(target, &req.args[1]);
+                    ids::MOVE if req.args().len() >= 3 => {
+                        if let Some(target) = parse_u32(&req.args()[2]) {
+                            self.cache.invalidate(target, &req.args()[1]);
                         }
                     }
                     ids::COPY => {
-                        let db_opt = req.args.iter().position(|a| a.eq_ignore_ascii_case(b"DB"));
-                        if let (Some(i), Some(dst)) = (db_opt, req.args.get(2))
-                            && let Some(target) = req.args.get(i + 1).and_then(|a| parse_u32(a))
+                        let db_opt = req
+                            .args()
+                            .iter()
+                            .position(|a| a.eq_ignore_ascii_case(b"DB"));
+                        if let (Some(i), Some(dst)) = (db_opt, req.args().get(2))
+                            && let Some(target) = req.args().get(i + 1).and_then(parse_u32)
                         {
                             self.cache.invalidate(target, dst);
                         }
@@ -449,10 +453,10 @@ impl Degrade {
             return (Bytes::from_static(reply::NOAUTH), Origin::Error);
         }
         if let Some(plan) = self.cache_keys(view, req, cls, false) {
-            let absent = absent_reply(cls.id, &req.args);
+            let absent = absent_reply(cls.id, req.args());
             return self.cached_answer(view, &plan, cls.id, absent, err);
         }
-        let keys: Vec<&[u8]> = cls.keys.iter().map(|i| &req.args[i][..]).collect();
+        let keys: Vec<&[u8]> = cls.keys.iter().map(|i| req.args().arg(i)).collect();
         let name = cls.name();
         match rules.decide(name, cls.write, cls.read, &keys) {
             Decision::Reply { rule, value } => {

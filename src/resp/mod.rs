@@ -25,7 +25,7 @@ pub mod value;
 use bytes::BytesMut;
 
 pub use errcode::ErrorCode;
-pub use request::{Limits, ProtocolError, Request, encode_command, parse_request};
+pub use request::{Args, Limits, ProtocolError, Request, encode_command, parse_request};
 pub use scan::{ReplyScanner, is_error_reply, split_aggregate};
 
 /// RESP protocol version spoken on a connection (`HELLO 2|3`).

@@ -1,7 +1,8 @@
 //! Client request framing: where a request ends, with Redis's limits and error texts.
 //!
-//! A request is split into argument slices that share the read buffer (`Bytes::slice`), and
-//! its original bytes travel upstream unchanged. Limits are checked on the length headers,
+//! A request is its frame (a `Bytes` cut from the read buffer) and the offsets of its
+//! arguments in it; its original bytes travel upstream unchanged. A request longer than
+//! `u32` offsets can name (4 GiB) is refused. Limits are checked on the length headers,
 //! and nothing is ever reserved or allocated from a declared length: a hostile
 //! `$999999999` or `*2147483647` costs a header parse, and what a client can make redfuse
 //! hold is bounded by the bytes it actually sends (and by `max_bulk_len` per argument).
@@ -18,6 +19,7 @@
 //! the two bytes after a bulk without looking at them) redfuse refuses.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use smallvec::SmallVec;
 
 use super::put_line;
 
@@ -73,25 +75,141 @@ fn perr(msg: impl Into<String>) -> ProtocolError {
     ProtocolError(msg.into())
 }
 
-/// One client command: its wire bytes and its arguments (slices of the same buffer).
-#[derive(Debug, Clone)]
+/// Where each argument of a request lies in its frame: start and end offsets. Four fit
+/// inline, which covers GET, SET and the other commands of the hot path.
+type Spans = SmallVec<[(u32, u32); 4]>;
+
+/// The longest request redfuse reads: argument offsets are kept as `u32`. Redis's own
+/// `client-query-buffer-limit` is 1 GiB by default, so no default Redis takes more.
+const MAX_REQUEST_LEN: usize = u32::MAX as usize;
+
+/// One client command: its wire bytes, and where its arguments lie in them.
+///
+/// The arguments are offsets into `raw`, not handles of their own: reading a command costs
+/// no allocation for up to four arguments and no shared-count traffic per argument (each
+/// `Bytes` slice raised and lowered the buffer's count, and showed in profiles).
+#[derive(Clone)]
 pub struct Request {
     /// The exact bytes to forward upstream (inline requests are re-encoded as RESP).
     pub raw: Bytes,
-    /// `args[0]` is the command name. Never empty.
-    pub args: Vec<Bytes>,
+    /// At least one: the command name comes first.
+    spans: Spans,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Request").field(&self.args()).finish()
+    }
 }
 
 impl Request {
     /// Builds a request from arguments, encoding it as a RESP array (used for inline commands
-    /// and for commands the proxy sends on its own behalf).
-    pub fn from_args(args: Vec<Bytes>) -> Request {
-        let raw = encode_command(&args);
-        Request { raw, args }
+    /// and for commands the proxy sends on its own behalf). `args` must not be empty.
+    pub fn from_args<A: AsRef<[u8]>>(args: &[A]) -> Request {
+        assert!(!args.is_empty(), "a request names a command");
+        let size: usize = args.iter().map(|a| a.as_ref().len() + 16).sum::<usize>() + 16;
+        let mut out = BytesMut::with_capacity(size);
+        let mut spans = Spans::with_capacity(args.len());
+        out.put_u8(b'*');
+        put_line(&mut out, args.len() as i64);
+        for a in args {
+            let a = a.as_ref();
+            out.put_u8(b'$');
+            put_line(&mut out, a.len() as i64);
+            spans.push((out.len() as u32, (out.len() + a.len()) as u32));
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        Request {
+            raw: out.freeze(),
+            spans,
+        }
     }
 
     pub fn name(&self) -> &[u8] {
-        &self.args[0]
+        self.args().arg(0)
+    }
+
+    /// The arguments, name first.
+    pub fn args(&self) -> Args<'_> {
+        Args {
+            frame: &self.raw,
+            spans: &self.spans,
+        }
+    }
+
+    /// Every argument as a handle on the frame (each raises its shared count: not for the
+    /// path of every request).
+    pub fn arg_list(&self) -> Vec<Bytes> {
+        (0..self.spans.len()).map(|i| self.arg_bytes(i)).collect()
+    }
+
+    /// Argument `i` as a handle on the frame, for what outlives the request.
+    pub fn arg_bytes(&self, i: usize) -> Bytes {
+        let (start, end) = self.spans[i];
+        self.raw.slice(start as usize..end as usize)
+    }
+}
+
+/// A request's arguments, borrowed: indexing (`args[i]`) gives an argument's bytes.
+#[derive(Clone, Copy, Default)]
+pub struct Args<'a> {
+    frame: &'a [u8],
+    spans: &'a [(u32, u32)],
+}
+
+impl<'a> Args<'a> {
+    pub fn len(self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// Argument `i`; panics past the end, as indexing does.
+    pub fn arg(self, i: usize) -> &'a [u8] {
+        let (start, end) = self.spans[i];
+        &self.frame[start as usize..end as usize]
+    }
+
+    pub fn get(self, i: usize) -> Option<&'a [u8]> {
+        (i < self.len()).then(|| self.arg(i))
+    }
+
+    pub fn first(self) -> Option<&'a [u8]> {
+        self.get(0)
+    }
+
+    /// The arguments from `i` on (none if `i` is past the end).
+    pub fn skip(self, i: usize) -> Args<'a> {
+        Args {
+            frame: self.frame,
+            spans: self.spans.get(i..).unwrap_or_default(),
+        }
+    }
+
+    pub fn iter(self) -> impl DoubleEndedIterator<Item = &'a [u8]> + ExactSizeIterator + Clone {
+        let frame = self.frame;
+        self.spans
+            .iter()
+            .map(move |&(start, end)| &frame[start as usize..end as usize])
+    }
+}
+
+impl std::ops::Index<usize> for Args<'_> {
+    type Output = [u8];
+
+    fn index(&self, i: usize) -> &[u8] {
+        self.arg(i)
+    }
+}
+
+impl std::fmt::Debug for Args<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.iter().map(|a| String::from_utf8_lossy(a)))
+            .finish()
     }
 }
 
@@ -189,8 +307,8 @@ pub struct Framer {
     remaining: u64,
     /// The length of the bulk whose header has been read, while waiting for its bytes.
     bulk: Option<usize>,
-    /// The arguments read so far, as ranges of the buffer.
-    spans: Vec<(usize, usize)>,
+    /// The arguments read so far, as ranges of the buffer; handed to the request whole.
+    spans: Spans,
     /// How far the line being looked for (a header or an inline command) was searched
     /// without finding its end.
     searched: usize,
@@ -287,25 +405,24 @@ impl Framer {
                 // Nothing is reserved for the declared length: the buffer grows with what
                 // actually arrives.
                 let end = self.pos + len;
+                if end > MAX_REQUEST_LEN {
+                    return Err(perr("too big request"));
+                }
                 if buf.len() < end + 2 {
                     return Ok(None);
                 }
                 if &buf[end..end + 2] != b"\r\n" {
                     return Err(perr("invalid bulk length"));
                 }
-                self.spans.push((self.pos, end));
+                self.spans.push((self.pos as u32, end as u32));
                 self.pos = end + 2;
                 self.bulk = None;
                 self.remaining -= 1;
             }
             let raw = buf.split_to(self.pos).freeze();
-            let args = self.spans.iter().map(|&(s, e)| raw.slice(s..e)).collect();
+            let spans = std::mem::take(&mut self.spans);
             self.pos = 0;
-            self.spans.clear();
-            if self.spans.capacity() > 1024 {
-                self.spans = Vec::new();
-            }
-            return Ok(Some(Request { raw, args }));
+            return Ok(Some(Request { raw, spans }));
         }
     }
 
@@ -357,7 +474,7 @@ impl Framer {
         if args.is_empty() {
             return Ok(InlineOutcome::Empty);
         }
-        Ok(InlineOutcome::Request(Request::from_args(args)))
+        Ok(InlineOutcome::Request(Request::from_args(&args)))
     }
 }
 
@@ -474,9 +591,51 @@ mod tests {
         let mut buf = BytesMut::from(input);
         let mut out = Vec::new();
         while let Some(r) = parse_request(&mut buf, &Limits::default())? {
-            out.push(r.args.iter().map(|a| a.to_vec()).collect());
+            out.push(r.args().iter().map(|a| a.to_vec()).collect());
         }
         Ok(out)
+    }
+
+    #[test]
+    fn a_request_longer_than_its_offsets_can_name_is_refused_before_its_bytes() {
+        // Only a configured `max_bulk_len` past 4 GiB lets a header get here; nothing is
+        // buffered for it. This bulk would end one byte past `u32::MAX`; one byte shorter
+        // is read (it waits for its bytes).
+        let limits = Limits {
+            max_bulk_len: usize::MAX,
+            ..Limits::default()
+        };
+        let mut buf = BytesMut::from(&b"*2\r\n$3\r\nSET\r\n$4294967270\r\nab"[..]);
+        let err = Framer::new()
+            .next(&mut buf, &limits, Peer::Authenticated)
+            .unwrap_err();
+        assert_eq!(err.to_string(), "Protocol error: too big request");
+        let mut buf = BytesMut::from(&b"*2\r\n$3\r\nSET\r\n$4294967269\r\nab"[..]);
+        let pending = Framer::new().next(&mut buf, &limits, Peer::Authenticated);
+        assert!(matches!(pending, Ok(None)), "{pending:?}");
+    }
+
+    #[test]
+    fn arguments_are_views_of_the_frame() {
+        let mut buf = BytesMut::from(&b"*4\r\n$4\r\nMGET\r\n$1\r\na\r\n$0\r\n\r\n$2\r\nbc\r\n"[..]);
+        let r = parse_request(&mut buf, &Limits::default())
+            .unwrap()
+            .unwrap();
+        let args = r.args();
+        assert_eq!(args.len(), 4);
+        assert_eq!(r.name(), b"MGET");
+        assert_eq!(
+            args.iter().collect::<Vec<_>>(),
+            [&b"MGET"[..], b"a", b"", b"bc"]
+        );
+        assert_eq!(args.skip(2).iter().collect::<Vec<_>>(), [&b""[..], b"bc"]);
+        assert!(args.skip(9).is_empty());
+        assert_eq!((args.get(3), args.get(4)), (Some(&b"bc"[..]), None));
+        assert_eq!(r.arg_bytes(3), Bytes::from("bc"));
+        // Built from arguments, the frame is their RESP encoding and the views agree.
+        let built = Request::from_args(&["MGET", "a", "", "bc"]);
+        assert_eq!(built.raw, r.raw);
+        assert_eq!(built.arg_list(), r.arg_list());
     }
 
     #[test]
@@ -487,11 +646,11 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(&a.raw[..], b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
-        assert_eq!(a.args, vec![Bytes::from("GET"), Bytes::from("k")]);
+        assert_eq!(a.arg_list(), vec![Bytes::from("GET"), Bytes::from("k")]);
         let b = parse_request(&mut buf, &Limits::default())
             .unwrap()
             .unwrap();
-        assert_eq!(b.args, vec![Bytes::from("PING")]);
+        assert_eq!(b.arg_list(), vec![Bytes::from("PING")]);
         assert!(
             parse_request(&mut buf, &Limits::default())
                 .unwrap()
@@ -514,7 +673,7 @@ mod tests {
             let r = parse_request(&mut buf, &Limits::default())
                 .unwrap()
                 .unwrap();
-            assert_eq!(r.args[2], Bytes::from_static(b"v\r\nx"));
+            assert_eq!(&r.args()[2], &Bytes::from_static(b"v\r\nx"));
         }
     }
 
@@ -688,8 +847,8 @@ mod tests {
             }
         }
         let r = got.expect("complete");
-        assert_eq!(r.args.len(), n + 2);
-        assert_eq!(&r.args[n + 1][..], (n - 1).to_string().as_bytes());
+        assert_eq!(r.args().len(), n + 2);
+        assert_eq!(&r.args()[n + 1], (n - 1).to_string().as_bytes());
         assert_eq!(r.raw.len(), input.len());
         assert!(buf.is_empty());
     }
@@ -702,7 +861,7 @@ mod tests {
         let want: Vec<Vec<Bytes>> = {
             let mut buf = BytesMut::from(&input[..]);
             std::iter::from_fn(|| parse_request(&mut buf, &Limits::default()).unwrap())
-                .map(|r| r.args)
+                .map(|r| r.arg_list())
                 .collect()
         };
         assert_eq!(want.len(), 3);
@@ -715,7 +874,7 @@ mod tests {
                 .next(&mut buf, &Limits::default(), Peer::Authenticated)
                 .unwrap()
             {
-                got.push(r.args);
+                got.push(r.arg_list());
             }
         }
         assert_eq!(got, want);

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use super::state::ConnState;
 use crate::auth::Credentials;
 use crate::command::{Classified, ids};
-use crate::resp::{Proto, reply};
+use crate::resp::{Args, Proto, reply};
 
 /// What a local command comes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +41,7 @@ pub struct Hello {
 
 /// Decides a command routed `Local` by the table (`PING`, `ECHO`, `HELLO`, `AUTH`,
 /// `CLIENT`, `ASKING`, `READONLY`, `READWRITE`; `QUIT` and `RESET` are the session's).
-pub fn decide(cls: &Classified, args: &[Bytes], state: &ConnState, client_id: u64) -> Local {
+pub fn decide(cls: &Classified, args: Args<'_>, state: &ConnState, client_id: u64) -> Local {
     match cls.id {
         ids::PING => Local::Reply(match args.len() {
             1 => Bytes::from_static(reply::PONG),
@@ -57,8 +57,8 @@ pub fn decide(cls: &Classified, args: &[Bytes], state: &ConnState, client_id: u6
 }
 
 /// `AUTH [username] password`.
-pub fn auth(args: &[Bytes]) -> Local {
-    let text = |b: &Bytes| String::from_utf8_lossy(b).into_owned();
+pub fn auth(args: Args<'_>) -> Local {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     match args.len() {
         2 => Local::Auth(Credentials {
             username: None,
@@ -73,7 +73,7 @@ pub fn auth(args: &[Bytes]) -> Local {
 }
 
 /// `HELLO [protover [AUTH username password] [SETNAME clientname]]`.
-pub fn hello(args: &[Bytes], state: &ConnState) -> Local {
+pub fn hello(args: Args<'_>, state: &ConnState) -> Local {
     let mut proto = state.proto;
     if let Some(v) = args.get(1) {
         match crate::resp::parse_int(v) {
@@ -101,7 +101,7 @@ pub fn hello(args: &[Bytes], state: &ConnState) -> Local {
             });
             j += 3;
         } else if args[j].eq_ignore_ascii_case(b"SETNAME") && more >= 1 {
-            name = Some(args[j + 1].clone());
+            name = Some(Bytes::copy_from_slice(&args[j + 1]));
             j += 2;
         } else {
             return Local::Reply(reply::error(&format!(
@@ -122,14 +122,14 @@ pub fn hello(args: &[Bytes], state: &ConnState) -> Local {
 }
 
 /// `CLIENT <subcommand> ...`: the subcommands about this connection's own bookkeeping.
-pub fn client(args: &[Bytes], state: &ConnState, client_id: u64) -> Local {
+pub fn client(args: Args<'_>, state: &ConnState, client_id: u64) -> Local {
     let Some(sub) = args.get(1) else {
         return Local::Forward;
     };
     let is = |name: &[u8]| sub.eq_ignore_ascii_case(name);
     match args.len() {
         3 if is(b"setname") => match check_client_name(&args[2]) {
-            Ok(()) => Local::SetName(args[2].clone()),
+            Ok(()) => Local::SetName(Bytes::copy_from_slice(&args[2])),
             Err(e) => Local::Reply(e),
         },
         2 if is(b"getname") => Local::Reply(match &state.name {
@@ -186,16 +186,13 @@ mod tests {
     use crate::command::classify;
     use crate::server::state::Auth;
 
-    fn args(parts: &[&str]) -> Vec<Bytes> {
-        parts
-            .iter()
-            .map(|p| Bytes::copy_from_slice(p.as_bytes()))
-            .collect()
+    fn args(parts: &[&str]) -> crate::resp::Request {
+        crate::resp::Request::from_args(parts)
     }
 
     fn run(parts: &[&str], state: &ConnState) -> Local {
         let a = args(parts);
-        decide(&classify(&a), &a, state, 7)
+        decide(&classify(a.args()), a.args(), state, 7)
     }
 
     fn open() -> ConnState {
@@ -275,14 +272,14 @@ mod tests {
     #[test]
     fn auth_arguments() {
         assert_eq!(
-            auth(&args(&["AUTH", "pw"])),
+            auth(args(&["AUTH", "pw"]).args()),
             Local::Auth(Credentials {
                 username: None,
                 password: "pw".into()
             })
         );
         assert_eq!(
-            reply_of(auth(&args(&["AUTH", "a", "b", "c"]))),
+            reply_of(auth(args(&["AUTH", "a", "b", "c"]).args())),
             b"-ERR syntax error\r\n"
         );
     }

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use super::local::{self, Local};
 use super::state::{ConnState, Mode};
 use crate::command::{Classified, Flags, Route, ids};
-use crate::resp::{parse_u32, reply};
+use crate::resp::{Args, parse_u32, reply};
 
 /// The state change a command makes once it has reached the dedicated connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +54,7 @@ pub enum Dispatch {
 }
 
 /// Decides where a request goes.
-pub fn decide(state: &ConnState, cls: &Classified, args: &[Bytes], client_id: u64) -> Dispatch {
+pub fn decide(state: &ConnState, cls: &Classified, args: Args<'_>, client_id: u64) -> Dispatch {
     if state.mode == Mode::Tunnel {
         return Dispatch::Tunnel;
     }
@@ -140,7 +140,7 @@ fn has_queued_select(state: &ConnState) -> bool {
     )
 }
 
-fn select(state: &ConnState, args: &[Bytes]) -> Dispatch {
+fn select(state: &ConnState, args: Args<'_>) -> Dispatch {
     let db = (args.len() == 2).then(|| parse_u32(&args[1])).flatten();
     match db {
         // Malformed: Redis's own error text, from any connection.
@@ -153,7 +153,7 @@ fn select(state: &ConnState, args: &[Bytes]) -> Dispatch {
 }
 
 /// `SCRIPT KILL`, `FUNCTION KILL` and `SHUTDOWN`, which Redis runs while a script is busy.
-fn ends_busy_script(id: usize, args: &[Bytes]) -> bool {
+fn ends_busy_script(id: usize, args: Args<'_>) -> bool {
     let sub_is = |name: &[u8]| args.get(1).is_some_and(|a| a.eq_ignore_ascii_case(name));
     match id {
         ids::SCRIPT | ids::FUNCTION => sub_is(b"kill"),
@@ -170,11 +170,8 @@ mod tests {
     use crate::server::state::{Auth, Pin};
 
     fn go(state: &ConnState, parts: &[&str]) -> Dispatch {
-        let a: Vec<Bytes> = parts
-            .iter()
-            .map(|p| Bytes::copy_from_slice(p.as_bytes()))
-            .collect();
-        decide(state, &classify(&a), &a, 1)
+        let a = crate::resp::Request::from_args(parts);
+        decide(state, &classify(a.args()), a.args(), 1)
     }
 
     fn open() -> ConnState {

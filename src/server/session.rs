@@ -221,7 +221,7 @@ impl Session {
                 {
                     return end;
                 }
-                let cls = classify(&req.args);
+                let cls = classify(req.args());
                 if !(cls.read && self.server.degrade.cache.enabled()) {
                     if let Some(end) = self.dispatch_one(req, cls).await {
                         return end;
@@ -241,7 +241,7 @@ impl Session {
                 while run.len() < super::outbox::MAX_SLOTS {
                     match framer.next(&mut buf, &limits, peer) {
                         Ok(Some(req)) => {
-                            let cls = classify(&req.args);
+                            let cls = classify(req.args());
                             let read = cls.read;
                             run.push((req, cls, None));
                             if !read {
@@ -418,7 +418,7 @@ impl Session {
             self.refresh_set().await;
         }
         let id = cls.id;
-        let dispatch = route::decide(&self.state, &cls, &req.args, self.id);
+        let dispatch = route::decide(&self.state, &cls, req.args(), self.id);
         // Only the shared path and local replies wait on nothing (or only on a held call
         // being sent, on the shared path).
         if !matches!(

@@ -411,7 +411,7 @@ fn printable(frame: &[u8]) -> String {
     let mut buf = bytes::BytesMut::from(frame);
     match crate::resp::parse_request(&mut buf, &crate::resp::Limits::default()) {
         Ok(Some(r)) => r
-            .args
+            .args()
             .iter()
             .map(|a| a.escape_ascii().to_string())
             .collect::<Vec<_>>()

@@ -478,7 +478,7 @@ impl Pass<'_> {
         let written = Written {
             db: Some(entry.db),
             identity,
-            class: classify(&request.args),
+            class: classify(request.args()),
             request,
             sent: Instant::now(),
             ticket: None,
