@@ -458,7 +458,8 @@ impl Breaker {
     pub fn mode(&self) -> Mode {
         self.mode
     }
-    #[cfg(test)]
+    /// Bumped by every transition: what was judged under one generation does not judge
+    /// the next.
     pub fn generation(&self) -> u64 {
         self.generation
     }
@@ -686,14 +687,20 @@ impl Breaker {
 
     /// The health probe has failed `failures` times in a row (the last with `kind`): a
     /// Closed breaker opens at `probe_failures_to_open`.
+    ///
+    /// `began` is the generation the last probe started in. A probe that began before a
+    /// transition judged a server the breaker has since judged again: one sent into a black
+    /// hole that times out just after client traffic closed the breaker says nothing about
+    /// the recovered server, and must not open the breaker again.
     pub fn probes_failed(
         &mut self,
         failures: u32,
         kind: FailureKind,
+        began: u64,
         now: Instant,
     ) -> Option<Transition> {
         self.init_clock(now);
-        if self.state != State::Closed || !self.mode.evaluates() {
+        if self.state != State::Closed || !self.mode.evaluates() || began != self.generation {
             return None;
         }
         let reason = if failures >= self.config.probe_failures_to_open {

@@ -338,10 +338,20 @@ impl SharedBreaker {
         self.manual(|b, now| b.reset(now))
     }
 
-    /// The health probe has failed `failures` times in a row; see
-    /// [`Breaker::probes_failed`].
-    pub fn probes_failed(&self, failures: u32, kind: super::FailureKind) -> Option<Transition> {
-        self.manual(|b, now| b.probes_failed(failures, kind, now))
+    /// The health probe has failed `failures` times in a row, the last one begun in
+    /// generation `began`; see [`Breaker::probes_failed`].
+    pub fn probes_failed(
+        &self,
+        failures: u32,
+        kind: super::FailureKind,
+        began: u64,
+    ) -> Option<Transition> {
+        self.manual(|b, now| b.probes_failed(failures, kind, began, now))
+    }
+
+    /// See [`Breaker::generation`].
+    pub fn generation(&self) -> u64 {
+        self.lock().generation()
     }
 
     /// The health probe got a normal answer while the breaker is Open because of a

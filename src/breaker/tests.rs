@@ -1273,23 +1273,50 @@ async fn silent_probes_open_a_closed_breaker() {
     let now = Instant::now();
     let kind = FailureKind::CommandTimeout;
     assert_eq!(
-        b.probes_failed(1, kind, now),
+        b.probes_failed(1, kind, b.generation(), now),
         None,
         "one is not enough here"
     );
     let t = b
-        .probes_failed(2, kind, now)
+        .probes_failed(2, kind, b.generation(), now)
         .expect("two silent probes open it");
     assert_eq!((t.from, t.to), (State::Closed, State::Open));
     assert_eq!(t.reason, Reason::HealthProbe { failures: 2, kind });
-    assert_eq!(b.probes_failed(3, kind, now), None, "already open");
+    assert_eq!(
+        b.probes_failed(3, kind, b.generation(), now),
+        None,
+        "already open"
+    );
     let mut forced = Breaker::new(no_jitter(), 1);
     forced.set_mode(Mode::ForceClosed, now);
     assert_eq!(
-        forced.probes_failed(9, kind, now),
+        forced.probes_failed(9, kind, forced.generation(), now),
         None,
         "forced closed stays closed"
     );
+}
+
+/// The black-hole fault catalogue failed this way: a probe sent while the breaker was
+/// open timed out just after client probes had closed it, and opened it again.
+#[tokio::test(start_paused = true)]
+async fn a_probe_begun_before_the_breaker_closed_does_not_open_it_again() {
+    let mut b = Breaker::new(no_jitter(), 1);
+    let t0 = Instant::now();
+    trip(&mut b, t0);
+    let began = b.generation();
+    let at = to_half_open(&mut b);
+    for i in 0..b.config().success_threshold {
+        probe_ok(&mut b, at + ms(u64::from(i)));
+    }
+    assert_eq!(b.state(), State::Closed);
+    let kind = FailureKind::CommandTimeout;
+    let late = at + ms(1200);
+    assert_eq!(b.probes_failed(1, kind, began, late), None, "stale probe");
+    assert_eq!(b.state(), State::Closed);
+    let t = b
+        .probes_failed(1, kind, b.generation(), late)
+        .expect("a probe begun since the close still opens it");
+    assert_eq!((t.from, t.to), (State::Closed, State::Open));
 }
 
 #[tokio::test(start_paused = true)]
@@ -1331,7 +1358,7 @@ async fn the_rejection_hint_follows_state_and_mode() {
     assert_eq!(sb.state(), State::HalfOpen);
     assert!(!sb.rejects_all(), "half-open admits probes");
     sb.reset();
-    sb.probes_failed(3, FailureKind::ConnectRefused);
+    sb.probes_failed(3, FailureKind::ConnectRefused, sb.generation());
     assert_eq!(sb.state(), State::Open);
     assert!(sb.rejects_all() && agrees(&sb));
     sb.set_mode(Mode::MetricsOnly);

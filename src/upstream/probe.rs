@@ -125,6 +125,7 @@ pub async fn run(
             }
         };
         let started = Instant::now();
+        let began = upstream.breaker.generation();
         let health = match tokio::time::timeout(
             timing.timeout,
             probe_once(&upstream, &setup, &mut stream, &mut buf),
@@ -161,6 +162,13 @@ pub async fn run(
             Health::Silent => Outcome::Failure(FailureKind::CommandTimeout),
             Health::Down(o) => *o,
         };
+        // The breaker moved while this probe was out (client traffic closed it, say, while
+        // the probe waited on a black-holed connection): it judged a state that is gone, so
+        // it does not count, and the count starts again (see `Breaker::probes_failed`).
+        let moved = upstream.breaker.generation() != began;
+        if moved {
+            failures = 0;
+        }
         match guard {
             Some(g) => g.complete(outcome),
             None if matches!(outcome, Outcome::Success { .. }) => {
@@ -169,8 +177,10 @@ pub async fn run(
             None => {}
         }
         if let Outcome::Failure(kind) = outcome {
-            failures += 1;
-            upstream.breaker.probes_failed(failures, kind);
+            if !moved {
+                failures += 1;
+                upstream.breaker.probes_failed(failures, kind, began);
+            }
             // Frozen: the commands waiting on it would each wait out the command timeout,
             // and a client waiting on one sends nothing the open breaker could answer.
             if health == Health::Silent && upstream.breaker.state() == State::Open {

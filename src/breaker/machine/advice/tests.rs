@@ -105,10 +105,13 @@ async fn a_failed_health_probe_trips_too_while_suspect() {
         window: WINDOW,
         quorum: None,
     });
-    assert_eq!(b.probes_failed(1, FailureKind::ConnectRefused, t0), None);
+    assert_eq!(
+        b.probes_failed(1, FailureKind::ConnectRefused, b.generation(), t0),
+        None
+    );
     b.advise(opened("a", t0), t0);
     let t = b
-        .probes_failed(1, FailureKind::ConnectRefused, t0 + ms(5))
+        .probes_failed(1, FailureKind::ConnectRefused, b.generation(), t0 + ms(5))
         .expect("one failed probe trips while suspect");
     assert_eq!(t.reason.as_str(), "fleet_advice");
 }
