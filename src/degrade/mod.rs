@@ -195,15 +195,15 @@ impl Degrade {
                 })
             }
             Cacheable::Mget => {
-                let keys = req.args().skip(1);
-                if !keys.iter().all(allowed) {
+                let args = req.args();
+                if !args.skip(1).iter().all(allowed) {
                     self.cache.count(CacheResult::Bypass);
                     return None;
                 }
                 // Exact size known: one allocation, no regrowth.
-                let parts: Arc<[_]> = (1..req.args().len())
+                let parts: Arc<[_]> = (1..args.len())
                     .map(|i| {
-                        let k = req.args().arg(i);
+                        let k = args.arg(i);
                         (
                             CacheKey::get(db, view.identity, view.proto, k),
                             req.arg_bytes(i),
@@ -260,6 +260,7 @@ impl Degrade {
         cls: &Classified,
         via: Option<ConnId>,
     ) {
+        let args = req.args();
         if matches!(cls.id, ids::FLUSHALL)
             || (db.is_none() && matches!(cls.id, ids::FLUSHDB | ids::SWAPDB))
         {
@@ -268,7 +269,7 @@ impl Degrade {
         }
         let Some(db) = db else {
             for i in cls.keys.iter() {
-                self.cache.invalidate_everywhere(&req.args()[i]);
+                self.cache.invalidate_everywhere(&args[i]);
             }
             return;
         };
@@ -277,7 +278,7 @@ impl Degrade {
                 self.cache.clear_db(db);
             }
             ids::SWAPDB => {
-                for a in req.args().iter().skip(1).take(2) {
+                for a in args.iter().skip(1).take(2) {
                     if let Some(other) = parse_u32(a) {
                         self.cache.clear_db(other);
                     }
@@ -285,22 +286,19 @@ impl Degrade {
             }
             _ => {
                 for i in cls.keys.iter() {
-                    self.cache.invalidate_via(db, &req.args()[i], via);
+                    self.cache.invalidate_via(db, &args[i], via);
                 }
                 // Commands that write a key in another db.
                 match cls.id {
-                    ids::MOVE if req.args().len() >= 3 => {
-                        if let Some(target) = parse_u32(&req.args()[2]) {
-                            self.cache.invalidate(target, &req.args()[1]);
+                    ids::MOVE if args.len() >= 3 => {
+                        if let Some(target) = parse_u32(&args[2]) {
+                            self.cache.invalidate(target, &args[1]);
                         }
                     }
                     ids::COPY => {
-                        let db_opt = req
-                            .args()
-                            .iter()
-                            .position(|a| a.eq_ignore_ascii_case(b"DB"));
-                        if let (Some(i), Some(dst)) = (db_opt, req.args().get(2))
-                            && let Some(target) = req.args().get(i + 1).and_then(parse_u32)
+                        let db_opt = args.iter().position(|a| a.eq_ignore_ascii_case(b"DB"));
+                        if let (Some(i), Some(dst)) = (db_opt, args.get(2))
+                            && let Some(target) = args.get(i + 1).and_then(parse_u32)
                         {
                             self.cache.invalidate(target, dst);
                         }
