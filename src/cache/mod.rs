@@ -52,6 +52,7 @@
 
 pub mod flight;
 mod recent;
+mod records;
 mod refreshed;
 mod replies;
 
@@ -65,7 +66,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use lru::LruCache;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::time::Instant;
 
@@ -73,6 +73,7 @@ use crate::auth::IdentityId;
 use crate::effect::ConnId;
 use crate::resp::{Args, Proto};
 use recent::{Invalidations, Superseded};
+use records::Records;
 use refreshed::Refreshed;
 use replies::Replies;
 
@@ -595,8 +596,8 @@ struct State {
     /// Every database an entry was ever filed in beyond Redis's default 16 (for
     /// `invalidate_everywhere`).
     other_dbs: Vec<u32>,
-    /// Key records by key hash, least recently used first.
-    records: LruCache<u64, Record>,
+    /// Key records by key hash, least recently used first (by second chance, see `records`).
+    records: Records<Record>,
     /// Whether a record may hold an expiry (`Ttl::At`): set when one is recorded, cleared
     /// with the records. While it is false a fill need not look its key's record up (a
     /// memory miss per fill once writes have left records of many keys).
@@ -702,7 +703,7 @@ impl Cache {
                 lru: Replies::default(),
                 index: FastMap::default(),
                 other_dbs: Vec::new(),
-                records: LruCache::unbounded(),
+                records: Records::default(),
                 expiring_records: false,
                 bytes: 0,
                 lost: LostMarks::new(Instant::now()),
