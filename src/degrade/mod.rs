@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use crate::auth::{Credentials, Identities, IdentityId};
 use crate::cache::{Cache, CacheKey, CacheResult, Lookup};
 use crate::command::{Cacheable, Classified, absent_reply, ids, name_of};
-use crate::effect::{ConnId, FillPlan, Written};
+use crate::effect::{ConnId, FillPlan, MgetParts, Written};
 use crate::error::{Error, UpstreamError, error_reply};
 use crate::resp::reply::Absent;
 use crate::resp::scan::join_array;
@@ -201,16 +201,12 @@ impl Degrade {
                     return None;
                 }
                 // Exact size known: one allocation, no regrowth.
-                let parts: Arc<[_]> = (1..args.len())
-                    .map(|i| {
-                        let k = args.arg(i);
-                        (
-                            CacheKey::get(db, view.identity, view.proto, k),
-                            req.arg_bytes(i),
-                            self.cache.ticket(db, k),
-                        )
-                    })
-                    .collect();
+                let parts = MgetParts::new(req, |k| {
+                    (
+                        CacheKey::get(db, view.identity, view.proto, k),
+                        self.cache.ticket(db, k),
+                    )
+                });
                 Some(FillPlan::Mget { parts })
             }
         }

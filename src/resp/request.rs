@@ -144,6 +144,11 @@ impl Request {
         (0..self.spans.len()).map(|i| self.arg_bytes(i)).collect()
     }
 
+    /// Where argument `i` lies in the frame (start and end offsets).
+    pub fn arg_span(&self, i: usize) -> (u32, u32) {
+        self.spans[i]
+    }
+
     /// Argument `i` as a handle on the frame, for what outlives the request.
     pub fn arg_bytes(&self, i: usize) -> Bytes {
         let (start, end) = self.spans[i];
