@@ -61,7 +61,8 @@ impl<V> Records<V> {
     }
 
     /// Stores a record, replacing (and returning) any of the same hash; it goes to the back
-    /// of the eviction order.
+    /// of the eviction order, marked used: when every older record was used too, their
+    /// second chances must not leave the newest first in line.
     pub(super) fn push(&mut self, hash: u64, value: V) -> Option<V> {
         let stamp = self.next_stamp;
         self.next_stamp = self.next_stamp.wrapping_add(1);
@@ -70,7 +71,7 @@ impl<V> Records<V> {
             Slot {
                 value,
                 stamp,
-                used: false,
+                used: true,
             },
         );
         self.queue.push_back((hash, stamp));
@@ -139,13 +140,31 @@ mod tests {
         for h in 1..=4 {
             assert!(r.push(h, h as u32).is_none());
         }
-        *r.get_mut(&2).unwrap() += 10;
-        assert_eq!(r.peek(&2), Some(&12));
-        assert_eq!(r.peek(&3), Some(&3), "peek does not use");
+        // A first pass gives every record its second chance (a new one counts as used).
         assert_eq!(r.pop_lru(), Some((1, 1)));
-        assert_eq!(r.pop_lru(), Some((3, 3)), "2 was used: second chance");
-        assert_eq!(drain(&mut r), [4, 2]);
+        r.push(1, 1);
+        *r.get_mut(&3).unwrap() += 10;
+        assert_eq!(r.peek(&3), Some(&13));
+        assert_eq!(r.peek(&4), Some(&4), "peek does not use");
+        assert_eq!(r.pop_lru(), Some((2, 2)));
+        assert_eq!(r.pop_lru(), Some((4, 4)), "3 was used since: second chance");
+        // Both used since the last pass: their second chances keep the queue's order.
+        assert_eq!(drain(&mut r), [3, 1]);
         assert_eq!(r.len(), 0);
+    }
+
+    #[test]
+    fn the_newest_record_is_not_first_in_line_when_all_were_used() {
+        let mut r = Records::default();
+        for h in 1..=3 {
+            r.push(h, h as u32);
+        }
+        for h in 1..=3 {
+            r.get_mut(&h);
+        }
+        r.push(9, 9);
+        assert_eq!(r.pop_lru(), Some((1, 1)));
+        assert_eq!(drain(&mut r), [2, 3, 9]);
     }
 
     #[test]

@@ -95,8 +95,10 @@ pub async fn run(
     let mut buf = BytesMut::with_capacity(256);
     let mut next = Instant::now();
     let mut was_failing = false;
-    // Failed probes in a row, and since when failures have been excused by a slow command.
+    // Failed probes in a row (within one breaker generation: a transition starts the count
+    // again), and since when failures have been excused by a slow command.
     let mut failures = 0u32;
+    let mut counted_in = upstream.breaker.generation();
     let mut excused_since: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -114,6 +116,13 @@ pub async fn run(
             _ = shutdown.changed() => return,
         }
         next = Instant::now() + interval;
+        // Read before the permit is taken: a probe admitted just before a transition
+        // belongs to the generation before it.
+        let began = upstream.breaker.generation();
+        if began != counted_in {
+            failures = 0;
+            counted_in = began;
+        }
         let guard = match upstream.breaker.try_acquire() {
             Ok(g) => Some(g),
             // Open: ask anyway, without a permit; only a recovery from the server's own
@@ -125,7 +134,6 @@ pub async fn run(
             }
         };
         let started = Instant::now();
-        let began = upstream.breaker.generation();
         let health = match tokio::time::timeout(
             timing.timeout,
             probe_once(&upstream, &setup, &mut stream, &mut buf),
@@ -164,11 +172,8 @@ pub async fn run(
         };
         // The breaker moved while this probe was out (client traffic closed it, say, while
         // the probe waited on a black-holed connection): it judged a state that is gone, so
-        // it does not count, and the count starts again (see `Breaker::probes_failed`).
+        // it does not count (see `Breaker::probes_failed`), and the next probe counts anew.
         let moved = upstream.breaker.generation() != began;
-        if moved {
-            failures = 0;
-        }
         match guard {
             Some(g) => g.complete(outcome),
             None if matches!(outcome, Outcome::Success { .. }) => {
