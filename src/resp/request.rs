@@ -107,23 +107,9 @@ impl Request {
     /// and for commands the proxy sends on its own behalf). `args` must not be empty.
     pub fn from_args<A: AsRef<[u8]>>(args: &[A]) -> Request {
         assert!(!args.is_empty(), "a request names a command");
-        let size: usize = args.iter().map(|a| a.as_ref().len() + 16).sum::<usize>() + 16;
-        let mut out = BytesMut::with_capacity(size);
         let mut spans = Spans::with_capacity(args.len());
-        out.put_u8(b'*');
-        put_line(&mut out, args.len() as i64);
-        for a in args {
-            let a = a.as_ref();
-            out.put_u8(b'$');
-            put_line(&mut out, a.len() as i64);
-            spans.push((out.len() as u32, (out.len() + a.len()) as u32));
-            out.extend_from_slice(a);
-            out.extend_from_slice(b"\r\n");
-        }
-        Request {
-            raw: out.freeze(),
-            spans,
-        }
+        let raw = encode(args, |start, end| spans.push((start as u32, end as u32)));
+        Request { raw, spans }
     }
 
     pub fn name(&self) -> &[u8] {
@@ -220,6 +206,11 @@ impl std::fmt::Debug for Args<'_> {
 
 /// Encodes a command as a RESP array of bulk strings.
 pub fn encode_command<A: AsRef<[u8]>>(args: &[A]) -> Bytes {
+    encode(args, |_, _| {})
+}
+
+/// [`encode_command`], telling `placed` where each argument's bytes landed.
+fn encode<A: AsRef<[u8]>>(args: &[A], mut placed: impl FnMut(usize, usize)) -> Bytes {
     let size: usize = args.iter().map(|a| a.as_ref().len() + 16).sum::<usize>() + 16;
     let mut out = BytesMut::with_capacity(size);
     out.put_u8(b'*');
@@ -228,6 +219,7 @@ pub fn encode_command<A: AsRef<[u8]>>(args: &[A]) -> Bytes {
         let a = a.as_ref();
         out.put_u8(b'$');
         put_line(&mut out, a.len() as i64);
+        placed(out.len(), out.len() + a.len());
         out.extend_from_slice(a);
         out.extend_from_slice(b"\r\n");
     }
