@@ -6,6 +6,7 @@
 //! cache fills, single-flight and invalidations must not wait for a client that is slow to
 //! read its replies. The upstream side only carries the value; it never looks inside.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -196,7 +197,7 @@ pub trait EffectSink: Send + Sync {
         fills: &mut Vec<DeferredFill>,
         _now: Instant,
     ) -> Option<ReplyEffect> {
-        effect.defer(reply, fills, 0)
+        effect.defer(reply, fills, 0, None)
     }
 }
 
@@ -210,17 +211,21 @@ pub struct DeferredFill {
     /// The MGET parts (bit i: part i) whose reply the cache stored a moment ago: not
     /// stored again.
     pub fresh: u64,
+    /// Where each element of an MGET's reply lies, when already known.
+    pub elements: Option<Vec<Range<usize>>>,
 }
 
 impl ReplyEffect {
     /// Puts the fill this effect would make of `reply` in `fills` when it changes nothing
     /// in the reply: a fill of a reply Redis answered without an error, but for the `fresh`
-    /// parts ([`DeferredFill::fresh`]). Anything else is handed back, to be applied at once.
+    /// parts ([`DeferredFill::fresh`]), with the MGET reply's `elements` if already split.
+    /// Anything else is handed back, to be applied at once.
     pub fn defer(
         self,
         reply: &Reply,
         fills: &mut Vec<DeferredFill>,
         fresh: u64,
+        elements: Option<Vec<Range<usize>>>,
     ) -> Option<ReplyEffect> {
         match (self, reply) {
             (ReplyEffect::Fill { plan, leader, .. }, Ok(r)) if !crate::resp::is_error_reply(r) => {
@@ -229,6 +234,7 @@ impl ReplyEffect {
                     leader,
                     reply: r.clone(),
                     fresh,
+                    elements,
                 });
                 None
             }

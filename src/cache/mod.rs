@@ -45,11 +45,16 @@
 //!   [`Cache::ticket`] taken before the read is sent and [`Cache::insert_all`] refuse
 //!   such fills. Tickets are striped by a hash of the key, so the bookkeeping stays
 //!   bounded at the price of an occasional needless refusal.
+//! * **A full cache takes a new key in on its second fill** (see `admission`): with more
+//!   read than fits, storing every reply turned the cache over as fast as reads came,
+//!   each fill an allocation, a copy and an eviction, without holding more of what is read.
 //! * **MGET is cached per key,** as `GET` entries ([`CacheKey::get`]), so that any later
 //!   GET or MGET over an overlapping set of keys can be answered.
 //!
 //! [`flight`] holds the single-flight that lets identical reads share one request.
 
+mod admission;
+mod bits;
 pub mod flight;
 mod recent;
 mod records;
@@ -72,10 +77,13 @@ use tokio::time::Instant;
 use crate::auth::IdentityId;
 use crate::effect::ConnId;
 use crate::resp::{Args, Proto};
+use admission::Admission;
+use bits::GenerationBits;
 use recent::{Invalidations, Superseded};
 use records::Records;
+pub use refreshed::FreshClock;
 use refreshed::Refreshed;
-use replies::Replies;
+use replies::{Refresh, Replies};
 
 /// Estimated memory per entry beyond its command, Redis key and reply bytes: the slot and
 /// node of the reply table, the index slot, and allocator rounding. Measured as RSS at the
@@ -248,6 +256,11 @@ impl CacheKey {
         (self.digest[0], self.digest[1])
     }
 
+    /// A hash of the whole key for `admission`'s bitmap.
+    fn admission_hash(&self) -> u64 {
+        (self.digest[1] ^ self.context_word()).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20
+    }
+
     /// The rest of the key (db, identity, protocol) in one word.
     fn context_word(&self) -> u64 {
         // An odd multiplier maps each (db, identity) to a word of its own.
@@ -350,9 +363,6 @@ impl Default for CacheConfig {
 /// What a key record counts against the byte bound.
 const RECORD_CHARGE: usize = 96;
 
-/// Bits of each generation of the bitmap of write marks evicted early.
-const LOST_MARK_BITS: usize = 1 << 20;
-
 /// What one entry counts against [`CacheConfig::max_bytes`].
 pub fn entry_charge(key: &CacheKey, redis_key_len: usize, reply_len: usize) -> usize {
     std::mem::size_of_val(key) + redis_key_len + reply_len + ENTRY_OVERHEAD
@@ -407,15 +417,19 @@ pub enum CacheResult {
     Fill = 3,
     /// Not cacheable: the command, or this reply (error, too large, raced a write).
     Bypass = 4,
+    /// Cacheable, but the cache was full and the key was read for the first time in a
+    /// while: not stored (see `admission`).
+    Declined = 5,
 }
 
 impl CacheResult {
-    pub const ALL: [CacheResult; 5] = [
+    pub const ALL: [CacheResult; 6] = [
         CacheResult::Hit,
         CacheResult::StaleHit,
         CacheResult::Miss,
         CacheResult::Fill,
         CacheResult::Bypass,
+        CacheResult::Declined,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -425,6 +439,7 @@ impl CacheResult {
             CacheResult::Miss => "miss",
             CacheResult::Fill => "fill",
             CacheResult::Bypass => "bypass",
+            CacheResult::Declined => "declined",
         }
     }
 }
@@ -435,7 +450,7 @@ pub struct CacheMetrics {
     pub entries: IntGauge,
     pub bytes: IntGauge,
     /// Indexed by `CacheResult as usize`.
-    requests: [IntCounter; 5],
+    requests: [IntCounter; 6],
     pub evictions: IntCounter,
     pub invalidations: IntCounter,
     /// Give this to [`SingleFlight::new`].
@@ -506,6 +521,7 @@ pub struct Fill<'a> {
 struct Tally {
     fills: u64,
     bypasses: u64,
+    declined: u64,
     evicted: u64,
     /// The entry count or bytes changed: gauges to publish.
     changed: bool,
@@ -579,36 +595,31 @@ impl Readers {
 /// an error. Bits are dropped a generation at a time, once no mark they stand for can
 /// matter any more.
 struct LostMarks {
-    current: Box<[u64]>,
-    previous: Box<[u64]>,
+    bits: GenerationBits,
     since: Instant,
 }
 
 impl LostMarks {
     fn new(now: Instant) -> LostMarks {
         LostMarks {
-            current: vec![0; LOST_MARK_BITS / 64].into_boxed_slice(),
-            previous: vec![0; LOST_MARK_BITS / 64].into_boxed_slice(),
+            bits: GenerationBits::new(),
             since: now,
         }
     }
 
     fn rotate(&mut self, now: Instant, ttl: Duration) {
         if now.saturating_duration_since(self.since) > ttl {
-            std::mem::swap(&mut self.current, &mut self.previous);
-            self.current.iter_mut().for_each(|w| *w = 0);
+            self.bits.turn();
             self.since = now;
         }
     }
 
     fn set(&mut self, hash: u64) {
-        let bit = hash as usize % LOST_MARK_BITS;
-        self.current[bit / 64] |= 1 << (bit % 64);
+        self.bits.set(hash);
     }
 
     fn test(&self, hash: u64) -> bool {
-        let bit = hash as usize % LOST_MARK_BITS;
-        (self.current[bit / 64] | self.previous[bit / 64]) & (1 << (bit % 64)) != 0
+        self.bits.test(hash)
     }
 }
 
@@ -632,6 +643,8 @@ struct State {
     expiring_records: bool,
     bytes: usize,
     lost: LostMarks,
+    /// Which keys a full cache takes in (see `admission`).
+    admission: Admission,
     invalidations: Invalidations,
     superseded: Superseded,
     /// The cache's table of fresh fills (see `refreshed`): an entry that leaves `lru`
@@ -735,6 +748,7 @@ impl Cache {
                 expiring_records: false,
                 bytes: 0,
                 lost: LostMarks::new(Instant::now()),
+                admission: Admission::new(),
                 invalidations: Invalidations::default(),
                 superseded,
                 refreshed: refreshed.clone(),
@@ -755,11 +769,16 @@ impl Cache {
         self.refreshed.prefetch(key);
     }
 
-    /// Whether `reply` to `key` was stored or refreshed less than `window` before `now`:
-    /// its fill can be skipped (see `refreshed`; count it with
+    /// The moment and window [`Cache::unchanged`] checks against, for every key of a reply.
+    pub fn fresh_clock(&self, now: Instant, window: Duration) -> FreshClock {
+        self.refreshed.clock(now, window)
+    }
+
+    /// Whether `reply` to `key` was stored or refreshed less than the clock's window before
+    /// its moment: its fill can be skipped (see `refreshed`; count it with
     /// [`Cache::count_skipped_fills`]).
-    pub fn unchanged(&self, key: &CacheKey, reply: &[u8], now: Instant, window: Duration) -> bool {
-        self.enabled() && self.refreshed.fresh(key, reply_hash(reply), now, window)
+    pub fn unchanged(&self, key: &CacheKey, reply: &[u8], clock: FreshClock) -> bool {
+        self.enabled() && self.refreshed.fresh(key, || reply_hash(reply), clock)
     }
 
     /// Counts `n` fills skipped as [`Cache::unchanged`] as made: the reply is stored.
@@ -1028,6 +1047,9 @@ impl Cache {
             if tally.bypasses > 0 {
                 m.requests[CacheResult::Bypass as usize].inc_by(tally.bypasses);
             }
+            if tally.declined > 0 {
+                m.requests[CacheResult::Declined as usize].inc_by(tally.declined);
+            }
             if tally.evicted > 0 {
                 m.evictions.inc_by(tally.evicted);
             }
@@ -1076,16 +1098,26 @@ impl Cache {
         // A key re-read with an unchanged value (the common case) only refreshes its age
         // and use: no copy, no allocation, no index work, and the stored reply not touched.
         let reply_hash = reply_hash(reply);
-        if st.lru.refresh(&key, reply_hash, reply.len(), now, expires) {
-            self.refreshed.set(&key, reply_hash, now);
-            tally.fills += 1;
-            return true;
-        }
+        let held = match st.lru.refresh(&key, reply_hash, reply.len(), now, expires) {
+            Refresh::Done => {
+                self.refreshed.set(&key, reply_hash, now);
+                tally.fills += 1;
+                return true;
+            }
+            Refresh::Changed => true,
+            Refresh::Absent => false,
+        };
         if !fits {
-            if st.remove(&key) {
+            if held && st.remove(&key) {
                 tally.changed = true;
             }
             tally.bypasses += 1;
+            return false;
+        }
+        // Only a key the cache does not hold is declined (see `admission`): a held key's
+        // new reply must replace the old one.
+        if !held && self.full_for(st, charge) && !st.admission.admit(&key, st.replies()) {
+            tally.declined += 1;
             return false;
         }
         let key_hash = key_hash();
@@ -1165,6 +1197,11 @@ impl Cache {
             st.records.push(hash, Record { db, written, ttl });
         }
         self.evict_until_within(st, now)
+    }
+
+    /// Whether storing a new entry of `charge` bytes would evict others.
+    fn full_for(&self, st: &State, charge: usize) -> bool {
+        st.bytes + charge > self.config.max_bytes || st.replies() >= self.config.max_entries
     }
 
     /// Evicts replies, least recently used first, then records, until within the bounds.
@@ -1535,42 +1572,55 @@ mod tests {
         let (v1, v2) = (b("$2\r\nv1\r\n"), b("$2\r\nv2\r\n"));
         let window = Duration::from_secs(1);
         assert!(
-            !cache.unchanged(&get, &v1, now, window),
+            !cache.unchanged(&get, &v1, cache.fresh_clock(now, window)),
             "nothing stored yet"
         );
         assert!(cache.insert(get, b("k"), v1.clone(), now));
-        assert!(cache.unchanged(&get, &v1, now, window));
+        assert!(cache.unchanged(&get, &v1, cache.fresh_clock(now, window)));
         assert!(
-            !cache.unchanged(&get, &v2, now, window),
+            !cache.unchanged(&get, &v2, cache.fresh_clock(now, window)),
             "another reply is filled"
         );
         assert!(
-            !cache.unchanged(&get, &v1, now + Duration::from_secs(2), window),
+            !cache.unchanged(
+                &get,
+                &v1,
+                cache.fresh_clock(now + Duration::from_secs(2), window)
+            ),
             "refreshed again once the window is over"
         );
         assert!(cache.insert(get, b("k"), v2.clone(), now));
         assert!(
-            !cache.unchanged(&get, &v1, now, window),
+            !cache.unchanged(&get, &v1, cache.fresh_clock(now, window)),
             "v1 is no longer what is stored"
         );
         // An entry that leaves the cache (a write, even one Redis refused; eviction; a
         // flush) is filled again by the next read, whatever its reply.
         cache.invalidate(0, b"k");
-        assert!(!cache.unchanged(&get, &v2, now, window));
+        assert!(!cache.unchanged(&get, &v2, cache.fresh_clock(now, window)));
         assert!(cache.insert(get, b("k"), v2.clone(), now));
-        assert!(cache.unchanged(&get, &v2, now, window));
+        assert!(cache.unchanged(&get, &v2, cache.fresh_clock(now, window)));
         assert_eq!(cache.get(&get, now, FRESH), Lookup::Hit(v2.clone()));
         cache.clear_all();
-        assert!(!cache.unchanged(&get, &v2, now, window));
+        assert!(!cache.unchanged(&get, &v2, cache.fresh_clock(now, window)));
         let small = Cache::new(CacheConfig {
             max_entries: 1,
             ..CacheConfig::default()
         });
         let other = key(0, &["GET", "other"]);
         assert!(small.insert(get, b("k"), v1.clone(), now));
+        // The cache is full: `other` is declined once (see `admission`), then stored.
+        assert!(!small.insert(other, b("other"), v1.clone(), now));
+        assert!(
+            small.unchanged(&get, &v1, small.fresh_clock(now, window)),
+            "a declined fill evicts nothing"
+        );
         assert!(small.insert(other, b("other"), v1.clone(), now));
-        assert!(!small.unchanged(&get, &v1, now, window), "evicted");
-        assert!(small.unchanged(&other, &v1, now, window));
+        assert!(
+            !small.unchanged(&get, &v1, small.fresh_clock(now, window)),
+            "evicted"
+        );
+        assert!(small.unchanged(&other, &v1, small.fresh_clock(now, window)));
         cache.check_invariants();
     }
 
@@ -1807,12 +1857,16 @@ mod tests {
         let reply = b("$5\r\nvalue\r\n");
         for i in 0..1_000_000u32 {
             let k = i.to_be_bytes();
-            assert!(cache.insert(
-                CacheKey::get(0, ANON, Proto::Resp2, &k),
-                Bytes::copy_from_slice(&k),
-                reply.clone(),
-                now
-            ));
+            let fill = || {
+                cache.insert(
+                    CacheKey::get(0, ANON, Proto::Resp2, &k),
+                    Bytes::copy_from_slice(&k),
+                    reply.clone(),
+                    now,
+                )
+            };
+            // Once the cache is full a new key is stored on its second fill.
+            assert!(fill() || fill());
         }
         assert!(cache.bytes() <= 1 << 20, "{} bytes", cache.bytes());
         let per_entry = entry_charge(
@@ -1882,6 +1936,39 @@ mod tests {
     }
 
     #[test]
+    fn a_full_cache_declines_a_new_key_once_and_never_a_held_ones_new_reply() {
+        let cache = small(1 << 20, 1);
+        let now = Instant::now();
+        let k = CacheKey::get(0, ANON, Proto::Resp2, b"k");
+        assert!(cache.insert(k, b("k"), b("+v1\r\n"), now), "not full yet");
+        // Full: a changed reply of the key it holds replaces the old one at once (keeping
+        // the old one would serve a value Redis no longer holds).
+        assert!(cache.insert(k, b("k"), b("+v2\r\n"), now));
+        assert_eq!(cache.get(&k, now, FRESH), Lookup::Hit(b("+v2\r\n")));
+        let other = CacheKey::get(0, ANON, Proto::Resp2, b"other");
+        assert!(
+            !cache.insert(other, b("other"), b("+o\r\n"), now),
+            "new key: declined"
+        );
+        assert_eq!(cache.get(&other, now, FRESH), Lookup::Miss);
+        assert_eq!(cache.get(&k, now, FRESH), Lookup::Hit(b("+v2\r\n")));
+        assert!(
+            cache.insert(other, b("other"), b("+o\r\n"), now),
+            "second fill"
+        );
+        assert_eq!(cache.len(), 1, "within the bound");
+        // A write's own value (SET w v) is declined like a read's fill, leaving the key
+        // marked written: a degraded miss on it is answered with an error.
+        let w = CacheKey::get(0, ANON, Proto::Resp2, b"w");
+        cache.invalidate(0, b"w");
+        let ticket = cache.ticket(0, b"w");
+        assert!(cache.set_acknowledged(ticket, None, w, b"w", b"$1\r\nv\r\n", Ttl::Unknown, now));
+        assert_eq!(cache.get(&w, now, FRESH), Lookup::Miss);
+        assert!(cache.miss_is_unsafe(0, b"w", ANON, now, FRESH));
+        cache.check_invariants();
+    }
+
+    #[test]
     fn recently_read_entries_survive_eviction() {
         let reply = b(":1\r\n");
         let charge = entry_charge(&CacheKey::get(0, ANON, Proto::Resp2, b"a"), 1, reply.len());
@@ -1900,12 +1987,18 @@ mod tests {
             cache.get(&CacheKey::get(0, ANON, Proto::Resp2, b"a"), now, FRESH),
             Lookup::Hit(_)
         ));
-        assert!(cache.insert(
-            CacheKey::get(0, ANON, Proto::Resp2, b"d"),
-            b("d"),
-            reply.clone(),
-            now
-        ));
+        let fill_d = || {
+            cache.insert(
+                CacheKey::get(0, ANON, Proto::Resp2, b"d"),
+                b("d"),
+                reply.clone(),
+                now,
+            )
+        };
+        // The cache is full and "d" is new: declined once (see `admission`), then stored.
+        assert!(!fill_d());
+        assert_eq!(cache.len(), 3);
+        assert!(fill_d());
         assert_eq!(
             cache.get(&CacheKey::get(0, ANON, Proto::Resp2, b"b"), now, FRESH),
             Lookup::Miss
@@ -2040,7 +2133,8 @@ mod tests {
             metrics.clone(),
         );
         let now = Instant::now();
-        for k in ["a", "b", "c"] {
+        // Full after "b": "c" is declined once, then evicts "a".
+        for k in ["a", "b", "c", "c"] {
             cache.insert(
                 CacheKey::get(0, ANON, Proto::Resp2, k.as_bytes()),
                 b(k),
@@ -2076,6 +2170,7 @@ mod tests {
         assert_eq!(count(CacheResult::Miss), 1);
         assert_eq!(count(CacheResult::StaleHit), 1);
         assert_eq!(count(CacheResult::Bypass), 2);
+        assert_eq!(count(CacheResult::Declined), 1);
         assert_eq!(metrics.evictions.get(), 1);
         assert_eq!(metrics.invalidations.get(), 1);
         assert_eq!(metrics.entries.get(), 1);
@@ -2099,7 +2194,10 @@ mod tests {
             ]
         );
         let labels: Vec<&str> = CacheResult::ALL.iter().map(|r| r.as_str()).collect();
-        assert_eq!(labels, ["hit", "stale_hit", "miss", "fill", "bypass"]);
+        assert_eq!(
+            labels,
+            ["hit", "stale_hit", "miss", "fill", "bypass", "declined"]
+        );
     }
 
     #[tokio::test(start_paused = true)]

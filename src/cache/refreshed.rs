@@ -122,20 +122,43 @@ impl Refreshed {
         }
     }
 
-    /// Whether `key` was stored or refreshed with a reply hashing to `reply_hash` less
-    /// than `window` before `now` (a window shorter than a time unit is never met).
-    pub fn fresh(&self, key: &CacheKey, reply_hash: u64, now: Instant, window: Duration) -> bool {
-        let window = units(window).min(MAX_WINDOW_UNITS);
+    /// The clock [`Refreshed::fresh`] compares against: `now` and `window` in time units,
+    /// worked out once for every key of a reply (an MGET's ten keys took ten clock
+    /// subtractions).
+    pub fn clock(&self, now: Instant, window: Duration) -> FreshClock {
+        FreshClock {
+            now: self.units(now),
+            window: units(window).min(MAX_WINDOW_UNITS),
+        }
+    }
+
+    /// Whether `key` was stored or refreshed with a reply hashing to `reply_hash()` less
+    /// than the clock's window before its `now` (a window shorter than a time unit is
+    /// never met). The reply is hashed only when the key has a fresh cell: a reply that is
+    /// not skipped is hashed once, by the store.
+    pub fn fresh(
+        &self,
+        key: &CacheKey,
+        reply_hash: impl FnOnce() -> u64,
+        clock: FreshClock,
+    ) -> bool {
         let (line, tag) = place(key);
         for c in &self.lines[line].0 {
             let seen = c.load(Ordering::Relaxed);
             if seen >> 32 == tag {
-                let age = self.units(now).wrapping_sub(seen) & TIME_MASK;
-                return (seen >> 16) & 0xFFFF == reply_hash >> 48 && age < window;
+                let age = clock.now.wrapping_sub(seen) & TIME_MASK;
+                return age < clock.window && (seen >> 16) & 0xFFFF == reply_hash() >> 48;
             }
         }
         false
     }
+}
+
+/// A moment and a window for [`Refreshed::fresh`], in its time units.
+#[derive(Debug, Clone, Copy)]
+pub struct FreshClock {
+    now: u64,
+    window: u64,
 }
 
 /// `d` in time units; a second counts as 2^30 ns: monotonic, and no division.
@@ -170,39 +193,64 @@ mod tests {
     async fn a_reply_is_fresh_for_a_second_under_its_own_key_only() {
         let r = Refreshed::new(Instant::now());
         let now = Instant::now();
-        assert!(!r.fresh(&key("a"), V1, now, FRESH), "nothing stored yet");
+        assert!(
+            !r.fresh(&key("a"), || V1, r.clock(now, FRESH)),
+            "nothing stored yet"
+        );
+        let unhashed = || -> u64 { panic!("hashed a reply no fresh cell vouches for") };
+        assert!(!r.fresh(&key("a"), unhashed, r.clock(now, FRESH)));
         r.set(&key("a"), V1, now);
-        assert!(r.fresh(&key("a"), V1, now, FRESH));
+        assert!(r.fresh(&key("a"), || V1, r.clock(now, FRESH)));
         assert!(r.fresh(
             &key("a"),
-            V1,
-            now + FRESH - Duration::from_millis(20),
-            FRESH
+            || V1,
+            r.clock(now + FRESH - Duration::from_millis(20), FRESH)
         ));
         assert!(
-            !r.fresh(&key("a"), V1, now + FRESH, FRESH),
+            !r.fresh(&key("a"), || V1, r.clock(now + FRESH, FRESH)),
             "a second later"
         );
-        assert!(!r.fresh(&key("a"), V2, now, FRESH), "another reply");
-        assert!(!r.fresh(&key("b"), V1, now, FRESH), "another key");
+        assert!(!r.fresh(&key("a"), unhashed, r.clock(now + FRESH, FRESH)));
+        assert!(
+            !r.fresh(&key("a"), || V2, r.clock(now, FRESH)),
+            "another reply"
+        );
+        assert!(
+            !r.fresh(&key("b"), || V1, r.clock(now, FRESH)),
+            "another key"
+        );
         let other_db = CacheKey::get(1, IdentityId::ANONYMOUS, Proto::Resp2, b"a");
-        assert!(!r.fresh(&other_db, V1, now, FRESH), "another db");
+        assert!(
+            !r.fresh(&other_db, || V1, r.clock(now, FRESH)),
+            "another db"
+        );
         let resp3 = CacheKey::get(0, IdentityId::ANONYMOUS, Proto::Resp3, b"a");
-        assert!(!r.fresh(&resp3, V1, now, FRESH), "another protocol");
+        assert!(
+            !r.fresh(&resp3, || V1, r.clock(now, FRESH)),
+            "another protocol"
+        );
         // The window is the caller's: a longer one keeps it fresh longer, one shorter than
         // the table's time unit never.
         let long = Duration::from_secs(4);
-        assert!(r.fresh(&key("a"), V1, now + Duration::from_millis(3900), long));
-        assert!(!r.fresh(&key("a"), V1, now + long, long));
-        assert!(!r.fresh(&key("a"), V1, now, Duration::from_millis(10)));
+        assert!(r.fresh(
+            &key("a"),
+            || V1,
+            r.clock(now + Duration::from_millis(3900), long)
+        ));
+        assert!(!r.fresh(&key("a"), || V1, r.clock(now + long, long)));
+        assert!(!r.fresh(&key("a"), || V1, r.clock(now, Duration::from_millis(10))));
         // Refreshed again: fresh from then on.
         let later = now + Duration::from_secs(5);
         r.set(&key("a"), V1, later);
-        assert!(r.fresh(&key("a"), V1, later + Duration::from_millis(500), FRESH));
+        assert!(r.fresh(
+            &key("a"),
+            || V1,
+            r.clock(later + Duration::from_millis(500), FRESH)
+        ));
         // Stored with another reply: the old one is no longer fresh.
         r.set(&key("a"), V2, later);
-        assert!(!r.fresh(&key("a"), V1, later, FRESH));
-        assert!(r.fresh(&key("a"), V2, later, FRESH));
+        assert!(!r.fresh(&key("a"), || V1, r.clock(later, FRESH)));
+        assert!(r.fresh(&key("a"), || V2, r.clock(later, FRESH)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -221,13 +269,19 @@ mod tests {
         }
         let now = start + Duration::from_millis(100 * WAYS as u64);
         r.set(&mates[WAYS], V1, now);
-        assert!(!r.fresh(&mates[0], V1, now, FRESH), "the oldest made room");
+        assert!(
+            !r.fresh(&mates[0], || V1, r.clock(now, FRESH)),
+            "the oldest made room"
+        );
         for k in &mates[1..] {
-            assert!(r.fresh(k, V1, now, FRESH));
+            assert!(r.fresh(k, || V1, r.clock(now, FRESH)));
         }
         // A key stored again keeps its one cell.
         r.set(&mates[3], V2, now);
-        assert!(r.fresh(&mates[3], V2, now, FRESH));
-        assert!(r.fresh(&mates[1], V1, now, FRESH) && r.fresh(&mates[WAYS], V1, now, FRESH));
+        assert!(r.fresh(&mates[3], || V2, r.clock(now, FRESH)));
+        assert!(
+            r.fresh(&mates[1], || V1, r.clock(now, FRESH))
+                && r.fresh(&mates[WAYS], || V1, r.clock(now, FRESH))
+        );
     }
 }

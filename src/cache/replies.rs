@@ -88,6 +88,17 @@ impl Default for Replies {
     }
 }
 
+/// What [`Replies::refresh`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refresh {
+    /// The key holds the same reply: refreshed.
+    Done,
+    /// The key holds another reply: nothing changed.
+    Changed,
+    /// The key holds no reply.
+    Absent,
+}
+
 impl Replies {
     pub fn len(&self) -> usize {
         self.slots.len()
@@ -151,8 +162,8 @@ impl Replies {
     }
 
     /// When `key` holds a reply with this hash and length: records it as filled again at
-    /// `now` with `expires`, marks it used, and returns true. The stored bytes are not
-    /// read (nor, unless an expiry changes, written).
+    /// `now` with `expires` and marks it used. The stored bytes are not read (nor, unless
+    /// an expiry changes, written).
     pub fn refresh(
         &mut self,
         key: &CacheKey,
@@ -160,12 +171,12 @@ impl Replies {
         reply_len: usize,
         now: Instant,
         expires: Option<Instant>,
-    ) -> bool {
+    ) -> Refresh {
         let Some(slot) = self.slots.get_mut(key) else {
-            return false;
+            return Refresh::Absent;
         };
         if slot.reply_hash != reply_hash || slot.reply_len as usize != reply_len {
-            return false;
+            return Refresh::Changed;
         }
         slot.filled = now;
         mark(&mut self.used, slot.node, true);
@@ -173,7 +184,7 @@ impl Replies {
             slot.expiring = expires.is_some();
             self.nodes[slot.node as usize].expires = expires;
         }
-        true
+        Refresh::Done
     }
 
     /// Stores `entry` under `key`, not yet used; returns the entry it replaced.
@@ -357,7 +368,7 @@ mod tests {
             r.push(key(k), entry(k, now));
         }
         assert!(r.get(&key("a")).is_some());
-        assert!(r.refresh(&key("b"), 1, 1, now, None));
+        assert_eq!(r.refresh(&key("b"), 1, 1, now, None), Refresh::Done);
         assert_eq!(evict_all(&mut r), vec![key("c"), key("a"), key("b")]);
     }
 
@@ -379,14 +390,22 @@ mod tests {
         let t1 = t0 + std::time::Duration::from_secs(5);
         let mut r = Replies::default();
         r.push(key("a"), entry("xy", t0));
-        assert!(!r.refresh(&key("a"), 3, 2, t1, None), "other hash");
-        assert!(!r.refresh(&key("a"), 2, 3, t1, None), "other length");
-        assert!(!r.refresh(&key("b"), 2, 2, t1, None), "absent");
+        assert_eq!(
+            r.refresh(&key("a"), 3, 2, t1, None),
+            Refresh::Changed,
+            "other hash"
+        );
+        assert_eq!(
+            r.refresh(&key("a"), 2, 3, t1, None),
+            Refresh::Changed,
+            "other length"
+        );
+        assert_eq!(r.refresh(&key("b"), 2, 2, t1, None), Refresh::Absent);
         assert_eq!(r.get(&key("a")).unwrap().filled, t0);
-        assert!(r.refresh(&key("a"), 2, 2, t1, Some(t1)));
+        assert_eq!(r.refresh(&key("a"), 2, 2, t1, Some(t1)), Refresh::Done);
         let got = r.get(&key("a")).unwrap();
         assert_eq!((got.filled, got.expires), (t1, Some(t1)));
-        assert!(r.refresh(&key("a"), 2, 2, t1, None));
+        assert_eq!(r.refresh(&key("a"), 2, 2, t1, None), Refresh::Done);
         assert_eq!(r.get(&key("a")).unwrap().expires, None);
     }
 

@@ -1,6 +1,7 @@
 //! Reply effects applied by the cache's owner: fills, single-flight, and what a write that
 //! has run tells about its keys (see `crate::effect`).
 
+use std::ops::Range;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -30,6 +31,7 @@ impl EffectSink for Degrade {
                             leader,
                             reply: r.clone(),
                             fresh: 0,
+                            elements: None,
                         };
                         self.fill_together(&mut vec![fill], via);
                         return;
@@ -110,7 +112,7 @@ impl EffectSink for Degrade {
                 return None;
             }
         }
-        effect.defer(reply, fills, fresh.parts)
+        effect.defer(reply, fills, fresh.parts, fresh.elements)
     }
 }
 
@@ -123,6 +125,9 @@ struct Fresh {
     parts: u64,
     /// How many fills store nothing new.
     count: u64,
+    /// Where each element of an MGET's reply lies, found while looking (handed to the fill,
+    /// which would otherwise split the reply again).
+    elements: Option<Vec<Range<usize>>>,
 }
 
 impl Degrade {
@@ -144,14 +149,14 @@ impl Degrade {
     /// but for one stores that one alone.
     fn fresh_fills(&self, plan: &FillPlan, reply: &Bytes, now: Instant) -> Fresh {
         let policy = self.policy.get();
-        let window = policy.refill_after();
+        let clock = self.cache.fresh_clock(now, policy.refill_after());
         match plan {
             FillPlan::Single { key, .. } => {
-                let all = self.cache.unchanged(key, reply, now, window);
+                let all = self.cache.unchanged(key, reply, clock);
                 Fresh {
                     all,
-                    parts: 0,
                     count: u64::from(all),
+                    ..Fresh::default()
                 }
             }
             FillPlan::Mget { parts } => {
@@ -165,18 +170,19 @@ impl Degrade {
                     all: true,
                     ..Fresh::default()
                 };
-                for (i, ((key, _, _), range)) in parts.iter().zip(ranges).enumerate() {
-                    let value = &reply[range];
+                for (i, ((key, _, _), range)) in parts.iter().zip(&ranges).enumerate() {
+                    let value = &reply[range.clone()];
                     if !storable_get_reply(value, nil_ok) {
                         continue;
                     }
-                    if i < 64 && self.cache.unchanged(key, value, now, window) {
+                    if i < 64 && self.cache.unchanged(key, value, clock) {
                         fresh.parts |= 1 << i;
                         fresh.count += 1;
                     } else {
                         fresh.all = false;
                     }
                 }
+                fresh.elements = Some(ranges);
                 fresh
             }
         }
@@ -207,8 +213,16 @@ impl Degrade {
                     }
                 }
                 FillPlan::Mget { parts } => {
-                    let Some(ranges) = element_ranges(&f.reply) else {
-                        continue;
+                    let split;
+                    let ranges = match &f.elements {
+                        Some(ranges) => ranges,
+                        None => match element_ranges(&f.reply) {
+                            Some(ranges) => {
+                                split = ranges;
+                                &split
+                            }
+                            None => continue,
+                        },
                     };
                     if ranges.len() != parts.len() {
                         continue;
@@ -216,7 +230,7 @@ impl Degrade {
                     for (i, ((key, redis_key, ticket), range)) in
                         parts.iter().zip(ranges).enumerate()
                     {
-                        let value = &f.reply[range];
+                        let value = &f.reply[range.clone()];
                         let fresh = i < 64 && f.fresh & (1 << i) != 0;
                         if !fresh && storable_get_reply(value, nil_ok) {
                             batch.push(Fill {
