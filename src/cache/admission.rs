@@ -16,7 +16,9 @@
 //!
 //! Declining never makes the cache serve anything older: the key is not held, and a
 //! reply that is not stored is a miss, exactly as if it had been evicted. Only keys the
-//! cache does not hold are declined; a held key's new reply always replaces the old one.
+//! cache does not hold are declined; a held key's new reply always replaces the old one,
+//! and a key whose entry a write superseded is taken in on its next fill (the write's own
+//! value, or the next read's reply).
 
 use super::CacheKey;
 use super::bits::GenerationBits;
@@ -36,6 +38,12 @@ impl Admission {
             seen: GenerationBits::new(),
             decided: 0,
         }
+    }
+
+    /// `key`'s entry was superseded by a write: its next fill is admitted as if declined
+    /// once (the key was held; a write should not push it out of a full cache).
+    pub(super) fn remember(&mut self, key: &CacheKey) {
+        self.seen.set(key.admission_hash());
     }
 
     /// Whether `key`, which a full cache holding `held` replies does not hold, may be
@@ -78,6 +86,14 @@ mod tests {
         assert!(a.admit(&key("b"), 10));
         let other_db = CacheKey::get(1, IdentityId::ANONYMOUS, Proto::Resp2, b"a");
         assert!(!a.admit(&other_db, 10), "the same Redis key in another db");
+    }
+
+    #[test]
+    fn a_key_remembered_enters_on_its_first_fill() {
+        let mut a = Admission::new();
+        a.remember(&key("a"));
+        assert!(a.admit(&key("a"), 10));
+        assert!(!a.admit(&key("b"), 10));
     }
 
     #[test]
