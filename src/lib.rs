@@ -32,8 +32,10 @@
 //!                       the effect in pipeline order (invalidate again, learn expiries; a
 //!                       failed cacheable read is answered from the cache right there);
 //!                       a fill of the reply the cache stored under the same key a
-//!                       moment ago is skipped (cache::refreshed); what completing a
-//!                       reply touches is prefetched a few replies ahead;
+//!                       moment ago is skipped (cache::refreshed), and a full cache takes
+//!                       a key it does not hold in on its second fill (cache::admission);
+//!                       what completing a reply touches is prefetched a few replies
+//!                       ahead;
 //!                       the fills and breaker outcomes of the replies read together are
 //!                       applied together (one cache lock, one breaker lock), fills before
 //!                       any later effect, and release the reads that followed them

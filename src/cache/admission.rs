@@ -4,15 +4,18 @@
 //! read than fits (a working set larger than `max_bytes`), every such fill costs an
 //! allocation, a copy of the reply and an eviction, and the entry it makes is as likely as
 //! not to be evicted again before its key is read a second time: the cache turns over as
-//! fast as reads arrive without holding more of what is read. Measured on bench/run.sh's
-//! 90/10 mix (1 KB values, 100,000 keys: about 150 MB against the 64 MiB cap), the turnover
-//! was half of what the cache cost each read.
+//! fast as reads arrive without holding more of what is read. On bench/run.sh's 90/10 mix
+//! (1 KB values, 100,000 keys: about 150 MB against the 64 MiB cap) the cache cost about
+//! 1.9 µs of CPU per request, and a cache large enough for every key about 0.8 µs less.
+//! Declining first fills cut that run's evictions by two thirds (171,000 to 59,000).
 //!
 //! So a full cache admits a key it does not hold on the key's second fill within a window
-//! (TinyLFU's "doorkeeper"): the first only marks it in a bitmap of key digests. A key read
-//! once does not push out one read again; a key read again enters as before. The window is
+//! (TinyLFU's "doorkeeper"): the first only marks it in a bitmap of key digests, and a key
+//! read again enters as before. The window is
 //! two generations of the bitmap, a generation lasting as many decisions as the cache holds
 //! replies (at least [`MIN_GENERATION`]), so that it spans about one turnover of the cache.
+//! A key a scan reads once, or a batch job walks past, does not push out the keys an
+//! application reads again and again: what degraded mode will need.
 //!
 //! Declining never makes the cache serve anything older: the key is not held, and a
 //! reply that is not stored is a miss, exactly as if it had been evicted. Only keys the
