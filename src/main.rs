@@ -141,6 +141,7 @@ fn run(config: Config, source: Source, log_level: LogLevelSetter) -> anyhow::Res
         .build()
         .context("cannot start the tokio runtime")?;
     rt.block_on(async move {
+        tokio::spawn(return_free_memory());
         let running = redfuse::start(config).await?;
         running.watch_config(source, Some(log_level))?;
         info!(client_addr = %running.client_addr, admin_addr = %running.admin_addr, "listening");
@@ -150,6 +151,24 @@ fn run(config: Config, source: Source, log_level: LogLevelSetter) -> anyhow::Res
         info!("stopped");
         Ok(())
     })
+}
+
+/// Hands memory the allocator holds free back to the OS once a second. mimalloc returns
+/// freed pages only when the thread that freed them allocates again: after a burst (a long
+/// pipeline's buffers, a cache filled to its cap) a sidecar that then goes quiet kept tens
+/// of MiB it no longer used. A fresh redfuse filled with 250,000 keys through pipelines of
+/// 5,000 held 78 to 100 MiB of RSS ten seconds later, from one run to the next, for the
+/// same 64 MiB of cache. Collecting the thread's heap takes microseconds; the task runs on
+/// the thread whose heap the data path uses (one worker by default).
+async fn return_free_memory() {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // SAFETY: mi_collect only frees pages of the calling thread's heap that hold no
+        // live allocation; it has no preconditions.
+        unsafe { libmimalloc_sys::mi_collect(false) };
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
