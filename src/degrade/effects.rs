@@ -1,6 +1,7 @@
 //! Reply effects applied by the cache's owner: fills, single-flight, and what a write that
 //! has run tells about its keys (see `crate::effect`).
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -213,14 +214,10 @@ impl Degrade {
                     }
                 }
                 FillPlan::Mget { parts } => {
-                    let split;
                     let ranges = match &f.elements {
-                        Some(ranges) => ranges,
+                        Some(ranges) => Cow::Borrowed(ranges),
                         None => match element_ranges(&f.reply) {
-                            Some(ranges) => {
-                                split = ranges;
-                                &split
-                            }
+                            Some(ranges) => Cow::Owned(ranges),
                             None => continue,
                         },
                     };
@@ -228,7 +225,7 @@ impl Degrade {
                         continue;
                     }
                     for (i, ((key, redis_key, ticket), range)) in
-                        parts.iter().zip(ranges).enumerate()
+                        parts.iter().zip(ranges.iter()).enumerate()
                     {
                         let value = &f.reply[range.clone()];
                         let fresh = i < 64 && f.fresh & (1 << i) != 0;
