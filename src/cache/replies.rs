@@ -163,11 +163,11 @@ impl Replies {
 
     /// When `key` holds a reply with this hash and length: records it as filled again at
     /// `now` with `expires` and marks it used. The stored bytes are not read (nor, unless
-    /// an expiry changes, written).
+    /// an expiry changes, written), and the reply is hashed only when the key is held.
     pub fn refresh(
         &mut self,
         key: &CacheKey,
-        reply_hash: u64,
+        reply_hash: impl FnOnce() -> u64,
         reply_len: usize,
         now: Instant,
         expires: Option<Instant>,
@@ -175,7 +175,7 @@ impl Replies {
         let Some(slot) = self.slots.get_mut(key) else {
             return Refresh::Absent;
         };
-        if slot.reply_hash != reply_hash || slot.reply_len as usize != reply_len {
+        if slot.reply_len as usize != reply_len || slot.reply_hash != reply_hash() {
             return Refresh::Changed;
         }
         slot.filled = now;
@@ -368,7 +368,7 @@ mod tests {
             r.push(key(k), entry(k, now));
         }
         assert!(r.get(&key("a")).is_some());
-        assert_eq!(r.refresh(&key("b"), 1, 1, now, None), Refresh::Done);
+        assert_eq!(r.refresh(&key("b"), || 1, 1, now, None), Refresh::Done);
         assert_eq!(evict_all(&mut r), vec![key("c"), key("a"), key("b")]);
     }
 
@@ -391,21 +391,21 @@ mod tests {
         let mut r = Replies::default();
         r.push(key("a"), entry("xy", t0));
         assert_eq!(
-            r.refresh(&key("a"), 3, 2, t1, None),
+            r.refresh(&key("a"), || 3, 2, t1, None),
             Refresh::Changed,
             "other hash"
         );
         assert_eq!(
-            r.refresh(&key("a"), 2, 3, t1, None),
+            r.refresh(&key("a"), || 2, 3, t1, None),
             Refresh::Changed,
             "other length"
         );
-        assert_eq!(r.refresh(&key("b"), 2, 2, t1, None), Refresh::Absent);
+        assert_eq!(r.refresh(&key("b"), || 2, 2, t1, None), Refresh::Absent);
         assert_eq!(r.get(&key("a")).unwrap().filled, t0);
-        assert_eq!(r.refresh(&key("a"), 2, 2, t1, Some(t1)), Refresh::Done);
+        assert_eq!(r.refresh(&key("a"), || 2, 2, t1, Some(t1)), Refresh::Done);
         let got = r.get(&key("a")).unwrap();
         assert_eq!((got.filled, got.expires), (t1, Some(t1)));
-        assert_eq!(r.refresh(&key("a"), 2, 2, t1, None), Refresh::Done);
+        assert_eq!(r.refresh(&key("a"), || 2, 2, t1, None), Refresh::Done);
         assert_eq!(r.get(&key("a")).unwrap().expires, None);
     }
 
