@@ -552,80 +552,108 @@ const XREADGROUP: usize = id_of("xreadgroup");
 // Key extraction
 // ---------------------------------------------------------------------------------------
 
-/// How many key indices [`KeyIndices`] holds before it allocates.
-pub const INLINE_KEYS: usize = 8;
+/// How many key indices [`KeyIndices`] holds before it allocates: enough for an MGET of
+/// ten keys.
+pub const INLINE_KEYS: usize = 12;
 
 /// Argument indices of a command's keys, in argument order. Inline up to [`INLINE_KEYS`],
-/// a `Vec` beyond (MSET with thousands of keys). Derefs to `&[usize]`.
+/// a `Vec` beyond (MSET with thousands of keys).
+///
+/// Every request's classification carries one, moved from the parser down to the send
+/// and into a write's reply effect: 32-bit indices (an argument count stays below 2^31,
+/// `max_array_len`) and the inline room shared with the spill keep it at 56 bytes, where
+/// `usize` indices and a separate spill took 96.
 #[derive(Clone)]
-pub struct KeyIndices {
-    len: usize,
-    inline: [usize; INLINE_KEYS],
-    // Holds all indices once `len > INLINE_KEYS`; empty (unallocated) before.
-    spill: Vec<usize>,
+pub struct KeyIndices(Indices);
+
+#[derive(Clone)]
+enum Indices {
+    Inline { len: u8, at: [u32; INLINE_KEYS] },
+    Spill(Vec<u32>),
 }
 
 impl KeyIndices {
     pub const fn new() -> KeyIndices {
-        KeyIndices {
+        KeyIndices(Indices::Inline {
             len: 0,
-            inline: [0; INLINE_KEYS],
-            spill: Vec::new(),
-        }
+            at: [0; INLINE_KEYS],
+        })
     }
 
+    /// Adds argument `index`; never past an argument count, so it fits 32 bits.
+    #[inline]
     pub fn push(&mut self, index: usize) {
-        if self.len < INLINE_KEYS {
-            self.inline[self.len] = index;
-        } else {
-            if self.len == INLINE_KEYS {
-                self.spill.reserve(INLINE_KEYS * 2);
-                self.spill.extend_from_slice(&self.inline);
+        let index = index as u32;
+        match &mut self.0 {
+            Indices::Inline { len, at } if usize::from(*len) < INLINE_KEYS => {
+                at[usize::from(*len)] = index;
+                *len += 1;
             }
-            self.spill.push(index);
+            Indices::Inline { at, .. } => {
+                let mut spill = Vec::with_capacity(INLINE_KEYS * 2);
+                spill.extend_from_slice(at);
+                spill.push(index);
+                self.0 = Indices::Spill(spill);
+            }
+            Indices::Spill(spill) => spill.push(index),
         }
-        self.len += 1;
     }
 
     /// Lets a caller that knows the count avoid repeated growth of the spill.
+    #[inline]
     fn reserve(&mut self, additional: usize) {
-        let total = self.len.saturating_add(additional);
-        if total > INLINE_KEYS {
-            self.spill.reserve(total - self.spill.len());
+        let total = self.len().saturating_add(additional);
+        if total <= INLINE_KEYS {
+            return;
+        }
+        match &mut self.0 {
+            Indices::Inline { len, at } => {
+                let mut spill = Vec::with_capacity(total);
+                spill.extend_from_slice(&at[..usize::from(*len)]);
+                self.0 = Indices::Spill(spill);
+            }
+            Indices::Spill(spill) => spill.reserve(total - spill.len()),
         }
     }
 
-    pub fn as_slice(&self) -> &[usize] {
-        if self.len <= INLINE_KEYS {
-            &self.inline[..self.len]
-        } else {
-            &self.spill
+    pub fn as_slice(&self) -> &[u32] {
+        match &self.0 {
+            Indices::Inline { len, at } => &at[..usize::from(*len)],
+            Indices::Spill(spill) => spill,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.as_slice().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
-    pub fn iter(&self) -> std::iter::Copied<std::slice::Iter<'_, usize>> {
-        self.as_slice().iter().copied()
+    pub fn first(&self) -> Option<usize> {
+        self.as_slice().first().map(|&i| i as usize)
+    }
+
+    pub fn iter(&self) -> KeyIter<'_> {
+        self.as_slice().iter().map(|&i| i as usize)
+    }
+}
+
+/// The indices of [`KeyIndices`], as `usize`.
+pub type KeyIter<'a> = std::iter::Map<std::slice::Iter<'a, u32>, fn(&u32) -> usize>;
+
+impl<'a> IntoIterator for &'a KeyIndices {
+    type Item = usize;
+    type IntoIter = KeyIter<'a>;
+    fn into_iter(self) -> KeyIter<'a> {
+        self.iter()
     }
 }
 
 impl Default for KeyIndices {
     fn default() -> Self {
         KeyIndices::new()
-    }
-}
-
-impl std::ops::Deref for KeyIndices {
-    type Target = [usize];
-    fn deref(&self) -> &[usize] {
-        self.as_slice()
     }
 }
 
@@ -642,14 +670,6 @@ impl PartialEq for KeyIndices {
 }
 
 impl Eq for KeyIndices {}
-
-impl<'a> IntoIterator for &'a KeyIndices {
-    type Item = usize;
-    type IntoIter = std::iter::Copied<std::slice::Iter<'a, usize>>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.iter()
-    }
-}
 
 /// Argument indices of the keys of one call (`args[0]` is the command name).
 ///
@@ -1103,39 +1123,95 @@ pub fn classify(args: Args<'_>) -> Classified {
 /// What Redis answers to a cacheable read of a key that does not exist; what a degraded
 /// read that misses the cache answers unless a pattern configures otherwise. `None` for
 /// commands that are not cacheable reads.
+///
+/// Every cached read carries its answer with it (`effect::DegradedRead`), so it is looked
+/// up by id: matching the name against each command's in turn cost more than the rest of
+/// planning the read's fill.
 pub fn absent_reply(id: usize, args: Args<'_>) -> Option<crate::resp::reply::Absent> {
     use crate::resp::reply::Absent;
-    let name = TABLE.get(id)?.name;
-    let after_key = args.len().saturating_sub(2);
-    let with = |opt: &[u8]| args.iter().skip(2).any(|a| a.eq_ignore_ascii_case(opt));
-    Some(match name {
-        "get" | "hget" | "lindex" | "zscore" | "geodist" => Absent::Nil,
-        "zrank" | "zrevrank" if with(b"WITHSCORE") => Absent::NullArray,
-        "zrank" | "zrevrank" => Absent::Nil,
-        "lpos" if with(b"COUNT") => Absent::EmptyArray,
-        "lpos" => Absent::Nil,
-        "bitpos" => match args.get(2) {
-            Some(b"1") => Absent::Integer(-1),
-            _ => Absent::Integer(0),
-        },
-        "bitcount" | "exists" | "getbit" | "hexists" | "hlen" | "hstrlen" | "llen" | "pfcount"
-        | "scard" | "sismember" | "strlen" | "xlen" | "zcard" | "zcount" | "zlexcount" => {
-            Absent::Integer(0)
+    match ABSENT_BY_ID.get(id)? {
+        AbsentRule::None => None,
+        AbsentRule::Fixed(absent) => Some(*absent),
+        AbsentRule::FromArgs => {
+            let after_key = args.len().saturating_sub(2);
+            let with = |opt: &[u8]| args.iter().skip(2).any(|a| a.eq_ignore_ascii_case(opt));
+            Some(match TABLE[id].name {
+                "zrank" | "zrevrank" if with(b"WITHSCORE") => Absent::NullArray,
+                "zrank" | "zrevrank" => Absent::Nil,
+                "lpos" if with(b"COUNT") => Absent::EmptyArray,
+                "lpos" => Absent::Nil,
+                "bitpos" => match args.get(2) {
+                    Some(b"1") => Absent::Integer(-1),
+                    _ => Absent::Integer(0),
+                },
+                "hmget" | "zmscore" | "geohash" => Absent::Nils(after_key),
+                "geopos" => Absent::NullArrays(after_key),
+                "smismember" => Absent::Zeros(after_key),
+                _ => return None,
+            })
         }
-        "getrange" | "substr" => Absent::EmptyBulk,
-        "type" => Absent::Status("none"),
-        "hgetall" => Absent::EmptyMap,
-        "smembers" => Absent::EmptySet,
-        "hkeys" | "hvals" | "lrange" | "xrange" | "xrevrange" | "zrange" | "zrangebylex"
-        | "zrangebyscore" | "zrevrange" | "zrevrangebylex" | "zrevrangebyscore" => {
-            Absent::EmptyArray
-        }
-        "hmget" | "zmscore" | "geohash" => Absent::Nils(after_key),
-        "geopos" => Absent::NullArrays(after_key),
-        "smismember" => Absent::Zeros(after_key),
-        _ => return None,
-    })
+    }
 }
+
+/// How [`absent_reply`] finds a command's answer.
+#[derive(Clone, Copy)]
+enum AbsentRule {
+    /// Not a cacheable read.
+    None,
+    Fixed(crate::resp::reply::Absent),
+    /// Depends on the arguments: [`absent_reply`] names each such command.
+    FromArgs,
+}
+
+/// The commands whose absent reply is always the same.
+#[rustfmt::skip]
+const ABSENT_FIXED: &[(&str, crate::resp::reply::Absent)] = {
+    use crate::resp::reply::Absent::{EmptyArray, EmptyBulk, EmptyMap, EmptySet, Integer, Nil, Status};
+    &[
+        ("get", Nil), ("hget", Nil), ("lindex", Nil), ("zscore", Nil), ("geodist", Nil),
+        ("bitcount", Integer(0)), ("exists", Integer(0)), ("getbit", Integer(0)),
+        ("hexists", Integer(0)), ("hlen", Integer(0)), ("hstrlen", Integer(0)),
+        ("llen", Integer(0)), ("pfcount", Integer(0)), ("scard", Integer(0)),
+        ("sismember", Integer(0)), ("strlen", Integer(0)), ("xlen", Integer(0)),
+        ("zcard", Integer(0)), ("zcount", Integer(0)), ("zlexcount", Integer(0)),
+        ("getrange", EmptyBulk), ("substr", EmptyBulk),
+        ("type", Status("none")),
+        ("hgetall", EmptyMap),
+        ("smembers", EmptySet),
+        ("hkeys", EmptyArray), ("hvals", EmptyArray), ("lrange", EmptyArray),
+        ("xrange", EmptyArray), ("xrevrange", EmptyArray), ("zrange", EmptyArray),
+        ("zrangebylex", EmptyArray), ("zrangebyscore", EmptyArray), ("zrevrange", EmptyArray),
+        ("zrevrangebylex", EmptyArray), ("zrevrangebyscore", EmptyArray),
+    ]
+};
+
+/// The commands whose absent reply depends on their arguments (see [`absent_reply`]).
+const ABSENT_FROM_ARGS: &[&str] = &[
+    "zrank",
+    "zrevrank",
+    "lpos",
+    "bitpos",
+    "hmget",
+    "zmscore",
+    "geohash",
+    "geopos",
+    "smismember",
+];
+
+static ABSENT_BY_ID: [AbsentRule; TABLE.len()] = {
+    let mut by_id = [AbsentRule::None; TABLE.len()];
+    let mut i = 0;
+    while i < ABSENT_FIXED.len() {
+        by_id[id_of(ABSENT_FIXED[i].0)] = AbsentRule::Fixed(ABSENT_FIXED[i].1);
+        i += 1;
+    }
+    let mut i = 0;
+    while i < ABSENT_FROM_ARGS.len() {
+        by_id[id_of(ABSENT_FROM_ARGS[i])] = AbsentRule::FromArgs;
+        i += 1;
+    }
+    by_id
+};
 
 // ---------------------------------------------------------------------------------------
 // The table
@@ -1599,7 +1675,7 @@ mod tests {
     fn keys_of(line: &str) -> Vec<usize> {
         let req = argv(line);
         let spec = lookup(req.name()).unwrap_or_else(|| panic!("unknown command in {line:?}"));
-        key_indices(spec, req.args()).to_vec()
+        key_indices(spec, req.args()).iter().collect()
     }
 
     #[test]
@@ -1990,7 +2066,10 @@ mod tests {
             k.push(i);
         }
         assert_eq!(k.len(), INLINE_KEYS + 3);
-        assert_eq!(k.to_vec(), (1..=INLINE_KEYS + 3).collect::<Vec<_>>());
+        assert_eq!(
+            k.iter().collect::<Vec<_>>(),
+            (1..=INLINE_KEYS + 3).collect::<Vec<_>>()
+        );
         assert_eq!(k.iter().count(), INLINE_KEYS + 3);
     }
 
