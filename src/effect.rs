@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::auth::IdentityId;
-use crate::cache::{CacheKey, FillTicket, LeaderGuard};
+use crate::cache::{CacheKey, FillTicket, FreshClock, LeaderGuard};
 use crate::command::{Classified, absent_reply};
 use crate::degrade::ClientView;
 use crate::error::Reply;
@@ -29,11 +29,59 @@ pub type Leader = LeaderGuard<Reply>;
 pub enum FillPlan {
     Single {
         key: CacheKey,
-        redis_key: Bytes,
+        redis_key: KeyName,
         ticket: FillTicket,
     },
     /// MGET: one GET entry per key, in argument order.
     Mget { parts: MgetParts },
+}
+
+/// A read's Redis key, carried with it until its reply for the degraded answer's
+/// per-key policy: a copy when short (most keys are), else a handle on the request's frame.
+/// A handle raises the frame's shared count and lowers it again when the reply is done:
+/// two atomic operations on a line another core may hold, which showed in profiles of
+/// every cached read; a copy of a short key is two 16-byte moves.
+#[derive(Clone)]
+pub enum KeyName {
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    Shared(Bytes),
+}
+
+/// The longest key [`KeyName`] copies: the inline form is then no larger than a handle.
+const INLINE_KEY: usize = 30;
+
+impl KeyName {
+    /// Argument `i` of `req`.
+    pub fn of(req: &Request, i: usize) -> KeyName {
+        let name = req.args().arg(i);
+        if name.len() <= INLINE_KEY {
+            let mut bytes = [0; INLINE_KEY];
+            bytes[..name.len()].copy_from_slice(name);
+            KeyName::Inline {
+                len: name.len() as u8,
+                bytes,
+            }
+        } else {
+            KeyName::Shared(req.arg_bytes(i))
+        }
+    }
+}
+
+impl std::ops::Deref for KeyName {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            KeyName::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            KeyName::Shared(b) => b,
+        }
+    }
+}
+
+impl std::fmt::Debug for KeyName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", bytes::Bytes::copy_from_slice(self))
+    }
 }
 
 /// The keys of an MGET's fill plan: each key's cache key and ticket, and where its name lies
@@ -85,6 +133,7 @@ impl MgetParts {
 impl FillPlan {
     /// The single-flight identity of a single-key read: identical reads share a flight
     /// (the same command, db, protocol and identity, and no write to the key since).
+    #[inline]
     pub fn flight_hash(&self) -> Option<u64> {
         match self {
             FillPlan::Single { key, ticket, .. } => Some(key.flight_hash(ticket)),
@@ -182,7 +231,7 @@ pub trait EffectSink: Send + Sync {
     /// they arrived, and empties `fills`. The connection calls it before applying any
     /// effect of a reply that arrived after them (a write's invalidation must not overtake
     /// the fill of a read Redis ran before it), and once it has handled what it read.
-    fn apply_fills(&self, fills: &mut Vec<DeferredFill>, via: Option<ConnId>);
+    fn apply_fills(&self, fills: &mut Fills, via: Option<ConnId>);
 
     /// Starts loading the memory that applying `effect` will touch: the connection calls it
     /// a few replies ahead of the one it completes.
@@ -190,15 +239,27 @@ pub trait EffectSink: Send + Sync {
 
     /// What [`ReplyEffect::defer`] does; a sink may also find that the fill has nothing
     /// to do (the cache holds this very reply, just stored) and finish it at once.
+    /// `now`: when the replies read together arrived, the same for all of them.
     fn defer(
         &self,
         effect: ReplyEffect,
         reply: &Reply,
-        fills: &mut Vec<DeferredFill>,
+        fills: &mut Fills,
         _now: Instant,
     ) -> Option<ReplyEffect> {
-        effect.defer(reply, fills, 0, None)
+        effect.defer(reply, &mut fills.deferred, 0, None)
     }
+}
+
+/// What the replies read together leave the cache to do, applied together by
+/// [`EffectSink::apply_fills`]: their fills, and the count of the fills found to store
+/// nothing new, counted once for all of them (a counter's atomic add per read showed in
+/// profiles), with the clock they were found fresh by, worked out once for all of them.
+#[derive(Default)]
+pub struct Fills {
+    pub deferred: Vec<DeferredFill>,
+    pub skipped: u64,
+    pub clock: Option<FreshClock>,
 }
 
 /// A successful read's fill, taken out of its [`ReplyEffect`] so that the reply can go on

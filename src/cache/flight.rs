@@ -101,12 +101,6 @@ impl<V: Clone + 'static> SingleFlight<V> {
         self.join_hashed(self.flights.hasher.hash_one(key))
     }
 
-    /// Starts loading what [`SingleFlight::join_hashed`] of `hash` will touch, so that a
-    /// run of joins does not stall on each in turn.
-    pub fn prefetch(&self, hash: u64) {
-        super::prefetch_line(&self.flights.stripes[place(hash).0]);
-    }
-
     /// Joins the flight of the key hashing to `hash`: keys are known by their hash alone,
     /// so no key is copied or compared on the path of every read. Two keys in flight at
     /// once with the same 64-bit hash would share a flight: `hash` must make that a 2^-62
@@ -220,18 +214,24 @@ impl<V: 'static> LeaderGuard<V> {
         }
     }
 
-    fn take_followers(&mut self) -> Vec<oneshot::Sender<V>> {
+    /// Ends the flight; whether followers may wait for it in the map. A leader nobody
+    /// followed (nearly every one) touches nothing else: no map, no list of followers to
+    /// go through and drop.
+    fn end(&mut self) -> bool {
         if std::mem::replace(&mut self.done, true) {
-            return Vec::new();
+            return false;
         }
-        if self.stripe != NOT_HELD {
-            // Cleared before the map is looked at (see `SingleFlight`): a join from now on
-            // starts a flight of its own.
-            let seen = self.flights.stripes[self.stripe as usize].swap(0, Ordering::AcqRel);
-            if seen & FOLLOWED == 0 {
-                return Vec::new();
-            }
+        if self.stripe == NOT_HELD {
+            return true;
         }
+        // Cleared before the map is looked at (see `SingleFlight`): a join from now on
+        // starts a flight of its own.
+        let seen = self.flights.stripes[self.stripe as usize].swap(0, Ordering::AcqRel);
+        seen & FOLLOWED != 0
+    }
+
+    /// The followers of a flight that [`end`](Self::end) found may have some.
+    fn take_followers(&self) -> Vec<oneshot::Sender<V>> {
         // Removed before answering, so that a join from now on leads anew instead of
         // following a flight that is over.
         self.flights.lock().remove(&self.hash).unwrap_or_default()
@@ -242,8 +242,10 @@ impl<V: 'static> LeaderGuard<V> {
     where
         V: Clone,
     {
-        for f in self.take_followers() {
-            let _ = f.send(value.clone());
+        if self.end() {
+            for f in self.take_followers() {
+                let _ = f.send(value.clone());
+            }
         }
     }
 }
@@ -251,7 +253,9 @@ impl<V: 'static> LeaderGuard<V> {
 impl<V: 'static> Drop for LeaderGuard<V> {
     fn drop(&mut self) {
         // Dropping the senders is how followers learn of `None`.
-        drop(self.take_followers());
+        if self.end() {
+            drop(self.take_followers());
+        }
     }
 }
 

@@ -242,6 +242,7 @@ impl CacheKey {
 
     /// The hash single-flight files a read of this key under `ticket` by: the digest is
     /// keyed with a random seed, so it needs mixing with the rest, not hashing again.
+    #[inline]
     pub fn flight_hash(&self, ticket: &FillTicket) -> u64 {
         // Each step is a bijection of the word before it: for one key, two tickets only
         // share a hash by a 2^-64 coincidence, never by nearby counter values.

@@ -10,9 +10,9 @@ use tokio::time::Instant;
 
 use super::Degrade;
 use crate::auth::IdentityId;
-use crate::cache::{CacheKey, Fill, Seen, Ttl};
+use crate::cache::{CacheKey, Fill, FreshClock, Seen, Ttl};
 use crate::command::{Classified, ids};
-use crate::effect::{ConnId, DeferredFill, EffectSink, FillPlan, ReplyEffect, Written};
+use crate::effect::{ConnId, DeferredFill, EffectSink, FillPlan, Fills, ReplyEffect, Written};
 use crate::error::{Reply, UpstreamError};
 use crate::resp::scan::element_ranges;
 use crate::resp::{Args, Proto, Request, is_error_reply, parse_int, reply};
@@ -72,9 +72,14 @@ impl EffectSink for Degrade {
         }
     }
 
-    fn apply_fills(&self, fills: &mut Vec<DeferredFill>, via: Option<ConnId>) {
-        if !fills.is_empty() {
-            self.fill_together(fills, via);
+    fn apply_fills(&self, fills: &mut Fills, via: Option<ConnId>) {
+        if fills.skipped > 0 {
+            self.cache
+                .count_skipped_fills(std::mem::take(&mut fills.skipped));
+        }
+        fills.clock = None;
+        if !fills.deferred.is_empty() {
+            self.fill_together(&mut fills.deferred, via);
         }
     }
 
@@ -91,17 +96,19 @@ impl EffectSink for Degrade {
         &self,
         effect: ReplyEffect,
         reply: &Reply,
-        fills: &mut Vec<DeferredFill>,
+        fills: &mut Fills,
         now: Instant,
     ) -> Option<ReplyEffect> {
         let mut fresh = Fresh::default();
         if let (ReplyEffect::Fill { plan, .. }, Ok(r)) = (&effect, reply)
             && !is_error_reply(r)
         {
-            fresh = self.fresh_fills(plan, r, now);
-            if fresh.count > 0 {
-                self.cache.count_skipped_fills(fresh.count);
-            }
+            let clock = *fills.clock.get_or_insert_with(|| {
+                self.cache
+                    .fresh_clock(now, self.policy.get().refill_after())
+            });
+            fresh = self.fresh_fills(plan, r, clock);
+            fills.skipped += fresh.count;
             if fresh.all {
                 if let ReplyEffect::Fill {
                     leader: Some(leader),
@@ -113,7 +120,7 @@ impl EffectSink for Degrade {
                 return None;
             }
         }
-        effect.defer(reply, fills, fresh.parts, fresh.elements)
+        effect.defer(reply, &mut fills.deferred, fresh.parts, fresh.elements)
     }
 }
 
@@ -148,9 +155,7 @@ impl Degrade {
     /// stored under the same key less than the policy's `refill_after` ago
     /// ([`crate::cache::Cache::unchanged`]). An MGET whose keys were read a moment ago
     /// but for one stores that one alone.
-    fn fresh_fills(&self, plan: &FillPlan, reply: &Bytes, now: Instant) -> Fresh {
-        let policy = self.policy.get();
-        let clock = self.cache.fresh_clock(now, policy.refill_after());
+    fn fresh_fills(&self, plan: &FillPlan, reply: &Bytes, clock: FreshClock) -> Fresh {
         match plan {
             FillPlan::Single { key, .. } => {
                 let all = self.cache.unchanged(key, reply, clock);
@@ -166,7 +171,7 @@ impl Degrade {
                 let Some(ranges) = element_ranges(reply).filter(|r| r.len() == parts.len()) else {
                     return Fresh::default();
                 };
-                let nil_ok = policy.cache_nil();
+                let nil_ok = self.policy.cache_nil();
                 let mut fresh = Fresh {
                     all: true,
                     ..Fresh::default()

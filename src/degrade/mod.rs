@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use crate::auth::{Credentials, Identities, IdentityId};
 use crate::cache::{Cache, CacheKey, CacheResult, Lookup};
 use crate::command::{Cacheable, Classified, absent_reply, ids, name_of};
-use crate::effect::{ConnId, FillPlan, MgetParts, Written};
+use crate::effect::{ConnId, FillPlan, KeyName, MgetParts, Written};
 use crate::error::{Error, UpstreamError, error_reply};
 use crate::resp::reply::Absent;
 use crate::resp::scan::join_array;
@@ -182,7 +182,7 @@ impl Degrade {
         match cls.cacheable {
             Cacheable::No => None,
             Cacheable::SingleKeyRead => {
-                let redis_key = req.arg_bytes(*cls.keys.first()?);
+                let redis_key = KeyName::of(req, cls.keys.first()?);
                 if !allowed(&redis_key) {
                     self.cache.count(CacheResult::Bypass);
                     return None;

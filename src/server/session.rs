@@ -25,7 +25,7 @@ use super::writer::{Slot, SlotKind, Slots};
 use crate::burst;
 use crate::command::{Classified, UNKNOWN, classify};
 use crate::degrade::{ClientView, Origin};
-use crate::effect::{FillPlan, OutputBudget};
+use crate::effect::OutputBudget;
 use crate::error::{Error, UpstreamError, error_reply};
 use crate::resp::request::{Framer, Peer};
 use crate::resp::{Request, reply};
@@ -59,13 +59,10 @@ pub(super) struct Session {
     /// When the bytes being parsed arrived: what the client-side latency counts from, and
     /// the time the breaker admits their requests at.
     pub(super) received: Instant,
-    /// A run of reads parsed ahead of their dispatch, with their cache fill plans; room
-    /// for [`KEPT_AHEAD`] of them is kept between runs, so that a client sending one read
-    /// at a time does not allocate it for each.
-    ahead: Vec<(Request, Classified, Option<FillPlan>)>,
-    /// The fill plan made ahead for the request being dispatched, if any: the shared path
-    /// takes it instead of planning again.
-    pub(super) prepared: Option<FillPlan>,
+    /// A run of reads parsed ahead of their dispatch while they are answered from the
+    /// cache; room for [`KEPT_AHEAD`] of them is kept between runs, so that a client
+    /// sending one read at a time does not allocate it for each.
+    ahead: Vec<(Request, Classified)>,
 }
 
 /// Reads of a run whose room a session keeps between runs (about 4.5 KiB).
@@ -120,7 +117,6 @@ pub async fn run(
         outbox: Outbox::default(),
         received: Instant::now(),
         ahead: Vec::new(),
-        prepared: None,
     };
     let end = session.read_loop(&mut rd, &mut shutdown).await;
     if end == End::ClientGone {
@@ -222,28 +218,30 @@ impl Session {
                     return end;
                 }
                 let cls = classify(req.args());
-                if !(cls.read && self.server.degrade.cache.enabled()) {
+                if !(cls.read && self.answering_from_cache()) {
                     if let Some(end) = self.dispatch_one(req, cls).await {
                         return end;
                     }
                     continue;
                 }
-                // A read that uses the cache stalls on memory: on its cache entry when
-                // answered from the cache (every breaker refuses), else on its
-                // single-flight. The run of reads that follows is parsed first and what
-                // each will touch is requested for all of them before the first waits on
-                // it. The run ends after its first command that is not a read: reads
-                // change nothing the parsing depends on (authentication), so every frame
-                // is parsed as before.
+                // A read answered from the cache (every breaker refuses) stalls on memory,
+                // on its cache entry. The run of reads that follows is parsed first and
+                // their entries are requested together before the first waits on its own.
+                // The run ends after its first command that is not a read: reads change
+                // nothing the parsing depends on (authentication), so every frame is parsed
+                // as before. While Redis answers, reads are not run ahead: planning a run's
+                // fills ahead to prefetch their single-flight stripes (a table the CPU's
+                // cache holds anyway) cost more in moving each read and its plan around
+                // than the stalls it saved.
                 let mut run = std::mem::take(&mut self.ahead);
-                run.push((req, cls, None));
+                run.push((req, cls));
                 let mut error = None;
                 while run.len() < super::outbox::MAX_SLOTS {
                     match framer.next(&mut buf, &limits, peer) {
                         Ok(Some(req)) => {
                             let cls = classify(req.args());
                             let read = cls.read;
-                            run.push((req, cls, None));
+                            run.push((req, cls));
                             if !read {
                                 break;
                             }
@@ -256,31 +254,18 @@ impl Session {
                     }
                 }
                 let view = self.view();
-                let degrade = &self.server.degrade;
-                if self.answering_from_cache() {
-                    degrade.prefetch_answers(view, run.iter().map(|(r, c, _)| (r, c)));
-                } else {
-                    for (req, cls, plan) in run.iter_mut().filter(|(_, c, _)| c.read) {
-                        *plan = degrade.plan_fill(view, req, cls);
-                        if let Some(hash) = plan.as_ref().and_then(|p| p.flight_hash()) {
-                            self.server.flights.prefetch(hash);
-                        }
-                    }
-                }
-                for (i, (req, cls, mut plan)) in run.drain(..).enumerate() {
+                self.server
+                    .degrade
+                    .prefetch_answers(view, run.iter().map(|(r, c)| (r, c)));
+                for (i, (req, cls)) in run.drain(..).enumerate() {
                     // Checked for the first before it was classified.
-                    if i > 0 && self.output.owes_enough() {
-                        if let Some(end) = self.wait_for_answers(shutdown).await {
-                            return end;
-                        }
-                        // Replies that arrived meanwhile may have invalidated its keys: a
-                        // ticket taken now lets it fill what it reads.
-                        plan = None;
+                    if i > 0
+                        && self.output.owes_enough()
+                        && let Some(end) = self.wait_for_answers(shutdown).await
+                    {
+                        return end;
                     }
-                    self.prepared = plan;
-                    let end = self.dispatch_one(req, cls).await;
-                    self.prepared = None;
-                    if let Some(end) = end {
+                    if let Some(end) = self.dispatch_one(req, cls).await {
                         return end;
                     }
                 }

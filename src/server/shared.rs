@@ -5,8 +5,7 @@
 use crate::breaker::State;
 use crate::cache::Flight;
 use crate::command::Classified;
-use crate::degrade::ClientView;
-use crate::effect::{DegradedRead, FillPlan, ReplyEffect};
+use crate::effect::{DegradedRead, ReplyEffect};
 use crate::error::UpstreamError;
 use crate::resp::Request;
 use crate::upstream::Call;
@@ -20,9 +19,6 @@ impl Session {
     /// holds one it cannot release yet, else shared.
     pub(super) async fn forward(&mut self, req: Request, cls: Classified) -> Flow {
         if self.links.pinned.is_some() {
-            // Planned before the dedicated connection's last replies (an EXEC's
-            // invalidation) arrived: planned again once they have, so that it may fill.
-            self.prepared = None;
             self.flush().await;
             if !self.state.releasable(self.links.blocked()) {
                 return self
@@ -41,7 +37,7 @@ impl Session {
         let mut leader = None;
         if cls.read
             && !unplanned
-            && let Some(p) = self.take_plan(view, &req, &cls)
+            && let Some(p) = self.server.degrade.plan_fill(view, &req, &cls)
         {
             // While this client has writes in flight, a read in flight of another client
             // may have run before them: it must send its own.
@@ -100,7 +96,7 @@ impl Session {
             return self.degraded(&req, &cls).await;
         };
         if unplanned {
-            plan = self.take_plan(view, &req, &cls);
+            plan = self.server.degrade.plan_fill(view, &req, &cls);
         }
         let Some(inflight) = self.set.list[index].admit() else {
             // Shed load here rather than pile onto a struggling Redis; not the server's fault.
@@ -167,12 +163,5 @@ impl Session {
         })
         .await;
         Flow::Continue
-    }
-
-    /// The read's fill plan: the one made when its run was parsed, else made now.
-    fn take_plan(&mut self, view: ClientView, req: &Request, cls: &Classified) -> Option<FillPlan> {
-        self.prepared
-            .take()
-            .or_else(|| self.server.degrade.plan_fill(view, req, cls))
     }
 }

@@ -39,7 +39,7 @@ use super::tls::UpstreamStream;
 use super::{Inflight, UpstreamCtx};
 use crate::breaker::{CallGuard, FailureKind, Outcome, ReplyClass, classify_error_reply};
 use crate::burst;
-use crate::effect::{ConnId, DeferredFill, Mark, Owed, ReplyEffect};
+use crate::effect::{ConnId, Fills, Mark, Owed, ReplyEffect};
 use crate::error::{ConnectFailure, Reply, UpstreamError};
 use crate::resp::{ErrorCode, ReplyScanner};
 
@@ -684,7 +684,7 @@ impl Drop for SlowMark<'_> {
 /// fills (see `ReplyEffect::defer`), their breaker outcomes and their latencies, each
 /// group applied in one step (one cache lock, one breaker lock, one histogram update).
 struct Settle {
-    fills: Vec<DeferredFill>,
+    fills: Fills,
     outcomes: Vec<(CallGuard, Outcome)>,
     latency: prometheus::local::LocalHistogram,
 }
@@ -692,7 +692,7 @@ struct Settle {
 impl Settle {
     fn new(ctx: &UpstreamCtx) -> Settle {
         Settle {
-            fills: Vec::new(),
+            fills: Fills::default(),
             outcomes: Vec::new(),
             latency: ctx.metrics.latency.local(),
         }
