@@ -115,7 +115,7 @@ const TICKET_STRIPES: usize = 1024;
 /// took five times as long, more than anything else a cached read adds. A name of up to 8
 /// bytes with one argument (`GET k`, `HGETALL k`: most reads) skips the buffer: the argument
 /// is hashed in place with the name folded into the seed ([`name_seed`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheKey {
     pub db: u32,
     /// Whose read filled it; only that identity is served it.
@@ -123,6 +123,16 @@ pub struct CacheKey {
     /// The framing of the stored reply.
     pub proto: Proto,
     digest: [u64; 2],
+}
+
+/// One word for the table's hasher: the digest is keyed with a random per-process seed, so
+/// half of it, mixed with the rest of the key, is as good a hash as all of it, and the
+/// tables (the reply slots, looked up by every fill and refresh) hash one word instead of
+/// five fields. Equality still compares every field.
+impl std::hash::Hash for CacheKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.digest[0] ^ self.context_word());
+    }
 }
 
 /// Starts loading the cache line of `at` into the CPU's cache: a hint, it changes nothing.
@@ -160,6 +170,12 @@ fn name_seed(name: &[u8]) -> u64 {
     (h.rotate_left(31) ^ name.len() as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)
 }
 
+/// The digest of a command of a short `name` (at most 8 bytes) and one argument: the
+/// argument hashed where it lies, with the name in the seed (see [`name_seed`]).
+fn short_digest(name: &[u8], arg: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128_with_seed(arg, name_seed(name))
+}
+
 /// A stored reply's hash: an unchanged reply is recognised by it (and its length).
 fn reply_hash(reply: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(reply, digest_seed())
@@ -179,7 +195,11 @@ impl CacheKey {
 
     /// The key of a request (see [`CacheKey::new`]).
     pub fn of(db: u32, identity: IdentityId, proto: Proto, args: Args<'_>) -> CacheKey {
-        CacheKey::digest(db, identity, proto, args.iter())
+        let digest = match args.first() {
+            Some(name) if args.len() == 2 && name.len() <= 8 => short_digest(name, args.arg(1)),
+            _ => CacheKey::digest_laid_out(args.iter()),
+        };
+        CacheKey::with_digest(db, identity, proto, digest)
     }
 
     fn digest<'a>(
@@ -190,11 +210,13 @@ impl CacheKey {
     ) -> CacheKey {
         let mut pieces = args.clone();
         let digest = match (pieces.next(), pieces.next(), pieces.next()) {
-            (Some(name), Some(key), None) if name.len() <= 8 => {
-                xxhash_rust::xxh3::xxh3_128_with_seed(key, name_seed(name))
-            }
+            (Some(name), Some(key), None) if name.len() <= 8 => short_digest(name, key),
             _ => CacheKey::digest_laid_out(args),
         };
+        CacheKey::with_digest(db, identity, proto, digest)
+    }
+
+    fn with_digest(db: u32, identity: IdentityId, proto: Proto, digest: u128) -> CacheKey {
         CacheKey {
             db,
             identity,
@@ -237,7 +259,7 @@ impl CacheKey {
     /// Caveat for the caller: MGET answers nil for a key holding a non-string, where GET
     /// answers WRONGTYPE; storing that nil as a GET entry is a deliberate approximation.
     pub fn get(db: u32, identity: IdentityId, proto: Proto, key: &[u8]) -> CacheKey {
-        CacheKey::new(db, identity, proto, &[b"GET".as_slice(), key])
+        CacheKey::with_digest(db, identity, proto, short_digest(b"GET", key))
     }
 
     /// The hash single-flight files a read of this key under `ticket` by: the digest is

@@ -37,6 +37,21 @@ impl ReplyScanner {
             if self.pos >= buf.len() {
                 return Ok(None);
             }
+            // Most frames are bulk strings (`GET`'s, each element of `MGET`'s): their length
+            // is read where it lies, without a search for the line's end first.
+            if buf[self.pos] == b'$'
+                && let Some((len, after)) = digits_crlf(buf, self.pos + 1)
+            {
+                let end = after.saturating_add(len).saturating_add(2);
+                if end > buf.len() {
+                    return Ok(None);
+                }
+                self.pos = end;
+                if self.element_done() {
+                    return Ok(Some(self.finish()));
+                }
+                continue;
+            }
             let Some(cr) = find_crlf(buf, self.pos + 1) else {
                 return Ok(None);
             };
@@ -122,6 +137,25 @@ impl ReplyScanner {
     }
 }
 
+/// A non-negative length header at `at`: 1 to 18 digits and CRLF, read where it lies.
+/// `None` for anything else (a negative length, a header not all here yet, a malformed
+/// one), which the caller reads the general way.
+fn digits_crlf(buf: &[u8], at: usize) -> Option<(usize, usize)> {
+    let mut n: u64 = 0;
+    let mut i = at;
+    while let Some(&d) = buf.get(i) {
+        if !d.is_ascii_digit() || i - at == 18 {
+            break;
+        }
+        n = n * 10 + u64::from(d - b'0');
+        i += 1;
+    }
+    if i == at || buf.get(i..i + 2) != Some(b"\r\n") {
+        return None;
+    }
+    Some((usize::try_from(n).ok()?, i + 2))
+}
+
 /// Splits an aggregate frame (array, set, map or push) into its elements' raw frames, as
 /// zero-copy slices of `frame`; a map's keys and values alternate. `None` for anything else,
 /// including a truncated frame or one with bytes after its end.
@@ -152,7 +186,17 @@ pub fn element_ranges(frame: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
     let mut out = Vec::with_capacity(n.min(frame.len() / 3));
     let mut pos = cr + 2;
     for _ in 0..n {
-        let len = ReplyScanner::new().scan(&frame[pos..], usize::MAX).ok()??;
+        let rest = &frame[pos..];
+        let len = match rest.first() {
+            // A bulk string (MGET's elements): its header says where it ends.
+            Some(b'$') if let Some((len, after)) = digits_crlf(rest, 1) => {
+                after.checked_add(len)?.checked_add(2)?
+            }
+            _ => ReplyScanner::new().scan(rest, usize::MAX).ok()??,
+        };
+        if len > rest.len() {
+            return None;
+        }
         out.push(pos..pos + len);
         pos += len;
     }
@@ -217,6 +261,9 @@ mod tests {
             b":12\r\n",
             b"$-1\r\n",
             b"$5\r\nab\r\nc\r\n",
+            b"$007\r\nabcdefg\r\n",
+            b"$12\r\nhello\r\nworld\r\n",
+            b"$0\r\n\r\n",
             b"*-1\r\n",
             b"*0\r\n",
             b"*2\r\n$1\r\na\r\n*1\r\n:1\r\n",
@@ -258,5 +305,34 @@ mod tests {
         let deep = b"*1\r\n".repeat(20);
         assert!(ReplyScanner::new().scan(&deep, 16).is_err());
         assert!(ReplyScanner::new().scan(b"?what\r\n", 16).is_err());
+        // A bulk length that is not all digits is an error, not a frame of some length.
+        assert!(ReplyScanner::new().scan(b"$1x\r\na\r\n", 16).is_err());
+        assert!(ReplyScanner::new().scan(b"$\r\n\r\n", 16).is_err());
+        // A length too long for the fast read is read the general way.
+        assert_eq!(
+            ReplyScanner::new()
+                .scan(b"$0000000000000000003\r\nabc\r\n", 16)
+                .unwrap(),
+            Some(27)
+        );
+    }
+
+    #[test]
+    fn element_ranges_of_bulk_strings_read_their_headers() {
+        let f = b"*4\r\n$3\r\nabc\r\n$-1\r\n$12\r\nhello\r\nworld\r\n$0\r\n\r\n";
+        let ranges = element_ranges(f).unwrap();
+        let parts: Vec<&[u8]> = ranges.iter().map(|r| &f[r.clone()]).collect();
+        assert_eq!(
+            parts,
+            [
+                b"$3\r\nabc\r\n".as_slice(),
+                b"$-1\r\n",
+                b"$12\r\nhello\r\nworld\r\n",
+                b"$0\r\n\r\n"
+            ]
+        );
+        // A bulk string whose header promises more than the frame holds.
+        assert!(element_ranges(b"*1\r\n$9\r\nabc\r\n").is_none());
+        assert!(element_ranges(b"*2\r\n$3\r\nabc\r\n").is_none());
     }
 }
