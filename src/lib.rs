@@ -33,7 +33,8 @@
 //!                       failed cacheable read is answered from the cache right there);
 //!                       a fill of the reply the cache stored under the same key a
 //!                       moment ago is skipped (cache::refreshed), and a full cache takes
-//!                       a key it does not hold in on its second fill (cache::admission);
+//!                       in a key it does not hold only if it is read more often than the
+//!                       entry it would push out (cache::admission, cache::frequency);
 //!                       what completing a reply touches is prefetched a few replies
 //!                       ahead;
 //!                       the fills and breaker outcomes of the replies read together are

@@ -45,7 +45,8 @@
 //!   [`Cache::ticket`] taken before the read is sent and [`Cache::insert_all`] refuse
 //!   such fills. Tickets are striped by a hash of the key, so the bookkeeping stays
 //!   bounded at the price of an occasional needless refusal.
-//! * **A full cache takes a new key in on its second fill** (see `admission`): with more
+//! * **A full cache takes a new key in only if it is read more often** than the entry it
+//!   would push out, and never on its first fill (TinyLFU, see `admission`): with more
 //!   read than fits, storing every reply turned the cache over as fast as reads came,
 //!   each fill an allocation, a copy and an eviction, without holding more of what is read.
 //! * **MGET is cached per key,** as `GET` entries ([`CacheKey::get`]), so that any later
@@ -56,6 +57,7 @@
 mod admission;
 mod bits;
 pub mod flight;
+mod frequency;
 mod recent;
 mod records;
 mod refreshed;
@@ -761,6 +763,11 @@ impl Cache {
         // Superseded replies are kept beside the byte bound, at a sixteenth of it.
         let superseded = Superseded::new(config.max_bytes / 16);
         let refreshed = Arc::new(Refreshed::new(Instant::now()));
+        // Most entries it may hold: the entry count, or the bytes in entries of a short key
+        // and reply (`ENTRY_OVERHEAD` and a little more).
+        let capacity = config
+            .max_entries
+            .min(config.max_bytes / (ENTRY_OVERHEAD + 64));
         Cache {
             config,
             state: Mutex::new(State {
@@ -771,7 +778,7 @@ impl Cache {
                 expiring_records: false,
                 bytes: 0,
                 lost: LostMarks::new(Instant::now()),
-                admission: Admission::new(),
+                admission: Admission::new(capacity),
                 invalidations: Invalidations::default(),
                 superseded,
                 refreshed: refreshed.clone(),
@@ -1118,6 +1125,7 @@ impl Cache {
             tally.bypasses += 1;
             return false;
         }
+        st.admission.count(&key);
         // A key re-read with an unchanged value (the common case) only refreshes its age
         // and use: no copy, no allocation, no index work, and the stored reply not touched.
         // Hashed when first needed: a declined fill needs no hash (a 1 KB reply's took
@@ -1142,7 +1150,7 @@ impl Cache {
         }
         // Only a key the cache does not hold is declined (see `admission`): a held key's
         // new reply must replace the old one.
-        if !held && self.full_for(st, charge) && !st.admission.admit(&key, st.replies()) {
+        if !held && self.full_for(st, charge) && !self.admits(st, &key) {
             tally.declined += 1;
             return false;
         }
@@ -1226,6 +1234,13 @@ impl Cache {
     }
 
     /// Whether storing a new entry of `charge` bytes would evict others.
+    /// Whether a full cache takes in `key`, which it does not hold (see `admission`).
+    fn admits(&self, st: &mut State, key: &CacheKey) -> bool {
+        let victim = st.lru.victim();
+        let held = st.replies();
+        st.admission.admit(key, held, victim.as_ref())
+    }
+
     fn full_for(&self, st: &State, charge: usize) -> bool {
         st.bytes + charge > self.config.max_bytes || st.replies() >= self.config.max_entries
     }
@@ -1892,8 +1907,14 @@ mod tests {
                     now,
                 )
             };
-            // Once the cache is full a new key is stored on its second fill.
-            assert!(fill() || fill());
+            // Once the cache is full a new key is stored when it was filled more often
+            // lately than the entry it would push out, at the latest when its count is as
+            // high as counts go.
+            let mut fills = 1;
+            while !fill() {
+                fills += 1;
+                assert!(fills <= 16, "key {i} not stored after 16 fills");
+            }
         }
         assert!(cache.bytes() <= 1 << 20, "{} bytes", cache.bytes());
         let per_entry = entry_charge(
@@ -1980,8 +2001,12 @@ mod tests {
         assert_eq!(cache.get(&other, now, FRESH), Lookup::Miss);
         assert_eq!(cache.get(&k, now, FRESH), Lookup::Hit(b("+v2\r\n")));
         assert!(
+            !cache.insert(other, b("other"), b("+o\r\n"), now),
+            "second fill: no more often than the entry it would push out (k, filled twice)"
+        );
+        assert!(
             cache.insert(other, b("other"), b("+o\r\n"), now),
-            "second fill"
+            "third fill: more often"
         );
         assert_eq!(cache.len(), 1, "within the bound");
         // A write's own value (SET w v) is declined like a read's fill, leaving the key

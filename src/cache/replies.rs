@@ -247,6 +247,14 @@ impl Replies {
         Some((key, entry))
     }
 
+    /// The entry [`pop_lru`](Self::pop_lru) would evict next, left where it is: the hand
+    /// stops on it (clearing the used bits it passes, as evicting would).
+    pub fn victim(&mut self) -> Option<CacheKey> {
+        let index = self.sweep()?;
+        self.hand = index as usize;
+        Some(self.nodes[index as usize].key)
+    }
+
     /// Moves the hand to the next held node not used since the hand last passed it,
     /// clearing the used bits it passes, and returns that node; `None` when none is held.
     /// Two turns at most: the first clears every bit.
