@@ -76,7 +76,12 @@ impl Admission {
     /// filled more often lately than the victim (or as often as counts go: a key read
     /// that often is never kept out). A key seen for the first time is remembered and
     /// declined.
-    pub(super) fn admit(&mut self, key: &CacheKey, held: usize, victim: Option<&CacheKey>) -> bool {
+    pub(super) fn admit(
+        &mut self,
+        key: &CacheKey,
+        held: usize,
+        victim: impl FnOnce() -> Option<CacheKey>,
+    ) -> bool {
         let hash = key.admission_hash();
         let welcome = self.welcome.test(hash);
         let seen = welcome || self.seen.test(hash);
@@ -89,9 +94,11 @@ impl Admission {
             self.welcome.turn();
             self.decided = 0;
         }
+        // The victim is looked for only when it matters: finding it moves the eviction
+        // hand, which a fill declined anyway should not do.
         welcome
             || seen
-                && victim.is_none_or(|v| {
+                && victim().is_none_or(|v| {
                     let count = self.fills.estimate(hash);
                     count > self.fills.estimate(v.admission_hash()) || count == MAX_COUNT
                 })
@@ -111,16 +118,16 @@ mod tests {
     #[test]
     fn a_key_enters_on_its_second_fill() {
         let mut a = Admission::new(100_000);
-        assert!(!a.admit(&key("a"), 10, None), "first fill: declined");
+        assert!(!a.admit(&key("a"), 10, || None), "first fill: declined");
         assert!(
-            !a.admit(&key("b"), 10, None),
+            !a.admit(&key("b"), 10, || None),
             "another key is not admitted by a's mark"
         );
-        assert!(a.admit(&key("a"), 10, None), "second fill: admitted");
-        assert!(a.admit(&key("b"), 10, None));
+        assert!(a.admit(&key("a"), 10, || None), "second fill: admitted");
+        assert!(a.admit(&key("b"), 10, || None));
         let other_db = CacheKey::get(1, IdentityId::ANONYMOUS, Proto::Resp2, b"a");
         assert!(
-            !a.admit(&other_db, 10, None),
+            !a.admit(&other_db, 10, || None),
             "the same Redis key in another db"
         );
     }
@@ -129,30 +136,30 @@ mod tests {
     fn a_key_remembered_enters_on_its_first_fill() {
         let mut a = Admission::new(100_000);
         a.remember(&key("a"));
-        assert!(a.admit(&key("a"), 10, None));
-        assert!(!a.admit(&key("b"), 10, None));
+        assert!(a.admit(&key("a"), 10, || None));
+        assert!(!a.admit(&key("b"), 10, || None));
     }
 
     #[test]
     fn a_mark_lasts_two_generations() {
         let mut a = Admission::new(100_000);
-        assert!(!a.admit(&key("a"), 0, None));
+        assert!(!a.admit(&key("a"), 0, || None));
         // One generation of decisions on another key: the mark is in the previous one.
         // (One other key, not many: a mark of another key may share `a`'s bit.)
         for _ in 1..MIN_GENERATION {
-            a.admit(&key("x"), 0, None);
+            a.admit(&key("x"), 0, || None);
         }
         assert!(
-            a.admit(&key("a"), 0, None),
+            a.admit(&key("a"), 0, || None),
             "remembered through the next generation"
         );
         let mut a = Admission::new(100_000);
-        assert!(!a.admit(&key("a"), 0, None));
+        assert!(!a.admit(&key("a"), 0, || None));
         for _ in 1..2 * MIN_GENERATION {
-            a.admit(&key("x"), 0, None);
+            a.admit(&key("x"), 0, || None);
         }
         assert!(
-            !a.admit(&key("a"), 0, None),
+            !a.admit(&key("a"), 0, || None),
             "forgotten after two generations"
         );
     }
@@ -166,19 +173,19 @@ mod tests {
         }
         a.count(&cold);
         a.count(&new);
-        assert!(!a.admit(&new, 10, Some(&cold)), "first fill: declined");
+        assert!(!a.admit(&new, 10, || Some(cold)), "first fill: declined");
         a.count(&new);
         assert!(
-            !a.admit(&new, 10, Some(&hot)),
+            !a.admit(&new, 10, || Some(hot)),
             "filled twice: not in place of one filled five times"
         );
         assert!(
-            a.admit(&new, 10, Some(&cold)),
+            a.admit(&new, 10, || Some(cold)),
             "but in place of one filled once"
         );
         a.remember(&cold);
         assert!(
-            a.admit(&cold, 10, Some(&hot)),
+            a.admit(&cold, 10, || Some(hot)),
             "a key a write superseded is taken back in"
         );
     }
@@ -187,12 +194,12 @@ mod tests {
     fn a_generation_lasts_as_many_decisions_as_the_cache_holds() {
         let held = 4 * MIN_GENERATION;
         let mut a = Admission::new(100_000);
-        assert!(!a.admit(&key("a"), held, None));
+        assert!(!a.admit(&key("a"), held, || None));
         for _ in 1..2 * held - 1 {
-            a.admit(&key("x"), held, None);
+            a.admit(&key("x"), held, || None);
         }
         assert!(
-            a.admit(&key("a"), held, None),
+            a.admit(&key("a"), held, || None),
             "still within two generations"
         );
     }

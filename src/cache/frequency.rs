@@ -3,21 +3,25 @@
 //! frequency sketch). `admission` compares a new key's count with that of the entry a
 //! full cache would evict for it.
 //!
-//! Four counters per key, one in each row, picked by four bit ranges of its hash; a key's
-//! count is the least of its four, so a count can only be overstated, by keys that share
-//! all four counters. Counters stop at 15: beyond that, "read often" is all the
-//! comparison needs. After ten increments per counter of a row, every counter is halved.
+//! A key's four counters lie in one 64-byte block, one in each quarter, picked by bits of
+//! its hash (as Caffeine lays its sketch out): counting a fill touches one cache line, not
+//! four lines of a table of hundreds of KiB. A key's count is the least of its four, so a
+//! count can only be overstated, by keys that share all four counters. Counters stop at
+//! 15: beyond that, "read often" is all the comparison needs. After ten increments per
+//! block's worth of counters, every counter is halved.
 
-/// Counters at most per row.
+/// Counters at most per row (a quarter of the sketch).
 const MAX_WIDTH: usize = 1 << 18;
 /// Counters at least per row.
 const MIN_WIDTH: usize = 1 << 10;
 const ROWS: usize = 4;
+/// Counters per block: one cache line, a quarter of it per row.
+const BLOCK: usize = 64;
 pub(super) const MAX_COUNT: u8 = 15;
 
 pub(super) struct Frequency {
     counters: Box<[u8]>,
-    /// Counters per row, a power of two.
+    /// Counters per row, a power of two (the sketch holds `ROWS * width`).
     width: usize,
     /// Increments since the last halving.
     added: usize,
@@ -71,14 +75,14 @@ impl Frequency {
         self.added /= 2;
     }
 
-    /// The key's counter in each row: a 16-bit slice of the (random) hash each, spread
-    /// over the row by an odd multiplier.
+    /// The key's counter in each row: its block, then in each quarter of the block the
+    /// counter four bits of the (random) hash pick.
     fn places(&self, hash: u64) -> impl Iterator<Item = usize> + use<> {
-        let width = self.width;
+        let blocks = ROWS * self.width / BLOCK;
+        let block = (hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & (blocks - 1);
         (0..ROWS).map(move |row| {
-            let part = (hash >> (16 * row)) & 0xFFFF;
-            let spread = (part ^ (hash >> 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
-            row * width + (spread as usize & (width - 1))
+            let within = (hash >> (4 * row)) as usize & (BLOCK / ROWS - 1);
+            block * BLOCK + row * (BLOCK / ROWS) + within
         })
     }
 }

@@ -1236,9 +1236,9 @@ impl Cache {
     /// Whether storing a new entry of `charge` bytes would evict others.
     /// Whether a full cache takes in `key`, which it does not hold (see `admission`).
     fn admits(&self, st: &mut State, key: &CacheKey) -> bool {
-        let victim = st.lru.victim();
         let held = st.replies();
-        st.admission.admit(key, held, victim.as_ref())
+        let State { admission, lru, .. } = st;
+        admission.admit(key, held, || lru.victim())
     }
 
     fn full_for(&self, st: &State, charge: usize) -> bool {
