@@ -36,7 +36,10 @@
 #  6. Memory: a fresh redfuse (default config) is started: its RSS idle; then MEM_FILL_KEYS
 #     distinct keys (more than the 64 MiB cap holds) are read through it; its RSS full, next
 #     to the cache's own accounting (redfuse_cache_bytes on the admin port's /metrics). The
-#     cache's memory as RSS shows it is RSS(full) - RSS(idle).
+#     cache's memory as RSS shows it is RSS(full) - RSS(idle), RSS(full) read MEM_SETTLE
+#     seconds after the fill: redfuse hands what the allocator holds free back to the OS
+#     once a second, and one second after the fill RSS still holds (or not, from run to
+#     run) what the fill's traffic allocated and freed (that reading is shown too).
 #  7. Breaker open: redfuse (cache on) is started afresh and every key:* is read through it
 #     so that the cache holds them, redis-server is stopped, a few GETs make the breaker trip, and /ready on
 #     the admin port is polled until it says "breaker":"open". Then GET -P 16 and GET -P 1
@@ -80,6 +83,7 @@
 #   KEYSPACE          random key range of key:* (-r) [100000]
 #   MIX_KEYSPACE      random key range of mix:* [100000]
 #   MEM_FILL_KEYS     distinct keys read through the memory-test redfuse [250000]
+#   MEM_SETTLE        seconds after that fill its RSS is read for the accounting [10]
 #   WARMUP_N          warm-up requests per target before the rounds [20000]
 #   BREAKER           0: skip the breaker-open phase [1]
 #   BREAKER_ROUNDS    rounds of the breaker-open runs [ROUNDS]
@@ -122,6 +126,7 @@ BREAKER=${BREAKER:-1}
 BREAKER_ROUNDS=${BREAKER_ROUNDS:-$ROUNDS}
 BREAKER_TIMEOUT=${BREAKER_TIMEOUT:-60}
 MEMORY=${MEMORY:-1}
+MEM_SETTLE=${MEM_SETTLE:-10}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
 STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-30}
 STRICT=${STRICT:-0}
@@ -149,7 +154,7 @@ die() { log "ERROR: $*"; exit 2; }
 
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 for v in ROUNDS N_P1 N_P16 N_HOT N_MIX N_MGET CLIENTS MIX_PIPELINE MGET_PIPELINE DATA_SIZE \
-    MIX_VALUE_SIZE KEYSPACE MIX_KEYSPACE MEM_FILL_KEYS WARMUP_N BREAKER_ROUNDS BREAKER_TIMEOUT \
+    MIX_VALUE_SIZE KEYSPACE MIX_KEYSPACE MEM_FILL_KEYS MEM_SETTLE WARMUP_N BREAKER_ROUNDS BREAKER_TIMEOUT \
     BENCH_TIMEOUT STARTUP_TIMEOUT RCPROXY_THREADS; do
     is_uint "${!v}" || die "$v must be a non-negative integer, got '${!v}'"
 done
@@ -687,7 +692,7 @@ fi
 
 # ------------------------------------------------------------------ memory --
 
-MEM_IDLE="" MEM_FULL="" MEM_HWM="" MEM_BYTES="" MEM_ENTRIES="" MEM_EVICTIONS="" MEM_IDLE_BYTES=""
+MEM_IDLE="" MEM_EARLY="" MEM_FULL="" MEM_HWM="" MEM_BYTES="" MEM_ENTRIES="" MEM_EVICTIONS="" MEM_IDLE_BYTES=""
 if [[ $MEMORY == 1 && -z ${DEAD[direct]:-} ]]; then
     log "memory: starting a fresh redfuse (default config, cache cap 64 MiB)"
     if start_server redfuse-mem; then
@@ -699,6 +704,8 @@ if [[ $MEMORY == 1 && -z ${DEAD[direct]:-} ]]; then
         if resp_stream SET fill: "$MEM_FILL_KEYS" "$DATA_SIZE" | pipe_to direct mem-prefill &&
             pipe_chunked redfuse-mem mem-fill GET fill: "$MEM_FILL_KEYS"; then
             sleep 1
+            MEM_EARLY=$(rss_kb "${PID_OF[redfuse-mem]}")
+            sleep $((MEM_SETTLE > 1 ? MEM_SETTLE - 1 : 0))
             MEM_FULL=$(rss_kb "${PID_OF[redfuse-mem]}")
             MEM_HWM=$(rss_kb "${PID_OF[redfuse-mem]}" VmHWM)
             MEM_BYTES=$(metric redfuse_cache_bytes)
@@ -1005,9 +1012,10 @@ REPORT="$WORKDIR/results.md"
         echo "|---|---:|---:|---:|---:|"
         echo "| idle, just started | $(mib "$MEM_IDLE") MiB | ${MEM_IDLE_BYTES:-n/a} | 0 | 0 |"
         if [[ -n $MEM_FULL ]]; then
-            echo "| after the fill | $(mib "$MEM_FULL") MiB (peak $(mib "$MEM_HWM") MiB) | ${MEM_BYTES:-n/a} ($(mib "$(((${MEM_BYTES:-0}) / 1024))") MiB) | ${MEM_ENTRIES:-n/a} | ${MEM_EVICTIONS:-n/a} |"
+            echo "| 1 s after the fill | $(mib "$MEM_EARLY") MiB | | | |"
+            echo "| ${MEM_SETTLE} s after the fill | $(mib "$MEM_FULL") MiB (peak $(mib "$MEM_HWM") MiB) | ${MEM_BYTES:-n/a} ($(mib "$(((${MEM_BYTES:-0}) / 1024))") MiB) | ${MEM_ENTRIES:-n/a} | ${MEM_EVICTIONS:-n/a} |"
             echo
-            echo "The cache's memory as RSS shows it: RSS after the fill - RSS idle = $(mib "$((MEM_FULL - MEM_IDLE))") MiB."
+            echo "The cache's memory as RSS shows it: RSS ${MEM_SETTLE} s after the fill - RSS idle = $(mib "$((MEM_FULL - MEM_IDLE))") MiB."
         fi
     fi
     if ((BREAKER_DONE)); then
