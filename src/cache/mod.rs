@@ -1233,7 +1233,6 @@ impl Cache {
         self.evict_until_within(st, now)
     }
 
-    /// Whether storing a new entry of `charge` bytes would evict others.
     /// Whether a full cache takes in `key`, which it does not hold (see `admission`).
     fn admits(&self, st: &mut State, key: &CacheKey) -> bool {
         let held = st.replies();
@@ -1241,6 +1240,7 @@ impl Cache {
         admission.admit(key, held, || lru.victim())
     }
 
+    /// Whether storing a new entry of `charge` bytes would evict others.
     fn full_for(&self, st: &State, charge: usize) -> bool {
         st.bytes + charge > self.config.max_bytes || st.replies() >= self.config.max_entries
     }

@@ -65,7 +65,7 @@ pub(super) struct Session {
     ahead: Vec<(Request, Classified)>,
 }
 
-/// Reads of a run whose room a session keeps between runs (about 4.5 KiB).
+/// Reads of a run whose room a session keeps between runs (about 2.4 KiB).
 const KEPT_AHEAD: usize = 16;
 
 /// Why a session stopped reading.
