@@ -39,10 +39,7 @@ impl ReplyScanner {
             }
             // Most frames are bulk strings (`GET`'s, each element of `MGET`'s): their length
             // is read where it lies, without a search for the line's end first.
-            if buf[self.pos] == b'$'
-                && let Some((len, after)) = digits_crlf(buf, self.pos + 1)
-            {
-                let end = after.saturating_add(len).saturating_add(2);
+            if let Some(end) = bulk_end(buf, self.pos) {
                 if end > buf.len() {
                     return Ok(None);
                 }
@@ -137,6 +134,17 @@ impl ReplyScanner {
     }
 }
 
+/// Where the bulk string frame at `at` (`$<len>\r\n<len bytes>\r\n`) ends, read off its
+/// header; possibly past the end of `buf`, when the rest has yet to arrive. `None` when
+/// `at` holds no bulk string with a plain length header (see [`digits_crlf`]).
+fn bulk_end(buf: &[u8], at: usize) -> Option<usize> {
+    if buf.get(at) != Some(&b'$') {
+        return None;
+    }
+    let (len, after) = digits_crlf(buf, at + 1)?;
+    Some(after.saturating_add(len).saturating_add(2))
+}
+
 /// A non-negative length header at `at`: 1 to 18 digits and CRLF, read where it lies.
 /// `None` for anything else (a negative length, a header not all here yet, a malformed
 /// one), which the caller reads the general way.
@@ -187,12 +195,10 @@ pub fn element_ranges(frame: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
     let mut pos = cr + 2;
     for _ in 0..n {
         let rest = &frame[pos..];
-        let len = match rest.first() {
-            // A bulk string (MGET's elements): its header says where it ends.
-            Some(b'$') if let Some((len, after)) = digits_crlf(rest, 1) => {
-                after.checked_add(len)?.checked_add(2)?
-            }
-            _ => ReplyScanner::new().scan(rest, usize::MAX).ok()??,
+        // A bulk string (MGET's elements) says where it ends in its header.
+        let len = match bulk_end(rest, 0) {
+            Some(end) => end,
+            None => ReplyScanner::new().scan(rest, usize::MAX).ok()??,
         };
         if len > rest.len() {
             return None;
