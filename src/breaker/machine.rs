@@ -501,23 +501,54 @@ impl Breaker {
 
     /// Hands back a permit with the call's outcome. Fires overdue timers
     /// first; results from an earlier generation and shadow calls are ignored.
+    #[cfg(test)]
     pub fn record(&mut self, permit: Permit, outcome: Outcome, now: Instant) -> Option<Transition> {
-        if let Some(t) = self.fire_timers(now) {
-            // The transition bumped the generation, so the permit is stale.
-            return Some(t);
-        }
-        if permit.generation != self.generation {
-            return None;
-        }
-        match (self.state, permit.kind) {
-            (State::Closed, PermitKind::Normal) => self.record_closed(outcome, now),
-            (State::HalfOpen, PermitKind::Probe) => self.record_probe(outcome, now),
-            _ => None,
+        let mut transition = None;
+        self.record_all(now, [(permit, outcome)], |_, t| transition = Some(t));
+        transition
+    }
+
+    /// Hands back, in order, the permits of calls that ended together at `now` (the replies
+    /// read in one go): the same as [`Breaker::record`] for each, with the timers fired
+    /// and the window's bucket found once, not once per call (again only after a
+    /// transition). `on_transition` sees each transition as it happens, with the machine
+    /// in its new state.
+    pub fn record_all(
+        &mut self,
+        now: Instant,
+        finished: impl IntoIterator<Item = (Permit, Outcome)>,
+        mut on_transition: impl FnMut(&Breaker, Transition),
+    ) {
+        // The bucket of `now`, known while no transition happened since the timers fired.
+        let mut bucket = None;
+        for (permit, outcome) in finished {
+            let cur = match bucket {
+                Some(cur) => cur,
+                None => {
+                    if let Some(t) = self.fire_timers(now) {
+                        // The transition bumped the generation, so the permit is stale.
+                        on_transition(self, t);
+                        continue;
+                    }
+                    *bucket.insert(self.bucket_index(now))
+                }
+            };
+            if permit.generation != self.generation {
+                continue;
+            }
+            let transition = match (self.state, permit.kind) {
+                (State::Closed, PermitKind::Normal) => self.record_closed(outcome, now, cur),
+                (State::HalfOpen, PermitKind::Probe) => self.record_probe(outcome, now),
+                _ => None,
+            };
+            if let Some(t) = transition {
+                bucket = None;
+                on_transition(self, t);
+            }
         }
     }
 
-    fn record_closed(&mut self, outcome: Outcome, now: Instant) -> Option<Transition> {
-        let cur = self.bucket_index(now);
+    fn record_closed(&mut self, outcome: Outcome, now: Instant, cur: u64) -> Option<Transition> {
         let failure = match outcome {
             Outcome::Ignored => return None,
             Outcome::Success { latency } => {

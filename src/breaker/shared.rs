@@ -197,19 +197,15 @@ impl SharedBreaker {
         let mut counts = [0u64; 4];
         let mut b = self.lock();
         let before = b.next_deadline();
-        for (permit, outcome) in finished {
-            match outcome {
-                Outcome::Success { latency } => {
-                    counts[0] += 1;
-                    counts[1] += u64::from(latency > slow);
-                }
-                Outcome::Failure(_) => counts[2] += 1,
-                Outcome::Ignored => counts[3] += 1,
+        let counted = finished.inspect(|(_, outcome)| match outcome {
+            Outcome::Success { latency } => {
+                counts[0] += 1;
+                counts[1] += u64::from(*latency > slow);
             }
-            if let Some(t) = b.record(permit, outcome, now) {
-                self.apply(&b, &t, now);
-            }
-        }
+            Outcome::Failure(_) => counts[2] += 1,
+            Outcome::Ignored => counts[3] += 1,
+        });
+        b.record_all(now, counted, |b, t| self.apply(b, &t, now));
         if b.next_deadline() != before {
             self.inner.timer_wake.notify_one();
         }

@@ -1402,3 +1402,75 @@ async fn complete_all_records_a_batch_as_one_at_a_time_would() {
     let mut empty = Vec::new();
     CallGuard::complete_all(&mut empty, now);
 }
+
+/// `record_all` is `record` for each call in turn: the same transitions, at the same
+/// calls, and the same window afterwards, across a trip in the middle of a batch, a batch
+/// that finds the Open timer due, and probes that close the breaker part-way through.
+#[tokio::test(start_paused = true)]
+async fn record_all_is_record_one_at_a_time() {
+    let t0 = Instant::now();
+    let mut one = Breaker::new(no_jitter(), 1);
+    let mut all = Breaker::new(no_jitter(), 1);
+    // Each step: the outcomes of calls admitted together, then recorded together at `at`.
+    let step = |one: &mut Breaker, all: &mut Breaker, outcomes: &[Outcome], at: Instant| {
+        let permits: Vec<_> = outcomes
+            .iter()
+            .map(|_| {
+                let p = one.try_acquire(at).expect("admitted");
+                assert_eq!(all.try_acquire(at).expect("admitted"), p);
+                p
+            })
+            .collect();
+        let singly: Vec<Transition> = permits
+            .iter()
+            .zip(outcomes)
+            .filter_map(|(p, o)| one.record(*p, *o, at))
+            .collect();
+        let mut together = Vec::new();
+        all.record_all(at, permits.iter().copied().zip(outcomes.iter().copied()), |b, t| {
+            assert_eq!(b.state(), t.to, "seen in the new state");
+            together.push(t);
+        });
+        assert_eq!(singly, together);
+        assert_eq!(one.snapshot(at), all.snapshot(at));
+        singly
+    };
+    let t = step(&mut one, &mut all, &[fast(), slow(), fast()], t0);
+    assert!(t.is_empty());
+    // The fifth failure trips; the successes after it belong to the old generation.
+    let mut batch = vec![TIMEOUT; 5];
+    batch.extend([fast(), fast()]);
+    let t = step(&mut one, &mut all, &batch, t0 + ms(10));
+    assert_eq!(t.len(), 1);
+    assert_eq!((t[0].from, t[0].to), (State::Closed, State::Open));
+    // Half-open probes: the third success closes; nothing after it counts as a probe.
+    let at = one.next_deadline().expect("Open has a deadline");
+    assert_eq!(one.poll(at).map(|t| t.to), Some(State::HalfOpen));
+    assert_eq!(all.poll(at).map(|t| t.to), Some(State::HalfOpen));
+    let t = step(&mut one, &mut all, &[fast(), fast(), fast()], at);
+    assert_eq!(t.len(), 1);
+    assert_eq!((t[0].from, t[0].to), (State::HalfOpen, State::Closed));
+    // Trip again, with two calls admitted before the trip whose replies come late, once
+    // the Open timer is overdue: the timer fires first and both permits are stale.
+    let late: Vec<Permit> = (0..2)
+        .map(|_| {
+            let p = one.try_acquire(at + ms(1)).expect("admitted");
+            assert_eq!(all.try_acquire(at + ms(1)).expect("admitted"), p);
+            p
+        })
+        .collect();
+    let t = step(&mut one, &mut all, &[TIMEOUT; 5], at + ms(1));
+    assert_eq!(t.len(), 1);
+    let due = one.next_deadline().expect("Open has a deadline");
+    assert_eq!(all.next_deadline(), Some(due));
+    let singly: Vec<Transition> = late
+        .iter()
+        .filter_map(|p| one.record(*p, fast(), due))
+        .collect();
+    let mut together = Vec::new();
+    all.record_all(due, late.iter().map(|p| (*p, fast())), |_, t| together.push(t));
+    assert_eq!(singly, together);
+    assert_eq!(together.len(), 1);
+    assert_eq!((together[0].from, together[0].to), (State::Open, State::HalfOpen));
+    assert_eq!(one.snapshot(due), all.snapshot(due));
+}
