@@ -103,6 +103,47 @@ fn resolve(server: &Server, result: Reply, fallback: Option<Box<Fallback>>) -> (
     }
 }
 
+/// Times replies from the arrival of their request's bytes to the reply leaving for the
+/// client: what the client sees of redfuse and Redis together. The clock is read again
+/// only after the writer waited: replies handled without a wait in between leave
+/// together, so one reading (and one subtraction) times all those of one burst.
+struct Stopwatch {
+    received: Instant,
+    clock: Option<Instant>,
+    seconds: Option<f64>,
+}
+
+impl Stopwatch {
+    fn new() -> Stopwatch {
+        Stopwatch {
+            received: Instant::now(),
+            clock: None,
+            seconds: None,
+        }
+    }
+
+    /// The writer waited: the replies after this leave later.
+    fn waited(&mut self) {
+        self.clock = None;
+        self.seconds = None;
+    }
+
+    /// The replies after this answer requests that arrived at `received`.
+    fn burst(&mut self, received: Instant) {
+        if received != self.received {
+            self.received = received;
+            self.seconds = None;
+        }
+    }
+
+    fn seconds(&mut self) -> f64 {
+        *self.seconds.get_or_insert_with(|| {
+            let now = *self.clock.get_or_insert_with(Instant::now);
+            now.saturating_duration_since(self.received).as_secs_f64()
+        })
+    }
+}
+
 /// Writes replies until the client is gone, everything is written, or the client's output
 /// budget is exceeded (its pending replies are then dropped and it is disconnected).
 pub async fn write_replies(
@@ -127,11 +168,8 @@ async fn write_loop(
     let metrics = &server.metrics;
     let mut tally = CommandTally::new(metrics);
     let mut out = BytesMut::with_capacity(16 * 1024);
-    // The clock, read again only after the writer waited: replies handled without a wait
-    // in between leave together, so one reading times them all.
-    let mut clock: Option<Instant> = None;
+    let mut watch = Stopwatch::new();
     let mut batch = Vec::new().into_iter();
-    let mut received = Instant::now();
     loop {
         let slot = match batch.next() {
             Some(slot) => slot,
@@ -142,14 +180,14 @@ async fn write_loop(
                         if flush(&mut wr, &mut out, &mut tally).await.is_err() {
                             return;
                         }
-                        clock = None;
+                        watch.waited();
                         match slots.recv().await {
                             Some(next) => next,
                             None => break,
                         }
                     }
                 };
-                received = next.received;
+                watch.burst(next.received);
                 batch = next.slots.into_iter();
                 continue;
             }
@@ -163,7 +201,7 @@ async fn write_loop(
                         if flush(&mut wr, &mut out, &mut tally).await.is_err() {
                             return;
                         }
-                        clock = None;
+                        watch.waited();
                         rx.await.unwrap_or_else(|_| Err(dropped()))
                     }
                     Err(oneshot::error::TryRecvError::Closed) => Err(dropped()),
@@ -181,7 +219,7 @@ async fn write_loop(
                         if flush(&mut wr, &mut out, &mut tally).await.is_err() {
                             return;
                         }
-                        clock = None;
+                        watch.waited();
                         follower.await
                     }
                 };
@@ -208,15 +246,7 @@ async fn write_loop(
         } else {
             CommandResult::Ok
         };
-        // From the arrival of the request's bytes to its reply leaving for the client: what
-        // the client sees of redfuse and Redis together.
-        let now = *clock.get_or_insert_with(Instant::now);
-        tally.record(
-            slot.command,
-            result,
-            origin,
-            now.saturating_duration_since(received).as_secs_f64(),
-        );
+        tally.record(slot.command, result, origin, watch.seconds());
         if reply.len() >= BATCH_BYTES {
             if flush(&mut wr, &mut out, &mut tally).await.is_err() {
                 return;
@@ -225,14 +255,14 @@ async fn write_loop(
             if wr.write_all(&reply).await.is_err() {
                 return;
             }
-            clock = None;
+            watch.waited();
         } else {
             out.extend_from_slice(&reply);
             if out.len() >= BATCH_BYTES {
                 if flush(&mut wr, &mut out, &mut tally).await.is_err() {
                     return;
                 }
-                clock = None;
+                watch.waited();
             }
         }
     }

@@ -744,7 +744,12 @@ fn complete<'a>(
         }
         p
     };
-    let latency = now.saturating_duration_since(p.sent.max(*last_done));
+    // After the first of the replies read together, the time since the one before is nil.
+    let latency = if *last_done == now {
+        Duration::ZERO
+    } else {
+        now.saturating_duration_since(p.sent.max(*last_done))
+    };
     *last_done = now;
     settle.latency.observe(latency.as_secs_f64());
     if frame.first() == Some(&b'-') && ErrorCode::of(&frame) == ErrorCode::Busy {
