@@ -69,7 +69,7 @@ fn refused(ctx: &UpstreamCtx) -> UpstreamError {
 
 /// Called where a request is handed to an upstream connection: `Some(call)` to send it
 /// (perhaps with its reply delayed), `None` when the drill has answered it.
-pub async fn intercept(ctx: &Arc<UpstreamCtx>, call: Call) -> Option<Call> {
+pub async fn intercept(ctx: &Arc<UpstreamCtx>, call: Box<Call>) -> Option<Box<Call>> {
     // Ordering fences carry no permit; a blocking command's wait is the client's choice.
     if call.guard.is_none() || call.blocking {
         return Some(call);
@@ -92,7 +92,7 @@ pub async fn intercept(ctx: &Arc<UpstreamCtx>, call: Call) -> Option<Call> {
 }
 
 /// Answers a call with `frame` as if Redis had sent it at once.
-fn answer(ctx: &UpstreamCtx, call: Call, frame: Bytes) {
+fn answer(ctx: &UpstreamCtx, call: Box<Call>, frame: Bytes) {
     if let Some(g) = call.guard {
         g.complete(classify_error_reply(&frame, call.is_write).outcome(Duration::ZERO));
     }
@@ -110,7 +110,7 @@ fn answer(ctx: &UpstreamCtx, call: Call, frame: Bytes) {
 /// Sends the call, and hands its reply on `delay` later, judged by the breaker with the
 /// delay in its latency; past the command timeout it becomes the timeout a server this
 /// slow would cause.
-fn delayed(ctx: &Arc<UpstreamCtx>, mut call: Call, delay: Duration) -> Call {
+fn delayed(ctx: &Arc<UpstreamCtx>, mut call: Box<Call>, delay: Duration) -> Box<Call> {
     let guard = call.guard.take();
     let effect = call.effect.take();
     let output = call.output.as_ref().map(|o| o.budget().clone());

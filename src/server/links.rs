@@ -44,7 +44,7 @@ impl Tracked {
     }
 
     /// Sends a call on this connection, counted until answered.
-    pub async fn send(&self, mut call: Call, other: Option<Mark>) {
+    pub async fn send(&self, mut call: Box<Call>, other: Option<Mark>) {
         self.track(&mut call, other);
         self.conn.send(call).await;
     }

@@ -23,7 +23,7 @@ pub const MAX_SLOTS: usize = 64;
 
 #[derive(Default)]
 pub struct Outbox {
-    calls: Vec<Call>,
+    calls: Vec<Box<Call>>,
     /// Where `calls` go (set while there are any).
     conn: Option<ConnHandle>,
     slots: Vec<Slot>,
@@ -38,7 +38,7 @@ impl Outbox {
     }
 
     /// Holds `call` for `conn`. The caller has sent what was held for another connection.
-    pub fn hold(&mut self, conn: &ConnHandle, call: Call) {
+    pub fn hold(&mut self, conn: &ConnHandle, call: Box<Call>) {
         debug_assert!(self.conn_id().is_none_or(|id| id == conn.id));
         if self.conn.is_none() {
             self.conn = Some(conn.clone());
@@ -57,7 +57,7 @@ impl Outbox {
     }
 
     /// The held calls and their connection, if any.
-    pub fn take_calls(&mut self) -> Option<(ConnHandle, Vec<Call>)> {
+    pub fn take_calls(&mut self) -> Option<(ConnHandle, Vec<Box<Call>>)> {
         let conn = self.conn.take()?;
         Some((conn, std::mem::take(&mut self.calls)))
     }
