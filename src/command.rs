@@ -397,7 +397,14 @@ pub fn lookup(name: &[u8]) -> Option<&'static CommandSpec> {
             return None;
         }
         let spec = &TABLE[i as usize];
-        if spec.name.len() == name.len() && spec.name.as_bytes().eq_ignore_ascii_case(name) {
+        // The table's names are lower case: only the request's need folding.
+        if spec.name.len() == name.len()
+            && spec
+                .name
+                .bytes()
+                .zip(name)
+                .all(|(a, &b)| a == b.to_ascii_lowercase())
+        {
             return Some(spec);
         }
         slot = (slot + 1) & INDEX_MASK;
@@ -429,12 +436,14 @@ const MAX_NAME_LEN: usize = max_name_len();
 
 const _: () = assert!(TABLE.len() * 4 <= INDEX_SIZE);
 
-/// FNV-1a over the ASCII-lowercased bytes, so lookups need no lowercased copy of the name.
+/// FNV-1a over the bytes with bit 5 set, so lookups need no lowercased copy of the name:
+/// that lowercases a letter without a branch, and only picks the slot (a name is then
+/// compared in full).
 const fn fold_hash(name: &[u8]) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     let mut i = 0;
     while i < name.len() {
-        h ^= name[i].to_ascii_lowercase() as u32;
+        h ^= (name[i] | 0x20) as u32;
         h = h.wrapping_mul(0x0100_0193);
         i += 1;
     }
