@@ -44,7 +44,7 @@ impl EffectSink for Degrade {
                     {
                         if let Some(d) = degraded {
                             let (answer, _) =
-                                self.cached_answer(d.view, &plan, d.command, d.absent, e);
+                                self.cached_answer(d.view, &plan, d.command, d.absent, e, Instant::now());
                             let cause = Box::new(e.clone());
                             *result = Err(UpstreamError::Answered { answer, cause });
                         }

@@ -149,7 +149,7 @@ impl Degrade {
         if !self.cache.enabled() {
             return;
         }
-        let mut keys = Vec::new();
+        let mut keys = Vec::with_capacity(reads.size_hint().0);
         for (req, cls) in reads {
             match cls.cacheable {
                 Cacheable::No => {}
@@ -305,8 +305,8 @@ impl Degrade {
         }
     }
 
-    /// The degraded answer for a cacheable read: the cached reply while fresh enough, else
-    /// the miss reply (per key for MGET).
+    /// The degraded answer for a cacheable read given at `now`: the cached reply while
+    /// fresh enough, else the miss reply (per key for MGET).
     pub fn cached_answer(
         &self,
         view: ClientView,
@@ -314,12 +314,12 @@ impl Degrade {
         id: usize,
         absent: Option<Absent>,
         err: &UpstreamError,
+        now: Instant,
     ) -> (Bytes, Origin) {
         if view.noauth {
             return (Bytes::from_static(reply::NOAUTH), Origin::Error);
         }
         let command = name_of(id);
-        let now = Instant::now();
         match plan {
             FillPlan::Single {
                 key,
@@ -424,12 +424,20 @@ impl Degrade {
         cls: &Classified,
         err: &UpstreamError,
     ) -> (Bytes, Origin) {
-        self.reply_by(self.fail_open.get(), view, credentials, req, cls, err)
-            .await
+        self.reply_by(
+            self.fail_open.get(),
+            view,
+            credentials,
+            req,
+            cls,
+            err,
+            Instant::now(),
+        )
+        .await
     }
 
     /// [`Degrade::reply`] by the fail-open `rules` of the upstream that could not serve (its
-    /// own, or the global ones).
+    /// own, or the global ones), at `now`.
     pub async fn reply_by(
         &self,
         rules: &FailOpen,
@@ -438,6 +446,7 @@ impl Degrade {
         req: &Request,
         cls: &Classified,
         err: &UpstreamError,
+        now: Instant,
     ) -> (Bytes, Origin) {
         if cls.is(ids::PING) && rules.ping_locally() {
             self.count("ping", "ping");
@@ -448,7 +457,7 @@ impl Degrade {
         }
         if let Some(plan) = self.cache_keys(view, req, cls, false) {
             let absent = absent_reply(cls.id, req.args());
-            return self.cached_answer(view, &plan, cls.id, absent, err);
+            return self.cached_answer(view, &plan, cls.id, absent, err, now);
         }
         let keys: Vec<&[u8]> = cls.keys.iter().map(|i| req.args().arg(i)).collect();
         let name = cls.name();

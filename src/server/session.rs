@@ -63,6 +63,10 @@ pub(super) struct Session {
     /// cache; room for [`KEPT_AHEAD`] of them is kept between runs, so that a client
     /// sending one read at a time does not allocate it for each.
     ahead: Vec<(Request, Classified)>,
+    /// The clock of the run of reads being answered from the cache: read when the run
+    /// starts and again only after the session waited, so that the answers given together
+    /// read it once. `None` outside a run.
+    run_clock: Option<Instant>,
 }
 
 /// Reads of a run whose room a session keeps between runs (about 2.4 KiB).
@@ -117,6 +121,7 @@ pub async fn run(
         outbox: Outbox::default(),
         received: Instant::now(),
         ahead: Vec::new(),
+        run_clock: None,
     };
     let end = session.read_loop(&mut rd, &mut shutdown).await;
     if end == End::ClientGone {
@@ -257,18 +262,22 @@ impl Session {
                 self.server
                     .degrade
                     .prefetch_answers(view, run.iter().map(|(r, c)| (r, c)));
+                self.run_clock = Some(Instant::now());
                 for (i, (req, cls)) in run.drain(..).enumerate() {
                     // Checked for the first before it was classified.
-                    if i > 0
-                        && self.output.owes_enough()
-                        && let Some(end) = self.wait_for_answers(shutdown).await
-                    {
-                        return end;
+                    if i > 0 && self.output.owes_enough() {
+                        if let Some(end) = self.wait_for_answers(shutdown).await {
+                            self.run_clock = None;
+                            return end;
+                        }
+                        self.run_clock = Some(Instant::now());
                     }
                     if let Some(end) = self.dispatch_one(req, cls).await {
+                        self.run_clock = None;
                         return end;
                     }
                 }
+                self.run_clock = None;
                 // A long pipeline's room is not kept for the life of the connection.
                 run.shrink_to(KEPT_AHEAD);
                 self.ahead = run;
@@ -517,8 +526,13 @@ impl Session {
         // The primary's own fail-open rules, when it has some (`upstreams[].fail_open`).
         let own = primary.fail_open();
         let rules = own.as_deref().unwrap_or_else(|| degrade.fail_open.get());
+        // Anything but a read may have waited above.
+        let now = match self.run_clock {
+            Some(now) if cls.read => now,
+            _ => Instant::now(),
+        };
         let (reply, origin) = degrade
-            .reply_by(rules, self.view(), credentials, req, cls, err)
+            .reply_by(rules, self.view(), credentials, req, cls, err, now)
             .await;
         self.push(Slot {
             command: cls.id,

@@ -97,7 +97,7 @@ fn resolve(server: &Server, result: Reply, fallback: Option<Box<Fallback>>) -> (
             let r = f.read;
             server
                 .degrade
-                .cached_answer(r.view, &f.plan, r.command, r.absent, &e)
+                .cached_answer(r.view, &f.plan, r.command, r.absent, &e, Instant::now())
         }
         (Err(e), _) => (error_reply(&Error::Upstream(e)), Origin::Error),
     }
