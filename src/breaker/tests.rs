@@ -1427,10 +1427,14 @@ async fn record_all_is_record_one_at_a_time() {
             .filter_map(|(p, o)| one.record(*p, *o, at))
             .collect();
         let mut together = Vec::new();
-        all.record_all(at, permits.iter().copied().zip(outcomes.iter().copied()), |b, t| {
-            assert_eq!(b.state(), t.to, "seen in the new state");
-            together.push(t);
-        });
+        all.record_all(
+            at,
+            permits.iter().copied().zip(outcomes.iter().copied()),
+            |b, t| {
+                assert_eq!(b.state(), t.to, "seen in the new state");
+                together.push(t);
+            },
+        );
         assert_eq!(singly, together);
         assert_eq!(one.snapshot(at), all.snapshot(at));
         singly
@@ -1468,9 +1472,14 @@ async fn record_all_is_record_one_at_a_time() {
         .filter_map(|p| one.record(*p, fast(), due))
         .collect();
     let mut together = Vec::new();
-    all.record_all(due, late.iter().map(|p| (*p, fast())), |_, t| together.push(t));
+    all.record_all(due, late.iter().map(|p| (*p, fast())), |_, t| {
+        together.push(t)
+    });
     assert_eq!(singly, together);
     assert_eq!(together.len(), 1);
-    assert_eq!((together[0].from, together[0].to), (State::Open, State::HalfOpen));
+    assert_eq!(
+        (together[0].from, together[0].to),
+        (State::Open, State::HalfOpen)
+    );
     assert_eq!(one.snapshot(due), all.snapshot(due));
 }

@@ -43,8 +43,14 @@ impl EffectSink for Degrade {
                             && !matches!(e, UpstreamError::Answered { .. }) =>
                     {
                         if let Some(d) = degraded {
-                            let (answer, _) =
-                                self.cached_answer(d.view, &plan, d.command, d.absent, e, Instant::now());
+                            let (answer, _) = self.cached_answer(
+                                d.view,
+                                &plan,
+                                d.command,
+                                d.absent,
+                                e,
+                                Instant::now(),
+                            );
                             let cause = Box::new(e.clone());
                             *result = Err(UpstreamError::Answered { answer, cause });
                         }

@@ -242,6 +242,31 @@ pub(crate) fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
 /// Reads a length header the way Redis's `string2ll` does: an optional `-`, then either
 /// `0` alone or a digit 1-9 followed by digits, within `i64`. No `+`, no spaces, no leading
 /// zeros, no `-0`.
+/// A length header's digits and the `\r\n` after them, read in one pass from `at`:
+/// the length and where its `\r` is, for a plain length (no sign, no leading zero, at most
+/// 17 digits) whose line is complete. Anything else, a line not yet complete included,
+/// gives `None` and goes the general way (`Framer::line_end` and [`parse_len`]), which
+/// answers it as Redis does; what this accepts, that way accepts with the same value.
+fn plain_len(buf: &[u8], at: usize) -> Option<(i64, usize)> {
+    let digits = buf.get(at..)?;
+    let (&first, rest) = digits.split_first()?;
+    if first == b'0' {
+        return (rest.get(..2)? == b"\r\n").then_some((0, at + 1));
+    }
+    if !first.is_ascii_digit() {
+        return None;
+    }
+    let mut n = i64::from(first - b'0');
+    for (i, &d) in rest.iter().enumerate().take(17) {
+        if d.is_ascii_digit() {
+            n = n * 10 + i64::from(d - b'0');
+        } else {
+            return (d == b'\r' && rest.get(i + 1) == Some(&b'\n')).then_some((n, at + 1 + i));
+        }
+    }
+    None
+}
+
 fn parse_len(s: &[u8]) -> Option<i64> {
     let (neg, digits) = match s.split_first() {
         Some((b'-', rest)) => (true, rest),
@@ -350,16 +375,24 @@ impl Framer {
                     }
                 }
                 // Multibulk: `*<n>\r\n` followed by n bulk strings.
-                let Some(cr) = self.line_end(buf, 1) else {
-                    if buf.len() > MAX_LINE {
-                        return Err(perr("too big mbulk count string"));
+                let (count, cr) = match plain_len(buf, 1) {
+                    Some(header) => {
+                        self.searched = 0;
+                        header
                     }
-                    return Ok(None);
+                    None => {
+                        let Some(cr) = self.line_end(buf, 1) else {
+                            if buf.len() > MAX_LINE {
+                                return Err(perr("too big mbulk count string"));
+                            }
+                            return Ok(None);
+                        };
+                        (parse_len(&buf[1..cr]).unwrap_or(i64::MAX), cr)
+                    }
                 };
-                let count = match parse_len(&buf[1..cr]) {
-                    Some(n) if n <= i64::from(i32::MAX) => n,
-                    _ => return Err(perr("invalid multibulk length")),
-                };
+                if count > i64::from(i32::MAX) {
+                    return Err(perr("invalid multibulk length"));
+                }
                 if peer == Peer::Unauthenticated && count > Limits::UNAUTHENTICATED_MAX_ARRAY_LEN {
                     return Err(perr("unauthenticated multibulk length"));
                 }
@@ -382,16 +415,24 @@ impl Framer {
                     if buf[self.pos] != b'$' {
                         return Err(expected_dollar(buf[self.pos]));
                     }
-                    let Some(cr) = self.line_end(buf, self.pos + 1) else {
-                        if buf.len() - self.pos > MAX_LINE {
-                            return Err(perr("too big bulk count string"));
+                    let (len, cr) = match plain_len(buf, self.pos + 1) {
+                        Some(header) => {
+                            self.searched = 0;
+                            header
                         }
-                        return Ok(None);
+                        None => {
+                            let Some(cr) = self.line_end(buf, self.pos + 1) else {
+                                if buf.len() - self.pos > MAX_LINE {
+                                    return Err(perr("too big bulk count string"));
+                                }
+                                return Ok(None);
+                            };
+                            (parse_len(&buf[self.pos + 1..cr]).unwrap_or(-1), cr)
+                        }
                     };
-                    let len = match parse_len(&buf[self.pos + 1..cr]) {
-                        Some(n) if n >= 0 && n as u64 <= limits.max_bulk_len as u64 => n,
-                        _ => return Err(perr("invalid bulk length")),
-                    };
+                    if len < 0 || len as u64 > limits.max_bulk_len as u64 {
+                        return Err(perr("invalid bulk length"));
+                    }
                     if peer == Peer::Unauthenticated && len > Limits::UNAUTHENTICATED_MAX_BULK_LEN {
                         return Err(perr("unauthenticated bulk length"));
                     }
@@ -610,6 +651,65 @@ mod tests {
         let mut buf = BytesMut::from(&b"*2\r\n$3\r\nSET\r\n$4294967269\r\nab"[..]);
         let pending = Framer::new().next(&mut buf, &limits, Peer::Authenticated);
         assert!(matches!(pending, Ok(None)), "{pending:?}");
+    }
+
+    /// The one-pass header read agrees with the general one (the line's end, then
+    /// `parse_len`) wherever it answers, and leaves to it everything it does not take.
+    #[test]
+    fn plain_lengths_read_as_the_general_way_reads_them() {
+        let mut lines: Vec<Vec<u8>> = [
+            &b"0\r\n"[..],
+            b"7\r\n",
+            b"42\r\nx",
+            b"00\r\n",
+            b"01\r\n",
+            b"-1\r\n",
+            b"+5\r\n",
+            b"5\n",
+            b"5\r",
+            b"5",
+            b"",
+            b"\r\n",
+            b"12a\r\n",
+            b" 3\r\n",
+            b"3 \r\n",
+            b"99999999999999999\r\n",
+            b"999999999999999999\r\n",
+            b"9999999999999999999\r\n",
+            b"99999999999999999999\r\n",
+            b"9223372036854775807\r\n",
+        ]
+        .iter()
+        .map(|l| l.to_vec())
+        .collect();
+        // Every length up to six digits, with and without the line's end.
+        for n in (0..1_000_000u32).step_by(7) {
+            lines.push(format!("{n}\r\n").into_bytes());
+            lines.push(format!("{n}").into_bytes());
+        }
+        let mut taken = 0;
+        for line in &lines {
+            let buf = [b"$".as_slice(), line].concat();
+            let general = find_crlf(&buf, 1).map(|cr| (parse_len(&buf[1..cr]), cr));
+            match plain_len(&buf, 1) {
+                Some((n, cr)) => {
+                    taken += 1;
+                    assert_eq!(
+                        general,
+                        Some((Some(n), cr)),
+                        "{:?}",
+                        String::from_utf8_lossy(line)
+                    );
+                    assert!(n >= 0);
+                }
+                None => assert!(
+                    !matches!(general, Some((Some(n), _)) if n >= 0 && n < 10i64.pow(17)),
+                    "left a plain length to the general way: {:?}",
+                    String::from_utf8_lossy(line)
+                ),
+            }
+        }
+        assert!(taken > lines.len() / 3, "{taken} of {}", lines.len());
     }
 
     #[test]
