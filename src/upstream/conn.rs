@@ -81,20 +81,24 @@ impl Call {
         is_write: bool,
     ) -> (Box<Call>, oneshot::Receiver<Reply>) {
         let (tx, rx) = oneshot::channel();
+        // Written in place: `Box::new` built the call on the stack and copied it over.
         (
-            Box::new(Call {
-                frame,
-                reply: tx,
-                blocking,
-                is_write,
-                slow: false,
-                guard: None,
-                inflight: None,
-                effect: None,
-                marks: [None, None],
-                output: None,
-                raised: None,
-            }),
+            Box::write(
+                Box::new_uninit(),
+                Call {
+                    frame,
+                    reply: tx,
+                    blocking,
+                    is_write,
+                    slow: false,
+                    guard: None,
+                    inflight: None,
+                    effect: None,
+                    marks: [None, None],
+                    output: None,
+                    raised: None,
+                },
+            ),
             rx,
         )
     }
