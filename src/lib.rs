@@ -19,7 +19,7 @@
 //!                       local reply (server::local, server::login) | shared | pinned |
 //!                       tunnel | degraded
 //!  -> breaker           SharedBreaker::try_acquire -> CallGuard | rejected
-//!                         rejected -> degrade::Degrade::reply: cache hit | typed miss |
+//!                         rejected -> degrade::Degrade::reply_by: cache hit | typed miss |
 //!                         fail-open rule (reply, error, queue -> writequeue)
 //!  -> server::shared    writes invalidate their keys; cacheable reads plan a fill and join
 //!                       a single-flight; the request carries a typed effect::ReplyEffect

@@ -412,32 +412,12 @@ impl Degrade {
         }
     }
 
-    /// The answer for a request the upstream cannot serve: from the cache, by a miss reply,
-    /// or by a fail-open rule. Async for the `queue` rule only: its reply waits until the
-    /// write is in the journal (on the journal's disk thread); every other answer is ready
-    /// at once.
-    pub async fn reply(
-        &self,
-        view: ClientView,
-        credentials: Option<&Arc<Credentials>>,
-        req: &Request,
-        cls: &Classified,
-        err: &UpstreamError,
-    ) -> (Bytes, Origin) {
-        self.reply_by(
-            self.fail_open.get(),
-            view,
-            credentials,
-            req,
-            cls,
-            err,
-            Instant::now(),
-        )
-        .await
-    }
-
-    /// [`Degrade::reply`] by the fail-open `rules` of the upstream that could not serve (its
-    /// own, or the global ones), at `now`.
+    /// The answer, at `now`, for a request the upstream cannot serve: from the cache, by a
+    /// miss reply, or by the fail-open `rules` of the upstream that could not serve (its
+    /// own, or the global ones). Async for the `queue` rule only: its reply waits until
+    /// the write is in the journal (on the journal's disk thread); every other answer is
+    /// ready at once.
+    #[allow(clippy::too_many_arguments)]
     pub async fn reply_by(
         &self,
         rules: &FailOpen,

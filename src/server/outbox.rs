@@ -15,7 +15,7 @@
 use tokio::time::Instant;
 
 use super::writer::{Slot, Slots};
-use crate::upstream::{Call, ConnHandle};
+use crate::upstream::{Call, Calls, ConnHandle};
 
 /// Slots gathered before they go to the writer anyway: a long pipeline is written while
 /// it is still being read.
@@ -23,7 +23,7 @@ pub const MAX_SLOTS: usize = 64;
 
 #[derive(Default)]
 pub struct Outbox {
-    calls: Vec<Box<Call>>,
+    calls: Calls,
     /// Where `calls` go (set while there are any).
     conn: Option<ConnHandle>,
     slots: Vec<Slot>,
@@ -57,7 +57,7 @@ impl Outbox {
     }
 
     /// The held calls and their connection, if any.
-    pub fn take_calls(&mut self) -> Option<(ConnHandle, Vec<Box<Call>>)> {
+    pub fn take_calls(&mut self) -> Option<(ConnHandle, Calls)> {
         let conn = self.conn.take()?;
         Some((conn, std::mem::take(&mut self.calls)))
     }

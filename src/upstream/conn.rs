@@ -142,7 +142,8 @@ pub fn outcome_of_error(err: &UpstreamError) -> Outcome {
 }
 
 /// Calls handed to a connection task in one message: a client's pipelined requests for one
-/// connection, read in one burst, cost one channel send instead of one each.
+/// connection, read in one burst, cost one channel send instead of one each. Each is boxed
+/// (see [`Call::new`]): it goes on into the pending queue as a pointer.
 pub type Calls = Vec<Box<Call>>;
 
 type CallRx = burst::Receiver<Calls>;

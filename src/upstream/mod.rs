@@ -40,7 +40,7 @@ use crate::effect::EffectSink;
 use crate::error::UpstreamError;
 use crate::metrics::UpstreamMetrics;
 use crate::resp::Proto;
-pub use conn::{Call, ConnHandle};
+pub use conn::{Call, Calls, ConnHandle};
 pub use handshake::Setup;
 pub use info::ServerInfo;
 
