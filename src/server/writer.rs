@@ -291,3 +291,39 @@ async fn flush(
     out.clear();
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Stopwatch;
+    use std::time::Duration;
+    use tokio::time::{Instant, advance};
+
+    /// Replies written in one go are timed by one clock reading; a wait reads it again, and
+    /// a new burst counts from its own arrival.
+    #[tokio::test(start_paused = true)]
+    async fn a_stopwatch_reads_the_clock_again_only_after_a_wait() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut watch = Stopwatch::new();
+        watch.burst(t0);
+        advance(ms(5)).await;
+        assert_eq!(watch.seconds(), 0.005);
+        advance(ms(5)).await;
+        assert_eq!(
+            watch.seconds(),
+            0.005,
+            "no wait in between: the same reading"
+        );
+        watch.burst(t0 + ms(2));
+        assert_eq!(watch.seconds(), 0.003, "a new burst, the same reading");
+        watch.waited();
+        assert_eq!(watch.seconds(), 0.008);
+        watch.burst(t0 + ms(2));
+        advance(ms(1)).await;
+        assert_eq!(
+            watch.seconds(),
+            0.008,
+            "the same burst again changes nothing"
+        );
+    }
+}
