@@ -242,29 +242,19 @@ pub(crate) fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
 /// Reads a length header the way Redis's `string2ll` does: an optional `-`, then either
 /// `0` alone or a digit 1-9 followed by digits, within `i64`. No `+`, no spaces, no leading
 /// zeros, no `-0`.
-/// A length header's digits and the `\r\n` after them, read in one pass from `at`:
-/// the length and where its `\r` is, for a plain length (no sign, no leading zero, at most
-/// 17 digits) whose line is complete. Anything else, a line not yet complete included,
-/// gives `None` and goes the general way (`Framer::line_end` and [`parse_len`]), which
-/// answers it as Redis does; what this accepts, that way accepts with the same value.
+/// A length header's digits and the `\r\n` after them, read in one pass from `at` (the
+/// reply scanner's [`super::scan::digits_crlf`]): the length and where its `\r` is, for a
+/// plain length (no sign, at most 18 digits) whose line is complete and, as Redis's
+/// `string2ll` wants in requests, has no leading zero. Anything else, a line not yet
+/// complete included, gives `None` and goes the general way (`Framer::line_end` and
+/// [`parse_len`]), which answers it as Redis does; what this accepts, that way accepts
+/// with the same value.
 fn plain_len(buf: &[u8], at: usize) -> Option<(i64, usize)> {
-    let digits = buf.get(at..)?;
-    let (&first, rest) = digits.split_first()?;
-    if first == b'0' {
-        return (rest.get(..2)? == b"\r\n").then_some((0, at + 1));
-    }
-    if !first.is_ascii_digit() {
+    if buf.get(at) == Some(&b'0') && buf.get(at + 1) != Some(&b'\r') {
         return None;
     }
-    let mut n = i64::from(first - b'0');
-    for (i, &d) in rest.iter().enumerate().take(17) {
-        if d.is_ascii_digit() {
-            n = n * 10 + i64::from(d - b'0');
-        } else {
-            return (d == b'\r' && rest.get(i + 1) == Some(&b'\n')).then_some((n, at + 1 + i));
-        }
-    }
-    None
+    let (n, after) = super::scan::digits_crlf(buf, at)?;
+    Some((i64::try_from(n).ok()?, after - 2))
 }
 
 fn parse_len(s: &[u8]) -> Option<i64> {

@@ -148,7 +148,7 @@ fn bulk_end(buf: &[u8], at: usize) -> Option<usize> {
 /// A non-negative length header at `at`: 1 to 18 digits and CRLF, read where it lies.
 /// `None` for anything else (a negative length, a header not all here yet, a malformed
 /// one), which the caller reads the general way.
-fn digits_crlf(buf: &[u8], at: usize) -> Option<(usize, usize)> {
+pub(super) fn digits_crlf(buf: &[u8], at: usize) -> Option<(usize, usize)> {
     let mut n: u64 = 0;
     let mut i = at;
     while let Some(&d) = buf.get(i) {
